@@ -1,0 +1,24 @@
+"""sparsevid: sparse attention that makes video diffusion transformers fast, with no retraining.
+
+    import sparsevid as sv
+    layout = sv.VideoLayout(frames=21, height=30, width=52)
+    plan = sv.plan(q, k, layout, method="draft", density=0.1)
+    out = sv.sparse_attention(q, k, v, plan)
+"""
+
+from .attention import Backend, available_backends, sparse_attention
+from .layout import VideoLayout
+from .plan import BlockPlan
+from .planners import available_planners, plan, register_planner
+
+__all__ = [
+    "Backend",
+    "BlockPlan",
+    "VideoLayout",
+    "available_backends",
+    "available_planners",
+    "plan",
+    "register_planner",
+    "sparse_attention",
+]
+__version__ = "0.1.0"

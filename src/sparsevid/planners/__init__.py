@@ -1,0 +1,117 @@
+"""Planners: each turns (q, k, layout, options) into a :class:`~sparsevid.plan.BlockPlan`.
+
+A planner is a function ``fn(q, k, layout, *, density=None, mass=None, **options) -> BlockPlan``
+registered under a name with :func:`register_planner`. :func:`plan` validates the common
+arguments once and dispatches; planners never launch attention.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from ..layout import VideoLayout
+from ..plan import BlockPlan
+
+__all__ = ["plan", "register_planner", "available_planners"]
+
+_PLANNERS: dict[str, Callable[..., BlockPlan]] = {}
+_BUILTIN = ("dense", "random", "window", "draft", "xattn")
+
+
+def register_planner(name: str):
+    """Decorator registering a planner under ``name`` (rejects duplicates)."""
+
+    def wrap(fn):
+        if name in _PLANNERS:
+            raise ValueError(f"Expect a new planner name but {name!r} is already registered")
+        _PLANNERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def available_planners() -> list[str]:
+    """Names accepted by ``plan(..., method=...)``, sorted."""
+    return sorted(_PLANNERS)
+
+
+def _check_fraction(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expect {name} to be a float in (0, 1] but got {type(value).__name__}")
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"Expect {name} in (0, 1] but got {name}={value}")
+
+
+def plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    method: str = "draft",
+    *,
+    density: float | None = None,
+    mass: float | None = None,
+    tile: tuple[int, int] | None = None,
+    block_size: int | None = None,
+    **options,
+) -> BlockPlan:
+    """Choose which attention blocks to compute.
+
+    Args:
+        q (Tensor): ``(batch, heads, L, head_dim)`` queries, ``L == layout.num_tokens``.
+        k (Tensor): ``(batch, heads, L, head_dim)`` keys.
+        layout (VideoLayout): token grid of the sequence.
+        method (str): a name from :func:`available_planners`.
+        density (float, optional): fraction of real score entries to compute, in (0, 1]. The
+            achieved ``plan.density`` is within one key block per query block of it, or above it
+            where the forced blocks (own block, text) alone exceed it.
+        mass (float, optional): alternatively, the attention probability mass to keep, in (0, 1]
+            (planners with a probability estimate: ``draft``, ``xattn``).
+        tile (tuple, optional), block_size (int, optional): override the layout's tiling.
+        **options: planner-specific options (see each planner's docstring).
+
+    Returns:
+        BlockPlan on q's device, validated.
+
+    Raises:
+        TypeError / ValueError naming the argument: bad shapes, dtypes, devices, ``L`` that does not
+        match the layout, densities out of range, unknown methods, non-finite q/k (content planners).
+    """
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"Expect layout to be a sparsevid.VideoLayout but got {type(layout).__name__}")
+    if not isinstance(method, str) or method not in _PLANNERS:
+        raise ValueError(f"Expect method in {available_planners()} but got {method!r}")
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"Expect {name} to be a torch.Tensor but got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"Expect {name} of shape (B, heads, L, D) (4-D) but got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"Expect {name} to be a floating-point tensor but got {t.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"Expect q and k of one shape but got q={tuple(q.shape)}, k={tuple(k.shape)}")
+    if q.device != k.device:
+        raise ValueError(f"Expect q and k on one device but got q={q.device}, k={k.device}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"Expect q and k of one dtype but got q={q.dtype}, k={k.dtype}")
+    if tile is not None or block_size is not None:
+        layout = layout.replace(tile=tile if tile is not None else layout.tile, block_size=block_size or layout.block_size)
+    if q.shape[2] != layout.num_tokens:
+        raise ValueError(
+            f"Expect L={layout.num_tokens} tokens for {layout} but got q.shape[2]={q.shape[2]}; "
+            "the layout's frames x height x width (+ text_tokens) must equal the sequence length"
+        )
+    _check_fraction("density", density)
+    _check_fraction("mass", mass)
+    if density is not None and mass is not None:
+        raise ValueError("Expect one of density or mass but got both")
+    result = _PLANNERS[method](q, k, layout, density=density, mass=mass, **options)
+    return result.validate()
+
+
+for _name in _BUILTIN:
+    importlib.import_module(f"{__name__}.{_name}")

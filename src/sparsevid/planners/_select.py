@@ -1,0 +1,90 @@
+"""Shared selection steps of the planners: forced blocks and budget-driven top-k."""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import VideoLayout
+
+_DEFAULT_DENSITY = 0.1
+
+
+def forced_blocks(layout: VideoLayout, device) -> torch.Tensor:
+    """bool ``(NB, NB)``: blocks every plan keeps — the diagonal and text in both directions."""
+    nb = layout.num_blocks
+    text = layout.is_text_block.to(device)
+    eye = torch.eye(nb, dtype=torch.bool, device=device)
+    return eye | text[None, :] | text[:, None]
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Reject NaN/Inf in a (small) derived tensor: it would silently poison the ranking."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"Expect finite q and k but {name} computed from them has NaN/Inf entries")
+
+
+def keep_by_budget(
+    score: torch.Tensor,
+    layout: VideoLayout,
+    *,
+    density: float | None = None,
+    mass: float | None = None,
+    probs: torch.Tensor | None = None,
+    budget: str = "row",
+) -> torch.Tensor:
+    """Forced blocks plus the highest-scoring others, until a density or mass budget is spent.
+
+    Args:
+        score (Tensor): float ``(B, H, NB, NB)``, higher is kept first; ``-inf`` is never kept
+            unless forced.
+        density (float): keep until the real score entries computed reach ``density`` of the
+            budget group (the whole head, or one query block's row): each block costs
+            ``tokens[m] * tokens[n]`` entries; a block is taken when that brings the total closer
+            to the target, so every row (or head) lands within half a block of it.
+        mass (float): keep until the captured probability ``probs`` (``(B, H, NB, NB)``, each row a
+            distribution over key blocks for one query token of block ``m``) reaches ``mass``.
+        budget (str): ``"row"`` — every query block gets its own budget; ``"head"`` — one budget per
+            head over the whole map, so rows with peaked attention give blocks to diffuse ones.
+
+    Returns:
+        bool ``(B, H, NB, NB)``.
+    """
+    if budget not in ("row", "head"):
+        raise ValueError(f"Expect budget in ('row', 'head') but got {budget!r}")
+    if density is None and mass is None:
+        density = _DEFAULT_DENSITY
+    B, H, nb, _ = score.shape
+    device = score.device
+    forced = forced_blocks(layout, device).expand(B, H, nb, nb)
+    tokens = layout.block_tokens.to(device, torch.float64)
+    L = float(layout.num_tokens)
+
+    if density is not None:
+        gain = (tokens[:, None] * tokens[None, :]).expand(B, H, nb, nb)
+        total = L * L if budget == "head" else tokens[:, None] * L  # (NB, 1) per row
+        target = density * torch.as_tensor(total, dtype=torch.float64, device=device)
+    else:
+        if probs is None:
+            raise ValueError("Expect a probability estimate for mass-based selection; use density with this planner")
+        gain = probs.double() * (tokens[:, None] / L if budget == "head" else 1.0)
+        target = torch.as_tensor(mass, dtype=torch.float64, device=device)
+
+    if budget == "head":
+        flat = (B, H, 1, nb * nb)
+        score, gain, forced_flat = score.reshape(flat), gain.reshape(flat), forced.reshape(flat)
+    else:
+        forced_flat = forced
+        target = target.expand(nb, 1) if target.dim() else target
+    remaining = target - (gain * forced_flat).sum(-1, keepdim=True)
+
+    candidate = ~forced_flat & (score > float("-inf"))
+    order = torch.where(candidate, score, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    g = gain.gather(-1, order)
+    ok = candidate.gather(-1, order)
+    before = torch.cumsum(g * ok, dim=-1) - g * ok
+    if density is not None:
+        take = ok & (before + g / 2 <= remaining)
+    else:
+        take = ok & (before < remaining)
+    keep = torch.zeros_like(ok).scatter_(-1, order, take) | forced_flat
+    return keep.reshape(B, H, nb, nb)

@@ -1,0 +1,57 @@
+"""``draft`` — DraftAttention (arXiv 2505.14708): a low-resolution attention map picks the blocks.
+
+Q and K are average-pooled over each block's tile (one spatial tile of one frame, e.g. 8x16
+tokens); the pooled ("draft") map ``softmax(Qd Kdᵀ / sqrt(d) + log n_k)`` per head estimates how
+much of a query token's attention falls in each key block (``log n_k`` weights a ragged edge
+tile by its real token count). The plan keeps the key blocks with the highest estimated mass per
+computed score entry, ``P[m, n] / n_k``, until the density (or mass) budget is spent — per head
+over the whole map by default, as in the paper, or per query block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layout import VideoLayout
+from ..plan import BlockPlan
+from . import register_planner
+from ._select import check_finite, keep_by_budget
+
+
+def pool_blocks(x: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
+    """Mean of each block's real tokens: ``(B, H, L, D)`` -> float32 ``(B, H, NB, D)``.
+
+    Accumulates one head at a time in float32 (never a full float32 copy of ``x``).
+    """
+    B, H, L, D = x.shape
+    block_of_token = (layout.inverse_perm // layout.block_size).to(x.device)
+    pooled = torch.zeros(B, H, layout.num_blocks, D, dtype=torch.float32, device=x.device)
+    for h in range(H):
+        pooled[:, h].index_add_(1, block_of_token, x[:, h].float())
+    return pooled / layout.block_tokens.to(x.device, torch.float32)[:, None]
+
+
+def draft_map(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft attention map: ``(log P, P)``, each float32 ``(B, H, NB, NB)``, rows sum to 1."""
+    qd, kd = pool_blocks(q, layout), pool_blocks(k, layout)
+    log_tokens = layout.block_tokens.to(q.device, torch.float32).log()
+    logits = torch.matmul(qd, kd.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + log_tokens
+    log_p = torch.log_softmax(logits, dim=-1)
+    check_finite("the draft map", log_p)
+    return log_p, log_p.exp()
+
+
+@register_planner("draft")
+def draft(q, k, layout, *, density=None, mass=None, budget: str = "head") -> BlockPlan:
+    """DraftAttention plan.
+
+    Options:
+        budget (str): ``"head"`` (default, the paper's global top-k over each head's map) or
+            ``"row"`` (each query tile keeps its own share).
+    """
+    log_p, probs = draft_map(q, k, layout)
+    score = log_p - layout.block_tokens.to(q.device, torch.float32).log()
+    keep = keep_by_budget(score, layout, density=density, mass=mass, probs=probs, budget=budget)
+    return BlockPlan.from_block_mask(layout, keep, "draft")

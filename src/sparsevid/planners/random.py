@@ -1,0 +1,27 @@
+"""``random``: a seeded random plan at the requested density — the baseline every planner must beat."""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import BlockPlan
+from . import register_planner
+from ._select import keep_by_budget
+
+
+@register_planner("random")
+def random(q, k, layout, *, density=None, mass=None, seed: int = 0, budget: str = "row") -> BlockPlan:
+    """Uniformly random key blocks per (batch, head, query block), besides the forced ones.
+
+    Options:
+        seed (int): the plan is a function of ``seed`` and the shapes only (same on every device).
+        budget (str): ``"row"`` (default) or ``"head"``, see :func:`keep_by_budget`.
+    """
+    if mass is not None:
+        raise ValueError("Expect density for method 'random' (it has no probability estimate) but got mass")
+    B, H = q.shape[:2]
+    nb = layout.num_blocks
+    generator = torch.Generator().manual_seed(seed)
+    score = torch.rand(B, H, nb, nb, generator=generator).to(q.device)
+    keep = keep_by_budget(score, layout, density=density, budget=budget)
+    return BlockPlan.from_block_mask(layout, keep, "random")
