@@ -1,0 +1,148 @@
+"""Every planner, on random layouts: the plan is valid, reaches its density, and executes exactly
+like dense SDPA with the plan's token mask (the independent oracle)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strategies import layouts
+
+import sparsevid as sv
+from sparsevid.planners._select import forced_blocks
+
+SPARSE = [m for m in sv.available_planners() if m != "dense"]
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def density_bounds(layout, density):
+    """Achieved density may miss by one key block per query block, or exceed where forced blocks do."""
+    tokens = layout.block_tokens.double()
+    L = layout.num_tokens
+    forced_row = (forced_blocks(layout, "cpu").double() * tokens[None, :]).sum(1) * tokens
+    upper_rows = torch.maximum(density * tokens * L, forced_row).sum() / L**2
+    tol = layout.block_size / L
+    return density - tol, float(upper_rows) + tol
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layout=layouts(),
+    method=st.sampled_from(SPARSE),
+    density=st.sampled_from([0.05, 0.1, 0.25, 0.5, 1.0]),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_plan_executes_like_masked_sdpa(layout, method, density, batch, heads, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, layout.num_tokens, 16, generator=g) for _ in range(3))
+    plan = sv.plan(q, k, layout, method=method, density=density)
+    plan.validate()
+    lo, hi = density_bounds(layout, density)
+    assert lo - 1e-9 <= plan.density <= hi + 1e-9, (plan.density, lo, hi)
+    out = sv.sparse_attention(q, k, v, plan)
+    mask = plan.to_mask().expand(batch, heads, -1, -1)
+    oracle = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    assert rel_err(out, oracle) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_low_precision_and_strides(dtype):
+    layout = sv.VideoLayout(frames=2, height=6, width=10, text_tokens=7, tile=(4, 4), block_size=16)
+    B, H, L, D = 2, 3, layout.num_tokens, 32
+    # (B, L, H, D) storage read as (B, H, L, D): non-contiguous on purpose
+    q, k, v = (torch.randn(B, L, H, D).to(dtype).transpose(1, 2) for _ in range(3))
+    plan = sv.plan(q, k, layout, method="draft", density=0.3)
+    out = sv.sparse_attention(q, k, v, plan)
+    assert out.dtype == dtype and out.shape == (B, H, L, D)
+    oracle = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=plan.to_mask())
+    assert rel_err(out, oracle) < 1e-2
+
+
+def test_dense_equals_plain_sdpa():
+    layout = sv.VideoLayout(frames=3, height=5, width=7, text_tokens=11, text_first=True, tile=(2, 4), block_size=16)
+    q, k, v = (torch.randn(2, 2, layout.num_tokens, 16) for _ in range(3))
+    for plan in (sv.plan(q, k, layout, method="dense"), sv.plan(q, k, layout, method="random", density=1.0)):
+        assert plan.density == pytest.approx(1.0)
+        out = sv.sparse_attention(q, k, v, plan)
+        assert rel_err(out, F.scaled_dot_product_attention(q, k, v)) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_backend_matches_reference():
+    layout = sv.VideoLayout(frames=2, height=5, width=7, text_tokens=9, tile=(4, 4), block_size=16)
+    q, k, v = (torch.randn(2, 2, layout.num_tokens, 16) for _ in range(3))
+    for method in ("draft", "window"):  # per-head and broadcast (1, 1) plans
+        plan = sv.plan(q, k, layout, method=method, density=0.3)
+        flex = sv.sparse_attention(q, k, v, plan, backend="flex")
+        assert rel_err(flex, sv.sparse_attention(q, k, v, plan, backend="reference")) < 1e-5
+
+
+def test_mass_budget_and_head_vs_row_budget():
+    layout = sv.VideoLayout(frames=2, height=8, width=8, tile=(4, 4), block_size=16)
+    q, k = (torch.randn(1, 2, layout.num_tokens, 16) for _ in range(2))
+    low, high = (sv.plan(q, k, layout, method="draft", mass=m).density for m in (0.3, 0.9))
+    assert low < high
+    row = sv.plan(q, k, layout, method="draft", density=0.25, budget="row")
+    counts = row.kv_num_blocks.float()
+    head = sv.plan(q, k, layout, method="draft", density=0.25, budget="head")
+    assert counts.std() <= head.kv_num_blocks.float().std()  # the row budget keeps rows even
+
+
+def test_window_radius_is_a_static_neighbourhood():
+    layout = sv.VideoLayout(frames=4, height=8, width=8, tile=(4, 4), block_size=16)
+    q = torch.randn(1, 1, layout.num_tokens, 8)
+    plan = sv.plan(q, q, layout, method="window", radius=(1, 0, 0))
+    assert plan.shape == (1, 1)
+    dense = plan.to_dense()[0, 0]
+    coords = layout.block_coords
+    expected = ((coords[:, None] - coords[None]).abs() <= torch.tensor([1, 0, 0])).all(-1)
+    assert torch.equal(dense, expected)
+
+
+def test_random_plan_is_seeded():
+    layout = sv.VideoLayout(frames=2, height=8, width=8, tile=(4, 4), block_size=16)
+    q = torch.randn(1, 2, layout.num_tokens, 8)
+    a, b, c = (sv.plan(q, q, layout, method="random", density=0.3, seed=s) for s in (1, 1, 2))
+    assert torch.equal(a.to_dense(), b.to_dense()) and not torch.equal(a.to_dense(), c.to_dense())
+
+
+def test_planners_never_build_the_full_score_matrix(monkeypatch):
+    """Planner matmuls stay far below L x L per head (the draft map is NB x NB)."""
+    layout = sv.VideoLayout(frames=4, height=16, width=16, tile=(4, 4), block_size=16)
+    L = layout.num_tokens
+    q = torch.randn(1, 1, L, 8)
+    biggest = []
+    real_matmul = torch.matmul
+
+    def spy(a, b, *args, **kwargs):
+        out = real_matmul(a, b, *args, **kwargs)
+        biggest.append(out.shape[-1] * out.shape[-2])
+        return out
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    for method in ("draft", "xattn"):
+        biggest.clear()
+        sv.plan(q, q, layout, method=method, density=0.2)
+        assert biggest and max(biggest) <= L * L / 8, (method, max(biggest), L * L)
+
+
+def test_plan_repr_string_slicing_and_to():
+    layout = sv.VideoLayout(frames=2, height=8, width=8, tile=(4, 4), block_size=16)
+    q = torch.randn(2, 3, layout.num_tokens, 8)
+    plan = sv.plan(q, q, layout, method="draft", density=0.3)
+    assert "density=" in repr(plan) and "draft" in repr(plan)
+    text = plan.to_string()
+    assert "batch 0, head 0" in text and "more (batch, head)" in text
+    sub = plan[1, 2]
+    assert sub.shape == (1, 1)
+    assert torch.equal(sub.to_dense()[0, 0], plan.to_dense()[1, 2])
+    assert plan.to("cpu").density == pytest.approx(plan.density)
+    assert math.isclose(float(plan.density_per_head().mean()), plan.density)
