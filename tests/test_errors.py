@@ -1,0 +1,96 @@
+"""Bad input gets a clear TypeError/ValueError naming the argument, before any computation."""
+
+import pytest
+import torch
+
+import sparsevid as sv
+
+LAYOUT = sv.VideoLayout(frames=2, height=4, width=8, tile=(4, 4), block_size=16)
+L = LAYOUT.num_tokens
+
+
+def qkv(shape=(1, 2, L, 16), dtype=torch.float32):
+    return tuple(torch.randn(shape, dtype=dtype) for _ in range(3))
+
+
+Q, K, V = qkv()
+PLAN = sv.plan(Q, K, LAYOUT, method="random", density=0.5)
+NAN = Q.clone()
+NAN[0, 0, 3, 1] = float("nan")
+INF = K.clone()
+INF[0, 1, 5, 0] = float("inf")
+
+CASES = [
+    # (description, call, exception, message fragment)
+    ("layout frames", lambda: sv.VideoLayout(frames=0, height=4, width=4), ValueError, "frames"),
+    ("layout float", lambda: sv.VideoLayout(frames=2.0, height=4, width=4), TypeError, "frames"),
+    ("layout tile too big", lambda: sv.VideoLayout(2, 4, 8, tile=(8, 8), block_size=16), ValueError, "tile"),
+    ("layout block size", lambda: sv.VideoLayout(2, 4, 8, block_size=20), ValueError, "block_size"),
+    ("layout text", lambda: sv.VideoLayout(2, 4, 8, text_tokens=-1), ValueError, "text_tokens"),
+    ("plan unknown method", lambda: sv.plan(Q, K, LAYOUT, method="nope"), ValueError, "method"),
+    ("plan density 0", lambda: sv.plan(Q, K, LAYOUT, method="draft", density=0.0), ValueError, "density"),
+    ("plan density > 1", lambda: sv.plan(Q, K, LAYOUT, method="draft", density=1.5), ValueError, "density"),
+    ("plan density str", lambda: sv.plan(Q, K, LAYOUT, method="draft", density="0.1"), TypeError, "density"),
+    ("plan mass > 1", lambda: sv.plan(Q, K, LAYOUT, method="draft", mass=2.0), ValueError, "mass"),
+    ("plan both budgets", lambda: sv.plan(Q, K, LAYOUT, method="draft", density=0.1, mass=0.5), ValueError, "density"),
+    ("plan mass for random", lambda: sv.plan(Q, K, LAYOUT, method="random", mass=0.5), ValueError, "mass"),
+    ("plan L mismatch", lambda: sv.plan(Q[:, :, :-1], K[:, :, :-1], LAYOUT), ValueError, "L="),
+    ("plan rank", lambda: sv.plan(Q[0], K[0], LAYOUT), ValueError, "q of shape"),
+    ("plan layout type", lambda: sv.plan(Q, K, (2, 4, 8)), TypeError, "layout"),
+    ("plan int q", lambda: sv.plan(Q.long(), K.long(), LAYOUT), TypeError, "floating-point"),
+    ("plan q/k dtypes", lambda: sv.plan(Q, K.double(), LAYOUT), TypeError, "dtype"),
+    ("plan NaN q", lambda: sv.plan(NAN, K, LAYOUT, method="draft"), ValueError, "finite"),
+    ("plan Inf k", lambda: sv.plan(Q, INF, LAYOUT, method="xattn"), ValueError, "finite"),
+    ("plan bad budget", lambda: sv.plan(Q, K, LAYOUT, method="draft", budget="all"), ValueError, "budget"),
+    ("plan bad stride", lambda: sv.plan(Q, K, LAYOUT, method="xattn", stride=5), ValueError, "stride"),
+    ("plan bad radius", lambda: sv.plan(Q, K, LAYOUT, method="window", radius=(1, 1)), ValueError, "radius"),
+    ("plan unknown option", lambda: sv.plan(Q, K, LAYOUT, method="draft", colour=1), TypeError, "colour"),
+    ("attn q type", lambda: sv.sparse_attention(Q.numpy(), K, V, PLAN), TypeError, "q"),
+    ("attn rank", lambda: sv.sparse_attention(Q[0], K[0], V[0], PLAN), ValueError, "4-D"),
+    ("attn dtype", lambda: sv.sparse_attention(Q.double(), K.double(), V.double(), PLAN), TypeError, "dtype"),
+    ("attn mixed dtype", lambda: sv.sparse_attention(Q, K.half(), V, PLAN), TypeError, "one dtype"),
+    ("attn k/v shapes", lambda: sv.sparse_attention(Q, K, V[..., :8], PLAN), ValueError, "k and v"),
+    ("attn head dim", lambda: sv.sparse_attention(Q[..., :8], K, V, PLAN), ValueError, "head dim"),
+    ("attn L mismatch", lambda: sv.sparse_attention(*qkv((1, 2, L + 1, 16)), PLAN), ValueError, "L="),
+    ("attn plan heads", lambda: sv.sparse_attention(*qkv((1, 3, L, 16)), PLAN), ValueError, "heads"),
+    ("attn plan type", lambda: sv.sparse_attention(Q, K, V, PLAN.to_mask()), TypeError, "plan"),
+    ("attn backend", lambda: sv.sparse_attention(Q, K, V, PLAN, backend="cuda"), ValueError, "backend"),
+    ("attn scale", lambda: sv.sparse_attention(Q, K, V, PLAN, scale=-1.0), ValueError, "scale"),
+    ("plan kv dtype", lambda: sv.BlockPlan(LAYOUT, PLAN.kv_num_blocks.long(), PLAN.kv_indices), TypeError, "kv_num_blocks"),
+    ("plan kv shape", lambda: sv.BlockPlan(LAYOUT, PLAN.kv_num_blocks[..., :-1], PLAN.kv_indices), ValueError, "kv_num_blocks"),
+]
+
+
+@pytest.mark.parametrize("call,exc,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_clear_error(call, exc, fragment):
+    with pytest.raises(exc, match=fragment):
+        call()
+
+
+def test_triton_backend_off_cuda_is_refused_before_launch():
+    with pytest.raises(ValueError, match="backend"):
+        sv.sparse_attention(Q, K, V, PLAN, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "mutate,fragment",
+    [
+        (lambda n, i: (n.fill_(0), i), "kv_num_blocks"),
+        (lambda n, i: (n, i.fill_(99)), "range"),
+        (lambda n, i: (n, i.flip(-1)), "ascending"),
+        (lambda n, i: (n.fill_(1), i.fill_(0)), "own block"),
+    ],
+    ids=["empty rows", "index out of range", "unsorted", "own block dropped"],
+)
+def test_validate_catches_broken_plans(mutate, fragment):
+    n, i = mutate(PLAN.kv_num_blocks.clone(), PLAN.kv_indices.clone())
+    with pytest.raises(ValueError, match=fragment):
+        sv.BlockPlan(LAYOUT, n, i).validate()
+
+
+def test_validate_requires_dense_text():
+    layout = sv.VideoLayout(frames=1, height=4, width=8, text_tokens=5, tile=(4, 4), block_size=16)
+    nb = layout.num_blocks
+    keep = torch.eye(nb, dtype=torch.bool)[None, None]
+    with pytest.raises(ValueError, match="text"):
+        sv.BlockPlan.from_block_mask(layout, keep).validate()
