@@ -1,0 +1,39 @@
+"""Command line: ``python -m sparsevid {demo, bench kernel}``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module exposing add_arguments(parser) and run(args) -> int
+_COMMANDS = {"demo": ("sparsevid.demo", "run every planner on attention inputs built from a real clip")}
+_BENCHMARKS = {"kernel": ("sparsevid.bench.kernel", "block-sparse attention kernel vs cuDNN/flash SDPA and FlexAttention")}
+
+
+def _add(subparsers, name, module, help_text):
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    mod = importlib.import_module(module)
+    mod.add_arguments(parser)
+    parser.set_defaults(_run=mod.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsevid", description="Sparse attention for video diffusion transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in _COMMANDS.items():
+        _add(commands, name, module, help_text)
+    bench = commands.add_parser("bench", help="GPU benchmarks", description="GPU benchmarks")
+    benches = bench.add_subparsers(dest="benchmark", required=True)
+    for name, (module, help_text) in _BENCHMARKS.items():
+        _add(benches, name, module, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
