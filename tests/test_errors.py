@@ -45,19 +45,24 @@ CASES = [
     ("plan bad stride", lambda: sv.plan(Q, K, LAYOUT, method="xattn", stride=5), ValueError, "stride"),
     ("plan bad radius", lambda: sv.plan(Q, K, LAYOUT, method="window", radius=(1, 1)), ValueError, "radius"),
     ("plan unknown option", lambda: sv.plan(Q, K, LAYOUT, method="draft", colour=1), TypeError, "colour"),
-    ("attn q type", lambda: sv.sparse_attention(Q.numpy(), K, V, PLAN), TypeError, "q"),
-    ("attn rank", lambda: sv.sparse_attention(Q[0], K[0], V[0], PLAN), ValueError, "4-D"),
-    ("attn dtype", lambda: sv.sparse_attention(Q.double(), K.double(), V.double(), PLAN), TypeError, "dtype"),
-    ("attn mixed dtype", lambda: sv.sparse_attention(Q, K.half(), V, PLAN), TypeError, "one dtype"),
-    ("attn k/v shapes", lambda: sv.sparse_attention(Q, K, V[..., :8], PLAN), ValueError, "k and v"),
-    ("attn head dim", lambda: sv.sparse_attention(Q[..., :8], K, V, PLAN), ValueError, "head dim"),
-    ("attn L mismatch", lambda: sv.sparse_attention(*qkv((1, 2, L + 1, 16)), PLAN), ValueError, "L="),
-    ("attn plan heads", lambda: sv.sparse_attention(*qkv((1, 3, L, 16)), PLAN), ValueError, "heads"),
-    ("attn plan type", lambda: sv.sparse_attention(Q, K, V, PLAN.to_mask()), TypeError, "plan"),
-    ("attn backend", lambda: sv.sparse_attention(Q, K, V, PLAN, backend="cuda"), ValueError, "backend"),
-    ("attn scale", lambda: sv.sparse_attention(Q, K, V, PLAN, scale=-1.0), ValueError, "scale"),
     ("plan kv dtype", lambda: sv.BlockPlan(LAYOUT, PLAN.kv_num_blocks.long(), PLAN.kv_indices), TypeError, "kv_num_blocks"),
     ("plan kv shape", lambda: sv.BlockPlan(LAYOUT, PLAN.kv_num_blocks[..., :-1], PLAN.kv_indices), ValueError, "kv_num_blocks"),
+]
+
+
+ATTENTION_CASES = [
+    # (description, (q, k, v, plan), keyword arguments, exception, message fragment)
+    ("q type", (Q.numpy(), K, V, PLAN), {}, TypeError, "q"),
+    ("rank", (Q[0], K[0], V[0], PLAN), {}, ValueError, "4-D"),
+    ("dtype", (Q.double(), K.double(), V.double(), PLAN), {}, TypeError, "dtype"),
+    ("mixed dtype", (Q, K.half(), V, PLAN), {}, TypeError, "one dtype"),
+    ("k/v shapes", (Q, K, V[..., :8], PLAN), {}, ValueError, "k and v"),
+    ("head dim", (Q[..., :8], K, V, PLAN), {}, ValueError, "head dim"),
+    ("L mismatch", (*qkv((1, 2, L + 1, 16)), PLAN), {}, ValueError, "L="),
+    ("plan heads", (*qkv((1, 3, L, 16)), PLAN), {}, ValueError, "heads"),
+    ("plan type", (Q, K, V, PLAN.to_mask()), {}, TypeError, "plan"),
+    ("backend", (Q, K, V, PLAN), {"backend": "cuda"}, ValueError, "backend"),
+    ("scale", (Q, K, V, PLAN), {"scale": -1.0}, ValueError, "scale"),
 ]
 
 
@@ -67,9 +72,18 @@ def test_bad_input_raises_clear_error(call, exc, fragment):
         call()
 
 
-def test_triton_backend_off_cuda_is_refused_before_launch():
-    with pytest.raises(ValueError, match="backend"):
-        sv.sparse_attention(Q, K, V, PLAN, backend="triton")
+@pytest.mark.parametrize("backend", ["reference", "triton", "flex"])
+@pytest.mark.parametrize("args,kwargs,exc,fragment", [c[1:] for c in ATTENTION_CASES], ids=[c[0] for c in ATTENTION_CASES])
+def test_every_backend_rejects_bad_input_before_launch(backend, args, kwargs, exc, fragment):
+    with pytest.raises(exc, match=fragment):
+        sv.sparse_attention(*args, **{"backend": backend, **kwargs})
+
+
+def test_triton_backend_limits_are_checked_before_launch():
+    with pytest.raises(TypeError, match="backend 'triton'"):
+        sv.sparse_attention(Q, K, V, PLAN, backend="triton")  # float32: the reference's job
+    with pytest.raises(ValueError, match="head_dim"):
+        sv.sparse_attention(Q.half(), K.half(), V.half(), PLAN, backend="triton")  # head dim 16
 
 
 @pytest.mark.parametrize(

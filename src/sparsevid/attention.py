@@ -36,13 +36,13 @@ class _BackendSpec:
     devices: tuple[str, ...]  # device types it runs on
     dtypes: tuple[torch.dtype, ...]
     head_dims: tuple[int, ...] | None  # None: any
-    available: Callable[[], str | None]  # None when usable, else the reason
+    available: Callable[[torch.device], str | None]  # None when usable on that device, else the reason
 
 
 _REGISTRY: dict[Backend, _BackendSpec] = {}
 
 
-def register_backend(name: Backend, *, devices, dtypes=SUPPORTED_DTYPES, head_dims=None, available=lambda: None):
+def register_backend(name: Backend, *, devices, dtypes=SUPPORTED_DTYPES, head_dims=None, available=lambda device: None):
     """Decorator: register ``fn(q, k, v, plan, scale) -> out`` for validated inputs."""
 
     def wrap(fn):
@@ -54,8 +54,8 @@ def register_backend(name: Backend, *, devices, dtypes=SUPPORTED_DTYPES, head_di
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """Backends usable on ``device`` in this installation."""
-    kind = torch.device(device).type
-    return [b.value for b, s in _REGISTRY.items() if kind in s.devices and s.available() is None]
+    device = torch.device(device)
+    return [b.value for b, s in _REGISTRY.items() if device.type in s.devices and s.available(device) is None]
 
 
 def _resolve_backend(backend, device: torch.device) -> tuple[Backend, _BackendSpec]:
@@ -64,21 +64,21 @@ def _resolve_backend(backend, device: torch.device) -> tuple[Backend, _BackendSp
     except ValueError:
         raise ValueError(f"Expect backend in {[b.value for b in Backend]} but got {backend!r}") from None
     if name is Backend.AUTO:
-        if device.type == "cuda" and Backend.TRITON in _REGISTRY and _REGISTRY[Backend.TRITON].available() is None:
+        if device.type == "cuda" and _REGISTRY[Backend.TRITON].available(device) is None:
             name = Backend.TRITON
         else:
             name = Backend.REFERENCE
     if name not in _REGISTRY:
         raise ValueError(f"NYI: backend {name.value!r} is not built into this installation")
     spec = _REGISTRY[name]
-    reason = spec.available()
-    if reason is not None:
-        raise ValueError(f"Expect backend {name.value!r} to be usable but {reason}; use backend='reference'")
     if device.type not in spec.devices:
         raise ValueError(
             f"Expect tensors on {' or '.join(spec.devices)} for backend {name.value!r} but got device {device}; "
             "use backend='reference' or move the tensors"
         )
+    reason = spec.available(device)
+    if reason is not None:
+        raise ValueError(f"Expect backend {name.value!r} to be usable but {reason}; use backend='reference'")
     return name, spec
 
 
@@ -148,6 +148,10 @@ def sparse_attention(
         inspected (NaN propagates as in SDPA): planners reject non-finite q/k.
     """
     _check_inputs(q, k, v, plan)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"Expect scale to be a positive finite float but got {scale!r}")
     name, spec = _resolve_backend(backend, q.device)
     if q.dtype not in spec.dtypes:
         raise TypeError(
@@ -157,10 +161,6 @@ def sparse_attention(
     head_dim = q.shape[-1]
     if spec.head_dims is not None and head_dim not in spec.head_dims:
         raise ValueError(f"Expect head_dim in {spec.head_dims} for backend {name.value!r} but got {head_dim}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"Expect scale to be a positive finite float but got {scale!r}")
     return spec.fn(q, k, v, plan, float(scale))
 
 
@@ -182,3 +182,31 @@ def _flex_backend(q, k, v, plan, scale):
     gathered = [layout.to_tiles(t) for t in (q, k, v)]
     out = flex_attention(*gathered, block_mask=plan.to_block_mask(), scale=scale)
     return layout.from_tiles(out)
+
+
+def _triton_available(device: torch.device) -> str | None:
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'sparsevid[triton]')"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors run Triton only under the interpreter (TRITON_INTERPRET=1, tests only)"
+    return None
+
+
+@register_backend(
+    Backend.TRITON,
+    devices=("cuda", "cpu"),
+    dtypes=(torch.float16, torch.bfloat16),
+    head_dims=(64, 96, 128),
+    available=_triton_available,
+)
+def _triton_backend(q, k, v, plan, scale):
+    from .kernels.triton_blocksparse import block_sparse_attn
+
+    B, H = q.shape[:2]
+    # A broadcast plan becomes a stride-0 view: the kernel indexes it with q's batch and head.
+    kv_num_blocks = plan.kv_num_blocks.expand(B, H, -1)
+    kv_indices = plan.kv_indices.expand(B, H, -1, -1)
+    return block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale)
