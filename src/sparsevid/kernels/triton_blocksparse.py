@@ -226,11 +226,20 @@ def sparse_attention_triton(
         Tensor: ``(B, H, L, D)`` in the ORIGINAL token order, dtype of ``q``; strides like ``q``'s
         (``torch.empty_like``), so a transposed ``(B, L, H, D)`` input gives a ``(B, L, H, D)`` buffer.
     """
-    B, H, L, D = q.shape
-    NB = kv_num_blocks.shape[-1]
     if out is None:
         out = torch.empty_like(q)
-    head_dim_p = max(16, triton.next_power_of_2(D))
+    grid, args, meta = _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, mask_padding)
+    if config is None:
+        _sparse_attn_fwd[grid](*args, **meta)
+    else:
+        _sparse_attn_fwd.fn[grid](*args, **meta, **_explicit(config, block_size))
+    return out
+
+
+def _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, mask_padding=True):
+    """``(grid, positional args, constexpr kwargs)`` of one launch; the grid uses shapes only."""
+    B, H, L, D = q.shape
+    NB = kv_num_blocks.shape[-1]
     grid = (NB, B * H)
     args = (
         q, k, v, out, perm, kv_num_blocks, kv_indices, float(scale),  #
@@ -238,16 +247,20 @@ def sparse_attention_triton(
         *kv_num_blocks.stride(), *kv_indices.stride(),  #
         H,  #
     )
-    meta = dict(HEAD_DIM=D, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, MASK_PADDING=mask_padding)
-    if config is None:
-        _sparse_attn_fwd[grid](*args, **meta)
-    else:
-        bn = min(config.get("BLOCK_N", block_size), block_size)
-        stages = config.get("num_stages", 2)
-        _sparse_attn_fwd.fn[grid](
-            *args, **meta, BLOCK_N=bn, NUM_STAGES=stages, num_warps=config.get("num_warps", 4), num_stages=stages
-        )
-    return out
+    meta = dict(
+        HEAD_DIM=D, HEAD_DIM_P=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size, MASK_PADDING=mask_padding
+    )
+    return grid, args, meta
+
+
+def _explicit(config: dict, block_size: int) -> dict:
+    stages = config.get("num_stages", 2)
+    return dict(
+        BLOCK_N=min(config.get("BLOCK_N", block_size), block_size),
+        NUM_STAGES=stages,
+        num_warps=config.get("num_warps", 4),
+        num_stages=stages,
+    )
 
 
 # --------------------------------------------------------------------------------------- custom op
