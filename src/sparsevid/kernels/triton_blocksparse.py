@@ -44,7 +44,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,  #
-    k_base, v_base, perm_ptr, kvi_ptr,  #
+    k_base, v_base, perm_ptr, kvi_ptr, real_ptr,  #
     stride_kn, stride_kk, stride_vn, stride_vk, stride_kik,  #
     lo, hi, qk_scale,  #
     offs_n, offs_d,  #
@@ -63,8 +63,7 @@ def _attn_fwd_inner(
             n = tl.load(kvi_ptr + (t // SPLIT) * stride_kik)
             slot = n * BLOCK_SIZE + (t % SPLIT) * BLOCK_N + offs_n
         tok = tl.load(perm_ptr + slot)  # int64 (BLOCK_N,), -1 = padding slot
-        real = tok >= 0
-        tok = tl.where(real, tok, 0)  # padding rows read token 0; their probabilities are 0
+        tok = tl.maximum(tok, 0)  # padding rows read token 0; their probabilities are 0
         # -- scores: K rows gathered through perm
         if HEAD_DIM == HEAD_DIM_P:
             k = tl.load(k_base + tok[:, None] * stride_kn + offs_d[None, :] * stride_kk)
@@ -72,7 +71,13 @@ def _attn_fwd_inner(
             k = tl.load(k_base + tok[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=d_mask[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k))
         if MASK_PADDING:
-            bias = tl.where(real, 0.0, float("-inf"))
+            # padding slots are the tail of a block: real iff slot offset < the block's real count
+            # (a scalar, so the bias is built in the accumulator's layout with no shuffle)
+            if SPLIT == 1:
+                n_real = tl.load(real_ptr + n)
+            else:
+                n_real = tl.load(real_ptr + n) - (t % SPLIT) * BLOCK_N
+            bias = tl.where(offs_n < n_real, 0.0, float("-inf"))
             qk = qk * qk_scale + bias[None, :]
         else:
             qk = qk * qk_scale
@@ -100,26 +105,31 @@ def _configs():
     return [
         triton.Config({"BLOCK_N": bn, "NUM_STAGES": s}, num_warps=w, num_stages=s)
         for bn in [64, 128]
-        for s in [2, 3]
+        for s in [2, 3, 4]
         for w in [4, 8]
     ]
 
 
 def keep(conf):
-    """Drop configs that cannot help on any GPU we target."""
-    return True
+    """Configs worth timing (H100 sweep in docs/kernel-notes.md): 8 warps (two warpgroups over the
+    128-row query tile) with 3-4 stages; one 4-warp, 2-stage config for small blocks and for GPUs
+    with less shared memory (a config that does not fit is skipped by the autotuner)."""
+    w, s = conf.num_warps, conf.num_stages
+    return (w == 8 and s in (3, 4)) or (w == 4 and s == 2 and conf.kwargs["BLOCK_N"] == 64)
 
 
 def _prune(configs, named_args, **kwargs):
+    """BLOCK_N never exceeds the block; blocks of <= 64 slots use 4 warps."""
     bs = named_args["BLOCK_SIZE"] if "BLOCK_SIZE" in named_args else kwargs["BLOCK_SIZE"]
-    out = []
+    out, seen = [], set()
     for c in configs:
         bn = min(c.kwargs["BLOCK_N"], bs)
-        c2 = triton.Config({**c.kwargs, "BLOCK_N": bn}, num_warps=c.num_warps, num_stages=c.num_stages)
-        if bs <= 32 and c.num_warps > 4:
+        if bs <= 64 and c.num_warps > 4:
             continue
-        if all(bn != o.kwargs["BLOCK_N"] or c.num_warps != o.num_warps or c.num_stages != o.num_stages for o in out):
-            out.append(c2)
+        key = (bn, c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config({**c.kwargs, "BLOCK_N": bn}, num_warps=c.num_warps, num_stages=c.num_stages))
     return out
 
 
@@ -131,7 +141,7 @@ def _prune(configs, named_args, **kwargs):
 )
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, V, Out, Perm, KVNum, KVIdx, sm_scale,  #
+    Q, K, V, Out, Perm, BlockReal, KVNum, KVIdx, sm_scale,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
     stride_vz, stride_vh, stride_vn, stride_vk,  #
@@ -178,7 +188,7 @@ def _sparse_attn_fwd(
 
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q,  #
-        k_base, v_base, Perm, kvi_ptr,  #
+        k_base, v_base, Perm, kvi_ptr, BlockReal,  #
         stride_kn, stride_kk, stride_vn, stride_vk, stride_kik,  #
         0, num * SPLIT, qk_scale,  #
         offs_n, offs_d,  #
@@ -241,8 +251,11 @@ def _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scal
     B, H, L, D = q.shape
     NB = kv_num_blocks.shape[-1]
     grid = (NB, B * H)
+    # real (non-padding) slots per block: padding is each block's tail, so the kernel masks keys
+    # by comparing a slot's offset with one scalar (NB int32: the only scratch memory used)
+    block_real = (perm.view(NB, block_size) >= 0).sum(1, dtype=torch.int32)
     args = (
-        q, k, v, out, perm, kv_num_blocks, kv_indices, float(scale),  #
+        q, k, v, out, perm, block_real, kv_num_blocks, kv_indices, float(scale),  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
         *kv_num_blocks.stride(), *kv_indices.stride(),  #
         H,  #

@@ -1,0 +1,365 @@
+"""``python -m sparsevid bench kernel``: the block-sparse kernel against dense SDPA and FlexAttention.
+
+Method (written here because speed claims live in benchmarks, never in tests):
+
+* One process, one set of inputs (q, k, v bf16 by default, ``(B, heads, L, D)`` contiguous), every
+  contender timed in the same run on the same tensors.
+* Each timing: 3 warm-up calls, then ``--reps`` (>= 10) calls each between two CUDA events; the
+  median is reported. Compilation (Triton JIT/autotune, ``torch.compile`` of FlexAttention) happens in
+  the warm-up.
+* Contenders: torch SDPA forced to the cuDNN backend and to the flash backend (dense, the baseline);
+  FlexAttention (``torch.compile(flex_attention)``) with the SAME plan as a ``BlockMask`` over tensors
+  gathered into tile order (key blocks without padding listed as *full* blocks, blocks with padding
+  as *partial* with a ``mask_mod`` hiding padding slots; the gather of q, k, v into tile order and the
+  scatter back are EXCLUDED from its attention time and reported once, separately, as
+  ``flex gather``); sparsevid's Triton kernel (permutation fused, so nothing to exclude). Planning
+  time (``sparsevid.plan``) is reported separately (``plan ms``) and is in neither attention time.
+* FLOPs: dense-equivalent ``4 * B * H * L^2 * D``; "actual" multiplies by the plan's real-entry
+  density (``plan.density``: real score entries computed / ``L^2``; padding slots computed by the
+  kernels are not counted, so they count against the kernels).
+* Correctness: every sparse result is compared with FlexAttention's on the same plan (and, at
+  density 1, with cuDNN SDPA); a relative error ``||a - b|| / ||b||`` above ``--tol`` marks the row
+  WRONG and its speed is not reported.
+
+Output: a table on stdout, ``speedup.png`` and ``results.json`` under ``--out``, and the table appended
+to ``BENCHMARKS.md`` (date, device, versions, exact command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+
+import torch
+
+PRESETS = {
+    # name: (batch, heads, frames, height, width, text_tokens, head_dim)
+    "wan1.3b-480p": (1, 12, 21, 30, 52, 0, 128),
+    "wan14b-720p": (1, 40, 21, 45, 80, 0, 128),
+    "hunyuan-720p": (1, 24, 33, 45, 80, 256, 128),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="wan1.3b-480p", choices=[*PRESETS, "custom"],
+                        help="problem size (default wan1.3b-480p); 'custom' uses --frames/--height/...")
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None, help="token rows per frame")
+    parser.add_argument("--width", type=int, default=None, help="token columns per frame")
+    parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--head-dim", type=int, default=None)
+    parser.add_argument("--text-tokens", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
+    parser.add_argument("--methods", nargs="+", default=["random", "draft"], help="planners to take plans from")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--inputs", choices=["clip", "random"], default="clip",
+                        help="'clip': sparsevid.data.attention_inputs (structure from a real clip), falling "
+                             "back to random when unavailable; 'random': standard normal")
+    parser.add_argument("--reps", type=int, default=20, help="timed calls per contender (>= 10), median reported")
+    parser.add_argument("--tol", type=float, default=2e-2, help="max relative error vs FlexAttention / SDPA")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--out", default="out/bench", help="folder for speedup.png and results.json")
+    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--benchmarks-md", default="BENCHMARKS.md")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# ----------------------------------------------------------------------------------------- timing
+def _time(fn, reps: int) -> float:
+    """Median milliseconds of ``reps`` calls, each between two CUDA events, after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(10, reps)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# ----------------------------------------------------------------------------------------- problem
+def _problem(args):
+    from sparsevid.layout import VideoLayout
+
+    if args.preset == "custom":
+        missing = [n for n in ("frames", "height", "width", "heads") if getattr(args, n) is None]
+        if missing:
+            raise SystemExit(f"--preset custom needs {', '.join('--' + m for m in missing)}")
+        batch, heads, frames, height, width, text, head_dim = 1, args.heads, args.frames, args.height, args.width, 0, 128
+    else:
+        batch, heads, frames, height, width, text, head_dim = PRESETS[args.preset]
+    batch = args.batch or batch
+    heads = args.heads or heads
+    frames, height, width = args.frames or frames, args.height or height, args.width or width
+    text = args.text_tokens if args.text_tokens is not None else text
+    head_dim = args.head_dim or head_dim
+    layout = VideoLayout(frames=frames, height=height, width=width, text_tokens=text, block_size=args.block_size)
+    return batch, heads, head_dim, layout
+
+
+def _inputs(args, batch, heads, head_dim, layout, dtype):
+    if args.inputs == "clip":
+        try:
+            from sparsevid import data
+
+            q, k, v = data.attention_inputs(layout=layout, heads=heads, head_dim=head_dim, batch=batch,
+                                            seed=args.seed, dtype=dtype, device="cuda")
+            return q.contiguous(), k.contiguous(), v.contiguous(), "clip (sparsevid.data.attention_inputs)"
+        except Exception as exc:  # noqa: BLE001 - any failure falls back to random, and says so
+            print(f"[bench] clip inputs unavailable ({type(exc).__name__}: {exc}); using random inputs", file=sys.stderr)
+    g = torch.Generator(device="cuda").manual_seed(args.seed)
+    shape = (batch, heads, layout.num_tokens, head_dim)
+    q, k, v = (torch.randn(shape, generator=g, device="cuda", dtype=torch.float32).to(dtype) for _ in range(3))
+    return q, k, v, "random normal"
+
+
+def _random_csr(batch, heads, layout, density, seed, device):
+    """Fallback plan (no planner available): own block + random others, ~density of the blocks per row."""
+    nb = layout.num_blocks
+    g = torch.Generator(device=device).manual_seed(seed)
+    kept = max(1, min(nb, round(density * nb)))
+    score = torch.rand(batch, heads, nb, nb, generator=g, device=device)
+    score.diagonal(dim1=-2, dim2=-1).fill_(2.0)
+    idx = score.topk(kept, dim=-1).indices.sort(-1).values.int()
+    num = torch.full((batch, heads, nb), kept, dtype=torch.int32, device=device)
+    return num, idx
+
+
+def _real_density(layout, num, idx) -> float:
+    tokens = layout.block_tokens.to(num.device, torch.float64)
+    valid = torch.arange(idx.shape[-1], device=num.device) < num[..., None]
+    entries = (tokens[idx.long().clamp(0, layout.num_blocks - 1)] * valid).sum(-1) * tokens
+    return float(entries.sum(-1).mean() / float(layout.num_tokens) ** 2)
+
+
+def _make_plan(args, method, density, q, k, layout):
+    """``(kv_num_blocks, kv_indices, real density, plan ms, source)``; None when the planner is missing."""
+    import sparsevid
+
+    planner = getattr(sparsevid, "plan", None)
+    if planner is not None:
+        try:
+            fn = lambda: planner(q, k, layout, method=method, density=density)  # noqa: E731
+            plan = fn()
+            plan_ms = _time(fn, 5)
+            return plan.kv_num_blocks, plan.kv_indices, float(plan.density), plan_ms, f"sparsevid.plan({method!r})"
+        except Exception as exc:  # noqa: BLE001
+            print(f"[bench] sparsevid.plan(method={method!r}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if method != "random":
+        return None
+    num, idx = _random_csr(q.shape[0], q.shape[1], layout, density, args.seed, q.device)
+    return num, idx, _real_density(layout, num, idx), float("nan"), "bench fallback random CSR"
+
+
+def _block_mask(layout, num, idx):
+    """FlexAttention BlockMask of the plan over tile-order tensors: full blocks unmasked, padded blocks partial."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb, bs, dev = layout.num_blocks, layout.block_size, num.device
+    valid = torch.arange(idx.shape[-1], device=dev) < num[..., None]
+    dense = torch.zeros(*num.shape, nb, dtype=torch.int32, device=dev)
+    dense = dense.scatter_add_(-1, idx.long().clamp(0, nb - 1), valid.int()) > 0
+    full_key = layout.block_tokens.to(dev) == bs
+    real = layout.perm.to(dev) >= 0
+
+    def csr(d):  # width NB always: one compiled FlexAttention serves every density
+        cnt = d.sum(-1, dtype=torch.int32)
+        order = torch.where(d, torch.arange(nb, device=dev), nb).sort(-1).values.clamp(max=nb - 1)
+        return cnt, order.int()
+
+    def padding_mask(b, h, q_idx, kv_idx):
+        return real[kv_idx]
+
+    return BlockMask.from_kv_blocks(*csr(dense & ~full_key), *csr(dense & full_key), BLOCK_SIZE=bs,
+                                    mask_mod=padding_mask, seq_lengths=(layout.num_slots, layout.num_slots))
+
+
+# ----------------------------------------------------------------------------------------- run
+def run(args) -> int:
+    if not torch.cuda.is_available():
+        print("bench kernel needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from sparsevid.kernels.triton_blocksparse import sparse_attention_triton
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        def tqdm(it, **kw):
+            return it
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = DTYPES[args.dtype]
+    batch, heads, head_dim, layout = _problem(args)
+    L = layout.num_tokens
+    q, k, v, source = _inputs(args, batch, heads, head_dim, layout, dtype)
+    scale = head_dim ** -0.5
+    perm = layout.perm.to("cuda")
+    flops = 4.0 * batch * heads * L * L * head_dim
+    reps = max(10, args.reps)
+    device_name = torch.cuda.get_device_name()
+    print(f"[bench] {device_name}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"[bench] {layout}; B={batch}, heads={heads}, D={head_dim}, {args.dtype}, inputs: {source}")
+
+    rows = []
+    dense = {}
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ref_dense = sdpa(q, k, v, scale=scale)
+        dense["cudnn"] = _time(lambda: sdpa(q, k, v, scale=scale), reps)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = sdpa(q, k, v, scale=scale)
+            err = _rel(out, ref_dense)
+            dense["flash"] = _time(lambda: sdpa(q, k, v, scale=scale), reps)
+    except RuntimeError as exc:
+        print(f"[bench] flash SDPA unavailable: {exc}", file=sys.stderr)
+        err = float("nan")
+    t_cudnn = dense["cudnn"]
+    for name, ms in dense.items():
+        rows.append(dict(method="dense", density=1.0, real_density=1.0, kernel=f"sdpa-{name}", ms=ms, plan_ms=float("nan"),
+                         err=0.0 if name == "cudnn" else err, ok=True))
+
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        qt, kt, vt = (layout.to_tiles(t) for t in (q, k, v))
+        gather_ms = _time(lambda: [layout.to_tiles(t) for t in (q, k, v)], reps)
+        scatter_ms = _time(lambda: layout.from_tiles(qt), reps)
+        print(f"[bench] flex gather (q,k,v -> tile order) {gather_ms:.3f} ms + scatter back {scatter_ms:.3f} ms: "
+              "excluded from FlexAttention's times below")
+
+    sweep = [(m, d) for m in args.methods for d in args.densities]
+    for method, density in tqdm(sweep, desc="bench kernel", unit="plan"):
+        made = _make_plan(args, method, density, q, k, layout)
+        if made is None:
+            print(f"[bench] no plan for method {method!r}: skipped", file=sys.stderr)
+            continue
+        num, idx, real_density, plan_ms, plan_src = made
+        common = dict(method=method, density=density, real_density=real_density, plan_ms=plan_ms)
+        ref, ref_name = None, None
+        if flex is not None:
+            bm = _block_mask(layout, num, idx)
+            out_flex = layout.from_tiles(flex(qt, kt, vt, block_mask=bm, scale=scale))
+            t = _time(lambda: flex(qt, kt, vt, block_mask=bm, scale=scale), reps)
+            ref, ref_name = out_flex, "flex"
+            err_flex = _rel(out_flex, ref_dense) if density >= 1.0 else 0.0
+            rows.append(dict(common, kernel="flex", ms=t, err=err_flex, ok=err_flex <= args.tol))
+        if density >= 1.0 and ref is None:
+            ref, ref_name = ref_dense, "cudnn"
+        out = torch.full_like(q, float("nan"))
+        sparse_attention_triton(q, k, v, perm, num, idx, layout.block_size, scale, out=out)
+        errs = [] if ref is None else [_rel(out, ref)]
+        if density >= 1.0:
+            errs.append(_rel(out, ref_dense))
+        err = max(errs) if errs else float("nan")
+        ok = bool(torch.isfinite(out).all()) and (err <= args.tol if errs else True)
+        t = _time(lambda: sparse_attention_triton(q, k, v, perm, num, idx, layout.block_size, scale, out=out), reps)
+        rows.append(dict(common, kernel="sparsevid-triton", ms=t, err=err, ok=ok))
+        print(f"[bench] {method} d={density}: plan from {plan_src}, real density {real_density:.4f}, "
+              f"triton rel err {err:.2e} vs {ref_name or '-'}{' / cudnn' if density >= 1.0 else ''}"
+              f"{'' if ok else '  WRONG'}")
+        del num, idx
+
+    flex_ms = {(r["method"], r["density"]): r["ms"] for r in rows if r["kernel"] == "flex" and r["ok"]}
+    for r in rows:
+        r["tflops_dense_eq"] = flops / r["ms"] / 1e9
+        r["tflops_actual"] = r["tflops_dense_eq"] * r["real_density"]
+        r["vs_cudnn"] = t_cudnn / r["ms"]
+        f = flex_ms.get((r["method"], r["density"]))
+        r["vs_flex"] = f / r["ms"] if f else float("nan")
+
+    command = "python -m sparsevid bench kernel " + " ".join(shlex.quote(a) for a in sys.argv[1:][2:]) \
+        if sys.argv[1:3] == ["bench", "kernel"] else " ".join(shlex.quote(a) for a in sys.argv)
+    header = (f"{datetime.date.today().isoformat()} — {device_name}, torch {torch.__version__}, triton "
+              f"{triton.__version__}, CUDA {torch.version.cuda}; {layout}; B={batch}, heads={heads}, D={head_dim}, "
+              f"{args.dtype}, inputs: {source}; median of {reps} (CUDA events, after warm-up). "
+              f"Flex times exclude the tile-order gather{f' ({gather_ms:.2f} ms + {scatter_ms:.2f} ms back)' if flex else ''}.")
+    table = _table(rows)
+    print()
+    print(header)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(dict(header=header, command=command, rows=rows), f, indent=1)
+    _plot(rows, os.path.join(args.out, "speedup.png"), f"{args.preset} on {device_name}")
+    if not args.no_record:
+        with open(args.benchmarks_md, "a") as f:
+            if f.tell() == 0:
+                f.write("# Benchmarks\n\nResults tables appended by the benchmark commands (newest last).\n")
+            f.write(f"\n## bench kernel — {args.preset}\n\n{header}\n\nCommand: `{command}`\n\n{table}\n")
+        print(f"[bench] appended to {args.benchmarks_md}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def _fmt(x, spec):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _table(rows) -> str:
+    cols = ["method", "density", "real dens.", "kernel", "ms", "TF/s dense-eq", "TF/s actual", "vs cuDNN",
+            "vs Flex", "rel err", "plan ms"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        wrong = not r["ok"]
+        cells = [r["method"], _fmt(r["density"], "g"), _fmt(r["real_density"], ".3f"), r["kernel"],
+                 "WRONG" if wrong else _fmt(r["ms"], ".3f"),
+                 "-" if wrong else _fmt(r["tflops_dense_eq"], ".0f"),
+                 "-" if wrong else _fmt(r["tflops_actual"], ".0f"),
+                 "-" if wrong else _fmt(r["vs_cudnn"], ".2f") + "x",
+                 "-" if wrong or math.isnan(r["vs_flex"]) else _fmt(r["vs_flex"], ".2f") + "x",
+                 _fmt(r["err"], ".1e"), _fmt(r["plan_ms"], ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(rows, path, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib not installed: no speedup.png", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
+        for kernel, style in (("sparsevid-triton", "-o"), ("flex", "--s")):
+            pts = sorted((r["real_density"], r["vs_cudnn"]) for r in rows
+                         if r["method"] == method and r["kernel"] == kernel and r["ok"])
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{kernel} ({method} plan)")
+    xs = [0.03, 1.0]
+    ax.plot(xs, [1 / x for x in xs], ":", color="gray", label="ideal 1/density")
+    ax.axhline(1.0, color="black", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("real-entry density")
+    ax.set_ylabel("speedup vs cuDNN SDPA (dense)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"[bench] wrote {path}")
