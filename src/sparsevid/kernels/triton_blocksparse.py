@@ -115,7 +115,7 @@ def keep(conf):
     128-row query tile) with 3-4 stages; one 4-warp, 2-stage config for small blocks and for GPUs
     with less shared memory (a config that does not fit is skipped by the autotuner)."""
     w, s = conf.num_warps, conf.num_stages
-    return (w == 8 and s in (3, 4)) or (w == 4 and s == 2 and conf.kwargs["BLOCK_N"] == 64)
+    return _INTERPRET or (w == 8 and s in (3, 4)) or (w == 4 and s == 2 and conf.kwargs["BLOCK_N"] == 64)
 
 
 def _prune(configs, named_args, **kwargs):
