@@ -10,10 +10,12 @@ from .attention import Backend, available_backends, sparse_attention
 from .layout import VideoLayout
 from .plan import BlockPlan
 from .planners import available_planners, plan, register_planner
+from .token_plan import TokenPlan
 
 __all__ = [
     "Backend",
     "BlockPlan",
+    "TokenPlan",
     "VideoLayout",
     "available_backends",
     "available_planners",

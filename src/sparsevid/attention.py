@@ -1,4 +1,5 @@
-"""``sparse_attention``: execute a :class:`BlockPlan` on q, k, v — the one public entry to the kernels.
+"""``sparse_attention``: execute a :class:`BlockPlan` (or an M x 1 :class:`TokenPlan`) on q, k, v — the
+one public entry to the kernels.
 
 The public function validates everything that can be checked from metadata (no host sync, so it
 stays cheap, ``torch.compile``-able and CUDA-graph capturable), then dispatches to a backend from
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from .plan import BlockPlan
+from .token_plan import TokenPlan
 
 __all__ = ["Backend", "sparse_attention", "available_backends"]
 
@@ -26,7 +28,7 @@ class Backend(str, Enum):
 
     AUTO = "auto"
     REFERENCE = "reference"  # pure PyTorch, any device: the CPU path and the oracle
-    TRITON = "triton"  # Triton block-sparse kernel with the tile permutation fused (CUDA)
+    TRITON = "triton"  # Triton block-sparse / token-gather kernels with the tile permutation fused (CUDA)
     FLEX = "flex"  # FlexAttention with the plan's BlockMask on gathered tensors (for comparison)
 
 
@@ -90,8 +92,8 @@ def _check_inputs(q, k, v, plan) -> None:
             raise ValueError(f"Expect {name} of shape (B, heads, L, D) (4-D) but got {t.dim()}-D shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"Expect {name}.dtype in float16, bfloat16, float32 but got {t.dtype}")
-    if not isinstance(plan, BlockPlan):
-        raise TypeError(f"Expect plan to be a sparsevid.BlockPlan but got {type(plan).__name__}")
+    if not isinstance(plan, (BlockPlan, TokenPlan)):
+        raise TypeError(f"Expect plan to be a sparsevid.BlockPlan or sparsevid.TokenPlan but got {type(plan).__name__}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"Expect q, k, v of one dtype but got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
@@ -121,7 +123,7 @@ def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    plan: BlockPlan,
+    plan: BlockPlan | TokenPlan,
     *,
     scale: float | None = None,
     backend: str | Backend = "auto",
@@ -133,11 +135,12 @@ def sparse_attention(
             tensor ``.transpose(1, 2)`` is read in place on the GPU path).
         k (Tensor): ``(batch, heads, L, head_dim)``.
         v (Tensor): ``(batch, heads, L, head_dim)``.
-        plan (BlockPlan): which blocks to compute; ``L == plan.layout.num_tokens``; its batch and heads
-            equal q's or are 1 (broadcast).
+        plan (BlockPlan | TokenPlan): which blocks (or, for a ``TokenPlan``, which key tokens per query
+            block) to compute; ``L == plan.layout.num_tokens``; its batch and heads equal q's or are 1
+            (broadcast).
         scale (float, optional): softmax scale, default ``1 / sqrt(head_dim)``.
-        backend (str): ``"auto"`` (triton on CUDA, reference elsewhere), ``"triton"``, ``"flex"`` or
-            ``"reference"``.
+        backend (str): ``"auto"`` (triton on CUDA, reference elsewhere), ``"triton"``, ``"flex"`` (BlockPlan
+            only) or ``"reference"``. A ``TokenPlan`` runs on the Triton gather kernel or its reference twin.
 
     Returns:
         Tensor ``(batch, heads, L, head_dim)`` in q's dtype. Entries outside the plan get zero weight,
@@ -165,11 +168,15 @@ def sparse_attention(
 
 
 # ---------------------------------------------------------------------- backends
-from .kernels.reference import sparse_attention_reference  # noqa: E402
+from .kernels.reference import sparse_attention_reference, sparse_attention_reference_tokens  # noqa: E402
 
 
 @register_backend(Backend.REFERENCE, devices=("cpu", "cuda", "mps", "xpu"))
 def _reference_backend(q, k, v, plan, scale):
+    if isinstance(plan, TokenPlan):
+        return sparse_attention_reference_tokens(
+            q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale
+        )
     return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size, scale)
 
 
@@ -178,6 +185,8 @@ def _flex_backend(q, k, v, plan, scale):
     """FlexAttention on tensors gathered into tile order (eager here; wrap in torch.compile for speed)."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    if isinstance(plan, TokenPlan):
+        raise NotImplementedError("NYI: backend 'flex' for a TokenPlan; use backend='triton' or 'reference'")
     layout = plan.layout
     gathered = [layout.to_tiles(t) for t in (q, k, v)]
     out = flex_attention(*gathered, block_mask=plan.to_block_mask(), scale=scale)
@@ -203,9 +212,16 @@ def _triton_available(device: torch.device) -> str | None:
     available=_triton_available,
 )
 def _triton_backend(q, k, v, plan, scale):
+    B, H = q.shape[:2]
+    if isinstance(plan, TokenPlan):
+        from .kernels.triton_gather import token_sparse_attn
+
+        kv_num_tokens = plan.kv_num_tokens.expand(B, H, -1)
+        kv_tokens = plan.kv_tokens.expand(B, H, -1, -1)
+        return token_sparse_attn(q, k, v, plan.perm, kv_num_tokens, kv_tokens, plan.block_size, scale)
+
     from .kernels.triton_blocksparse import block_sparse_attn
 
-    B, H = q.shape[:2]
     # A broadcast plan becomes a stride-0 view: the kernel indexes it with q's batch and head.
     kv_num_blocks = plan.kv_num_blocks.expand(B, H, -1)
     kv_indices = plan.kv_indices.expand(B, H, -1, -1)

@@ -1,4 +1,5 @@
-"""Planners: each turns (q, k, layout, options) into a :class:`~sparsevid.plan.BlockPlan`.
+"""Planners: each turns (q, k, layout, options) into a :class:`~sparsevid.plan.BlockPlan`
+(or, for the M x 1 planner ``finegrained``, a :class:`~sparsevid.token_plan.TokenPlan`).
 
 A planner is a function ``fn(q, k, layout, *, density=None, mass=None, **options) -> BlockPlan``
 registered under a name with :func:`register_planner`. :func:`plan` validates the common
@@ -14,11 +15,12 @@ import torch
 
 from ..layout import VideoLayout
 from ..plan import BlockPlan
+from ..token_plan import TokenPlan
 
 __all__ = ["plan", "register_planner", "available_planners"]
 
-_PLANNERS: dict[str, Callable[..., BlockPlan]] = {}
-_BUILTIN = ("dense", "random", "window", "draft", "xattn")
+_PLANNERS: dict[str, Callable[..., BlockPlan | TokenPlan]] = {}
+_BUILTIN = ("dense", "random", "window", "draft", "xattn", "finegrained")
 
 
 def register_planner(name: str):
@@ -58,7 +60,7 @@ def plan(
     tile: tuple[int, int] | None = None,
     block_size: int | None = None,
     **options,
-) -> BlockPlan:
+) -> BlockPlan | TokenPlan:
     """Choose which attention blocks to compute.
 
     Args:
@@ -75,7 +77,7 @@ def plan(
         **options: planner-specific options (see each planner's docstring).
 
     Returns:
-        BlockPlan on q's device, validated.
+        BlockPlan on q's device, validated (TokenPlan for ``method="finegrained"``).
 
     Raises:
         TypeError / ValueError naming the argument: bad shapes, dtypes, devices, ``L`` that does not
