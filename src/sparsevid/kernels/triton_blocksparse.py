@@ -50,12 +50,12 @@ def _attn_fwd_inner(
     offs_n, offs_d,  #
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
-    MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+    MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,  #
 ):
     """Online softmax over the sub-tiles ``lo..hi`` of one CSR row (``SPLIT`` sub-tiles per kept block)."""
     SPLIT: tl.constexpr = BLOCK_SIZE // BLOCK_N
     d_mask = offs_d < HEAD_DIM
-    for t in tl.range(lo, hi, num_stages=NUM_STAGES):
+    for t in tl.range(lo, hi, num_stages=NUM_STAGES, warp_specialize=WARP_SPEC):
         if SPLIT == 1:
             n = tl.load(kvi_ptr + t * stride_kik)
             slot = n * BLOCK_SIZE + offs_n
@@ -151,7 +151,7 @@ def _sparse_attn_fwd(
     H,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+    MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr = False,  #
 ):
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
     tl.static_assert(HEAD_DIM_P >= HEAD_DIM)
@@ -193,7 +193,7 @@ def _sparse_attn_fwd(
         0, num * SPLIT, qk_scale,  #
         offs_n, offs_d,  #
         BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_P,  #
-        MASK_PADDING, NUM_STAGES,  #
+        MASK_PADDING, NUM_STAGES, WARP_SPEC,  #
     )
 
     acc = acc / l_i[:, None]
@@ -271,6 +271,7 @@ def _explicit(config: dict, block_size: int) -> dict:
     return dict(
         BLOCK_N=min(config.get("BLOCK_N", block_size), block_size),
         NUM_STAGES=stages,
+        WARP_SPEC=config.get("warp_specialize", False),
         num_warps=config.get("num_warps", 4),
         num_stages=stages,
     )
