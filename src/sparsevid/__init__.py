@@ -14,6 +14,8 @@ from .token_plan import TokenPlan
 
 __all__ = [
     "Backend",
+    "apply",
+    "remove",
     "BlockPlan",
     "TokenPlan",
     "VideoLayout",
@@ -24,3 +26,12 @@ __all__ = [
     "sparse_attention",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # apply/remove need diffusers (an optional extra): import it only when they are used.
+    if name in ("apply", "remove"):
+        from .integrations import diffusers
+
+        return getattr(diffusers, name)
+    raise AttributeError(f"module 'sparsevid' has no attribute {name!r}")

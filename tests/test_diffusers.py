@@ -1,0 +1,134 @@
+"""sparsevid.apply on diffusers video transformers (tiny random-weight configs, CPU)."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import sparsevid as sv  # noqa: E402
+from tiny_models import (  # noqa: E402
+    cogvideox_inputs,
+    hunyuan_inputs,
+    tiny_cogvideox,
+    tiny_hunyuan,
+    tiny_wan,
+    tiny_wan_pipeline,
+    wan_inputs,
+)
+
+TILING = dict(tile=(2, 4), block_size=16)  # small blocks so tiny grids have several of them
+MODELS = {
+    "wan": (tiny_wan, wan_inputs),
+    "hunyuan": (tiny_hunyuan, hunyuan_inputs),
+    "cogvideox": (tiny_cogvideox, cogvideox_inputs),
+}
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dense_plan_equals_native_sparse_differs_remove_restores(name):
+    build, make_inputs = MODELS[name]
+    model, inputs = build(), make_inputs()  # odd grid: 3 frames x 5 x 7 patches
+    native = run(model, inputs)
+
+    handle = sv.apply(model, method="dense", dense_layers=0, **TILING)
+    dense = run(model, inputs)
+    assert handle.stats()["plans"] > 0  # the sparse path really ran, with full plans
+    handle.remove()
+    torch.testing.assert_close(dense, native, rtol=1e-5, atol=1e-5)
+
+    handle = sv.apply(model, method="draft", density=0.2, dense_layers=0, **TILING)
+    sparse = run(model, inputs)
+    stats = handle.stats()
+    handle.remove()
+    assert torch.isfinite(sparse).all()
+    assert (sparse - native).abs().max() > 1e-3
+    assert stats["mean_density"] < 0.5
+
+    assert torch.equal(run(model, inputs), native)  # bit-identical after removal
+    assert not model._diffusers_hook.hooks
+
+
+def test_dense_layers_and_steps_run_native():
+    model, inputs = tiny_wan(num_layers=2), wan_inputs()
+    native = run(model, inputs)
+    handle = sv.apply(model, method="draft", density=0.2, dense_layers=2, **TILING)
+    assert torch.equal(run(model, inputs), native)  # every layer dense: untouched modules
+    assert handle.stats()["plans"] == 0
+    handle.remove()
+    handle = sv.apply(model, method="draft", density=0.2, dense_steps=1, dense_layers=0, **TILING)
+    assert torch.equal(run(model, inputs), native)  # step 0 is dense
+    sparse = run(model, {**inputs, "timestep": torch.full((2,), 400)})  # step 1
+    assert handle.stats()["plans"] == 2 and not torch.equal(sparse, native)
+    handle.remove()
+
+
+def test_replan_every_reuses_plans():
+    model, inputs = tiny_wan(num_layers=2), wan_inputs()
+    handle = sv.apply(model, method="draft", density=0.2, dense_layers=0, replan_every=2, **TILING)
+    for t in (900, 800, 700, 600):
+        run(model, {**inputs, "timestep": torch.full((2,), t)})
+    assert handle.stats()["plans"] == 2 * 2  # planned at steps 0 and 2, reused at 1 and 3
+    handle.remove()
+
+
+def test_pipeline_end_to_end_with_default_warmup():
+    pipe = tiny_wan_pipeline()
+    kwargs = dict(
+        prompt="a bunny runs in the grass", negative_prompt="blue sky", height=48, width=80, num_frames=9,
+        num_inference_steps=3, guidance_scale=5.0, max_sequence_length=16, output_type="pt",
+    )
+    native = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    handle = sv.apply(pipe, method="draft", density=0.2, dense_layers=0, **TILING)
+    sparse = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    # default warm-up: ceil(20% of 3) = 1 dense step; 2 sparse steps x (cond, uncond) x 2 layers
+    assert handle.stats()["plans"] == 2 * 2 * 2
+    sv.remove(pipe)
+    assert torch.isfinite(sparse).all() and sparse.shape == native.shape
+    assert not torch.equal(sparse, native)
+    assert torch.equal(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames, native)
+
+
+def test_torch_compile_and_cache_hooks_compose():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model, inputs = tiny_wan(num_layers=2), wan_inputs()
+    handle = sv.apply(model, method="draft", density=0.2, dense_layers=0, **TILING)
+    eager = run(model, inputs)
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(run(compiled, inputs), eager)
+    handle.remove()
+
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    handle = sv.apply(model, method="draft", density=0.2, dense_layers=0, **TILING)
+    with model.cache_context("cond"):
+        out = run(model, inputs)
+    assert torch.isfinite(out).all() and handle.stats()["plans"] > 0
+    handle.remove()
+    model.disable_cache()
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="WanTransformer3DModel"):
+        sv.apply(torch.nn.Linear(2, 2))  # lists the supported models
+    with pytest.raises(TypeError, match="pipeline"):
+        sv.apply(object())
+    model = tiny_wan()
+    with pytest.raises(ValueError, match="method"):
+        sv.apply(model, method="nope")
+    with pytest.raises(ValueError, match="dense_steps"):
+        sv.apply(model, dense_steps=1.5)
+    with pytest.raises(ValueError, match="replan_every"):
+        sv.apply(model, replan_every=0)
+    handle = sv.apply(model)
+    with pytest.raises(ValueError, match="already|remove"):
+        sv.apply(model)
+    handle.remove()
+    with pytest.raises(ValueError, match="dense_steps as an int"):
+        sv.apply(model, dense_steps=0.2, dense_layers=0)
+        run(model, wan_inputs())
+    sv.remove(model)
