@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from types import SimpleNamespace
 
 import torch
 
@@ -179,10 +180,25 @@ class VideoLayout:
         coords = torch.cat([text_coords, grid] if self.text_first else [grid, text_coords])
         return {
             "perm": perm,
-            "inverse": inverse,
+            "inverse_perm": inverse,
+            "block_of_token": inverse // bs,
             "block_tokens": (blocks >= 0).sum(1),
             "block_coords": coords,
+            "is_text_block": coords[:, 0] < 0,
         }
+
+    def on(self, device) -> SimpleNamespace:
+        """The layout's index tables on ``device``, copied once and cached.
+
+        Attributes: ``perm``, ``inverse_perm``, ``block_of_token`` (int64 ``(L,)``: block of each
+        token), ``block_tokens``, ``block_coords``, ``is_text_block`` — as the properties of the same
+        names. Planners use this so that a plan on the GPU costs no host-to-device copy.
+        """
+        key = str(torch.device(device))
+        cache = self.__dict__.setdefault("_device_tables", {})
+        if key not in cache:
+            cache[key] = SimpleNamespace(**{name: t.to(device) for name, t in self._tables.items()})
+        return cache[key]
 
     @property
     def perm(self) -> torch.Tensor:
@@ -192,7 +208,7 @@ class VideoLayout:
     @property
     def inverse_perm(self) -> torch.Tensor:
         """int64 ``(L,)``: tile-order slot of each original token (``perm[inverse_perm] == arange(L)``)."""
-        return self._tables["inverse"]
+        return self._tables["inverse_perm"]
 
     @property
     def block_tokens(self) -> torch.Tensor:
@@ -207,7 +223,7 @@ class VideoLayout:
     @property
     def is_text_block(self) -> torch.Tensor:
         """bool ``(NB,)``."""
-        return self._tables["block_coords"][:, 0] < 0
+        return self._tables["is_text_block"]
 
     # ------------------------------------------------------------------ moving tensors
     def to_tiles(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
@@ -215,7 +231,7 @@ class VideoLayout:
         dim = dim % x.dim()
         if x.shape[dim] != self.num_tokens:
             raise ValueError(f"Expect size {self.num_tokens} (layout.num_tokens) along dim {dim} but got {x.shape[dim]}")
-        perm = self.perm.to(x.device)
+        perm = self.on(x.device).perm
         out = x.index_select(dim, perm.clamp(min=0))
         shape = [1] * x.dim()
         shape[dim] = -1
@@ -226,7 +242,7 @@ class VideoLayout:
         dim = dim % x.dim()
         if x.shape[dim] != self.num_slots:
             raise ValueError(f"Expect size {self.num_slots} (layout.num_slots) along dim {dim} but got {x.shape[dim]}")
-        return x.index_select(dim, self.inverse_perm.to(x.device))
+        return x.index_select(dim, self.on(x.device).inverse_perm)
 
     def __str__(self) -> str:
         text = f", text_tokens={self.text_tokens} ({'first' if self.text_first else 'last'})" if self.text_tokens else ""

@@ -82,7 +82,8 @@ class BlockPlan:
         nb = layout.num_blocks
         if keep.shape[-2:] != (nb, nb):
             raise ValueError(f"Expect keep of shape (B, H, {nb}, {nb}) but got {tuple(keep.shape)}")
-        return cls(layout, *_dense_to_csr(keep), method)
+        # Full width NB: no host sync to learn the longest row (the tail is never read).
+        return cls(layout, *_dense_to_csr(keep, width=nb), method)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -110,7 +111,7 @@ class BlockPlan:
     def perm(self) -> torch.Tensor:
         """int64 ``(NB * block_size,)`` on the plan's device: ``layout.perm``."""
         if self._perm is None:
-            self._perm = self.layout.perm.to(self.device)
+            self._perm = self.layout.on(self.device).perm
         return self._perm
 
     def _kept_valid(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +125,7 @@ class BlockPlan:
 
     def density_per_head(self) -> torch.Tensor:
         """float64 ``(B, H)``: the computed fraction of real score entries of each batch element and head."""
-        tokens = self.layout.block_tokens.to(self.device, torch.float64)
+        tokens = self.layout.on(self.device).block_tokens.double()
         idx, valid = self._kept_valid()
         entries = (tokens[idx] * valid).sum(-1) * tokens  # (B, H, NB)
         return entries.sum(-1) / float(self.layout.num_tokens) ** 2
@@ -139,7 +140,7 @@ class BlockPlan:
 
     def to_mask(self) -> torch.Tensor:
         """bool ``(B, H, L, L)`` in the original token order; True = score computed. For small ``L`` (tests)."""
-        slot_block = self.layout.inverse_perm.to(self.device) // self.block_size  # (L,)
+        slot_block = self.layout.on(self.device).block_of_token  # (L,)
         dense = self.to_dense()
         return dense[:, :, slot_block][:, :, :, slot_block]
 
@@ -152,7 +153,7 @@ class BlockPlan:
         from torch.nn.attention.flex_attention import BlockMask
 
         real = self.perm >= 0
-        full_key_block = self.layout.block_tokens.to(self.device) == self.block_size
+        full_key_block = self.layout.on(self.device).block_tokens == self.block_size
         dense = self.to_dense()
         # FlexAttention reads the number of key blocks off kv_indices' last dim: give it all NB.
         nb = self.num_blocks
@@ -194,7 +195,7 @@ class BlockPlan:
         dense = self.to_dense()
         if not bool(dense.diagonal(dim1=-2, dim2=-1).all()):
             raise ValueError("Expect every query block to keep its own block but some do not")
-        text = self.layout.is_text_block.to(self.device)
+        text = self.layout.on(self.device).is_text_block
         if bool(text.any()) and not (bool(dense[..., text].all()) and bool(dense[..., text, :].all())):
             raise ValueError("Expect text blocks attended densely in both directions but some text pairs are dropped")
         return self
@@ -241,9 +242,9 @@ class BlockPlan:
 
 
 def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool ``(B, H, NB, NB)`` -> (int32 counts ``(B, H, NB)``, int32 ascending indices ``(B, H, NB, width)``).
+    """bool ``(B, H, NB, N)`` -> (int32 counts ``(B, H, NB)``, int32 ascending indices ``(B, H, NB, width)``).
 
-    ``width`` defaults to the largest count (at least 1).
+    ``width`` defaults to the longest row (one host sync).
     """
     nb = keep.shape[-1]
     counts = keep.sum(-1, dtype=torch.int32)

@@ -42,8 +42,9 @@ def sparse_attention_reference(
     nb = perm.numel() // block_size
     slots = perm.view(nb, block_size)
     kv_num_blocks = kv_num_blocks.expand(B, H, nb)
-    kv_indices = kv_indices.expand(B, H, nb, kv_indices.shape[-1])
-    kept_max = kv_indices.shape[-1]
+    # Gather only as many key blocks as the longest row keeps (plans may carry a wider tail).
+    kept_max = max(1, min(kv_indices.shape[-1], int(kv_num_blocks.max())))
+    kv_indices = kv_indices[..., :kept_max].expand(B, H, nb, kept_max)
     arange_kept = torch.arange(kept_max, device=q.device)
 
     def keys(m0: int, m1: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ _DEFAULT_DENSITY = 0.1
 def forced_blocks(layout: VideoLayout, device) -> torch.Tensor:
     """bool ``(NB, NB)``: blocks every plan keeps — the diagonal and text in both directions."""
     nb = layout.num_blocks
-    text = layout.is_text_block.to(device)
+    text = layout.on(device).is_text_block
     eye = torch.eye(nb, dtype=torch.bool, device=device)
     return eye | text[None, :] | text[:, None]
 
@@ -56,7 +56,7 @@ def keep_by_budget(
     B, H, nb, _ = score.shape
     device = score.device
     forced = forced_blocks(layout, device).expand(B, H, nb, nb)
-    tokens = layout.block_tokens.to(device, torch.float64)
+    tokens = layout.on(device).block_tokens.double()
     L = float(layout.num_tokens)
 
     if density is not None:

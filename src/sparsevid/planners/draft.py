@@ -26,17 +26,17 @@ def pool_blocks(x: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
     Accumulates one head at a time in float32 (never a full float32 copy of ``x``).
     """
     B, H, L, D = x.shape
-    block_of_token = (layout.inverse_perm // layout.block_size).to(x.device)
+    tables = layout.on(x.device)
     pooled = torch.zeros(B, H, layout.num_blocks, D, dtype=torch.float32, device=x.device)
     for h in range(H):
-        pooled[:, h].index_add_(1, block_of_token, x[:, h].float())
-    return pooled / layout.block_tokens.to(x.device, torch.float32)[:, None]
+        pooled[:, h].index_add_(1, tables.block_of_token, x[:, h].float())
+    return pooled / tables.block_tokens.float()[:, None]
 
 
 def draft_map(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """The draft attention map: ``(log P, P)``, each float32 ``(B, H, NB, NB)``, rows sum to 1."""
     qd, kd = pool_blocks(q, layout), pool_blocks(k, layout)
-    log_tokens = layout.block_tokens.to(q.device, torch.float32).log()
+    log_tokens = layout.on(q.device).block_tokens.float().log()
     logits = torch.matmul(qd, kd.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + log_tokens
     log_p = torch.log_softmax(logits, dim=-1)
     check_finite("the draft map", log_p)
@@ -52,6 +52,6 @@ def draft(q, k, layout, *, density=None, mass=None, budget: str = "head") -> Blo
             ``"row"`` (each query tile keeps its own share).
     """
     log_p, probs = draft_map(q, k, layout)
-    score = log_p - layout.block_tokens.to(q.device, torch.float32).log()
+    score = log_p - layout.on(q.device).block_tokens.float().log()
     keep = keep_by_budget(score, layout, density=density, mass=mass, probs=probs, budget=budget)
     return BlockPlan.from_block_mask(layout, keep, "draft")

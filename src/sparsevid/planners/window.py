@@ -24,7 +24,7 @@ def window(
     """
     if mass is not None:
         raise ValueError("Expect density or radius for method 'window' (it is static) but got mass")
-    coords = layout.block_coords.to(q.device)
+    coords = layout.on(q.device).block_coords
     video = coords[:, 0] >= 0
     pair_video = video[:, None] & video[None, :]
     if radius is not None:

@@ -40,7 +40,7 @@ def xattn(q, k, layout, *, density=None, mass=None, stride: int = 8, budget: str
     B, H, L, D = q.shape
     nb, groups = layout.num_blocks, bs // stride
     ng = nb * groups
-    real_slot = (layout.perm >= 0).to(q.device).view(ng, stride)
+    real_slot = (layout.on(q.device).perm >= 0).view(ng, stride)
     key_group_real = real_slot.any(-1)  # all-padding key groups get no mass
     query_group_real = real_slot.any(-1).view(nb, groups).float()
 
@@ -60,6 +60,6 @@ def xattn(q, k, layout, *, density=None, mass=None, stride: int = 8, budget: str
         block_mass[:, :, m0:m1] = (p * weight[..., None]).sum(3) / weight.sum(-1)[:, None]
     check_finite("the antidiagonal block scores", block_mass)
 
-    score = block_mass.log() - layout.block_tokens.to(q.device, torch.float32).log()
+    score = block_mass.log() - layout.on(q.device).block_tokens.float().log()
     keep = keep_by_budget(score, layout, density=density, mass=mass, probs=block_mass, budget=budget)
     return BlockPlan.from_block_mask(layout, keep, "xattn")
