@@ -5,20 +5,24 @@ negligible; in video attention the keys that matter for a tile are often scatter
 edge, a repeated texture), so whole key blocks are bought for a few tokens each. This planner
 keeps sparsity at ``M x 1`` granularity and returns a :class:`~sparsevid.token_plan.TokenPlan`.
 
-Estimate: each query block's *pooled* query ``qd[m]`` (the mean of its real query rows,
-:func:`~sparsevid.planners.draft.pool_blocks`) is scored against every key token:
-``s[m, j] = qd[m] . k[j] / sqrt(d)``. Since the logit is linear in q, ``s[m, j]`` is exactly the
-mean over the block's query rows of their logit with key ``j``; ``softmax_j(s[m])`` estimates the
-share of the block's attention that falls on token ``j``. Computed per head, in chunks of query
-blocks: memory ``O(chunk x L)``, never ``L x L``; cost ``NB x L x d`` per head, ``1/M`` of the
-attention's score matmul.
+Estimate: for each query block ``m``, ``P[m, j]``, the share of the block's attention that falls
+on key token ``j``, from ``queries`` of its real query rows (evenly spaced in the tile):
+``P[m] = mean_i softmax(q_i . k / sqrt(d))`` over all ``L`` keys — the quantity whose top entries
+the exact M x 1 selection would keep. ``queries=0`` is the cheapest variant: the block's *pooled*
+query (mean of its rows, :func:`~sparsevid.planners.draft.pool_blocks`), ``P[m] = softmax(qd[m] .
+k / sqrt(d))``; its logit is exactly the mean logit of the block's rows, but the mean of the rows'
+softmaxes is dominated by each row's own peaks, which the pooled query blurs (on real-clip inputs
+it loses to the block planners at equal density; 16 sampled rows beat them, see
+``python -m sparsevid bench frontier``). Computed per head, in chunks of query blocks: memory
+``O(chunk x queries x L)`` and one ``(NB, L)`` map per head, never ``L x L``; cost ``queries / M``
+of the attention's score matmul.
 
 Selection: own-block tokens and text tokens are forced; text query blocks keep everything. The
-rest are taken in decreasing ``s[m, j]`` until the budget is spent: ``density`` — each query
+rest are taken in decreasing ``P[m, j]`` until the budget is spent: ``density`` — each query
 block keeps ``round(density * L)`` tokens (``budget="row"``, exact per query block and the same
-work for every kernel program), or one threshold per head over all query blocks
-(``budget="head"``: peaked blocks give tokens to diffuse ones); ``mass`` — each query block keeps
-tokens until the estimated probability reaches ``mass``.
+work for every kernel program), or one threshold on ``P`` per head over all query blocks
+(``budget="head"``: peaked blocks give tokens to diffuse ones; ``P[m, j]`` is the head's mass per
+computed entry); ``mass`` — each query block keeps tokens until the estimated ``P`` reaches ``mass``.
 """
 
 from __future__ import annotations
@@ -38,102 +42,102 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 @register_planner("finegrained")
-def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row") -> TokenPlan:
-    """FG-Attn plan: per query block, the key tokens with the highest pooled-query logit.
+def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", queries: int = 16) -> TokenPlan:
+    """FG-Attn plan: per query block, the key tokens with the most estimated attention mass.
 
     Options:
         budget (str): ``"row"`` (default): every query block keeps the same number of key tokens,
             ``round(density * L)`` (or more where its forced tokens exceed it), so every program
-            of the gather kernel does the same work; ``"head"``: one logit threshold per head,
-            chosen so the head's density is met, so query blocks with peaked attention give tokens
-            to diffuse ones. With ``mass``, always per query block.
+            of the gather kernel does the same work; ``"head"``: one threshold per head, chosen so
+            the head's density is met, so query blocks with peaked attention give tokens to diffuse
+            ones. With ``mass``, always per query block.
+        queries (int): query rows sampled per block for the estimate (default 16, at most
+            ``block_size``); ``0``: the block's pooled query (cheapest, coarser).
     """
     if budget not in ("row", "head"):
         raise ValueError(f"Expect budget in ('row', 'head') but got {budget!r}")
+    if isinstance(queries, bool) or not isinstance(queries, int) or not 0 <= queries <= layout.block_size:
+        raise ValueError(f"Expect queries to be an int in [0, block_size={layout.block_size}] but got {queries!r}")
     if density is None and mass is None:
         density = _DEFAULT_DENSITY
     B, H, L, D = q.shape
     nb, device = layout.num_blocks, q.device
-    qd = pool_blocks(q, layout)  # (B, H, NB, D) float32
-    check_finite("the pooled queries", qd)
-    scale = 1.0 / math.sqrt(D)
 
     block_of_token = layout.inverse_perm.to(device) // layout.block_size  # (L,)
     text_tok = _text_tokens(layout, device)  # (L,)
     text_blk = layout.is_text_block.to(device)  # (NB,)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * L))
-
-    if density is not None and budget == "head":
-        threshold = _head_thresholds(qd, k, layout, density, scale, chunk)  # (B, H)
-    want = None if density is None else min(L, max(1, round(density * L)))
+    forced = (block_of_token[None, :] == torch.arange(nb, device=device)[:, None]) | text_tok | text_blk[:, None]
+    n_forced = forced.sum(-1)  # (NB,)
+    rows = layout.block_tokens.to(device, torch.float64)
 
     counts = torch.empty(B, H, nb, dtype=torch.int32, device=device)
-    pieces = []  # (m0, m1, h, int32 (B, c, width)) ascending token lists
+    per_head = []
     for h in range(H):
-        kh = k[:, h].float()  # (B, L, D): one head in float32 at a time
-        for m0 in range(0, nb, chunk):
-            m1 = min(nb, m0 + chunk)
-            s = torch.matmul(qd[:, h, m0:m1], kh.transpose(-1, -2)) * scale  # (B, c, L)
-            check_finite("the pooled-query logits", s)
-            forced = (block_of_token[None, :] == torch.arange(m0, m1, device=device)[:, None]) | text_tok  # (c, L)
-            forced = forced | text_blk[m0:m1, None]
-            n_forced = forced.sum(-1)  # (c,)
-            # forced tokens rank first, then by logit
-            rank = torch.where(forced, float("inf"), s)
-            if density is not None and budget == "row":
-                n_keep = n_forced.clamp(min=want).expand(B, -1)
-            elif density is not None:
-                n_keep = n_forced + ((s >= threshold[:, h, None, None]) & ~forced).sum(-1)  # (B, c)
-            else:
-                p = torch.softmax(s, dim=-1)
-                order = rank.argsort(dim=-1, descending=True)
-                cum = p.gather(-1, order).cumsum(-1)
-                before = cum - p.gather(-1, order)
-                n_keep = torch.maximum(n_forced, (before < mass).sum(-1))  # (B, c)
-            width = int(n_keep.max())
-            top = rank.topk(width, dim=-1).indices  # (B, c, width), forced first then by logit
-            valid = torch.arange(width, device=device) < n_keep[..., None]
-            # ascending token order for the kept ones, the tail (invalid) sorted after them
-            key = torch.where(valid, top, L + top)
-            top = key.sort(dim=-1).values
-            top = torch.where(top < L, top, top - L)
-            counts[:, h, m0:m1] = n_keep.to(torch.int32)
-            pieces.append((m0, m1, h, top.to(torch.int32)))
+        log_p = _estimate(q[:, h], k[:, h], layout, queries)  # (B, NB, L)
+        rank = torch.where(forced, float("inf"), log_p)  # forced tokens first
+        if density is not None and budget == "row":
+            want = min(L, max(1, round(density * L)))
+            n_keep = n_forced.clamp(min=want).expand(B, -1)
+        elif density is not None:
+            n_keep = n_forced + _head_counts(log_p, forced, rows, density * float(L) ** 2)  # (B, NB)
+        else:
+            order = rank.argsort(dim=-1, descending=True)
+            p = log_p.exp().gather(-1, order)
+            before = p.cumsum(-1) - p
+            n_keep = torch.maximum(n_forced, (before < mass).sum(-1))  # (B, NB)
+        counts[:, h] = n_keep.to(torch.int32)
+        width = int(n_keep.max())
+        top = rank.topk(width, dim=-1).indices  # (B, NB, width)
+        valid = torch.arange(width, device=device) < n_keep[..., None]
+        # kept tokens ascending, then the (unspecified) tail
+        top = torch.where(valid, top, L + top).sort(dim=-1).values
+        per_head.append(torch.where(top < L, top, top - L).to(torch.int32))
 
-    max_tokens = max(p[3].shape[-1] for p in pieces)
-    kv_tokens = torch.zeros(B, H, nb, max_tokens, dtype=torch.int32, device=device)
-    for m0, m1, h, top in pieces:
-        kv_tokens[:, h, m0:m1, : top.shape[-1]] = top
+    kv_tokens = torch.zeros(B, H, nb, max(t.shape[-1] for t in per_head), dtype=torch.int32, device=device)
+    for h, top in enumerate(per_head):
+        kv_tokens[:, h, :, : top.shape[-1]] = top
     return TokenPlan(layout, counts, kv_tokens, "finegrained")
 
 
-def _head_thresholds(qd, k, layout: VideoLayout, density: float, scale: float, chunk: int) -> torch.Tensor:
-    """float32 ``(B, H)``: per head, the logit above which non-forced (block, token) pairs are kept so
-    that the head's computed entries reach ``density * L**2`` (each pair costs the block's real rows).
+def _estimate(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, queries: int) -> torch.Tensor:
+    """``log P``: float32 ``(B, NB, L)`` for one head (q, k ``(B, L, D)``); each row a distribution over keys."""
+    B, L, D = q.shape
+    nb, bs = layout.num_blocks, layout.block_size
+    scale = 1.0 / math.sqrt(D)
+    kf = k.float()
+    if queries == 0:
+        qs = pool_blocks(q.unsqueeze(1), layout)[:, 0, :, None]  # (B, NB, 1, D)
+    else:
+        # `queries` evenly spaced real rows of each block (real rows come first in a block)
+        real = layout.block_tokens.to(q.device)
+        pos = (2 * torch.arange(queries, device=q.device)[None, :] + 1) * real[:, None] // (2 * queries)
+        tok = layout.perm.to(q.device).view(nb, bs).gather(1, pos)  # (NB, S)
+        qs = q[:, tok.reshape(-1)].float().view(B, nb, queries, D)
+    S = qs.shape[2]
+    check_finite("the sampled queries", qs)
+    log_p = torch.empty(B, nb, L, dtype=torch.float32, device=q.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * S * L))
+    for m0 in range(0, nb, chunk):
+        m1 = min(nb, m0 + chunk)
+        s = torch.matmul(qs[:, m0:m1], kf.transpose(-1, -2)[:, None]) * scale  # (B, c, S, L)
+        check_finite("the sampled logits", s)
+        log_p[:, m0:m1] = torch.logsumexp(torch.log_softmax(s, dim=-1), dim=2) - math.log(S)
+    return log_p
 
-    Forced entries are counted first; the threshold is found by a weighted quantile over all the
-    head's ``NB x L`` pooled logits (``NB x L`` floats per head: ``L / block_size`` times less than
-    ``L x L``).
+
+def _head_counts(log_p: torch.Tensor, forced: torch.Tensor, rows: torch.Tensor, target: float) -> torch.Tensor:
+    """int64 ``(B, NB)``: non-forced tokens each query block keeps under one per-head threshold on ``P``.
+
+    A (block ``m``, token ``j``) pair costs ``rows[m]`` score entries; pairs are taken in decreasing
+    ``P[m, j]`` (mass per computed entry) while the head's total stays closest to ``target``.
     """
-    B, H, nb, D = qd.shape
-    L = layout.num_tokens
-    device = qd.device
-    block_of_token = layout.inverse_perm.to(device) // layout.block_size
-    text_tok = _text_tokens(layout, device)
-    text_blk = layout.is_text_block.to(device)
-    forced = (block_of_token[None, :] == torch.arange(nb, device=device)[:, None]) | text_tok | text_blk[:, None]
-    rows = layout.block_tokens.to(device, torch.float64)
+    B, nb, L = log_p.shape
     cost = rows[:, None].expand(nb, L)
-    remaining = density * float(L) ** 2 - float((cost * forced).sum())
-    out = torch.full((B, H), float("inf"), device=device)
-    for h in range(H):
-        kh = k[:, h].float()
-        s = torch.matmul(qd[:, h], kh.transpose(-1, -2)) * scale  # (B, NB, L)
-        s = torch.where(forced, float("-inf"), s).reshape(B, -1)
-        vals, order = s.sort(dim=-1, descending=True)
-        c = cost.reshape(-1)[order]  # (B, NB * L)
-        before = c.cumsum(-1) - c
-        take = (before + c / 2 <= remaining) & (vals > float("-inf"))
-        n = take.sum(-1)  # (B,)
-        out[:, h] = torch.where(n > 0, vals.gather(-1, (n - 1).clamp(min=0)[:, None]).squeeze(-1), float("inf"))
-    return out
+    remaining = target - float((cost * forced).sum())
+    score = torch.where(forced, float("-inf"), log_p).reshape(B, -1)
+    vals, order = score.sort(dim=-1, descending=True)
+    c = cost.reshape(-1)[order]  # (B, NB * L)
+    before = c.cumsum(-1) - c
+    take = (before + c / 2 <= remaining) & (vals > float("-inf"))
+    kept = torch.zeros_like(take).scatter_(-1, order, take).view(B, nb, L)
+    return kept.sum(-1)
