@@ -8,7 +8,11 @@ import sys
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 _COMMANDS = {"demo": ("sparsevid.demo", "run every planner on attention inputs built from a real clip")}
-_BENCHMARKS = {"kernel": ("sparsevid.bench.kernel", "block-sparse attention kernel vs cuDNN/flash SDPA and FlexAttention")}
+_BENCHMARKS = {
+    "kernel": ("sparsevid.bench.kernel", "block-sparse attention kernel vs cuDNN/flash SDPA and FlexAttention"),
+    "frontier": ("sparsevid.bench.frontier", "output error vs kernel speed of every planner at several densities"),
+    "e2e": ("sparsevid.bench.e2e", "full-size video transformers (random weights): native vs sparsevid forward and loop"),
+}
 
 
 def _add(subparsers, name, module, help_text):
