@@ -132,3 +132,13 @@ def test_errors():
         sv.apply(model, dense_steps=0.2, dense_layers=0)
         run(model, wan_inputs())
     sv.remove(model)
+
+
+def test_bench_e2e_smoke_on_cpu(tmp_path):
+    from sparsevid.cli import main
+
+    args = ["bench", "e2e", "--model", "tiny-wan", "--steps", "2", "--reps", "1", "--densities", "0.2",
+            "--dense-layers", "0", "--out", str(tmp_path), "--benchmarks-md", str(tmp_path / "B.md")]
+    assert main(args) == 0
+    text = (tmp_path / "B.md").read_text()
+    assert "bench e2e — tiny-wan" in text and "| draft | 0.2 |" in text

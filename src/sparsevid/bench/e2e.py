@@ -1,0 +1,252 @@
+"""``python -m sparsevid bench e2e``: full-size video transformers, native vs sparsevid, on the GPU.
+
+The transformer is built from the model's published config with random weights (no hub), in
+bf16 on the GPU. Measured, every contender in the same run:
+
+- **forward**: one transformer forward (batch 1, as the pipelines call it per guidance branch)
+  with native SDPA (PyTorch's default choice) and with SDPA forced to cuDNN; then with sparsevid
+  at each method/density (planning included: a bare transformer replans every forward; the first
+  ``--dense-layers`` blocks stay dense). Speedup is against the faster native variant.
+- **loop** (``--steps N``): a whole N-step flow-matching denoising loop with classifier-free
+  guidance (two forwards per step), native vs sparsevid with the default warm-up (the first 20% of
+  steps dense), as a pipeline runs it minus the text encoder and VAE.
+
+Timings: CUDA events, warm-up, median of ``--reps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import types
+
+import torch
+from tqdm import tqdm
+
+from .common import append_benchmarks, environment, markdown_table, time_ms
+
+# Published transformer configs (diffusers format) and how each model's pipeline shapes its inputs.
+MODELS = {
+    "wan2.1-1.3b": dict(
+        cls="WanTransformer3DModel",
+        config=dict(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+        ),
+        frames=81, resolutions={"480p": (480, 832), "720p": (720, 1280)}, text=512, layout="bcfhw",
+    ),
+    "wan2.1-14b": dict(
+        cls="WanTransformer3DModel",
+        config=dict(
+            patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+        ),
+        frames=81, resolutions={"480p": (480, 832), "720p": (720, 1280)}, text=512, layout="bcfhw",
+    ),
+    "hunyuan": dict(
+        cls="HunyuanVideoTransformer3DModel",
+        config=dict(
+            in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+            num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+            qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+            rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+        ),
+        frames=129, resolutions={"480p": (480, 848), "720p": (720, 1280)}, text=256, layout="bcfhw",
+    ),
+    # a few-layer Wan for smoke tests of this command on the CPU (not a benchmark)
+    "tiny-wan": dict(
+        cls="WanTransformer3DModel",
+        config=dict(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
+            text_dim=64, freq_dim=32, ffn_dim=128, num_layers=2, cross_attn_norm=True, rope_max_seq_len=64,
+        ),
+        frames=9, resolutions={"480p": (128, 224)}, text=8, layout="bcfhw", text_dim=64,
+    ),
+    "cogvideox": dict(
+        cls="CogVideoXTransformer3DModel",
+        config=dict(
+            num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+            text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
+        ),
+        frames=49, resolutions={"480p": (480, 720)}, text=226, layout="bfchw",
+    ),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(MODELS), default="wan2.1-1.3b", help="default: %(default)s")
+    parser.add_argument("--resolution", default="480p", help="480p or 720p (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=None, help="video frames (default: the model's usual)")
+    parser.add_argument("--methods", nargs="+", default=["draft"], help="planners (default: %(default)s)")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.1], help="densities (default: %(default)s)")
+    parser.add_argument("--dense-layers", type=int, default=1, help="leading dense blocks (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per forward (default: %(default)s)")
+    parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
+    parser.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file to append the table to")
+    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+
+
+def _build(spec, device) -> torch.nn.Module:
+    import diffusers
+
+    cls = getattr(diffusers, spec["cls"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = cls(**spec["config"])
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def _inputs(spec, frames: int, height: int, width: int, device: str) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device).manual_seed(0)
+    text_dim = spec.get("text_dim", 4096)
+    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)
+    shape = (1, 16, *latent) if spec["layout"] == "bcfhw" else (1, latent[0], 16, *latent[1:])
+    kwargs = dict(
+        hidden_states=torch.randn(shape, generator=g, device=device, dtype=dtype),
+        timestep=torch.tensor([999], device=device),
+        encoder_hidden_states=torch.randn(1, spec["text"], text_dim, generator=g, device=device, dtype=dtype),
+        return_dict=False,
+    )
+    if spec["cls"] == "HunyuanVideoTransformer3DModel":
+        kwargs.update(
+            encoder_attention_mask=torch.ones(1, spec["text"], device=device, dtype=torch.long),
+            pooled_projections=torch.randn(1, 768, generator=g, device=device, dtype=dtype),
+            guidance=torch.tensor([6000.0], device=device, dtype=dtype),
+        )
+    return kwargs
+
+
+def _forward(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def _loop(model, inputs, steps: int, schedule, device: str, desc: str) -> float:
+    """Seconds for ``steps`` flow-matching Euler steps, two guidance branches per step.
+
+    ``schedule.timesteps`` is set to the loop's timesteps, so a sparsevid handle applied with
+    ``scheduler=schedule`` sees the step index as it would inside a pipeline.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    scheduler.set_timesteps(steps, device=device)
+    schedule.timesteps = scheduler.timesteps
+    uncond = {**inputs, "encoder_hidden_states": torch.zeros_like(inputs["encoder_hidden_states"])}
+
+    def denoise():
+        latents = inputs["hidden_states"].clone()
+        for t in tqdm(scheduler.timesteps, desc=desc, unit="step", leave=False):
+            step_t = t.expand(1)
+            cond = _forward(model, {**inputs, "hidden_states": latents, "timestep": step_t})
+            free = _forward(model, {**uncond, "hidden_states": latents, "timestep": step_t})
+            latents = scheduler.step(free + 5.0 * (cond - free), t, latents, return_dict=False)[0]
+        scheduler._step_index = None  # rewind for the next loop
+
+    return time_ms(denoise, reps=1, warmup=0, device=device) / 1e3
+
+
+def run(args) -> int:
+    import sparsevid as sv
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and args.model != "tiny-wan":
+        print("bench e2e needs a CUDA GPU for full-size video transformers (on the CPU only --model tiny-wan runs)")
+        return 2
+    spec = MODELS[args.model]
+    if args.resolution not in spec["resolutions"]:
+        raise ValueError(f"Expect --resolution in {sorted(spec['resolutions'])} for {args.model} but got {args.resolution}")
+    frames = args.frames or spec["frames"]
+    height, width = spec["resolutions"][args.resolution]
+    model = _build(spec, device)
+    inputs = _inputs(spec, frames, height, width, device)
+    # a pipeline stand-in: sparsevid reads the step index from this scheduler's timesteps
+    schedule = types.SimpleNamespace(timesteps=None)
+    target = types.SimpleNamespace(transformer=model, scheduler=schedule)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def timed(fn):
+        return time_ms(fn, reps=args.reps, warmup=1, device=device)
+
+    rows = []
+    native_ms = timed(lambda: _forward(model, inputs))
+    if device == "cuda":
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            cudnn_ms = timed(lambda: _forward(model, inputs))
+    else:
+        cudnn_ms = float("inf")
+    best_native = min(native_ms, cudnn_ms)
+    rows.append(dict(method="native (default SDPA)", density=1.0, forward_ms=native_ms))
+    if device == "cuda":
+        rows.append(dict(method="native (cuDNN SDPA)", density=1.0, forward_ms=cudnn_ms))
+    print(f"[e2e] {args.model} {args.resolution} {frames} frames: native {native_ms:.1f} ms, cuDNN {cudnn_ms:.1f} ms")
+
+    best_context = contextlib.nullcontext if native_ms <= cudnn_ms else lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+    loop_native = None
+    if args.steps:
+        with best_context():
+            loop_native = _loop(model, inputs, args.steps, schedule, device, "native loop")
+
+    jobs = [(m, d) for m in args.methods for d in args.densities]
+    for method, density in tqdm(jobs, desc="sparse configs", unit="cfg"):
+        # forward: every step sparse (dense_steps=0); planning included in the time
+        handle = sv.apply(model, method=method, density=density, dense_layers=args.dense_layers, dense_steps=0)
+        with best_context():
+            out = _forward(model, inputs)
+            ms = timed(lambda: _forward(model, inputs))
+        stats = handle.stats()
+        handle.remove()
+        row = dict(method=method, density=density, forward_ms=ms, achieved=stats["mean_density"],
+                   finite=bool(torch.isfinite(out).all()))
+        if args.steps:
+            handle = sv.apply(target, method=method, density=density, dense_layers=args.dense_layers)
+            with best_context():
+                row["loop_s"] = _loop(model, inputs, args.steps, schedule, device, f"{method} {density} loop")
+            handle.remove()
+        rows.append(row)
+
+    for r in rows:
+        r["speedup"] = best_native / r["forward_ms"]
+        if args.steps and "loop_s" in r:
+            r["loop_speedup"] = loop_native / r["loop_s"]
+    tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    header = (
+        f"{environment()}; {args.model} {args.resolution} ({height}x{width}, {frames} frames, {tokens} video tokens), "
+        f"{'bf16' if device == 'cuda' else 'fp32 (CPU smoke run, not a benchmark)'}, random weights, batch 1; "
+        f"forward: median of {args.reps} (after warm-up), planning "
+        f"included, first {args.dense_layers} block(s) dense"
+        + (f"; loop: {args.steps} steps x 2 guidance branches, default warm-up (first 20% of steps dense), "
+           f"native loop {loop_native:.1f} s" if args.steps else "")
+    )
+    columns = ["method", "density", "achieved", "forward ms", "speedup vs best native"] + (
+        ["loop s", "loop speedup"] if args.steps else [])
+    table_rows = []
+    for r in rows:
+        row = [r["method"], f"{r['density']:g}", f"{r['achieved']:.3f}" if r.get("achieved") else "-",
+               f"{r['forward_ms']:.1f}", f"{r['speedup']:.2f}x"]
+        if args.steps:
+            row += [f"{r['loop_s']:.1f}" if "loop_s" in r else "-",
+                    f"{r['loop_speedup']:.2f}x" if "loop_speedup" in r else "-"]
+        table_rows.append(row)
+    table = markdown_table(columns, table_rows)
+    print(header)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"e2e_{args.model}_{args.resolution}.json"), "w") as f:
+        json.dump(dict(header=header, rows=rows), f, indent=1)
+    if not args.no_record:
+        append_benchmarks(args.benchmarks_md, f"bench e2e — {args.model} {args.resolution}", header, table)
+    return 0 if all(r.get("finite", True) for r in rows) else 1
