@@ -16,11 +16,14 @@ So no reordered copy of q, k, v or out is ever made, and no memory beyond the ou
 The kernel never decides sparsity: the plan comes in as data (FlexAttention's ``kv_num_blocks`` /
 ``kv_indices`` vocabulary), possibly as expanded (stride-0) views, whose strides are passed as is.
 
-Padding mask: padding slots sit at the end of a block (real tokens first). Rather than a separate
-"full" and "partial" pass over the CSR row (which would need a second, per-plan list of the blocks
-that hold padding), the one inner loop adds a per-column bias (``0`` for real keys, ``-inf`` for
-padding) in the same fused multiply-add that applies the softmax scale, so the mask costs one
-``BLOCK_N``-vector select per tile. ``docs/kernel-notes.md`` has the measurements behind this choice.
+Padding mask: padding slots sit at the end of a block (real tokens first, ``VideoLayout``'s
+contract). Rather than a separate "full" and "partial" pass over the CSR row (which would need a
+second, per-plan list of the blocks that hold padding), the one inner loop adds a per-column bias
+(``0`` for real keys, ``-inf`` for padding) in the fused multiply-add that applies the softmax scale.
+The bias compares the column offset with one scalar, the key block's real-slot count (``NB`` int32
+computed by the launcher from ``perm``), so it is built directly in the accumulator's layout: it
+costs 2-3.5% against no mask at all, where a bias built from the gathered ``perm`` values cost 13%
+(a shared-memory round trip per tile). ``docs/kernel-notes.md`` has the measurements.
 
 Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blocks,
 ``BS`` block_size, ``S = NB * BS`` slots, ``K`` max kept blocks per query block.
@@ -50,12 +53,12 @@ def _attn_fwd_inner(
     offs_n, offs_d,  #
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
-    MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,  #
+    MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
     """Online softmax over the sub-tiles ``lo..hi`` of one CSR row (``SPLIT`` sub-tiles per kept block)."""
     SPLIT: tl.constexpr = BLOCK_SIZE // BLOCK_N
     d_mask = offs_d < HEAD_DIM
-    for t in tl.range(lo, hi, num_stages=NUM_STAGES, warp_specialize=WARP_SPEC):
+    for t in tl.range(lo, hi, num_stages=NUM_STAGES):
         if SPLIT == 1:
             n = tl.load(kvi_ptr + t * stride_kik)
             slot = n * BLOCK_SIZE + offs_n
@@ -151,7 +154,7 @@ def _sparse_attn_fwd(
     H,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr = False,  #
+    MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
     tl.static_assert(HEAD_DIM_P >= HEAD_DIM)
@@ -193,7 +196,7 @@ def _sparse_attn_fwd(
         0, num * SPLIT, qk_scale,  #
         offs_n, offs_d,  #
         BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_P,  #
-        MASK_PADDING, NUM_STAGES, WARP_SPEC,  #
+        MASK_PADDING, NUM_STAGES,  #
     )
 
     acc = acc / l_i[:, None]
@@ -271,7 +274,6 @@ def _explicit(config: dict, block_size: int) -> dict:
     return dict(
         BLOCK_N=min(config.get("BLOCK_N", block_size), block_size),
         NUM_STAGES=stages,
-        WARP_SPEC=config.get("warp_specialize", False),
         num_warps=config.get("num_warps", 4),
         num_stages=stages,
     )
