@@ -4,6 +4,13 @@ Run from the repository root on a CUDA machine::
 
     PYTHONPATH=src python3 scripts/gpu_finegrained.py            # results under $OUT or ./out/gpu_finegrained
 
+The frames of the clip are read from ``out/fg_clip/bigbuckbunny_21x240x416.pt`` when present (the GPU
+image has no PyAV; make it here with ``torch.save((data.load_clip("bigbuckbunny", 21, (240, 416)) * 255)
+.round().to(torch.uint8), path)`` and pass ``carry=["out/fg_clip"]``). The full frontier on the GPU::
+
+    PYTHONPATH=src python3 -m sparsevid bench frontier --preset wan1.3b-480p \
+        --frames-file out/fg_clip/bigbuckbunny_21x240x416.pt --out $OUT --benchmarks-md $OUT/BENCHMARKS.md
+
 1. Correctness: fp16 / bf16, head dims 64 / 128, transposed (B, L, H, D) inputs, text first/last,
    broadcast plans; gather kernel vs the float32 reference twin and vs masked SDPA.
 2. Speed on Wan2.1-1.3B 480p (B=1, 12 heads, VideoLayout(21, 30, 52), D=128, bf16, q/k/v built from

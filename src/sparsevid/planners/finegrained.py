@@ -68,12 +68,16 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
     text_blk = layout.is_text_block.to(device)  # (NB,)
     forced = (block_of_token[None, :] == torch.arange(nb, device=device)[:, None]) | text_tok | text_blk[:, None]
     n_forced = forced.sum(-1)  # (NB,)
+    # the row budget's width is known on the host (no sync): forced counts come from the layout alone
+    n_forced_max = L if layout.text_tokens else int(layout.block_tokens.max())
     rows = layout.block_tokens.to(device, torch.float64)
 
     counts = torch.empty(B, H, nb, dtype=torch.int32, device=device)
     per_head = []
+    finite = torch.ones((), dtype=torch.bool, device=device)
     for h in range(H):
         log_p = _estimate(q[:, h], k[:, h], layout, queries)  # (B, NB, L)
+        finite &= torch.isfinite(log_p).all()
         rank = torch.where(forced, float("inf"), log_p)  # forced tokens first
         if density is not None and budget == "row":
             want = min(L, max(1, round(density * L)))
@@ -86,13 +90,15 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
             before = p.cumsum(-1) - p
             n_keep = torch.maximum(n_forced, (before < mass).sum(-1))  # (B, NB)
         counts[:, h] = n_keep.to(torch.int32)
-        width = int(n_keep.max())
+        width = max(want, n_forced_max) if density is not None and budget == "row" else int(n_keep.max())
         top = rank.topk(width, dim=-1).indices  # (B, NB, width)
         valid = torch.arange(width, device=device) < n_keep[..., None]
         # kept tokens ascending, then the (unspecified) tail
         top = torch.where(valid, top, L + top).sort(dim=-1).values
         per_head.append(torch.where(top < L, top, top - L).to(torch.int32))
 
+    if not bool(finite):  # one host sync per plan (check_finite's message)
+        check_finite("the estimated attention map", torch.tensor(float("nan")))
     kv_tokens = torch.zeros(B, H, nb, max(t.shape[-1] for t in per_head), dtype=torch.int32, device=device)
     for h, top in enumerate(per_head):
         kv_tokens[:, h, :, : top.shape[-1]] = top
@@ -114,13 +120,11 @@ def _estimate(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, queries: in
         tok = layout.perm.to(q.device).view(nb, bs).gather(1, pos)  # (NB, S)
         qs = q[:, tok.reshape(-1)].float().view(B, nb, queries, D)
     S = qs.shape[2]
-    check_finite("the sampled queries", qs)
     log_p = torch.empty(B, nb, L, dtype=torch.float32, device=q.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * S * L))
     for m0 in range(0, nb, chunk):
         m1 = min(nb, m0 + chunk)
         s = torch.matmul(qs[:, m0:m1], kf.transpose(-1, -2)[:, None]) * scale  # (B, c, S, L)
-        check_finite("the sampled logits", s)
         log_p[:, m0:m1] = torch.logsumexp(torch.log_softmax(s, dim=-1), dim=2) - math.log(S)
     return log_p
 
