@@ -1,0 +1,8 @@
+"""Train the testbed model: same as ``python -m sparsevid.testbed.train`` (see its --help)."""
+
+import sys
+
+from sparsevid.testbed.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The project's own small video DiT, trained on the bundled real clips (issue 6).
+
+    from sparsevid import testbed
+    tb = testbed.load_pipeline()                      # CUDA (bfloat16) when present, else CPU (float32)
+    tb.labels                                         # ('bigbuckbunny', 'bikes', 'carphone', 'carphone_distorted')
+    video = tb(label=tb.labels[0], seed=0, steps=20)  # (16, 3, 64, 64) in [0, 1], deterministic per seed
+
+See :mod:`sparsevid.testbed.model` for the architecture and :mod:`sparsevid.testbed.train` for
+how the committed weights were trained (``weights/testbed.json`` records the run).
+"""
+
+from .model import LABELS, SAMPLE, TRANSFORMER_CONFIG, WEIGHTS
+from .pipeline import TestbedPipeline, load_pipeline
+
+__all__ = ["LABELS", "SAMPLE", "TRANSFORMER_CONFIG", "WEIGHTS", "TestbedPipeline", "load_pipeline"]

