@@ -12,9 +12,13 @@ clip label:
 - **Optimiser**: AdamW (lr 1e-3, betas 0.9/0.99, no weight decay), 100 warm-up steps, cosine to
   10%; gradient norm clipped at 1; bfloat16 autocast on CUDA; EMA of the weights (decay 0.999,
   warmed up) is what gets saved.
-- **Length**: ``--steps N``, or ``--steps 0`` with ``--minutes M``: the first 20 steps are timed
-  and the total is set so that training takes about ``M`` minutes (the chosen count is recorded;
-  rerun with ``--steps`` of that count to repeat the schedule).
+- **Stages**: with ``--low-fraction f > 0`` the first share ``f`` of the run uses cheap
+  ``--low-size`` crops (32x32 px = 8x8 tokens per frame, ``--low-batch`` clips), the rest the
+  native 64x64 crops, so a CPU run sees many more clips; RoPE positions are relative, so what was
+  learned at 32x32 carries over to 64x64 (the native stage adapts it to 4,096-token attention).
+- **Length**: ``--steps N`` (stages and the cosine schedule split by steps), or ``--steps 0`` with
+  ``--minutes M`` (split by wall time: the step count then depends on the machine; the steps of
+  each stage are recorded in ``testbed.json``).
 
 Seeded (``--seed``): model init, data sampling and noise. On CUDA the result is not bitwise
 reproducible (attention backward uses atomics), on the CPU it is.
@@ -52,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=SAMPLE["frames"], help="frames per clip (default: %(default)s)")
     parser.add_argument("--size", type=int, default=SAMPLE["height"], help="crop size in px (default: %(default)s)")
+    parser.add_argument("--low-size", type=int, default=32, help="crop size of the first, cheap stage (default: %(default)s)")
+    parser.add_argument("--low-batch", type=int, default=8, help="batch of the first stage (default: %(default)s)")
+    parser.add_argument("--low-fraction", type=float, default=0.0, help="share of the run (steps, or time with --steps 0) at --low-size; 0: none (default: %(default)s)")
+    parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (default: %(default)s)")
     parser.add_argument("--short-side", type=int, default=72, help="clips resized to this short side (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -88,7 +96,8 @@ class ClipSampler:
     def _randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.g))
 
-    def __call__(self, batch: int):
+    def __call__(self, batch: int, size: int | None = None):
+        size = size or self.size
         xs, labels = [], []
         for _ in range(batch):
             c = self._randint(len(self.clips))
@@ -96,8 +105,8 @@ class ClipSampler:
             n, _, h, w = clip.shape
             stride = 1 + self._randint(2) if n >= 2 * self.frames else 1
             start = self._randint(n - (self.frames - 1) * stride)
-            y, x = self._randint(h - self.size + 1), self._randint(w - self.size + 1)
-            v = clip[start : start + (self.frames - 1) * stride + 1 : stride, :, y : y + self.size, x : x + self.size]
+            y, x = self._randint(h - size + 1), self._randint(w - size + 1)
+            v = clip[start : start + (self.frames - 1) * stride + 1 : stride, :, y : y + size, x : x + size]
             if self._randint(2):
                 v = v.flip(-1)
             xs.append(v.permute(1, 0, 2, 3))  # (3, F, S, S)
@@ -166,31 +175,44 @@ def run(args) -> int:
     noise_gen = torch.Generator(device).manual_seed(args.seed + 2)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    total = args.steps if args.steps > 0 else None
+    # stages: (crop size, batch, share of the run); a cheap low-resolution stage first, then the native size
+    stages = [(args.size, args.batch, 1.0)]
+    if args.low_fraction > 0:
+        stages = [(args.low_size, args.low_batch, args.low_fraction), (args.size, args.batch, 1.0 - args.low_fraction)]
+    timed = args.steps <= 0
+    budget = args.minutes * 60 - (time.time() - t_start) if timed else None
+    bounds, acc = [], 0.0  # cumulative share at the end of each stage
+    for _, _, share in stages:
+        acc += share
+        bounds.append(acc)
     warmup = 100
 
-    def lr_at(step: int) -> float:
+    def progress_at(step: int, elapsed: float) -> float:
+        return min(1.0, elapsed / budget) if timed else min(1.0, step / args.steps)
+
+    def lr_at(step: int, progress: float) -> float:
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        n = total or 10**9
-        progress = min(1.0, (step - warmup) / max(1, n - warmup))
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     losses: list[float] = []
-    bar = tqdm(total=total, desc="training", unit="step")
-    step, t_train = 0, time.time()
-    calib_steps, t_calib = 20, None
-    while total is None or step < total:
-        x0, y = sampler(args.batch)
+    stage_steps = [0] * len(stages)
+    bar = tqdm(total=None if timed else args.steps, desc="training", unit="step")
+    step, t_train, stage = 0, time.time(), 0
+    while True:
+        progress = progress_at(step, time.time() - t_train)
+        while stage < len(stages) and progress >= bounds[stage] - 1e-9:
+            stage += 1
+        if stage == len(stages) or (not timed and step >= args.steps):
+            break
+        size, batch, _ = stages[stage]
+        x0, y = sampler(batch, size)
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
         s = torch.sigmoid(torch.randn((x0.shape[0],), generator=noise_gen, device=device))
         xs = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
+        lr = lr_at(step, progress)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr
         with autocast:
             pred = transformer(hidden_states=xs, timestep=s * 1000, encoder_hidden_states=labels(y), return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise - x0)
@@ -198,27 +220,19 @@ def run(args) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - decay)
         losses.append(float(loss.detach()))  # a host sync per step: negligible next to the step itself
+        stage_steps[stage] += 1
         step += 1
         bar.update(1)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{lr_at(step):.1e}")
-        if total is None and step == 5:
-            sync()
-            t_calib = time.time()
-        if total is None and step == 5 + calib_steps:
-            sync()
-            per_step = (time.time() - t_calib) / calib_steps
-            budget = args.minutes * 60 - (time.time() - t_start)
-            total = max(step + 1, step + int(budget / per_step))
-            bar.total = total
-            bar.refresh()
-            print(f"\n{per_step * 1e3:.1f} ms/step -> {total} steps to fit {args.minutes} min", flush=True)
+            window = losses[-50:]
+            bar.set_postfix(size=size, loss=f"{sum(window) / len(window):.4f}", lr=f"{lr:.1e}", done=f"{progress:.0%}")
     bar.close()
-    sync()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     train_s = time.time() - t_train
 
     with torch.no_grad():
@@ -234,6 +248,7 @@ def run(args) -> int:
         device=device_name,
         torch=torch.__version__,
         steps=step,
+        stages=[dict(size=sz, batch=b, steps=n) for (sz, b, _), n in zip(stages, stage_steps)],
         batch=args.batch,
         lr=args.lr,
         seed=args.seed,
