@@ -64,3 +64,104 @@ def save_frames(frames: torch.Tensor, path: str | Path, tile_px: tuple[int, int]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# eval: side-by-side videos, frame grids, quality-vs-density curves
+# ------------------------------------------------------------------------------------------------
+def side_by_side(videos: dict[str, torch.Tensor], scale: int = 2, title_px: int = 14) -> torch.Tensor:
+    """uint8 ``(N, H', W', 3)`` frames: the ``(N, 3, H, W)`` videos in [0, 1] next to each other, titled.
+
+    Each video is upscaled ``scale`` times (nearest, so pixels stay visible) and gets its key as a
+    title strip above it; a 2-px white gap separates columns.
+    """
+    from PIL import Image, ImageDraw
+
+    n = min(v.shape[0] for v in videos.values())
+    h, w = (s * scale for s in next(iter(videos.values())).shape[-2:])
+    gap = 2
+    width = len(videos) * (w + gap) - gap
+    header = Image.new("RGB", (width, title_px), (255, 255, 255))
+    draw = ImageDraw.Draw(header)
+    for i, title in enumerate(videos):
+        draw.text((i * (w + gap) + 2, 1), title[: max(4, w // 6)], fill=(0, 0, 0))
+    out = torch.full((n, title_px + h, width, 3), 255, dtype=torch.uint8)
+    out[:, :title_px] = torch.from_numpy(__import__("numpy").array(header))
+    for i, video in enumerate(videos.values()):
+        frames = video[:n].clamp(0, 1).mul(255).round().to(torch.uint8)
+        frames = frames.repeat_interleave(scale, -2).repeat_interleave(scale, -1).permute(0, 2, 3, 1)
+        out[:, title_px:, i * (w + gap) : i * (w + gap) + w] = frames
+    return out
+
+
+def write_video(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
+    """Write uint8 ``(N, H, W, 3)`` frames: ``.mp4`` (H.264 via PyAV; sizes padded to even) or ``.gif`` (Pillow)."""
+    path = Path(path)
+    if path.suffix.lower() == ".gif":
+        from PIL import Image
+
+        images = [Image.fromarray(f.numpy()) for f in frames]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return path
+    import av
+
+    n, h, w, _ = frames.shape
+    frames = torch.nn.functional.pad(frames, (0, 0, 0, w % 2, 0, h % 2), value=255)  # yuv420p: even sizes
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "12"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f.numpy(), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def save_video_rows(videos: dict[str, torch.Tensor], path: str | Path, count: int = 6, title: str | None = None) -> Path:
+    """One row per video ``(N, 3, H, W)`` (its key on the left), ``count`` evenly spaced frames each."""
+    plt = _pyplot()
+    rows = len(videos)
+    fig, axes = plt.subplots(rows, count, figsize=(1.5 * count + 1.4, 1.5 * rows + (0.4 if title else 0)), squeeze=False)
+    for r, (name, video) in enumerate(videos.items()):
+        picks = torch.linspace(0, video.shape[0] - 1, min(count, video.shape[0])).round().long().tolist()
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([]), ax.set_yticks([])
+            if c >= len(picks):
+                ax.axis("off")
+            if c < len(picks):
+                ax.imshow(video[picks[c]].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+                if r == 0:
+                    ax.set_title(f"frame {picks[c]}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_quality_curves(curves: dict[str, list[tuple[float, float, float]]], path: str | Path, title: str = "") -> Path:
+    """PSNR and SSIM vs achieved density: ``curves[name] = [(density, psnr, ssim), ...]``, one line each."""
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, points in curves.items():
+        points = sorted(points)
+        xs = [p[0] for p in points]
+        a.plot(xs, [p[1] for p in points], marker="o", label=name)
+        b.plot(xs, [p[2] for p in points], marker="o", label=name)
+    a.set(xlabel="achieved density", ylabel="PSNR vs dense (dB)", xscale="log")
+    b.set(xlabel="achieved density", ylabel="SSIM vs dense", xscale="log")
+    for ax in (a, b):
+        ax.grid(alpha=0.3, which="both")
+    a.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,465 @@
+"""``python -m sparsevid eval``: does sparse attention change what the model generates?
+
+For each case (label x seed) the pipeline generates a **dense** video, then one video per sparse
+configuration (method x density x ``--dense-steps`` x ``--dense-layers``) from the same seed,
+through :func:`sparsevid.apply` exactly as a user would run it. Reported per video:
+
+- **PSNR** and **SSIM** of the sparse video against the dense one (torchmetrics, data range 1,
+  frames as a batch; identical videos are reported as 100 dB), and the max absolute pixel
+  difference;
+- **achieved density**: mean ``plan.density`` over the sparse attention calls of the run;
+- **time**: wall seconds of the whole generation (CUDA synchronised; planning included).
+
+**Per-layer error** (the same inputs for dense and sparse): during each case's dense run the q, k,
+v of every video self-attention layer are captured at one step (``--capture-step``; default the
+first step that runs sparse under the warm-up, i.e. ``ceil(0.2 * steps)``), and each configuration's
+plan is applied to them with :func:`sparsevid.plan` + :func:`sparsevid.sparse_attention`:
+``||sparse - dense|| / ||dense||`` per layer (layers inside ``--dense-layers`` are reported too:
+the error they *would* have).
+
+Writes to ``--out``: ``results.json`` (settings, per-video rows, per-layer rows, summary),
+``videos.csv``, ``layers.csv``, ``summary.csv``, ``side_by_side_<label>_s<seed>.mp4`` and
+``frames_<label>_s<seed>.png`` for the first ``--videos`` cases, ``quality_vs_density.png``.
+
+Pipelines: ``--pipeline testbed`` (the project's trained DiT, :mod:`sparsevid.testbed`). Another
+pipeline plugs in as an :class:`EvalTarget` in :data:`TARGETS` (load, cases, generate); the
+rest of the harness only needs a pipeline-like object with ``.transformer``/``.scheduler``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
+
+__all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "generate_comparison", "video_metrics"]
+
+_PSNR_CAP = 100.0
+
+
+# ---------------------------------------------------------------------------------------- targets
+class EvalTarget:
+    """How the harness drives one kind of pipeline. Subclass and add to :data:`TARGETS`."""
+
+    name = "base"
+
+    def load(self, args, device):
+        """A pipeline-like object with ``.transformer`` and ``.scheduler`` (what ``sv.apply`` takes)."""
+        raise NotImplementedError
+
+    def cases(self, pipe, args) -> list[dict]:
+        """The generation requests, each a dict with at least ``seed`` (and e.g. ``label`` or ``prompt``)."""
+        raise NotImplementedError
+
+    def generate(self, pipe, case: dict, args, progress: bool) -> torch.Tensor:
+        """One video ``(F, 3, H, W)`` in [0, 1] (CPU) for ``case``; deterministic for its seed."""
+        raise NotImplementedError
+
+
+class TestbedTarget(EvalTarget):
+    """The project's trained testbed (:func:`sparsevid.testbed.load_pipeline`)."""
+
+    __test__ = False
+    name = "testbed"
+
+    def load(self, args, device):
+        from . import testbed
+
+        return testbed.load_pipeline(device=device, weights=getattr(args, "weights", None))
+
+    def cases(self, pipe, args) -> list[dict]:
+        labels = args.labels or list(pipe.labels)
+        for label in labels:
+            if label not in pipe.labels:
+                raise ValueError(f"Expect --labels from {list(pipe.labels)} but got {label!r}")
+        return [dict(label=label, seed=seed) for seed in args.seeds for label in labels]
+
+    def generate(self, pipe, case, args, progress):
+        return pipe(
+            label=case["label"], seed=case["seed"], steps=args.steps, frames=args.frames,
+            height=args.height, width=args.width, progress=progress,
+        )
+
+
+TARGETS: dict[str, EvalTarget] = {"testbed": TestbedTarget()}
+
+
+# ---------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class Config:
+    """One sparse configuration: what :func:`sparsevid.apply` is called with."""
+
+    method: str
+    density: float | None
+    dense_steps: int | float | None = None  # None: the integration's default (20% of the steps)
+    dense_layers: int = 1
+    options: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def name(self) -> str:
+        warm = []
+        if self.dense_steps is not None:
+            warm.append(f"ds={self.dense_steps:g}")
+        if self.dense_layers != 1:
+            warm.append(f"dl={self.dense_layers}")
+        density = "" if self.method == "dense" else f"@{self.density:g}"
+        return f"{self.method}{density}" + (f" ({', '.join(warm)})" if warm else "")
+
+    def apply(self, pipe):
+        import sparsevid as sv
+
+        return sv.apply(
+            pipe, method=self.method, density=self.density, dense_steps=self.dense_steps,
+            dense_layers=self.dense_layers, **self.options,
+        )
+
+
+def _parse_dense_steps(text: str):
+    if text in ("auto", "default", "none"):
+        return None
+    value = float(text)
+    return value if ("." in text or "e" in text.lower()) else int(value)
+
+
+def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,)) -> list[Config]:
+    configs, seen = [], set()
+    for method, density, ds, dl in itertools.product(methods, densities, dense_steps, dense_layers):
+        config = Config(method, 1.0 if method == "dense" else density, ds, dl)
+        if config not in seen:
+            seen.add(config)
+            configs.append(config)
+    return configs
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def video_metrics(video: torch.Tensor, reference: torch.Tensor) -> dict:
+    """PSNR (dB, capped at 100), SSIM and max abs difference of ``(F, 3, H, W)`` videos in [0, 1]."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    video, reference = video.float(), reference.float()
+    mse = float(F.mse_loss(video, reference))
+    psnr = _PSNR_CAP if mse == 0 else min(_PSNR_CAP, float(peak_signal_noise_ratio(video, reference, data_range=1.0)))
+    ssim = float(structural_similarity_index_measure(video, reference, data_range=1.0))
+    return dict(psnr=psnr, ssim=ssim, max_abs_diff=float((video - reference).abs().max()))
+
+
+# ---------------------------------------------------------------------------------------- capture
+class _CaptureSDPA(TorchFunctionMode):
+    """Records q, k, v, scale of self-attention SDPA calls (query and key of the same length)."""
+
+    def __init__(self, sink: list):
+        super().__init__()
+        self.sink = sink
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value")
+            q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
+            if q.shape[-2] == k.shape[-2] and kwargs.get("attn_mask") is None and not kwargs.get("is_causal"):
+                self.sink.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kwargs.get("scale")))
+        return func(*args, **kwargs)
+
+
+class LayerCapture:
+    """Hooks on a transformer: at forward number ``step`` of a generation, q/k/v of every video
+    self-attention layer (``sparsevid.integrations.diffusers`` knows which modules) and the grid."""
+
+    def __init__(self, transformer, step: int):
+        from .integrations.diffusers import _MODELS
+
+        spec = _MODELS.get(type(transformer).__name__)
+        if spec is None:
+            raise ValueError(f"Expect a transformer sparsevid supports but got {type(transformer).__name__}")
+        self.step, self.calls, self.grid, self.text_first = step, 0, None, spec.text_first
+        self.layers: list[tuple] = []
+        self._active = False
+        self._handles = [transformer.register_forward_pre_hook(self._pre_transformer, with_kwargs=True)]
+        for module in spec.self_attention(transformer):
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._exit))
+        self._spec, self._transformer = spec, transformer
+
+    def _pre_transformer(self, module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self._active = self.calls == self.step
+        if self._active:
+            self.grid = self._spec.grid(module, hidden)
+        self.calls += 1
+
+    def _enter(self, module, args):
+        if self._active:
+            sink: list = []
+            module._sparsevid_eval_capture = (_CaptureSDPA(sink), sink)
+            module._sparsevid_eval_capture[0].__enter__()
+
+    def _exit(self, module, args, output):
+        capture = getattr(module, "_sparsevid_eval_capture", None)
+        if capture is not None:
+            capture[0].__exit__(None, None, None)
+            self.layers.extend(capture[1][:1])  # one self-attention call per module per forward
+            del module._sparsevid_eval_capture
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def layer_errors(layers, grid, text_first: bool, configs: list[Config]) -> list[dict]:
+    """Relative L2 error of each config's plan on each captured layer vs dense SDPA on the same q/k/v."""
+    from . import VideoLayout, sparse_attention
+    from .planners import plan as make_plan
+
+    rows = []
+    for index, (q, k, v, scale) in enumerate(layers):
+        frames, height, width = grid
+        layout = VideoLayout(frames, height, width, text_tokens=q.shape[-2] - frames * height * width, text_first=text_first)
+        reference = F.scaled_dot_product_attention(q, k, v, scale=scale).float()
+        for config in configs:
+            p = make_plan(q, k, layout, config.method, density=config.density, **config.options)
+            out = sparse_attention(q, k, v, p, scale=scale).float()
+            rows.append(dict(config=config.name, layer=index, density=float(p.density),
+                             rel_err=float((out - reference).norm() / reference.norm())))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- harness
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_generate(target, pipe, case, args, progress):
+    _sync(pipe.device if hasattr(pipe, "device") else "cpu")
+    start = time.perf_counter()
+    video = target.generate(pipe, case, args, progress)
+    _sync(pipe.device if hasattr(pipe, "device") else "cpu")
+    return video, time.perf_counter() - start
+
+
+def _case_name(case: dict) -> str:
+    label = case.get("label") or case.get("prompt", "case")[:24]
+    return f"{label} seed {case['seed']}"
+
+
+def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos: int = 0, progress: bool = True) -> dict:
+    """Run every case dense and under every config. Returns per-video rows, per-layer rows and, for
+    the first ``keep_videos`` cases, the videos themselves (``{case name: {config name: video}}``)."""
+    cases = target.cases(pipe, args)
+    capture_step = args.capture_step if args.capture_step is not None else math.ceil(0.2 * args.steps)
+    capture_step = min(capture_step, args.steps - 1)
+    video_rows, layer_rows, kept = [], [], {}
+    bar = tqdm(cases, desc="cases", unit="case", disable=not progress)
+    for i, case in enumerate(bar):
+        name = _case_name(case)
+        bar.set_postfix_str(name)
+        capture = LayerCapture(pipe.transformer, capture_step) if args.layer_error else None
+        try:
+            dense, dense_s = _timed_generate(target, pipe, case, args, progress)
+        finally:
+            if capture is not None:
+                capture.remove()
+        videos = {"dense": dense}
+        if capture is not None and capture.layers:
+            for row in layer_errors(capture.layers, capture.grid, capture.text_first, configs):
+                layer_rows.append(dict(case=name, **{k: v for k, v in case.items()}, step=capture_step, **row))
+        for config in configs:
+            handle = config.apply(pipe)
+            try:
+                video, seconds = _timed_generate(target, pipe, case, args, progress)
+                stats = handle.stats()
+            finally:
+                handle.remove()
+            metrics = video_metrics(video, dense)
+            video_rows.append(dict(
+                case=name, **case, config=config.name, method=config.method, density=config.density,
+                dense_steps=config.dense_steps, dense_layers=config.dense_layers,
+                achieved=stats["mean_density"], seconds=seconds, dense_seconds=dense_s, **metrics,
+            ))
+            videos[config.name] = video
+        if i < keep_videos:
+            kept[name] = videos
+    return dict(videos=video_rows, layers=layer_rows, kept=kept, capture_step=capture_step)
+
+
+def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Config]) -> list[dict]:
+    """Mean over cases per config (PSNR/SSIM/time/achieved density) and mean per-layer error."""
+    summary = []
+    for config in configs:
+        rows = [r for r in video_rows if r["config"] == config.name]
+        if not rows:
+            continue
+        errs = [r["rel_err"] for r in layer_rows if r["config"] == config.name and r["layer"] >= config.dense_layers]
+        achieved = [r["achieved"] for r in rows if r["achieved"] is not None]
+        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        summary.append(dict(
+            config=config.name, method=config.method, density=config.density, dense_steps=config.dense_steps,
+            dense_layers=config.dense_layers, videos=len(rows),
+            achieved=sum(achieved) / len(achieved) if achieved else None,
+            psnr=mean("psnr"), psnr_min=min(r["psnr"] for r in rows), ssim=mean("ssim"),
+            ssim_min=min(r["ssim"] for r in rows), seconds=mean("seconds"), dense_seconds=mean("dense_seconds"),
+            layer_err=sum(errs) / len(errs) if errs else None,
+        ))
+    return summary
+
+
+def format_table(summary: list[dict]) -> str:
+    head = f"{'config':<26} {'videos':>6} {'achieved':>8} {'PSNR dB':>8} {'min':>6} {'SSIM':>7} {'min':>7} {'layer err':>9} {'time s':>7} {'dense s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in summary:
+        achieved = f"{r['achieved']:.3f}" if r["achieved"] is not None else "-"
+        err = f"{r['layer_err']:.4f}" if r["layer_err"] is not None else "-"
+        lines.append(
+            f"{r['config']:<26} {r['videos']:>6} {achieved:>8} {r['psnr']:>8.2f} {r['psnr_min']:>6.1f} {r['ssim']:>7.4f} "
+            f"{r['ssim_min']:>7.4f} {err:>9} {r['seconds']:>7.1f} {r['dense_seconds']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: dict, fps: int = 8) -> list[Path]:
+    from . import viz
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    (out_dir / "results.json").write_text(json.dumps(
+        dict(settings=settings, summary=summary, videos=result["videos"], layers=result["layers"]), indent=1, default=str))
+    files.append(out_dir / "results.json")
+    for name, rows in (("videos.csv", result["videos"]), ("layers.csv", result["layers"]), ("summary.csv", summary)):
+        if rows:
+            _write_csv(out_dir / name, rows)
+            files.append(out_dir / name)
+    for case, videos in result["kept"].items():
+        stem = _slug(case.replace(" seed ", "_s"))
+        files.append(viz.write_video(viz.side_by_side(videos), out_dir / f"side_by_side_{stem}.mp4", fps=fps))
+        files.append(viz.save_video_rows(videos, out_dir / f"frames_{stem}.png", title=f"{case}: dense vs sparse"))
+    curves: dict[str, list] = {}
+    for r in summary:
+        if r["method"] == "dense" or r["achieved"] is None:
+            continue
+        key = r["method"] + (f" ds={r['dense_steps']}" if r["dense_steps"] is not None else "") + (
+            f" dl={r['dense_layers']}" if r["dense_layers"] != 1 else "")
+        curves.setdefault(key, []).append((r["achieved"], min(r["psnr"], 60.0), r["ssim"]))
+    if curves:
+        files.append(viz.save_quality_curves(curves, out_dir / "quality_vs_density.png",
+                                             title=f"{settings['pipeline']}: sparse vs dense, mean over {settings['cases']} videos"))
+    return files
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pipeline", choices=sorted(TARGETS), default="testbed", help="what to evaluate (default: %(default)s)")
+    parser.add_argument("--weights", default=None, help="testbed weights file (default: the committed ones)")
+    parser.add_argument("--labels", nargs="+", default=None, help="labels (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=16, help="frames (default: %(default)s)")
+    parser.add_argument("--height", type=int, default=64, help="height in px (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=64, help="width in px (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=["draft", "xattn", "window", "random"], help="planners (default: %(default)s)")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.25], help="densities (default: %(default)s)")
+    parser.add_argument("--dense-steps", type=_parse_dense_steps, nargs="+", default=[None],
+                        help="warm-up steps run dense: int count, fraction, or 'auto' (20%%) (default: auto)")
+    parser.add_argument("--dense-layers", type=int, nargs="+", default=[1], help="leading dense blocks (default: %(default)s)")
+    parser.add_argument("--capture-step", type=int, default=None, help="step whose q/k/v give the per-layer errors (default: first sparse step)")
+    parser.add_argument("--no-layer-error", dest="layer_error", action="store_false", help="skip the per-layer errors")
+    parser.add_argument("--videos", type=int, default=2, help="cases to write side-by-side videos and frame PNGs for (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--out", default="out/eval", help="output folder (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _environment(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def run(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = TARGETS[args.pipeline]
+    pipe = target.load(args, device)
+    configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers)
+    cases = target.cases(pipe, args)
+    print(f"[eval] {args.pipeline} on {_environment(device)}: {len(cases)} cases x ({len(configs)} configs + dense), "
+          f"{args.steps} steps, {args.frames}x{args.height}x{args.width}")
+    start = time.perf_counter()
+    result = evaluate(target, pipe, args, configs, keep_videos=args.videos, progress=not args.quiet)
+    summary = summarize(result["videos"], result["layers"], configs)
+    settings = dict(
+        pipeline=args.pipeline, device=_environment(device), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        cases=len(cases), seeds=args.seeds, labels=args.labels or list(getattr(pipe, "labels", [])), steps=args.steps,
+        frames=args.frames, height=args.height, width=args.width, capture_step=result["capture_step"],
+        configs=[dict(asdict(c), name=c.name) for c in configs], seconds=time.perf_counter() - start,
+        weights_info=getattr(pipe, "info", None),
+    )
+    print(format_table(summary))
+    files = write_outputs(Path(args.out), result, summary, settings)
+    print(f"[eval] {settings['seconds']:.0f} s; wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- demo hook
+def generate_comparison(out_dir, device=None, steps: int = 20, density: float = 0.1, label: str | None = None,
+                        seed: int = 0, method: str = "draft", progress: bool = True) -> dict:
+    """Dense vs ``method`` at ``density`` on one testbed clip: side-by-side mp4 and frame PNG.
+
+    For ``python -m sparsevid demo`` (about 20-40 s on two CPU cores at the defaults).
+
+    Returns:
+        dict: ``label``, ``seed``, ``steps``, ``method``, ``density``, ``achieved``, ``psnr``, ``ssim``,
+        ``dense_s``, ``sparse_s``, ``video`` (mp4 path), ``png`` (frames path).
+    """
+    from . import testbed, viz
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = testbed.load_pipeline(device=device)
+    label = label or pipe.labels[0]
+    args = argparse.Namespace(steps=steps, frames=16, height=64, width=64)
+    target = TARGETS["testbed"]
+    case = dict(label=label, seed=seed)
+    dense, dense_s = _timed_generate(target, pipe, case, args, progress)
+    config = Config(method, density)
+    handle = config.apply(pipe)
+    try:
+        sparse, sparse_s = _timed_generate(target, pipe, case, args, progress)
+        achieved = handle.stats()["mean_density"]
+    finally:
+        handle.remove()
+    metrics = video_metrics(sparse, dense)
+    title = f"{method} @ {density:g}"
+    videos = {"dense": dense, title: sparse, "|diff| x4": (sparse - dense).abs().mul(4).clamp(0, 1)}
+    video_path = viz.write_video(viz.side_by_side(videos, scale=3), out_dir / "testbed_dense_vs_sparse.mp4")
+    png_path = viz.save_video_rows(
+        videos, out_dir / "testbed_dense_vs_sparse.png",
+        title=f"testbed '{label}' seed {seed}, {steps} steps: PSNR {metrics['psnr']:.1f} dB, SSIM {metrics['ssim']:.3f}, "
+              f"achieved density {achieved:.3f}",
+    )
+    return dict(label=label, seed=seed, steps=steps, method=method, density=density, achieved=achieved,
+                psnr=metrics["psnr"], ssim=metrics["ssim"], dense_s=dense_s, sparse_s=sparse_s,
+                video=str(video_path), png=str(png_path))
