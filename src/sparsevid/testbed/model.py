@@ -33,7 +33,10 @@ from torch import nn
 
 from .. import data
 
-__all__ = ["TRANSFORMER_CONFIG", "LABEL_CONFIG", "LABELS", "WEIGHTS", "LabelEmbedding", "build_transformer", "save_weights", "load_weights"]
+__all__ = [
+    "TRANSFORMER_CONFIG", "LABEL_CONFIG", "LABELS", "SAMPLE", "WEIGHTS", "LabelEmbedding",
+    "build_transformer", "build_label_embedding", "save_weights", "load_weights",
+]
 
 LABELS: tuple[str, ...] = tuple(data.CLIPS)
 """Valid labels: one per bundled clip (``sparsevid.data.CLIPS``)."""
