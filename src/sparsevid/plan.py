@@ -253,7 +253,7 @@ def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.T
     arange = torch.arange(nb, device=keep.device)
     # Kept blocks sort first (ascending index); the rest fill the unspecified tail.
     order = torch.where(keep, arange, nb + arange)
-    indices = order.topk(width, dim=-1, largest=False, sorted=True).values
+    indices = order.sort(dim=-1).values if width == nb else order.topk(width, dim=-1, largest=False).values
     indices = torch.where(indices < nb, indices, indices - nb).to(torch.int32)
     return counts, indices.contiguous()
 

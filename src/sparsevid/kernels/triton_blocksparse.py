@@ -144,14 +144,14 @@ def _prune(configs, named_args, **kwargs):
 )
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, V, Out, Perm, BlockReal, KVNum, KVIdx, sm_scale,  #
+    Q, K, V, Out, Perm, BlockReal, KVNum, KVIdx, Order, sm_scale,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
     stride_vz, stride_vh, stride_vn, stride_vk,  #
     stride_oz, stride_oh, stride_om, stride_ok,  #
     stride_nbz, stride_nbh, stride_nbm,  #
     stride_kiz, stride_kih, stride_kim, stride_kik,  #
-    H,  #
+    H, NB,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,  #
     MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr,  #
@@ -160,8 +160,10 @@ def _sparse_attn_fwd(
     tl.static_assert(HEAD_DIM_P >= HEAD_DIM)
     BLOCK_M: tl.constexpr = BLOCK_SIZE
     SPLIT: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    start_m = tl.program_id(0)  # query block (fastest: one head's blocks run together, sharing K/V in L2)
+    # Axis 0 walks one head's query blocks (they run together, sharing K/V in L2) in the launcher's
+    # longest-row-first order, so a heavy row never starts last and runs alone.
     off_hz = tl.program_id(1)
+    start_m = tl.load(Order + off_hz.to(tl.int64) * NB + tl.program_id(0))
     off_z = off_hz // H
     off_h = off_hz % H
 
@@ -257,11 +259,13 @@ def _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scal
     # real (non-padding) slots per block: padding is each block's tail, so the kernel masks keys
     # by comparing a slot's offset with one scalar (NB int32: the only scratch memory used)
     block_real = (perm.view(NB, block_size) >= 0).sum(1, dtype=torch.int32)
+    # per (batch, head): query blocks by kept-block count, descending (longest processing time first)
+    order = kv_num_blocks.expand(B, H, NB).reshape(B * H, NB).argsort(dim=1, descending=True).to(torch.int32)
     args = (
-        q, k, v, out, perm, block_real, kv_num_blocks, kv_indices, float(scale),  #
+        q, k, v, out, perm, block_real, kv_num_blocks, kv_indices, order, float(scale),  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
         *kv_num_blocks.stride(), *kv_indices.stride(),  #
-        H,  #
+        H, NB,  #
     )
     meta = dict(
         HEAD_DIM=D, HEAD_DIM_P=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size, MASK_PADDING=mask_padding
