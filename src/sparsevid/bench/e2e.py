@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=["draft"], help="planners (default: %(default)s)")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1], help="densities (default: %(default)s)")
     parser.add_argument("--dense-layers", type=int, default=1, help="leading dense blocks (default: %(default)s)")
+    parser.add_argument("--replan-every", type=int, default=1,
+                        help="recompute plans every k denoising steps (default: %(default)s); with k > 1 the forward "
+                             "rows time cached plans (repeated forwards stay on one step)")
     parser.add_argument("--steps", type=int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per forward (default: %(default)s)")
     parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
@@ -203,7 +206,8 @@ def run(args) -> int:
     jobs = [(m, d) for m in args.methods for d in args.densities]
     for method, density in tqdm(jobs, desc="sparse configs", unit="cfg"):
         # forward: every step sparse (dense_steps=0); planning included in the time
-        handle = sv.apply(model, method=method, density=density, dense_layers=args.dense_layers, dense_steps=0)
+        handle = sv.apply(model, method=method, density=density, dense_layers=args.dense_layers, dense_steps=0,
+                          replan_every=args.replan_every)
         with best_context():
             out = _forward(model, inputs)
             ms = timed(lambda: _forward(model, inputs))
@@ -212,7 +216,8 @@ def run(args) -> int:
         row = dict(method=method, density=density, forward_ms=ms, achieved=stats["mean_density"],
                    finite=bool(torch.isfinite(out).all()))
         if args.steps:
-            handle = sv.apply(target, method=method, density=density, dense_layers=args.dense_layers)
+            handle = sv.apply(target, method=method, density=density, dense_layers=args.dense_layers,
+                              replan_every=args.replan_every)
             with best_context():
                 row["loop_s"] = _loop(model, inputs, args.steps, schedule, device, f"{method} {density} loop")
             handle.remove()
@@ -226,8 +231,10 @@ def run(args) -> int:
     header = (
         f"{environment()}; {args.model} {args.resolution} ({height}x{width}, {frames} frames, {tokens} video tokens), "
         f"{'bf16' if device == 'cuda' else 'fp32 (CPU smoke run, not a benchmark)'}, random weights, batch 1; "
-        f"forward: median of {args.reps} (after warm-up), planning "
-        f"included, first {args.dense_layers} block(s) dense"
+        f"forward: median of {args.reps} (after warm-up), "
+        + ("planning included (every forward replans)" if args.replan_every == 1 else
+           f"plans cached (replan_every={args.replan_every}; the loop replans every {args.replan_every} steps)")
+        + f", first {args.dense_layers} block(s) dense"
         + (f"; loop: {args.steps} steps x 2 guidance branches, default warm-up (first 20% of steps dense), "
            f"native loop {loop_native:.1f} s" if args.steps else "")
     )
