@@ -80,10 +80,12 @@ def test_every_backend_rejects_bad_input_before_launch(backend, args, kwargs, ex
 
 
 def test_triton_backend_limits_are_checked_before_launch():
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: the interpreter (tests only)
+    q, k, v, plan = Q.to(device), K.to(device), V.to(device), PLAN.to(device)
     with pytest.raises(TypeError, match="backend 'triton'"):
-        sv.sparse_attention(Q, K, V, PLAN, backend="triton")  # float32: the reference's job
+        sv.sparse_attention(q, k, v, plan, backend="triton")  # float32: the reference's job
     with pytest.raises(ValueError, match="head_dim"):
-        sv.sparse_attention(Q.half(), K.half(), V.half(), PLAN, backend="triton")  # head dim 16
+        sv.sparse_attention(q.half(), k.half(), v.half(), plan, backend="triton")  # head dim 16
 
 
 @pytest.mark.parametrize(
