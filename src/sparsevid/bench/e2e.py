@@ -17,6 +17,7 @@ Timings: CUDA events, warm-up, median of ``--reps``.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import os
@@ -88,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replan-every", type=int, default=1,
                         help="recompute plans every k denoising steps (default: %(default)s); with k > 1 the forward "
                              "rows time cached plans (repeated forwards stay on one step)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="planner option, repeatable (e.g. --option budget='row')")
     parser.add_argument("--steps", type=int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per forward (default: %(default)s)")
     parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
@@ -203,11 +206,15 @@ def run(args) -> int:
         with best_context():
             loop_native = _loop(model, inputs, args.steps, schedule, device, "native loop")
 
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key] = ast.literal_eval(value)
     jobs = [(m, d) for m in args.methods for d in args.densities]
     for method, density in tqdm(jobs, desc="sparse configs", unit="cfg"):
         # forward: every step sparse (dense_steps=0); planning included in the time
         handle = sv.apply(model, method=method, density=density, dense_layers=args.dense_layers, dense_steps=0,
-                          replan_every=args.replan_every)
+                          replan_every=args.replan_every, **options)
         with best_context():
             out = _forward(model, inputs)
             ms = timed(lambda: _forward(model, inputs))
@@ -217,7 +224,7 @@ def run(args) -> int:
                    finite=bool(torch.isfinite(out).all()))
         if args.steps:
             handle = sv.apply(target, method=method, density=density, dense_layers=args.dense_layers,
-                              replan_every=args.replan_every)
+                              replan_every=args.replan_every, **options)
             with best_context():
                 row["loop_s"] = _loop(model, inputs, args.steps, schedule, device, f"{method} {density} loop")
             handle.remove()
@@ -235,6 +242,7 @@ def run(args) -> int:
         + ("planning included (every forward replans)" if args.replan_every == 1 else
            f"plans cached (replan_every={args.replan_every}; the loop replans every {args.replan_every} steps)")
         + f", first {args.dense_layers} block(s) dense"
+        + (f", planner options {options}" if options else "")
         + (f"; loop: {args.steps} steps x 2 guidance branches, default warm-up (first 20% of steps dense), "
            f"native loop {loop_native:.1f} s" if args.steps else "")
     )
