@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import sparsevid as sv
 
 pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)
 
 
 def rel_err(a, b):
@@ -18,10 +19,11 @@ def rel_err(a, b):
 def test_triton_backend_equals_oracle(method):
     layout = sv.VideoLayout(frames=2, height=5, width=7, text_tokens=9, text_first=True, tile=(4, 4), block_size=16)
     B, H, L, D = 2, 2, layout.num_tokens, 64
-    q, k, v = (torch.randn(B, L, H, D).half().transpose(1, 2) for _ in range(3))  # strided view
+    q, k, v = (torch.randn(B, L, H, D, device=DEVICE).half().transpose(1, 2) for _ in range(3))  # strided view
     plan = sv.plan(q, k, layout, method=method, density=0.3)
     out = sv.sparse_attention(q, k, v, plan, backend="triton")
     oracle = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=plan.to_mask())
+    assert out.device == q.device
     assert out.shape == (B, H, L, D) and out.dtype == torch.float16
     assert rel_err(out, oracle) < 2e-3
     assert rel_err(out, sv.sparse_attention(q, k, v, plan, backend="reference")) < 2e-3

@@ -7,6 +7,7 @@ import sparsevid as sv
 from sparsevid.planners.draft import pool_blocks_reference
 
 pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)
 
 
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.float16, 96)])
@@ -14,8 +15,8 @@ def test_pool_kernel_matches_reference(dtype, head_dim):
     from sparsevid.kernels.triton_pool import pool_blocks_triton
 
     layout = sv.VideoLayout(frames=2, height=5, width=7, text_tokens=9, tile=(4, 4), block_size=32)
-    x = torch.randn(2, layout.num_tokens, 3, head_dim).to(dtype).transpose(1, 2)  # (B, H, L, D) strided view
-    tables = layout.on("cpu")
+    x = torch.randn(2, layout.num_tokens, 3, head_dim).to(DEVICE, dtype).transpose(1, 2)  # (B, H, L, D) strided
+    tables = layout.on(DEVICE)
     got = pool_blocks_triton(x, tables.perm, tables.block_tokens, layout.block_size)
     want = pool_blocks_reference(x, layout)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
