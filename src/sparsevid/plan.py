@@ -12,7 +12,165 @@ from .layout import VideoLayout
 __all__ = ["BlockPlan"]
 
 
-class BlockPlan:
+class _CSRPlan:
+    """What both plan granularities share: per (batch, head, query block), a CSR list of kept keys.
+
+    Subclasses name their two tensors (``_COUNTS``, ``_INDICES``, ``_WIDTH``), say what an index
+    addresses (``_num_keys``: blocks or tokens) and how many real tokens each addressed key holds
+    (``_key_tokens``), and map their dense form to key blocks (``_block_coverage``).
+    """
+
+    _COUNTS: str
+    _INDICES: str
+    _WIDTH: str
+
+    def __init__(self, layout: VideoLayout, counts: torch.Tensor, indices: torch.Tensor, method: str = "custom"):
+        if not isinstance(layout, VideoLayout):
+            raise TypeError(f"Expect layout to be a VideoLayout but got {type(layout).__name__}")
+        nb, c, i, w = layout.num_blocks, self._COUNTS, self._INDICES, self._WIDTH
+        if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int32 or counts.dim() != 3:
+            raise TypeError(f"Expect {c} to be an int32 tensor (B, H, NB) but got {_describe(counts)}")
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 4:
+            raise TypeError(f"Expect {i} to be an int32 tensor (B, H, NB, {w}) but got {_describe(indices)}")
+        if counts.shape[-1] != nb or indices.shape[:3] != counts.shape:
+            raise ValueError(
+                f"Expect {c} (B, H, {nb}) and {i} (B, H, {nb}, {w}) for layout.num_blocks={nb} "
+                f"but got {tuple(counts.shape)} and {tuple(indices.shape)}"
+            )
+        if counts.device != indices.device:
+            raise ValueError(f"Expect {c} and {i} on one device but got {counts.device} and {indices.device}")
+        self.layout = layout
+        self._counts = counts
+        self._indices = indices
+        self.method = method
+
+    # ------------------------------------------------------------------ what subclasses define
+    @property
+    def _num_keys(self) -> int:
+        raise NotImplementedError
+
+    def _key_tokens(self) -> torch.Tensor:
+        """float64 ``(num_keys,)``: real tokens behind each key index."""
+        raise NotImplementedError
+
+    def _block_coverage(self) -> torch.Tensor:
+        """float ``(B, H, NB, NB)``: fraction of each key block's real tokens that query block m computes."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layout.num_blocks
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(B, H)`` of the plan (1 where it broadcasts)."""
+        return tuple(self._counts.shape[:2])
+
+    @property
+    def device(self) -> torch.device:
+        return self._counts.device
+
+    @property
+    def perm(self) -> torch.Tensor:
+        """int64 ``(NB * block_size,)`` on the plan's device: ``layout.perm`` (the query rows of each block)."""
+        return self.layout.on(self.device).perm
+
+    def _kept_valid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = torch.arange(self._indices.shape[-1], device=self.device) < self._counts.unsqueeze(-1)
+        return self._indices.long().clamp(0, self._num_keys - 1), valid
+
+    @property
+    def density(self) -> float:
+        """Fraction of the real ``L x L`` score entries that are computed, averaged over batch and heads."""
+        return float(self.density_per_head().mean())
+
+    def density_per_head(self) -> torch.Tensor:
+        """float64 ``(B, H)``: the computed fraction of real score entries of each batch element and head."""
+        rows = self.layout.on(self.device).block_tokens.double()
+        idx, valid = self._kept_valid()
+        entries = (self._key_tokens()[idx] * valid).sum(-1) * rows  # (B, H, NB)
+        return entries.sum(-1) / float(self.layout.num_tokens) ** 2
+
+    # ------------------------------------------------------------------ conversions
+    def to_dense(self) -> torch.Tensor:
+        """bool ``(B, H, NB, num_keys)``: True where query block m computes key index n."""
+        idx, valid = self._kept_valid()
+        hits = torch.zeros(*self._counts.shape, self._num_keys, dtype=torch.int32, device=self.device)
+        # scatter_add, not scatter: the unspecified tail may repeat a kept index and must not erase it.
+        return hits.scatter_add_(-1, idx, valid.to(torch.int32)) > 0
+
+    # ------------------------------------------------------------------ checks
+    def validate(self):
+        """Check the invariants in the class docstring; raise ``ValueError`` naming the first broken one."""
+        n, c, i, w = self._num_keys, self._COUNTS, self._INDICES, self._WIDTH
+        counts, width = self._counts, self._indices.shape[-1]
+        if bool((counts < 1).any()) or bool((counts > n).any()):
+            raise ValueError(f"Expect 1 <= {c} <= {n} but got values in [{int(counts.min())}, {int(counts.max())}]")
+        if int(counts.max()) > width:
+            raise ValueError(f"Expect {c} <= {w}={width} but got {int(counts.max())}")
+        valid = torch.arange(width, device=self.device) < counts.unsqueeze(-1)
+        idx = self._indices.long()
+        if bool(((idx < 0) | (idx >= n))[valid].any()):
+            raise ValueError(f"Expect {i} in [0, {n}) but found out-of-range entries")
+        if bool((idx[..., 1:] <= idx[..., :-1])[valid[..., 1:]].any()):
+            raise ValueError(f"Expect {i} strictly ascending (sorted, no duplicates) within {c}")
+        full = self._block_coverage() >= 1 - 1e-6
+        if not bool(full.diagonal(dim1=-2, dim2=-1).all()):
+            raise ValueError("Expect every query block to keep its own block but some do not")
+        text = self.layout.on(self.device).is_text_block
+        if bool(text.any()) and not (bool(full[..., text].all()) and bool(full[..., text, :].all())):
+            raise ValueError("Expect text tokens attended densely in both directions but some text pairs are dropped")
+        return self
+
+    # ------------------------------------------------------------------ FlexAttention-style conveniences
+    def __getitem__(self, index):
+        """Slice batch and heads: ``plan[b]``, ``plan[:, h]`` (integer indices keep the dimension)."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        if len(index) > 2:
+            raise IndexError(f"Expect at most 2 indices (batch, head) but got {len(index)}")
+        index = tuple(slice(i, i + 1) if isinstance(i, int) else i for i in index)
+        return type(self)(self.layout, self._counts[index], self._indices[index], self.method)
+
+    def to(self, device):
+        return type(self)(self.layout, self._counts.to(device), self._indices.to(device), self.method)
+
+    def to_string(self, grid_size: int = 20, limit: int = 4) -> str:
+        """ASCII picture of each (batch, head) plan over (query block, key block), shrunk to
+        ``grid_size``: █ every key of the cell computed, ░ some, blank none."""
+        coverage = self._block_coverage().float()
+        B, H, nb, _ = coverage.shape
+        cells = min(grid_size, nb)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(coverage.reshape(B * H, 1, nb, nb), cells)
+        pooled = pooled.reshape(B, H, cells, cells)
+        lines = []
+        for n, (b, h) in enumerate((b, h) for b in range(B) for h in range(H)):
+            if n == limit:
+                lines.append(f"... {B * H - limit} more (batch, head) entries; use plan[b, h].to_string()")
+                break
+            lines.append(f"batch {b}, head {h}: density {float(self.density_per_head()[b, h]):.1%}")
+            for row in pooled[b, h]:
+                lines.append("".join("██" if v >= 1 - 1e-6 else "░░" if v > 0 else "  " for v in row.tolist()))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(method={self.method!r}, shape={self.shape}, num_blocks={self.num_blocks}, "
+            f"block_size={self.block_size}, {self._WIDTH}={self._indices.shape[-1]}, density={self.density:.2%}, "
+            f"{self._COUNTS}={tuple(self._counts.shape)}, {self._INDICES}={tuple(self._indices.shape)}, "
+            f"device={self.device})"
+        )
+
+    def __str__(self) -> str:
+        return f"{self!r}\n{self.to_string()}"
+
+
+class BlockPlan(_CSRPlan):
     r"""A block-sparse attention plan over a :class:`VideoLayout`'s tile order.
 
     Basics
@@ -47,33 +205,25 @@ class BlockPlan:
     Build plans with a planner (:func:`sparsevid.plan`) or :meth:`from_block_mask`.
     """
 
+    _COUNTS, _INDICES, _WIDTH = "kv_num_blocks", "kv_indices", "max_kept"
+
     layout: VideoLayout
-    kv_num_blocks: torch.Tensor
-    kv_indices: torch.Tensor
     method: str
 
-    def __init__(self, layout: VideoLayout, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, method: str = "custom"):
-        if not isinstance(layout, VideoLayout):
-            raise TypeError(f"Expect layout to be a VideoLayout but got {type(layout).__name__}")
-        nb = layout.num_blocks
-        if not isinstance(kv_num_blocks, torch.Tensor) or kv_num_blocks.dtype != torch.int32 or kv_num_blocks.dim() != 3:
-            raise TypeError(f"Expect kv_num_blocks to be an int32 tensor (B, H, NB) but got {_describe(kv_num_blocks)}")
-        if not isinstance(kv_indices, torch.Tensor) or kv_indices.dtype != torch.int32 or kv_indices.dim() != 4:
-            raise TypeError(f"Expect kv_indices to be an int32 tensor (B, H, NB, max_kept) but got {_describe(kv_indices)}")
-        if kv_num_blocks.shape[-1] != nb or kv_indices.shape[:3] != kv_num_blocks.shape:
-            raise ValueError(
-                f"Expect kv_num_blocks (B, H, {nb}) and kv_indices (B, H, {nb}, max_kept) for layout.num_blocks={nb} "
-                f"but got {tuple(kv_num_blocks.shape)} and {tuple(kv_indices.shape)}"
-            )
-        if kv_num_blocks.device != kv_indices.device:
-            raise ValueError(f"Expect kv tensors on one device but got {kv_num_blocks.device} and {kv_indices.device}")
-        self.layout = layout
-        self.kv_num_blocks = kv_num_blocks
-        self.kv_indices = kv_indices
-        self.method = method
-        self._perm = None
+    @property
+    def kv_num_blocks(self) -> torch.Tensor:
+        """int32 ``(B, H, NB)``."""
+        return self._counts
 
-    # ------------------------------------------------------------------ construction
+    @property
+    def kv_indices(self) -> torch.Tensor:
+        """int32 ``(B, H, NB, max_kept)``."""
+        return self._indices
+
+    @property
+    def max_kept(self) -> int:
+        return self._indices.shape[-1]
+
     @classmethod
     def from_block_mask(cls, layout: VideoLayout, keep: torch.Tensor, method: str = "custom") -> "BlockPlan":
         """The plan computing exactly the blocks where ``keep`` (bool ``(B, H, NB, NB)``) is True."""
@@ -85,64 +235,20 @@ class BlockPlan:
         # Full width NB: no host sync to learn the longest row (the tail is never read).
         return cls(layout, *_dense_to_csr(keep, width=nb), method)
 
-    # ------------------------------------------------------------------ properties
     @property
-    def block_size(self) -> int:
-        return self.layout.block_size
+    def _num_keys(self) -> int:
+        return self.num_blocks
 
-    @property
-    def num_blocks(self) -> int:
-        return self.layout.num_blocks
+    def _key_tokens(self) -> torch.Tensor:
+        return self.layout.on(self.device).block_tokens.double()
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(B, H)`` of the plan (1 where it broadcasts)."""
-        return tuple(self.kv_num_blocks.shape[:2])
-
-    @property
-    def max_kept(self) -> int:
-        return self.kv_indices.shape[-1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.kv_num_blocks.device
-
-    @property
-    def perm(self) -> torch.Tensor:
-        """int64 ``(NB * block_size,)`` on the plan's device: ``layout.perm``."""
-        if self._perm is None:
-            self._perm = self.layout.on(self.device).perm
-        return self._perm
-
-    def _kept_valid(self) -> tuple[torch.Tensor, torch.Tensor]:
-        valid = torch.arange(self.max_kept, device=self.device) < self.kv_num_blocks.unsqueeze(-1)
-        return self.kv_indices.long().clamp(0, self.num_blocks - 1), valid
-
-    @property
-    def density(self) -> float:
-        """Fraction of the real ``L x L`` score entries that are computed, averaged over batch and heads."""
-        return float(self.density_per_head().mean())
-
-    def density_per_head(self) -> torch.Tensor:
-        """float64 ``(B, H)``: the computed fraction of real score entries of each batch element and head."""
-        tokens = self.layout.on(self.device).block_tokens.double()
-        idx, valid = self._kept_valid()
-        entries = (tokens[idx] * valid).sum(-1) * tokens  # (B, H, NB)
-        return entries.sum(-1) / float(self.layout.num_tokens) ** 2
-
-    # ------------------------------------------------------------------ conversions
-    def to_dense(self) -> torch.Tensor:
-        """bool ``(B, H, NB, NB)``: True where a (query block, key block) pair is computed."""
-        idx, valid = self._kept_valid()
-        hits = torch.zeros(*self.kv_num_blocks.shape, self.num_blocks, dtype=torch.int32, device=self.device)
-        # scatter_add, not scatter: the unspecified tail may repeat a kept index and must not erase it.
-        return hits.scatter_add_(-1, idx, valid.to(torch.int32)) > 0
+    def _block_coverage(self) -> torch.Tensor:
+        return self.to_dense().float()
 
     def to_mask(self) -> torch.Tensor:
         """bool ``(B, H, L, L)`` in the original token order; True = score computed. For small ``L`` (tests)."""
-        slot_block = self.layout.on(self.device).block_of_token  # (L,)
-        dense = self.to_dense()
-        return dense[:, :, slot_block][:, :, :, slot_block]
+        block_of_token = self.layout.on(self.device).block_of_token  # (L,)
+        return self.to_dense()[:, :, block_of_token][:, :, :, block_of_token]
 
     def to_block_mask(self):
         """FlexAttention ``BlockMask`` for q, k, v gathered into tile order with ``layout.to_tiles``.
@@ -175,70 +281,6 @@ class BlockPlan:
             mask_mod=plan_mask,
             seq_lengths=(self.layout.num_slots, self.layout.num_slots),
         )
-
-    # ------------------------------------------------------------------ checks
-    def validate(self) -> "BlockPlan":
-        """Check the invariants in the class docstring; raise ``ValueError`` naming the first broken one."""
-        nb = self.num_blocks
-        counts = self.kv_num_blocks
-        if bool((counts < 1).any()) or bool((counts > nb).any()):
-            raise ValueError(f"Expect 1 <= kv_num_blocks <= {nb} but got values in [{int(counts.min())}, {int(counts.max())}]")
-        if int(counts.max()) > self.max_kept:
-            raise ValueError(f"Expect kv_num_blocks <= max_kept={self.max_kept} but got {int(counts.max())}")
-        valid = torch.arange(self.max_kept, device=self.device) < counts.unsqueeze(-1)
-        idx = self.kv_indices.long()
-        if bool(((idx < 0) | (idx >= nb))[valid].any()):
-            raise ValueError(f"Expect kv_indices in [0, {nb}) but found out-of-range entries")
-        step = idx[..., 1:] - idx[..., :-1]
-        if bool((step <= 0)[valid[..., 1:]].any()):
-            raise ValueError("Expect kv_indices strictly ascending (sorted, no duplicates) within kv_num_blocks")
-        dense = self.to_dense()
-        if not bool(dense.diagonal(dim1=-2, dim2=-1).all()):
-            raise ValueError("Expect every query block to keep its own block but some do not")
-        text = self.layout.on(self.device).is_text_block
-        if bool(text.any()) and not (bool(dense[..., text].all()) and bool(dense[..., text, :].all())):
-            raise ValueError("Expect text blocks attended densely in both directions but some text pairs are dropped")
-        return self
-
-    # ------------------------------------------------------------------ FlexAttention-style conveniences
-    def __getitem__(self, index) -> "BlockPlan":
-        """Slice batch and heads: ``plan[b]``, ``plan[:, h]`` (integer indices keep the dimension)."""
-        if not isinstance(index, tuple):
-            index = (index,)
-        if len(index) > 2:
-            raise IndexError(f"Expect at most 2 indices (batch, head) but got {len(index)}")
-        index = tuple(slice(i, i + 1) if isinstance(i, int) else i for i in index)
-        return BlockPlan(self.layout, self.kv_num_blocks[index], self.kv_indices[index], self.method)
-
-    def to(self, device) -> "BlockPlan":
-        return BlockPlan(self.layout, self.kv_num_blocks.to(device), self.kv_indices.to(device), self.method)
-
-    def to_string(self, grid_size: int = 20, limit: int = 4) -> str:
-        """ASCII picture of each (batch, head) block mask shrunk to ``grid_size``: █ all kept, ░ some, blank none."""
-        dense = self.to_dense().float()
-        B, H, nb, _ = dense.shape
-        cells = min(grid_size, nb)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(dense.reshape(B * H, 1, nb, nb), cells).reshape(B, H, cells, cells)
-        lines = []
-        for n, (b, h) in enumerate((b, h) for b in range(B) for h in range(H)):
-            if n == limit:
-                lines.append(f"... {B * H - limit} more (batch, head) entries; use plan[b, h].to_string()")
-                break
-            lines.append(f"batch {b}, head {h}: density {float(self.density_per_head()[b, h]):.1%}")
-            for row in pooled[b, h]:
-                lines.append("".join("██" if v >= 1 else "░░" if v > 0 else "  " for v in row.tolist()))
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return (
-            f"BlockPlan(method={self.method!r}, shape={self.shape}, num_blocks={self.num_blocks}, "
-            f"block_size={self.block_size}, max_kept={self.max_kept}, density={self.density:.2%}, "
-            f"kv_num_blocks={tuple(self.kv_num_blocks.shape)}, kv_indices={tuple(self.kv_indices.shape)}, "
-            f"device={self.device})"
-        )
-
-    def __str__(self) -> str:
-        return f"{self!r}\n{self.to_string()}"
 
 
 def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
