@@ -1,28 +1,13 @@
 """Where planning time goes on the GPU: each planner timed as the hot path calls it, and a
 torch.profiler table of the draft planner. ``PYTHONPATH=src python3 scripts/profile_plan.py``."""
 
-import statistics
 import sys
 
 import torch
 
 import sparsevid as sv
 from sparsevid import data
-
-
-def median_ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from sparsevid.bench.common import time_ms
 
 
 layout = sv.VideoLayout(21, 30, 52)
@@ -35,8 +20,8 @@ for method, opts in [("draft", {}), ("draft", {"budget": "row"}), ("xattn", {}),
                      ("finegrained", {})]:
     fn = lambda: sv.plan(q, k, layout, method=method, density=0.1, validate=False, **opts)  # noqa: E731
     plan = fn()
-    attn = median_ms(lambda: sv.sparse_attention(q, k, v, plan))
-    print(f"{method:12s} {str(opts):20s} plan {median_ms(fn):7.3f} ms   attention {attn:7.3f} ms", flush=True)
+    attn = time_ms(lambda: sv.sparse_attention(q, k, v, plan))
+    print(f"{method:12s} {str(opts):20s} plan {time_ms(fn):7.3f} ms   attention {attn:7.3f} ms", flush=True)
 
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 

@@ -55,13 +55,25 @@ def command_line() -> str:
     return "python -m sparsevid " + " ".join(shlex.quote(a) for a in argv)
 
 
-def append_benchmarks(path: str, title: str, header: str, table: str) -> None:
-    """Append one results section (title, environment header, command, table) to ``BENCHMARKS.md``."""
+def append_benchmarks(path: str, title: str, header: str, table: str, extra: str = "") -> None:
+    """Append one results section (title, environment header, command, table, notes) to ``BENCHMARKS.md``."""
     with open(path, "a") as f:
         if f.tell() == 0:
             f.write("# Benchmarks\n\nResults tables appended by the benchmark commands (newest last).\n")
         f.write(f"\n## {title}\n\n{header}\n\nCommand: `{command_line()}`\n\n{table}\n")
+        if extra:
+            f.write(f"\n{extra}\n")
     print(f"[bench] appended to {path}")
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float32."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def fmt(x, spec: str) -> str:
+    """``format(x, spec)``, or ``-`` for a missing or NaN value."""
+    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
 
 
 def markdown_table(columns: list[str], rows: list[list]) -> str:

@@ -24,17 +24,16 @@ to ``BENCHMARKS.md`` (date, device, versions, exact command).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import shlex
 import sys
 import time
 
 import torch
 
-from .kernel import PRESETS, _fmt, _rel, _time
+from .common import append_benchmarks, command_line, environment, fmt, rel_error, time_ms
+from .kernel import PRESETS
 
 FRONTIER_PRESETS = {
     # name: (batch, heads, frames, height, width, text_tokens, head_dim); cpu-small: < 2 min on a laptop CPU
@@ -107,7 +106,7 @@ def run(args) -> int:
 
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense = sdpa(q, k, v)
-            t_dense = _time(lambda: sdpa(q, k, v), args.reps)
+            t_dense = time_ms(lambda: sdpa(q, k, v), reps=max(10, args.reps), warmup=3)
     else:
         dense = sdpa(q.float(), k.float(), v.float())
         t_dense = float("nan")
@@ -128,17 +127,16 @@ def run(args) -> int:
             torch.cuda.synchronize()
         plan_ms = (time.perf_counter() - start) * 1e3
         attend = lambda: sv.sparse_attention(q, k, v, plan, backend=backend)  # noqa: E731
-        err = _rel(attend(), dense)
-        ms = _time(attend, args.reps) if cuda else float("nan")
+        err = rel_error(attend(), dense)
+        ms = time_ms(attend, reps=max(10, args.reps), warmup=3) if cuda else float("nan")
         rows.append(dict(method=method, density=density, achieved=plan.density, err=err, plan_ms=plan_ms, ms=ms,
                          speedup=t_dense / ms if cuda else float("nan")))
         del plan
 
     table = _table(rows, cuda)
     summary = _equal_error(rows, "finegrained", "draft", cuda)
-    command = "python -m sparsevid " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
-        if sys.argv[1:3] == ["bench", "frontier"] else " ".join(shlex.quote(a) for a in sys.argv)
-    header = (f"{datetime.date.today().isoformat()} — {device_name}, {versions}; {layout}; B={batch}, heads={heads}, "
+    command = command_line()
+    header = (f"{environment()}; {layout}; B={batch}, heads={heads}, "
               f"D={head_dim}, {dtype}, inputs: {source}; error = relative L2 of the output vs dense SDPA; "
               + (f"times: median of {max(10, args.reps)} CUDA-event timings after warm-up, dense = cuDNN SDPA "
                  f"{t_dense:.3f} ms." if cuda else "CPU: reference backend, no times."))
@@ -153,11 +151,7 @@ def run(args) -> int:
     if png:
         print(f"[frontier] wrote {png}")
     if not args.no_record:
-        with open(args.benchmarks_md, "a") as f:
-            if f.tell() == 0:
-                f.write("# Benchmarks\n\nResults tables appended by the benchmark commands (newest last).\n")
-            f.write(f"\n## bench frontier — {preset}\n\n{header}\n\nCommand: `{command}`\n\n{table}\n\n{summary}\n")
-        print(f"[frontier] appended to {args.benchmarks_md}")
+        append_benchmarks(args.benchmarks_md, f"bench frontier — {preset}", header, table, extra=summary)
     return 0
 
 
@@ -165,9 +159,9 @@ def _table(rows, cuda: bool) -> str:
     cols = ["method", "density", "achieved", "rel L2 err", "plan ms", "kernel ms", "speedup vs cuDNN"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        cells = [r["method"], _fmt(r["density"], "g"), _fmt(r["achieved"], ".3f"), _fmt(r["err"], ".4f"),
-                 _fmt(r["plan_ms"], ".1f"), _fmt(r["ms"], ".3f"),
-                 (_fmt(r["speedup"], ".2f") + "x") if cuda else "-"]
+        cells = [r["method"], fmt(r["density"], "g"), fmt(r["achieved"], ".3f"), fmt(r["err"], ".4f"),
+                 fmt(r["plan_ms"], ".1f"), fmt(r["ms"], ".3f"),
+                 (fmt(r["speedup"], ".2f") + "x") if cuda else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -30,15 +30,14 @@ to ``BENCHMARKS.md`` (date, device, versions, exact command).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import shlex
-import statistics
 import sys
 
 import torch
+
+from .common import append_benchmarks, command_line, environment, fmt, rel_error, time_ms
 
 PRESETS = {
     # name: (batch, heads, frames, height, width, text_tokens, head_dim)
@@ -76,26 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------- timing
-def _time(fn, reps: int) -> float:
-    """Median milliseconds of ``reps`` calls, each between two CUDA events, after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(max(10, reps)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 # ----------------------------------------------------------------------------------------- problem
 def _problem(args):
     from sparsevid.layout import VideoLayout
@@ -160,7 +139,7 @@ def _make_plan(args, method, density, q, k, layout):
         try:
             fn = lambda: planner(q, k, layout, method=method, density=density, validate=False)  # noqa: E731
             plan = fn()
-            plan_ms = _time(fn, 5)
+            plan_ms = time_ms(fn, reps=max(10, 5), warmup=3)
             return plan.kv_num_blocks, plan.kv_indices, float(plan.density), plan_ms, f"sparsevid.plan({method!r})"
         except Exception as exc:  # noqa: BLE001
             print(f"[bench] sparsevid.plan(method={method!r}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -227,12 +206,12 @@ def run(args) -> int:
     dense = {}
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         ref_dense = sdpa(q, k, v, scale=scale)
-        dense["cudnn"] = _time(lambda: sdpa(q, k, v, scale=scale), reps)
+        dense["cudnn"] = time_ms(lambda: sdpa(q, k, v, scale=scale), reps=max(10, reps), warmup=3)
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             out = sdpa(q, k, v, scale=scale)
-            err = _rel(out, ref_dense)
-            dense["flash"] = _time(lambda: sdpa(q, k, v, scale=scale), reps)
+            err = rel_error(out, ref_dense)
+            dense["flash"] = time_ms(lambda: sdpa(q, k, v, scale=scale), reps=max(10, reps), warmup=3)
     except RuntimeError as exc:
         print(f"[bench] flash SDPA unavailable: {exc}", file=sys.stderr)
         err = float("nan")
@@ -247,8 +226,8 @@ def run(args) -> int:
 
         flex = torch.compile(flex_attention, dynamic=False)
         qt, kt, vt = (layout.to_tiles(t) for t in (q, k, v))
-        gather_ms = _time(lambda: [layout.to_tiles(t) for t in (q, k, v)], reps)
-        scatter_ms = _time(lambda: layout.from_tiles(qt), reps)
+        gather_ms = time_ms(lambda: [layout.to_tiles(t) for t in (q, k, v)], reps=max(10, reps), warmup=3)
+        scatter_ms = time_ms(lambda: layout.from_tiles(qt), reps=max(10, reps), warmup=3)
         print(f"[bench] flex gather (q,k,v -> tile order) {gather_ms:.3f} ms + scatter back {scatter_ms:.3f} ms: "
               "excluded from FlexAttention's times below")
 
@@ -264,20 +243,20 @@ def run(args) -> int:
         if flex is not None:
             bm = _block_mask(layout, num, idx)
             out_flex = layout.from_tiles(flex(qt, kt, vt, block_mask=bm, scale=scale))
-            t = _time(lambda: flex(qt, kt, vt, block_mask=bm, scale=scale), reps)
+            t = time_ms(lambda: flex(qt, kt, vt, block_mask=bm, scale=scale), reps=max(10, reps), warmup=3)
             ref, ref_name = out_flex, "flex"
-            err_flex = _rel(out_flex, ref_dense) if density >= 1.0 else 0.0
+            err_flex = rel_error(out_flex, ref_dense) if density >= 1.0 else 0.0
             rows.append(dict(common, kernel="flex", ms=t, err=err_flex, ok=err_flex <= args.tol))
         if density >= 1.0 and ref is None:
             ref, ref_name = ref_dense, "cudnn"
         out = torch.full_like(q, float("nan"))
         sparse_attention_triton(q, k, v, perm, num, idx, layout.block_size, scale, out=out)
-        errs = [] if ref is None else [_rel(out, ref)]
+        errs = [] if ref is None else [rel_error(out, ref)]
         if density >= 1.0:
-            errs.append(_rel(out, ref_dense))
+            errs.append(rel_error(out, ref_dense))
         err = max(errs) if errs else float("nan")
         ok = bool(torch.isfinite(out).all()) and (err <= args.tol if errs else True)
-        t = _time(lambda: sparse_attention_triton(q, k, v, perm, num, idx, layout.block_size, scale, out=out), reps)
+        t = time_ms(lambda: sparse_attention_triton(q, k, v, perm, num, idx, layout.block_size, scale, out=out), reps=max(10, reps), warmup=3)
         rows.append(dict(common, kernel="sparsevid-triton", ms=t, err=err, ok=ok))
         print(f"[bench] {method} d={density}: plan from {plan_src}, real density {real_density:.4f}, "
               f"triton rel err {err:.2e} vs {ref_name or '-'}{' / cudnn' if density >= 1.0 else ''}"
@@ -293,10 +272,8 @@ def run(args) -> int:
         r["vs_flex"] = f / r["ms"] if f else float("nan")
         r["vs_flex_gather"] = (f + gather_ms + scatter_ms) / r["ms"] if f and flex is not None else float("nan")
 
-    command = "python -m sparsevid bench kernel " + " ".join(shlex.quote(a) for a in sys.argv[1:][2:]) \
-        if sys.argv[1:3] == ["bench", "kernel"] else " ".join(shlex.quote(a) for a in sys.argv)
-    header = (f"{datetime.date.today().isoformat()} — {device_name}, torch {torch.__version__}, triton "
-              f"{triton.__version__}, CUDA {torch.version.cuda}; {layout}; B={batch}, heads={heads}, D={head_dim}, "
+    command = command_line()
+    header = (f"{environment()}; {layout}; B={batch}, heads={heads}, D={head_dim}, "
               f"{args.dtype}, inputs: {source}; median of {reps} (CUDA events, after warm-up). "
               f"Flex times exclude the tile-order gather{f' ({gather_ms:.2f} ms + {scatter_ms:.2f} ms back)' if flex else ''}.")
     table = _table(rows)
@@ -308,16 +285,8 @@ def run(args) -> int:
         json.dump(dict(header=header, command=command, rows=rows), f, indent=1)
     _plot(rows, os.path.join(args.out, "speedup.png"), f"{args.preset} on {device_name}")
     if not args.no_record:
-        with open(args.benchmarks_md, "a") as f:
-            if f.tell() == 0:
-                f.write("# Benchmarks\n\nResults tables appended by the benchmark commands (newest last).\n")
-            f.write(f"\n## bench kernel — {args.preset}\n\n{header}\n\nCommand: `{command}`\n\n{table}\n")
-        print(f"[bench] appended to {args.benchmarks_md}")
+        append_benchmarks(args.benchmarks_md, f"bench kernel — {args.preset}", header, table)
     return 0 if all(r["ok"] for r in rows) else 1
-
-
-def _fmt(x, spec):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def _table(rows) -> str:
@@ -326,14 +295,14 @@ def _table(rows) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         wrong = not r["ok"]
-        cells = [r["method"], _fmt(r["density"], "g"), _fmt(r["real_density"], ".3f"), r["kernel"],
-                 "WRONG" if wrong else _fmt(r["ms"], ".3f"),
-                 "-" if wrong else _fmt(r["tflops_dense_eq"], ".0f"),
-                 "-" if wrong else _fmt(r["tflops_actual"], ".0f"),
-                 "-" if wrong else _fmt(r["vs_cudnn"], ".2f") + "x",
-                 "-" if wrong or math.isnan(r["vs_flex"]) else _fmt(r["vs_flex"], ".2f") + "x",
-                 "-" if wrong or math.isnan(r["vs_flex_gather"]) else _fmt(r["vs_flex_gather"], ".2f") + "x",
-                 _fmt(r["err"], ".1e"), _fmt(r["plan_ms"], ".2f")]
+        cells = [r["method"], fmt(r["density"], "g"), fmt(r["real_density"], ".3f"), r["kernel"],
+                 "WRONG" if wrong else fmt(r["ms"], ".3f"),
+                 "-" if wrong else fmt(r["tflops_dense_eq"], ".0f"),
+                 "-" if wrong else fmt(r["tflops_actual"], ".0f"),
+                 "-" if wrong else fmt(r["vs_cudnn"], ".2f") + "x",
+                 "-" if wrong or math.isnan(r["vs_flex"]) else fmt(r["vs_flex"], ".2f") + "x",
+                 "-" if wrong or math.isnan(r["vs_flex_gather"]) else fmt(r["vs_flex_gather"], ".2f") + "x",
+                 fmt(r["err"], ".1e"), fmt(r["plan_ms"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

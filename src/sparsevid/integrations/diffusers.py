@@ -391,8 +391,6 @@ def apply(
 
 
 def _remove_hooks(transformer: torch.nn.Module) -> None:
-    from diffusers.hooks import HookRegistry
-
     spec = _MODELS[type(transformer).__name__]
     for module in spec.self_attention(transformer):
         registry = getattr(module, "_diffusers_hook", None)
