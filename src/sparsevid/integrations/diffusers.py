@@ -200,6 +200,25 @@ def _make_state_hook(state: _State, spec: _ModelSpec):
     return _SparseVidStateHook()
 
 
+def _refuse_ring_attention(module: torch.nn.Module) -> None:
+    """Context parallelism: Ulysses works unchanged, ring attention is refused.
+
+    After Ulysses' all-to-all every rank holds the whole sequence for a subset of heads, so each
+    rank plans its own heads exactly as one GPU would (the step and layer decisions come from the
+    timestep and the layer index, the same on every rank). Ring attention gives each rank a
+    sequence chunk and merges partial softmaxes through kernels that return log-sum-exp, which a
+    block plan over the full grid does not split into; it would silently stay dense, so it is an
+    error instead.
+    """
+    parallel = getattr(getattr(module, "processor", None), "_parallel_config", None)
+    context = getattr(parallel, "context_parallel_config", None)
+    if context is not None and (context.ring_degree or 1) > 1:
+        raise NotImplementedError(
+            f"NYI: sparsevid under ring attention (ring_degree={context.ring_degree}); "
+            "use ContextParallelConfig(ulysses_degree=...) with ring_degree=1"
+        )
+
+
 class _SdpaToSparse(TorchFunctionMode):
     """Routes ``F.scaled_dot_product_attention`` inside one attention module to sparsevid."""
 
@@ -223,6 +242,7 @@ def _make_attention_hook(state: _State, layer: int):
         @torch.compiler.disable
         def new_forward(self, module, *args, **kwargs):
             config = state.config
+            _refuse_ring_attention(module)
             if layer < config.dense_layers or state.dense_step():
                 return self.fn_ref.original_forward(*args, **kwargs)
             with _SdpaToSparse(self._attend):
