@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="planner option, repeatable (e.g. --option budget='row')")
     parser.add_argument("--steps", type=int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="Ulysses context parallelism over N GPUs (diffusers' enable_parallelism); launch with "
+                             "`torchrun --nproc_per_node N -m sparsevid bench e2e --gpus N ...`")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per forward (default: %(default)s)")
     parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
     parser.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file to append the table to")
@@ -164,12 +167,34 @@ def _loop(model, inputs, steps: int, schedule, device: str, desc: str) -> float:
     return time_ms(denoise, reps=1, warmup=0, device=device) / 1e3
 
 
+def _init_distributed(gpus: int, device: str) -> tuple[int | None, int]:
+    """``(rank, world)``; rank None (after a message) when ``--gpus`` and the launch disagree."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if gpus != world:
+        print(f"--gpus {gpus} needs `torchrun --nproc_per_node {gpus} -m sparsevid bench e2e --gpus {gpus} ...` "
+              f"(this process sees WORLD_SIZE={world})")
+        return None, world
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:  # CPU smoke runs: diffusers maps rank r to accelerator r % device_count(), which is 0 here
+        torch.accelerator.device_count = lambda: 1
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
 def run(args) -> int:
     import sparsevid as sv
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.model != "tiny-wan":
         print("bench e2e needs a CUDA GPU for full-size video transformers (on the CPU only --model tiny-wan runs)")
+        return 2
+    rank, world = _init_distributed(args.gpus, device)
+    if rank is None:
         return 2
     spec = MODELS[args.model]
     if args.resolution not in spec["resolutions"]:
@@ -188,6 +213,13 @@ def run(args) -> int:
         return time_ms(fn, reps=args.reps, warmup=1, device=device)
 
     rows = []
+    single_ms = None
+    if world > 1:
+        from diffusers import ContextParallelConfig
+
+        single_ms = timed(lambda: _forward(model, inputs))  # every rank alone on its own GPU
+        rows.append(dict(method="native, 1 GPU (no parallelism)", density=1.0, forward_ms=single_ms))
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     native_ms = timed(lambda: _forward(model, inputs))
     if device == "cuda":
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -195,9 +227,10 @@ def run(args) -> int:
     else:
         cudnn_ms = float("inf")
     best_native = min(native_ms, cudnn_ms)
-    rows.append(dict(method="native (default SDPA)", density=1.0, forward_ms=native_ms))
+    parallel = f", Ulysses x{world}" if world > 1 else ""
+    rows.append(dict(method=f"native (default SDPA){parallel}", density=1.0, forward_ms=native_ms))
     if device == "cuda":
-        rows.append(dict(method="native (cuDNN SDPA)", density=1.0, forward_ms=cudnn_ms))
+        rows.append(dict(method=f"native (cuDNN SDPA){parallel}", density=1.0, forward_ms=cudnn_ms))
     print(f"[e2e] {args.model} {args.resolution} {frames} frames: native {native_ms:.1f} ms, cuDNN {cudnn_ms:.1f} ms")
 
     best_context = contextlib.nullcontext if native_ms <= cudnn_ms else lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
@@ -220,7 +253,7 @@ def run(args) -> int:
             ms = timed(lambda: _forward(model, inputs))
         stats = handle.stats()
         handle.remove()
-        row = dict(method=method, density=density, forward_ms=ms, achieved=stats["mean_density"],
+        row = dict(method=method + parallel, density=density, forward_ms=ms, achieved=stats["mean_density"],
                    finite=bool(torch.isfinite(out).all()))
         if args.steps:
             handle = sv.apply(target, method=method, density=density, dense_layers=args.dense_layers,
@@ -230,6 +263,8 @@ def run(args) -> int:
             handle.remove()
         rows.append(row)
 
+    if rank != 0:
+        return 0
     for r in rows:
         r["speedup"] = best_native / r["forward_ms"]
         if args.steps and "loop_s" in r:
@@ -245,13 +280,18 @@ def run(args) -> int:
         + (f", planner options {options}" if options else "")
         + (f"; loop: {args.steps} steps x 2 guidance branches, default warm-up (first 20% of steps dense), "
            f"native loop {loop_native:.1f} s" if args.steps else "")
+        + (f"; {world} ranks, Ulysses degree {world}: speedups are against the faster native run under the same "
+           f"parallelism; native scaling efficiency {single_ms / (world * best_native):.0%} "
+           f"(1-GPU time / ({world} x parallel time))" if world > 1 else "")
     )
     columns = ["method", "density", "achieved", "forward ms", "speedup vs best native"] + (
-        ["loop s", "loop speedup"] if args.steps else [])
+        ["vs 1-GPU native"] if world > 1 else []) + (["loop s", "loop speedup"] if args.steps else [])
     table_rows = []
     for r in rows:
         row = [r["method"], f"{r['density']:g}", f"{r['achieved']:.3f}" if r.get("achieved") else "-",
                f"{r['forward_ms']:.1f}", f"{r['speedup']:.2f}x"]
+        if world > 1:
+            row.append(f"{single_ms / r['forward_ms']:.2f}x")
         if args.steps:
             row += [f"{r['loop_s']:.1f}" if "loop_s" in r else "-",
                     f"{r['loop_speedup']:.2f}x" if "loop_speedup" in r else "-"]
