@@ -46,7 +46,7 @@ class SparseVidConfig:
     """What :func:`apply` was asked for.
 
     Attributes:
-        method (str): planner name (``sparsevid.available_planners()``).
+        method (str | None): planner name (``sparsevid.available_planners()``); ``None``: native attention (reuse only).
         density (float | None): fraction of real score entries to compute (``None``: the planner's
             default, 0.1 for the sparse planners).
         mass (float | None): alternatively, attention mass to keep (draft, xattn).
@@ -315,15 +315,24 @@ def _make_attention_hook(state: _State, layer: int):
 class SparseVidHandle:
     """What :func:`apply` returns: ``.remove()`` restores native behaviour; ``.stats()`` reports."""
 
-    def __init__(self, transformers: list[torch.nn.Module], states: list[_State], config: SparseVidConfig):
+    def __init__(self, transformers: list[torch.nn.Module], states: list[_State], config: SparseVidConfig,
+                 reuse_handles: list | None = None):
         self.transformers = transformers
         self.states = states
         self.config = config
+        self.reuse_handles = reuse_handles or []
 
     def stats(self) -> dict:
-        """Sparse attention calls planned so far and their mean achieved density."""
+        """Sparse attention calls planned so far and their mean achieved density.
+
+        With ``reuse=``, ``"reuse"`` holds one ``ReuseHandle.stats()`` per transformer (token-replay
+        rows and replay rate per block, the step cache's name).
+        """
         densities = [d for s in self.states for d in s.densities]
-        return {"plans": len(densities), "mean_density": sum(densities) / len(densities) if densities else None}
+        out = {"plans": len(densities), "mean_density": sum(densities) / len(densities) if densities else None}
+        if self.reuse_handles:
+            out["reuse"] = [h.stats() for h in self.reuse_handles]
+        return out
 
     def reset(self) -> None:
         """Forget cached plans and the step counter (a new generation with a bare transformer)."""
@@ -332,8 +341,9 @@ class SparseVidHandle:
 
     def remove(self) -> None:
         for transformer in self.transformers:
+            _remove_reuse(transformer)
             _remove_hooks(transformer)
-        self.transformers, self.states = [], []
+        self.transformers, self.states, self.reuse_handles = [], [], []
 
 
 def _transformers_of(target) -> tuple[list[torch.nn.Module], Any]:
@@ -350,7 +360,7 @@ def _transformers_of(target) -> tuple[list[torch.nn.Module], Any]:
 
 def apply(
     target,
-    method: str = "draft",
+    method: str | None = "draft",
     density: float | None = None,
     *,
     mass: float | None = None,
@@ -358,6 +368,7 @@ def apply(
     dense_layers: int = 1,
     replan_every: int = 1,
     backend: str = "auto",
+    reuse=None,
     **planner_options,
 ) -> SparseVidHandle:
     """Make ``target``'s video self-attention sparse. See :class:`SparseVidConfig` for the options.
@@ -365,6 +376,11 @@ def apply(
     Args:
         target: a diffusers pipeline (its ``transformer`` and, for Wan2.2, ``transformer_2``) or a
             transformer model of a class in :func:`supported_models`.
+        method (str | None): planner name; ``None`` leaves attention native (``reuse`` only).
+        reuse: temporal reuse on top (see :mod:`sparsevid.reuse`): ``None``, a
+            ``sparsevid.reuse.TokenReplay`` (FFN replay across adjacent frames, Wan), a diffusers
+            step-cache config (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``, ``MagCacheConfig``,
+            ... attached with ``transformer.enable_cache``), or a list with at most one of each.
 
     Returns:
         SparseVidHandle; ``handle.remove()`` (or :func:`remove`) restores native behaviour exactly.
@@ -373,9 +389,11 @@ def apply(
         TypeError / ValueError: unsupported model (the message lists the supported ones), bad options.
     """
     from ..planners import available_planners
+    from ..reuse import split_reuse
 
-    if method not in available_planners():
-        raise ValueError(f"Expect method in {available_planners()} but got {method!r}")
+    if method is not None and method not in available_planners():
+        raise ValueError(f"Expect method in {available_planners()} (or None: reuse only) but got {method!r}")
+    token_replay, step_cache = split_reuse(reuse)  # TypeError / ValueError naming reuse, before any hook
     for name, value in (("dense_layers", dense_layers), ("replan_every", replan_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "replan_every" else 0):
             raise ValueError(f"Expect {name} to be an int >= {1 if name == 'replan_every' else 0} but got {value!r}")
@@ -398,16 +416,35 @@ def apply(
             raise ValueError(f"Expect a transformer of {supported_models()} but got {name}")
         if HookRegistry.check_if_exists_or_initialize(transformer).get_hook(_STATE_HOOK) is not None:
             raise ValueError(f"Expect a model without sparsevid applied but {name} has it; call sparsevid.remove first")
+        if step_cache is not None and getattr(transformer, "is_cache_enabled", False):
+            raise ValueError(f"Expect reuse with a step cache on a model without one but {name} has a cache enabled; "
+                             "call transformer.disable_cache() first")
+        if token_replay is not None and name != "WanTransformer3DModel":
+            raise NotImplementedError(f"NYI: reuse=TokenReplay for {name} (supported: WanTransformer3DModel)")
     for transformer in transformers:
         spec = _MODELS[type(transformer).__name__]
         state = _State(config, scheduler, spec.text_first)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_make_state_hook(state, spec), _STATE_HOOK)
-        for layer, module in enumerate(spec.self_attention(transformer)):
+        for layer, module in enumerate(spec.self_attention(transformer) if method is not None else []):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(
                 _make_attention_hook(state, layer), _ATTENTION_HOOK
             )
         states.append(state)
-    return SparseVidHandle(transformers, states, config)
+    reuse_handles = []
+    if reuse is not None:
+        from ..reuse import apply as apply_reuse
+
+        for transformer in transformers:
+            handle = apply_reuse(transformer, reuse)
+            transformer._sparsevid_reuse = handle
+            reuse_handles.append(handle)
+    return SparseVidHandle(transformers, states, config, reuse_handles)
+
+
+def _remove_reuse(transformer: torch.nn.Module) -> None:
+    handle = transformer.__dict__.pop("_sparsevid_reuse", None)
+    if handle is not None:
+        handle.remove()
 
 
 def _remove_hooks(transformer: torch.nn.Module) -> None:
@@ -425,4 +462,5 @@ def remove(target) -> None:
     """Remove sparsevid from a pipeline or transformer (no-op where it is not applied)."""
     for transformer in _transformers_of(target)[0]:
         if type(transformer).__name__ in _MODELS:
+            _remove_reuse(transformer)
             _remove_hooks(transformer)
