@@ -1,0 +1,84 @@
+"""``python -m sparsevid eval`` in a reduced CPU setting (issue 6's CI check).
+
+4 frames of 64x64 px = 4x16x16 tokens = 8 blocks of 128 (density 0.25 = 2 key blocks per query
+block), 6 sampler steps (the first 2 dense: the default 20% warm-up), 2 labels x 1 seed.
+"""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("torchmetrics")
+
+from sparsevid import cli, eval as sv_eval  # noqa: E402
+
+REDUCED = ["--seeds", "0", "--labels", "bikes", "carphone", "--steps", "6", "--frames", "4",
+           "--height", "64", "--width", "64", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    code = cli.main(["eval", *REDUCED, "--methods", "dense", "draft", "random", "--densities", "0.25",
+                     "--videos", "1", "--out", str(out)])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_outputs_written(results):
+    out, res = results
+    for name in ("results.json", "videos.csv", "layers.csv", "summary.csv", "quality_vs_density.png",
+                 "side_by_side_bikes_s0.mp4", "frames_bikes_s0.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert {r["config"] for r in res["summary"]} == {"dense", "draft@0.25", "random@0.25"}
+    assert len(res["videos"]) == 2 * 3
+    # per-layer error: every self-attention layer of the testbed, every config, every case
+    layers = {r["layer"] for r in res["layers"]}
+    assert layers == set(range(4))
+
+
+def test_density_one_reproduces_dense(results):
+    _, res = results
+    for row in (r for r in res["videos"] if r["method"] == "dense"):
+        assert row["achieved"] == pytest.approx(1.0)
+        assert row["max_abs_diff"] < 1e-5  # float32 rounding of the reference backend only
+        assert row["psnr"] == 100.0 and row["ssim"] == pytest.approx(1.0, abs=1e-5)
+    for row in (r for r in res["layers"] if r["config"] == "dense"):
+        assert row["rel_err"] < 1e-5
+
+
+def test_draft_beats_random_at_quarter_density(results):
+    _, res = results
+    summary = {r["config"]: r for r in res["summary"]}
+    draft, random = summary["draft@0.25"], summary["random@0.25"]
+    assert draft["achieved"] == pytest.approx(0.25, abs=0.05)
+    assert random["achieved"] == pytest.approx(0.25, abs=0.05)
+    assert draft["psnr"] > random["psnr"]
+    assert draft["layer_err"] < random["layer_err"]
+
+
+def test_video_metrics():
+    a = torch.rand(3, 3, 16, 16)
+    same = sv_eval.video_metrics(a, a)
+    assert same["psnr"] == 100.0 and same["max_abs_diff"] == 0
+    noisy = sv_eval.video_metrics((a + 0.01 * torch.randn_like(a)).clamp(0, 1), a)
+    assert 30 < noisy["psnr"] < 50 and noisy["ssim"] < 1
+
+
+def test_configs_and_dense_steps_parsing():
+    configs = sv_eval.make_configs(["dense", "draft"], [0.1, 0.25], [None, 2, 0.5], [1])
+    names = [c.name for c in configs]
+    assert names.count("dense") == 1 and "dense (ds=2)" in names
+    assert "draft@0.1 (ds=0.5)" in names and len(configs) == 3 + 6
+    assert sv_eval._parse_dense_steps("auto") is None
+    assert sv_eval._parse_dense_steps("3") == 3 and sv_eval._parse_dense_steps("0.2") == 0.2
+
+
+def test_generate_comparison(tmp_path):
+    info = sv_eval.generate_comparison(tmp_path, device="cpu", steps=2, progress=False)
+    assert (tmp_path / "testbed_dense_vs_sparse.mp4").is_file()
+    assert (tmp_path / "testbed_dense_vs_sparse.png").is_file()
+    assert info["method"] == "draft" and info["density"] == 0.1
+    assert 0 < info["achieved"] < 0.3 and info["psnr"] > 10
