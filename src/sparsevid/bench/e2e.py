@@ -11,6 +11,15 @@ bf16 on the GPU. Measured, every contender in the same run:
   guidance (two forwards per step), native vs sparsevid with the default warm-up (the first 20% of
   steps dense), as a pipeline runs it minus the text encoder and VAE.
 
+- **reuse** (``--reuse SPEC``, repeatable, combined into one ``reuse=`` list): temporal reuse on top
+  of each sparse config (``--methods none``: reuse alone, native attention). SPEC is
+  ``replay:rate=0.3`` / ``replay:threshold=0.5`` (:class:`sparsevid.reuse.TokenReplay`),
+  ``fbc:threshold=0.05`` (``FirstBlockCacheConfig``), ``taylorseer:cache_interval=5`` (``TaylorSeerCacheConfig``),
+  ``magcache:threshold=0.06,mag_ratios=[...]`` (``MagCacheConfig``; needs calibrated ratios). Token replay
+  acts in the forward rows and the loop; step caches only in the loop (a repeated forward at one
+  timestep would be skipped entirely). The loop opens ``cache_context("cond"/"uncond")`` per branch,
+  as pipelines do.
+
 Timings: CUDA events, warm-up, median of ``--reps``.
 """
 
@@ -91,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "rows time cached plans (repeated forwards stay on one step)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="planner option, repeatable (e.g. --option budget='row')")
+    parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
+                        help="temporal reuse, repeatable: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
+                             "taylorseer:cache_interval=5 | magcache:KEY=VALUE,... (see the module docstring)")
     parser.add_argument("--steps", type=int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
     parser.add_argument("--gpus", type=int, default=1,
                         help="Ulysses context parallelism over N GPUs (diffusers' enable_parallelism); launch with "
@@ -99,6 +111,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
     parser.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file to append the table to")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+
+
+def parse_reuse(specs: list[str]) -> list:
+    """``--reuse`` specs -> objects for ``sparsevid.apply(..., reuse=...)``."""
+    import diffusers.hooks as hooks
+
+    from ..reuse import TokenReplay
+
+    kinds = {"replay": TokenReplay, "fbc": hooks.FirstBlockCacheConfig, "taylorseer": hooks.TaylorSeerCacheConfig,
+             "magcache": hooks.MagCacheConfig}
+    out = []
+    for spec in specs:
+        kind, _, options = spec.partition(":")
+        if kind not in kinds:
+            raise ValueError(f"Expect --reuse KIND:KEY=VALUE,... with KIND in {sorted(kinds)} but got {spec!r}")
+        call = ast.parse(f"f({options})", mode="eval").body
+        if call.args:
+            raise ValueError(f"Expect --reuse options as KEY=VALUE pairs but got {spec!r}")
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        if kind == "replay" and "layers" in kwargs:
+            kwargs["layers"] = tuple(kwargs["layers"])
+        out.append(kinds[kind](**kwargs))
+    return out
+
+
+def _reuse_label(r) -> str:
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(r)}
+    changed = {k: v for k, v in vars(r).items() if k in defaults and v != defaults[k]}
+    return f"{type(r).__name__}({', '.join(f'{k}={v}' for k, v in changed.items())})"
 
 
 def _build(spec, device) -> torch.nn.Module:
@@ -153,14 +196,18 @@ def _loop(model, inputs, steps: int, schedule, device: str, desc: str) -> float:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
     scheduler.set_timesteps(steps, device=device)
     schedule.timesteps = scheduler.timesteps
+    from ..reuse import cache_context
+
     uncond = {**inputs, "encoder_hidden_states": torch.zeros_like(inputs["encoder_hidden_states"])}
 
     def denoise():
         latents = inputs["hidden_states"].clone()
         for t in tqdm(scheduler.timesteps, desc=desc, unit="step", leave=False):
             step_t = t.expand(1)
-            cond = _forward(model, {**inputs, "hidden_states": latents, "timestep": step_t})
-            free = _forward(model, {**uncond, "hidden_states": latents, "timestep": step_t})
+            with cache_context(model, "cond"):
+                cond = _forward(model, {**inputs, "hidden_states": latents, "timestep": step_t})
+            with cache_context(model, "uncond"):
+                free = _forward(model, {**uncond, "hidden_states": latents, "timestep": step_t})
             latents = scheduler.step(free + 5.0 * (cond - free), t, latents, return_dict=False)[0]
         scheduler._step_index = None  # rewind for the next loop
 
@@ -243,21 +290,29 @@ def run(args) -> int:
     for item in args.option:
         key, _, value = item.partition("=")
         options[key] = ast.literal_eval(value)
-    jobs = [(m, d) for m in args.methods for d in args.densities]
+    from ..reuse import TokenReplay
+
+    reuse = parse_reuse(args.reuse)
+    forward_reuse = [r for r in reuse if isinstance(r, TokenReplay)]  # step caches act only across steps
+    reuse_label = " + ".join(_reuse_label(r) for r in reuse)
+    jobs = [(m, d) for m in args.methods for d in (args.densities if m != "none" else [1.0])]
     for method, density in tqdm(jobs, desc="sparse configs", unit="cfg"):
+        sparse_method = None if method == "none" else method  # none: native attention, reuse only
         # forward: every step sparse (dense_steps=0); planning included in the time
-        handle = sv.apply(model, method=method, density=density, dense_layers=args.dense_layers, dense_steps=0,
-                          replan_every=args.replan_every, **options)
+        handle = sv.apply(model, method=sparse_method, density=density, dense_layers=args.dense_layers, dense_steps=0,
+                          replan_every=args.replan_every, reuse=forward_reuse or None, **options)
         with best_context():
             out = _forward(model, inputs)
             ms = timed(lambda: _forward(model, inputs))
         stats = handle.stats()
         handle.remove()
-        row = dict(method=method + parallel, density=density, forward_ms=ms, achieved=stats["mean_density"],
-                   finite=bool(torch.isfinite(out).all()))
+        row = dict(method=method + (f" + {reuse_label}" if reuse_label else "") + parallel, density=density,
+                   forward_ms=ms, achieved=stats["mean_density"], finite=bool(torch.isfinite(out).all()))
+        if forward_reuse:
+            row["forward_replay_rate"] = stats["reuse"][0]["token_replay"]["replay_rate"]
         if args.steps:
-            handle = sv.apply(target, method=method, density=density, dense_layers=args.dense_layers,
-                              replan_every=args.replan_every, **options)
+            handle = sv.apply(target, method=sparse_method, density=density, dense_layers=args.dense_layers,
+                              replan_every=args.replan_every, reuse=reuse or None, **options)
             with best_context():
                 row["loop_s"] = _loop(model, inputs, args.steps, schedule, device, f"{method} {density} loop")
             handle.remove()
@@ -278,6 +333,7 @@ def run(args) -> int:
            f"plans cached (replan_every={args.replan_every}; the loop replans every {args.replan_every} steps)")
         + f", first {args.dense_layers} block(s) dense"
         + (f", planner options {options}" if options else "")
+        + (f"; reuse {reuse_label} (token replay in forward and loop, step caches in the loop only)" if reuse else "")
         + (f"; loop: {args.steps} steps x 2 guidance branches, default warm-up (first 20% of steps dense), "
            f"native loop {loop_native:.1f} s" if args.steps else "")
         + (f"; {world} ranks, Ulysses degree {world}: speedups are against the faster native run under the same "
@@ -285,13 +341,16 @@ def run(args) -> int:
            f"(1-GPU time / ({world} x parallel time))" if world > 1 else "")
     )
     columns = ["method", "density", "achieved", "forward ms", "speedup vs best native"] + (
-        ["vs 1-GPU native"] if world > 1 else []) + (["loop s", "loop speedup"] if args.steps else [])
+        ["vs 1-GPU native"] if world > 1 else []) + (["FFN rows replayed"] if reuse and any(
+            isinstance(r, TokenReplay) for r in reuse) else []) + (["loop s", "loop speedup"] if args.steps else [])
     table_rows = []
     for r in rows:
         row = [r["method"], f"{r['density']:g}", f"{r['achieved']:.3f}" if r.get("achieved") else "-",
                f"{r['forward_ms']:.1f}", f"{r['speedup']:.2f}x"]
         if world > 1:
             row.append(f"{single_ms / r['forward_ms']:.2f}x")
+        if "FFN rows replayed" in columns:
+            row.append(f"{r['forward_replay_rate']:.3f}" if r.get("forward_replay_rate") is not None else "-")
         if args.steps:
             row += [f"{r['loop_s']:.1f}" if "loop_s" in r else "-",
                     f"{r['loop_speedup']:.2f}x" if "loop_speedup" in r else "-"]

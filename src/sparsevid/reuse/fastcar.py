@@ -224,9 +224,11 @@ def _thresholds(thresholds, n_layers: int) -> list[float]:
         return [float(thresholds)] * n_layers
     if isinstance(thresholds, torch.Tensor):
         thresholds = thresholds.tolist()
+    if isinstance(thresholds, (str, bytes)):
+        raise TypeError(f"Expect thresholds as a float, None or a sequence of floats but got {thresholds!r}")
     try:
         values = [float(t) for t in thresholds]
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"Expect thresholds as a float, None or a sequence of floats but got {thresholds!r}") from None
     if len(values) != n_layers:
         raise ValueError(f"Expect thresholds with one value per decoder layer ({n_layers}) but got {len(values)}")
@@ -249,7 +251,7 @@ def _hook_layer(layer: torch.nn.Module, state: _LayerState, session: _Session, f
         session.cos, session.sin = pe if pe is not None else (None, None)
 
     def active() -> bool:
-        return math.isfinite(state.threshold) or session.record
+        return state.threshold != math.inf or session.record
 
     def on_q(module, args, out):
         B, T = out.shape[:2]
@@ -371,20 +373,24 @@ def _cache_kwarg(model) -> str:
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, teacher: torch.Tensor | None = None):
     """Greedy decode with a KV cache: prefill ``prompt``, then one token per step.
 
     Args:
         prompt: int64 ``(B, T0)`` token ids (equal lengths; positions ``0..T0-1``).
         new_tokens (int): tokens to generate.
+        teacher: optional int64 ``(B, new_tokens)``: feed these tokens instead of the model's own
+            (teacher forcing), so that one changed prediction does not change the later inputs.
 
     Returns:
-        int64 ``(B, new_tokens)``.
+        int64 ``(B, new_tokens)``: the greedy prediction at every step.
     """
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.long:
         raise TypeError(f"Expect prompt to be an int64 tensor (B, T0) but got {getattr(prompt, 'shape', prompt)!r}")
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"Expect new_tokens to be an int >= 1 but got {new_tokens!r}")
+    if teacher is not None and (not isinstance(teacher, torch.Tensor) or teacher.shape != (prompt.shape[0], new_tokens)):
+        raise ValueError(f"Expect teacher of shape {(prompt.shape[0], new_tokens)} but got {getattr(teacher, 'shape', teacher)!r}")
     from transformers import DynamicCache
 
     try:
@@ -398,7 +404,8 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> t
         token = logits[:, -1].argmax(-1)
         out[:, i] = token
         if i + 1 < new_tokens:
-            logits = model(input_ids=token[:, None], use_cache=True, **{name: cache}).logits
+            fed = token if teacher is None else teacher[:, i]
+            logits = model(input_ids=fed[:, None], use_cache=True, **{name: cache}).logits
     return out
 
 

@@ -202,18 +202,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=WEIGHTS)
+    parser.add_argument("--init", default=None,
+                        help="continue from these weights (model and codebook) and their JSON (a second stage)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
     g = torch.Generator().manual_seed(args.seed)
 
     clips = [_split(_clip_frames(name), "train") for name in TRAIN_CLIPS]
-    sample = _random_batch(clips, 256, g).flatten(0, 1)
-    codebook = PatchCodebook.fit(codebook_patches_of(sample), seed=args.seed)
+    previous = None
+    if args.init:
+        init_model, codebook = load_model(args.init)
+        with open(os.path.splitext(args.init)[0] + ".json") as f:
+            previous = json.load(f)
+    else:
+        sample = _random_batch(clips, 256, g).flatten(0, 1)
+        codebook = PatchCodebook.fit(codebook_patches_of(sample), seed=args.seed)
     test = clip_sequences(codebook, "test")
     print(f"[train] codebook fitted ({time.time() - t_start:.0f} s); {len(test)} held-out sequences", flush=True)
 
-    model = _build_model(args.seed).train()
+    model = _build_model(args.seed)
+    if args.init:
+        model.load_state_dict(init_model.state_dict())
+    model.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = 50
     log = []
@@ -258,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         heldout_sequences=len(test), model_config=MODEL_CONFIG, tokens_per_frame=TOKENS_PER_FRAME,
         frames_per_sequence=FRAMES_PER_SEQUENCE, patch=PATCH, frame_hw=FRAME_HW, codes=CODES,
         clips=TRAIN_CLIPS, loss_log=log, bytes=os.path.getsize(args.out),
+        previous_stage=previous,
     )
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(meta, f, indent=1)
