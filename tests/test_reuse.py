@@ -294,3 +294,16 @@ def test_reuse_bad_arguments():
     with pytest.raises(ValueError, match="cache enabled"):
         sv.apply(model, reuse=FirstBlockCacheConfig())
     model.disable_cache()
+
+
+def test_bench_e2e_reuse_specs():
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    from sparsevid.bench.e2e import parse_reuse
+
+    replay, fbc, taylor = parse_reuse(["replay:rate=0.3,layers=[1, 2]", "fbc:threshold=0.1", "taylorseer:cache_interval=4"])
+    assert replay == TokenReplay(rate=0.3, layers=(1, 2))
+    assert isinstance(fbc, FirstBlockCacheConfig) and fbc.threshold == 0.1
+    assert isinstance(taylor, TaylorSeerCacheConfig) and taylor.cache_interval == 4
+    with pytest.raises(ValueError, match="--reuse"):
+        parse_reuse(["teacache:threshold=0.1"])
