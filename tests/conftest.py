@@ -10,3 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist each worker gets one intra-op thread: with as many workers as cores, more
+# threads only spin-wait on each other (small ops ran up to 50x slower on 2 shared cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)

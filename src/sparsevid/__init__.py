@@ -34,4 +34,8 @@ def __getattr__(name):
         from .integrations import diffusers
 
         return getattr(diffusers, name)
+    if name in ("reuse", "testbed", "data"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'sparsevid' has no attribute {name!r}")
