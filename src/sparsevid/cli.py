@@ -7,8 +7,10 @@ import importlib
 import sys
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
-_COMMANDS = {"demo": ("sparsevid.demo", "run every planner on attention inputs built from a real clip")}
-_COMMANDS["eval"] = ("sparsevid.eval", "generate dense and sparse videos with the testbed; PSNR/SSIM, per-layer error")
+_COMMANDS = {
+    "demo": ("sparsevid.demo", "run every planner on attention inputs built from a real clip"),
+    "eval": ("sparsevid.eval", "generate dense and sparse videos with the testbed; PSNR/SSIM, per-layer error"),
+}
 _BENCHMARKS = {
     "kernel": ("sparsevid.bench.kernel", "block-sparse attention kernel vs cuDNN/flash SDPA and FlexAttention"),
     "frontier": ("sparsevid.bench.frontier", "output error vs kernel speed of every planner at several densities"),

@@ -96,9 +96,11 @@ class TestbedPipeline:
         self.scheduler.set_timesteps(steps, device=self.device)
         self._reset_hooks()
         for i, t in enumerate(tqdm(self.scheduler.timesteps, desc=f"{label} seed {seed}", unit="step", leave=False, disable=not progress)):
-            velocity = self.transformer(
-                hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=cond, return_dict=False
-            )[0]
+            # one guidance branch, named as diffusers pipelines name it, so step caches (enable_cache) work
+            with self.transformer.cache_context("cond"):
+                velocity = self.transformer(
+                    hidden_states=latents, timestep=t.expand(1), encoder_hidden_states=cond, return_dict=False
+                )[0]
             # Euler in float32 (the scheduler upcasts), back to the model dtype for the next forward
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0].to(self.dtype)
             if callback is not None:
