@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._patch import patch_forward
+
 __all__ = ["TokenReplay", "TokenReplayHandle", "apply_token_replay", "replay_sources"]
 
 _SUPPORTED = ("WanTransformer3DModel",)
@@ -241,15 +243,4 @@ def _hook_block(block, state: _BlockState, config: TokenReplay, grid: dict, rest
         return out.index_select(0, src.reshape(-1)).view(B, L, -1)
 
     handles = [q_src.register_forward_hook(on_q), k_src.register_forward_hook(on_k)]
-    had_instance_forward = "forward" in ffn.__dict__
-    ffn.forward = ffn_forward
-
-    def undo():
-        for h in handles:
-            h.remove()
-        if had_instance_forward:
-            ffn.forward = native_forward
-        else:
-            del ffn.forward
-
-    restore.append(undo)
+    restore.append(patch_forward(ffn, ffn_forward, handles))

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._patch import patch_forward
+
 __all__ = ["FastCarHandle", "apply", "calibrate", "decoder_layers", "generate"]
 
 
@@ -309,18 +311,7 @@ def _hook_layer(layer: torch.nn.Module, state: _LayerState, session: _Session, f
         attn.q_proj.register_forward_hook(on_q),
         attn.k_proj.register_forward_hook(on_k),
     ]
-    had_instance_forward = "forward" in mlp.__dict__
-    mlp.forward = mlp_forward
-
-    def undo():
-        for h in handles:
-            h.remove()
-        if had_instance_forward:
-            mlp.forward = native_forward
-        else:
-            del mlp.forward
-
-    restore.append(undo)
+    restore.append(patch_forward(mlp, mlp_forward, handles))
 
 
 # ---------------------------------------------------------------------------------------- public
