@@ -111,42 +111,18 @@ def _inputs(args, batch, heads, head_dim, layout, dtype):
     return q, k, v, "random normal"
 
 
-def _random_csr(batch, heads, layout, density, seed, device):
-    """Fallback plan (no planner available): own block + random others, ~density of the blocks per row."""
-    nb = layout.num_blocks
-    g = torch.Generator(device=device).manual_seed(seed)
-    kept = max(1, min(nb, round(density * nb)))
-    score = torch.rand(batch, heads, nb, nb, generator=g, device=device)
-    score.diagonal(dim1=-2, dim2=-1).fill_(2.0)
-    idx = score.topk(kept, dim=-1).indices.sort(-1).values.int()
-    num = torch.full((batch, heads, nb), kept, dtype=torch.int32, device=device)
-    return num, idx
-
-
-def _real_density(layout, num, idx) -> float:
-    tokens = layout.block_tokens.to(num.device, torch.float64)
-    valid = torch.arange(idx.shape[-1], device=num.device) < num[..., None]
-    entries = (tokens[idx.long().clamp(0, layout.num_blocks - 1)] * valid).sum(-1) * tokens
-    return float(entries.sum(-1).mean() / float(layout.num_tokens) ** 2)
-
-
-def _make_plan(args, method, density, q, k, layout):
-    """``(kv_num_blocks, kv_indices, real density, plan ms, source)``; None when the planner is missing."""
+def _make_plan(method, density, q, k, layout):
+    """``(kv_num_blocks, kv_indices, real density, plan ms, source)``; None when the planner fails."""
     import sparsevid
 
-    planner = getattr(sparsevid, "plan", None)
-    if planner is not None:
-        try:
-            fn = lambda: planner(q, k, layout, method=method, density=density, validate=False)  # noqa: E731
-            plan = fn()
-            plan_ms = time_ms(fn, reps=max(10, 5), warmup=3)
-            return plan.kv_num_blocks, plan.kv_indices, float(plan.density), plan_ms, f"sparsevid.plan({method!r})"
-        except Exception as exc:  # noqa: BLE001
-            print(f"[bench] sparsevid.plan(method={method!r}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    if method != "random":
+    try:
+        fn = lambda: sparsevid.plan(q, k, layout, method=method, density=density, validate=False)  # noqa: E731
+        plan = fn()
+        plan_ms = time_ms(fn, reps=10, warmup=3)
+        return plan.kv_num_blocks, plan.kv_indices, float(plan.density), plan_ms, f"sparsevid.plan({method!r})"
+    except Exception as exc:  # noqa: BLE001
+        print(f"[bench] sparsevid.plan(method={method!r}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
-    num, idx = _random_csr(q.shape[0], q.shape[1], layout, density, args.seed, q.device)
-    return num, idx, _real_density(layout, num, idx), float("nan"), "bench fallback random CSR"
 
 
 def _block_mask(layout, num, idx):
@@ -233,7 +209,7 @@ def run(args) -> int:
 
     sweep = [(m, d) for m in args.methods for d in args.densities]
     for method, density in tqdm(sweep, desc="bench kernel", unit="plan"):
-        made = _make_plan(args, method, density, q, k, layout)
+        made = _make_plan(method, density, q, k, layout)
         if made is None:
             print(f"[bench] no plan for method {method!r}: skipped", file=sys.stderr)
             continue

@@ -63,14 +63,15 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
     B, H, L, D = q.shape
     nb, device = layout.num_blocks, q.device
 
-    block_of_token = layout.inverse_perm.to(device) // layout.block_size  # (L,)
+    tables = layout.on(device)
+    block_of_token = tables.block_of_token  # (L,)
     text_tok = _text_tokens(layout, device)  # (L,)
-    text_blk = layout.is_text_block.to(device)  # (NB,)
+    text_blk = tables.is_text_block  # (NB,)
     forced = (block_of_token[None, :] == torch.arange(nb, device=device)[:, None]) | text_tok | text_blk[:, None]
     n_forced = forced.sum(-1)  # (NB,)
     # the row budget's width is known on the host (no sync): forced counts come from the layout alone
     n_forced_max = L if layout.text_tokens else int(layout.block_tokens.max())
-    rows = layout.block_tokens.to(device, torch.float64)
+    rows = tables.block_tokens.double()
 
     counts = torch.empty(B, H, nb, dtype=torch.int32, device=device)
     per_head = []
@@ -115,9 +116,10 @@ def _estimate(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, queries: in
         qs = pool_blocks(q.unsqueeze(1), layout)[:, 0, :, None]  # (B, NB, 1, D)
     else:
         # `queries` evenly spaced real rows of each block (real rows come first in a block)
-        real = layout.block_tokens.to(q.device)
+        tables = layout.on(q.device)
+        real = tables.block_tokens
         pos = (2 * torch.arange(queries, device=q.device)[None, :] + 1) * real[:, None] // (2 * queries)
-        tok = layout.perm.to(q.device).view(nb, bs).gather(1, pos)  # (NB, S)
+        tok = tables.perm.view(nb, bs).gather(1, pos)  # (NB, S)
         qs = q[:, tok.reshape(-1)].float().view(B, nb, queries, D)
     S = qs.shape[2]
     log_p = torch.empty(B, nb, L, dtype=torch.float32, device=q.device)
