@@ -82,3 +82,45 @@ def test_generate_comparison(tmp_path):
     assert (tmp_path / "testbed_dense_vs_sparse.png").is_file()
     assert info["method"] == "draft" and info["density"] == 0.1
     assert 0 < info["achieved"] < 0.3 and info["psnr"] > 10
+
+
+def test_reuse_configs_and_spec_errors():
+    configs = sv_eval.make_configs(["draft", "none"], [0.25], reuse=["replay:rate=0.3", "replay:rate=0.1+fbc:threshold=0.1"])
+    names = [c.name for c in configs]
+    assert names == ["draft@0.25", "draft@0.25 + replay:rate=0.3", "draft@0.25 + replay:rate=0.1+fbc:threshold=0.1",
+                     "none + replay:rate=0.3", "none + replay:rate=0.1+fbc:threshold=0.1"]
+    with pytest.raises(ValueError, match="teacache:threshold=0.1"):
+        sv_eval.make_configs(["draft"], [0.25], reuse=["teacache:threshold=0.1"])
+    with pytest.raises(ValueError, match="replay:rate=2"):  # before the pipeline loads
+        cli.main(["eval", *REDUCED, "--reuse", "replay:rate=2"])
+    with pytest.raises(ValueError, match=r"replay:rate=0.1\+replay:rate=0.2"):
+        sv_eval.make_configs(["draft"], [0.25], reuse=["replay:rate=0.1+replay:rate=0.2"])
+    with pytest.raises(ValueError, match="--methods none"):
+        sv_eval.make_configs(["none"], [0.25])
+
+
+def test_reuse_fidelity(tmp_path):
+    args = cli.build_parser().parse_args(["eval", *REDUCED, "--labels", "bikes"])
+    target = sv_eval.TARGETS["testbed"]
+    pipe = target.load(args, "cpu")
+    configs = sv_eval.make_configs(["draft", "none"], [0.25], reuse=["replay:threshold=1e9", "replay:rate=0.3"])
+    result = sv_eval.evaluate(target, pipe, args, configs, keep_videos=1, progress=False)
+    videos, rows = result["kept"]["bikes seed 0"], {r["config"]: r for r in result["videos"]}
+    # a threshold no token reaches replays nothing: exactly the video without reuse
+    assert rows["draft@0.25 + replay:threshold=1e9"]["replay_rate"] == 0
+    assert torch.equal(videos["draft@0.25 + replay:threshold=1e9"], videos["draft@0.25"])
+    assert rows["none + replay:threshold=1e9"]["psnr"] == 100.0 and rows["none + replay:threshold=1e9"]["achieved"] is None
+    replay = rows["draft@0.25 + replay:rate=0.3"]
+    assert 0 < replay["replay_rate"] < 0.3 and replay["reuse"] == "replay:rate=0.3"
+    assert not torch.equal(videos["draft@0.25 + replay:rate=0.3"], videos["draft@0.25"])
+    assert rows["draft@0.25"]["replay_rate"] is None and rows["none + replay:rate=0.3"]["psnr"] < 100
+    # per-layer error: the attention plans only, once per attention config
+    assert {r["config"] for r in result["layers"]} == {"draft@0.25"}
+    summary = {r["config"]: r for r in sv_eval.summarize(result["videos"], result["layers"], configs)}
+    assert summary["draft@0.25 + replay:rate=0.3"]["layer_err"] == summary["draft@0.25"]["layer_err"] is not None
+    assert summary["none + replay:rate=0.3"]["layer_err"] is None
+    assert "replayed" in sv_eval.format_table(list(summary.values()))
+    settings = dict(pipeline="testbed", cases=1)
+    sv_eval.write_outputs(tmp_path, result, list(summary.values()), settings)
+    assert (tmp_path / "quality_vs_density.png").is_file()
+    assert "replay_rate" in (tmp_path / "videos.csv").read_text().splitlines()[0]

@@ -17,6 +17,16 @@ plan is applied to them with :func:`sparsevid.plan` + :func:`sparsevid.sparse_at
 ``||sparse - dense|| / ||dense||`` per layer (layers inside ``--dense-layers`` are reported too:
 the error they *would* have).
 
+**Temporal reuse** (``--reuse SPEC``, repeatable; SPEC as in ``bench e2e``, :mod:`sparsevid.reuse.spec`):
+each ``--reuse`` value is one reuse setting (``replay:rate=0.3``; several joined by ``+`` act together,
+``replay:rate=0.1+fbc:threshold=0.1``), passed as ``sv.apply(..., reuse=...)``. Every configuration
+above runs without reuse *and* with each setting; ``--methods none`` (native attention) runs only
+with each setting, measuring reuse alone. Rows carry ``reuse`` and, with token replay, the measured
+``replay_rate`` (FFN rows replayed / rows seen). The per-layer error is of the attention plan alone:
+reuse does not change it, so it is computed once per attention configuration (a reuse config's
+summary reports its no-reuse twin's) and ``none`` has no per-layer rows. In the quality curve each
+reuse setting is its own line; ``none`` sits at density 1 (full attention).
+
 Writes to ``--out``: ``results.json`` (settings, per-video rows, per-layer rows, summary),
 ``videos.csv``, ``layers.csv``, ``summary.csv``, ``side_by_side_<label>_s<seed>.mp4`` and
 ``frames_<label>_s<seed>.png`` for the first ``--videos`` cases, ``quality_vs_density.png``.
@@ -34,13 +44,15 @@ import itertools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
+
+from .reuse.spec import parse_reuse
 
 __all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "generate_comparison", "video_metrics"]
 
@@ -97,12 +109,13 @@ TARGETS: dict[str, EvalTarget] = {"testbed": TestbedTarget()}
 # ---------------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
 class Config:
-    """One sparse configuration: what :func:`sparsevid.apply` is called with."""
+    """One configuration: what :func:`sparsevid.apply` is called with (method ``none``: native attention)."""
 
     method: str
     density: float | None
     dense_steps: int | float | None = None  # None: the integration's default (20% of the steps)
     dense_layers: int = 1
+    reuse: str | None = None  # a --reuse SPEC; None: no reuse
     options: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -112,15 +125,22 @@ class Config:
             warm.append(f"ds={self.dense_steps:g}")
         if self.dense_layers != 1:
             warm.append(f"dl={self.dense_layers}")
-        density = "" if self.method == "dense" else f"@{self.density:g}"
-        return f"{self.method}{density}" + (f" ({', '.join(warm)})" if warm else "")
+        density = "" if self.method in ("dense", "none") else f"@{self.density:g}"
+        return (f"{self.method}{density}" + (f" ({', '.join(warm)})" if warm else "")
+                + (f" + {self.reuse}" if self.reuse else ""))
+
+    @property
+    def attention(self) -> Config:
+        """This configuration without reuse (whose plans the per-layer error measures)."""
+        return replace(self, reuse=None)
 
     def apply(self, pipe):
         import sparsevid as sv
 
         return sv.apply(
-            pipe, method=self.method, density=self.density, dense_steps=self.dense_steps,
-            dense_layers=self.dense_layers, **self.options,
+            pipe, method=None if self.method == "none" else self.method, density=self.density,
+            dense_steps=self.dense_steps, dense_layers=self.dense_layers,
+            reuse=parse_reuse(self.reuse) if self.reuse else None, **self.options,
         )
 
 
@@ -131,10 +151,31 @@ def _parse_dense_steps(text: str):
     return value if ("." in text or "e" in text.lower()) else int(value)
 
 
-def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,)) -> list[Config]:
+def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=()) -> list[Config]:
+    """Every method x density x warm-up, each without reuse and with every ``reuse`` SPEC;
+    ``none`` (native attention) with every SPEC only.
+
+    Raises:
+        ValueError: a bad SPEC (named), or ``none`` without any SPEC.
+    """
+    from .reuse import split_reuse
+
+    for spec in reuse:  # fail before any generation
+        parsed = parse_reuse(spec)
+        try:
+            split_reuse(parsed)
+        except ValueError as e:
+            raise ValueError(f"{e} (--reuse {spec!r})") from e
+    if "none" in methods and not reuse:
+        raise ValueError("Expect --reuse SPEC with --methods none (native attention, reuse only) but got no --reuse")
     configs, seen = [], set()
-    for method, density, ds, dl in itertools.product(methods, densities, dense_steps, dense_layers):
-        config = Config(method, 1.0 if method == "dense" else density, ds, dl)
+    for method, density, ds, dl, spec in itertools.product(methods, densities, dense_steps, dense_layers, [None, *reuse]):
+        if method == "none":
+            if spec is None:
+                continue
+            config = Config("none", None, reuse=spec)  # warm-up options only shape sparse attention
+        else:
+            config = Config(method, 1.0 if method == "dense" else density, ds, dl, spec)
         if config not in seen:
             seen.add(config)
             configs.append(config)
@@ -271,7 +312,8 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
                 capture.remove()
         videos = {"dense": dense}
         if capture is not None and capture.layers:
-            for row in layer_errors(capture.layers, capture.grid, capture.text_first, configs):
+            attention = list(dict.fromkeys(c.attention for c in configs if c.method != "none"))
+            for row in layer_errors(capture.layers, capture.grid, capture.text_first, attention):
                 layer_rows.append(dict(case=name, **{k: v for k, v in case.items()}, step=capture_step, **row))
         for config in configs:
             handle = config.apply(pipe)
@@ -283,8 +325,9 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
             metrics = video_metrics(video, dense)
             video_rows.append(dict(
                 case=name, **case, config=config.name, method=config.method, density=config.density,
-                dense_steps=config.dense_steps, dense_layers=config.dense_layers,
-                achieved=stats["mean_density"], seconds=seconds, dense_seconds=dense_s, **metrics,
+                dense_steps=config.dense_steps, dense_layers=config.dense_layers, reuse=config.reuse,
+                achieved=stats["mean_density"], replay_rate=_replay_rate(stats), seconds=seconds,
+                dense_seconds=dense_s, **metrics,
             ))
             videos[config.name] = video
         if i < keep_videos:
@@ -292,36 +335,51 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
     return dict(videos=video_rows, layers=layer_rows, kept=kept, capture_step=capture_step)
 
 
+def _replay_rate(stats: dict) -> float | None:
+    """Token replay's FFN rows replayed / rows seen in the run (the pipeline's transformer), if any."""
+    token = stats["reuse"][0]["token_replay"] if stats.get("reuse") else None
+    return token["replay_rate"] if token else None
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Config]) -> list[dict]:
-    """Mean over cases per config (PSNR/SSIM/time/achieved density) and mean per-layer error."""
+    """Mean over cases per config (PSNR/SSIM/time/achieved density/replay rate) and mean per-layer
+    error (of the config's attention plans: a reuse config reports its no-reuse twin's)."""
     summary = []
     for config in configs:
         rows = [r for r in video_rows if r["config"] == config.name]
         if not rows:
             continue
-        errs = [r["rel_err"] for r in layer_rows if r["config"] == config.name and r["layer"] >= config.dense_layers]
-        achieved = [r["achieved"] for r in rows if r["achieved"] is not None]
-        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        attention = config.attention.name
+        errs = [r["rel_err"] for r in layer_rows if r["config"] == attention and r["layer"] >= config.dense_layers]
+        mean = lambda key: _mean(r[key] for r in rows)  # noqa: E731
         summary.append(dict(
             config=config.name, method=config.method, density=config.density, dense_steps=config.dense_steps,
-            dense_layers=config.dense_layers, videos=len(rows),
-            achieved=sum(achieved) / len(achieved) if achieved else None,
-            psnr=mean("psnr"), psnr_min=min(r["psnr"] for r in rows), ssim=mean("ssim"),
-            ssim_min=min(r["ssim"] for r in rows), seconds=mean("seconds"), dense_seconds=mean("dense_seconds"),
-            layer_err=sum(errs) / len(errs) if errs else None,
+            dense_layers=config.dense_layers, reuse=config.reuse, videos=len(rows), achieved=mean("achieved"),
+            replay_rate=mean("replay_rate"), psnr=mean("psnr"), psnr_min=min(r["psnr"] for r in rows),
+            ssim=mean("ssim"), ssim_min=min(r["ssim"] for r in rows), seconds=mean("seconds"),
+            dense_seconds=mean("dense_seconds"), layer_err=_mean(errs),
         ))
     return summary
 
 
 def format_table(summary: list[dict]) -> str:
-    head = f"{'config':<26} {'videos':>6} {'achieved':>8} {'PSNR dB':>8} {'min':>6} {'SSIM':>7} {'min':>7} {'layer err':>9} {'time s':>7} {'dense s':>7}"
+    width = max([26] + [len(r["config"]) for r in summary])
+    replay = any(r["replay_rate"] is not None for r in summary)
+    head = (f"{'config':<{width}} {'videos':>6} {'achieved':>8}" + (f" {'replayed':>8}" if replay else "")
+            + f" {'PSNR dB':>8} {'min':>6} {'SSIM':>7} {'min':>7} {'layer err':>9} {'time s':>7} {'dense s':>7}")
     lines = [head, "-" * len(head)]
     for r in summary:
         achieved = f"{r['achieved']:.3f}" if r["achieved"] is not None else "-"
+        rate = (f" {r['replay_rate']:>8.3f}" if r["replay_rate"] is not None else f" {'-':>8}") if replay else ""
         err = f"{r['layer_err']:.4f}" if r["layer_err"] is not None else "-"
         lines.append(
-            f"{r['config']:<26} {r['videos']:>6} {achieved:>8} {r['psnr']:>8.2f} {r['psnr_min']:>6.1f} {r['ssim']:>7.4f} "
-            f"{r['ssim_min']:>7.4f} {err:>9} {r['seconds']:>7.1f} {r['dense_seconds']:>7.1f}"
+            f"{r['config']:<{width}} {r['videos']:>6} {achieved:>8}{rate} {r['psnr']:>8.2f} {r['psnr_min']:>6.1f} "
+            f"{r['ssim']:>7.4f} {r['ssim_min']:>7.4f} {err:>9} {r['seconds']:>7.1f} {r['dense_seconds']:>7.1f}"
         )
     return "\n".join(lines)
 
@@ -358,11 +416,12 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
         files.append(viz.save_video_rows(videos, out_dir / f"frames_{stem}.png", title=f"{case}: dense vs sparse"))
     curves: dict[str, list] = {}
     for r in summary:
-        if r["method"] == "dense" or r["achieved"] is None:
+        achieved = 1.0 if r["method"] == "none" else r["achieved"]  # reuse alone: full attention
+        if r["method"] == "dense" or achieved is None:
             continue
         key = r["method"] + (f" ds={r['dense_steps']}" if r["dense_steps"] is not None else "") + (
-            f" dl={r['dense_layers']}" if r["dense_layers"] != 1 else "")
-        curves.setdefault(key, []).append((r["achieved"], min(r["psnr"], 60.0), r["ssim"]))
+            f" dl={r['dense_layers']}" if r["dense_layers"] != 1 else "") + (f" + {r['reuse']}" if r["reuse"] else "")
+        curves.setdefault(key, []).append((achieved, min(r["psnr"], 60.0), r["ssim"]))
     if curves:
         files.append(viz.save_quality_curves(curves, out_dir / "quality_vs_density.png",
                                              title=f"{settings['pipeline']}: sparse vs dense, mean over {settings['cases']} videos"))
@@ -379,11 +438,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=16, help="frames (default: %(default)s)")
     parser.add_argument("--height", type=int, default=64, help="height in px (default: %(default)s)")
     parser.add_argument("--width", type=int, default=64, help="width in px (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=["draft", "xattn", "window", "random"], help="planners (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=["draft", "xattn", "window", "random"],
+                        help="planners, or 'none': native attention, run only with each --reuse (default: %(default)s)")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.25], help="densities (default: %(default)s)")
     parser.add_argument("--dense-steps", type=_parse_dense_steps, nargs="+", default=[None],
                         help="warm-up steps run dense: int count, fraction, or 'auto' (20%%) (default: auto)")
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[1], help="leading dense blocks (default: %(default)s)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
+                        help="a temporal-reuse setting, repeatable: every config runs without reuse and with each "
+                             "setting. SPEC as in `bench e2e`: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
+                             "taylorseer:cache_interval=5 | magcache:KEY=VALUE,...; '+' joins several into one setting "
+                             "(replay:rate=0.1+fbc:threshold=0.1)")
     parser.add_argument("--capture-step", type=int, default=None, help="step whose q/k/v give the per-layer errors (default: first sparse step)")
     parser.add_argument("--no-layer-error", dest="layer_error", action="store_false", help="skip the per-layer errors")
     parser.add_argument("--videos", type=int, default=2, help="cases to write side-by-side videos and frame PNGs for (default: %(default)s)")
@@ -402,8 +467,8 @@ def _environment(device) -> str:
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     target = TARGETS[args.pipeline]
+    configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse)
     pipe = target.load(args, device)
-    configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers)
     cases = target.cases(pipe, args)
     print(f"[eval] {args.pipeline} on {_environment(device)}: {len(cases)} cases x ({len(configs)} configs + dense), "
           f"{args.steps} steps, {args.frames}x{args.height}x{args.width}")

@@ -12,7 +12,8 @@ bf16 on the GPU. Measured, every contender in the same run:
   steps dense), as a pipeline runs it minus the text encoder and VAE.
 
 - **reuse** (``--reuse SPEC``, repeatable, combined into one ``reuse=`` list): temporal reuse on top
-  of each sparse config (``--methods none``: reuse alone, native attention). SPEC is
+  of each sparse config (``--methods none``: reuse alone, native attention). SPEC
+  (:mod:`sparsevid.reuse.spec`, several joined by ``+`` allowed) is
   ``replay:rate=0.3`` / ``replay:threshold=0.5`` (:class:`sparsevid.reuse.TokenReplay`),
   ``fbc:threshold=0.05`` (``FirstBlockCacheConfig``), ``taylorseer:cache_interval=5`` (``TaylorSeerCacheConfig``),
   ``magcache:threshold=0.06,mag_ratios=[...]`` (``MagCacheConfig``; needs calibrated ratios). Token replay
@@ -35,6 +36,7 @@ import types
 import torch
 from tqdm import tqdm
 
+from ..reuse.spec import parse_reuse, reuse_label
 from .common import append_benchmarks, environment, markdown_table, time_ms
 
 # Published transformer configs (diffusers format) and how each model's pipeline shapes its inputs.
@@ -111,37 +113,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
     parser.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file to append the table to")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
-
-
-def parse_reuse(specs: list[str]) -> list:
-    """``--reuse`` specs -> objects for ``sparsevid.apply(..., reuse=...)``."""
-    import diffusers.hooks as hooks
-
-    from ..reuse import TokenReplay
-
-    kinds = {"replay": TokenReplay, "fbc": hooks.FirstBlockCacheConfig, "taylorseer": hooks.TaylorSeerCacheConfig,
-             "magcache": hooks.MagCacheConfig}
-    out = []
-    for spec in specs:
-        kind, _, options = spec.partition(":")
-        if kind not in kinds:
-            raise ValueError(f"Expect --reuse KIND:KEY=VALUE,... with KIND in {sorted(kinds)} but got {spec!r}")
-        call = ast.parse(f"f({options})", mode="eval").body
-        if call.args:
-            raise ValueError(f"Expect --reuse options as KEY=VALUE pairs but got {spec!r}")
-        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-        if kind == "replay" and "layers" in kwargs:
-            kwargs["layers"] = tuple(kwargs["layers"])
-        out.append(kinds[kind](**kwargs))
-    return out
-
-
-def _reuse_label(r) -> str:
-    from dataclasses import fields
-
-    defaults = {f.name: f.default for f in fields(r)}
-    changed = {k: v for k, v in vars(r).items() if k in defaults and v != defaults[k]}
-    return f"{type(r).__name__}({', '.join(f'{k}={v}' for k, v in changed.items())})"
 
 
 def _build(spec, device) -> torch.nn.Module:
@@ -294,7 +265,7 @@ def run(args) -> int:
 
     reuse = parse_reuse(args.reuse)
     forward_reuse = [r for r in reuse if isinstance(r, TokenReplay)]  # step caches act only across steps
-    reuse_label = " + ".join(_reuse_label(r) for r in reuse)
+    reuse_names = " + ".join(reuse_label(r) for r in reuse)
     jobs = [(m, d) for m in args.methods for d in (args.densities if m != "none" else [1.0])]
     for method, density in tqdm(jobs, desc="sparse configs", unit="cfg"):
         sparse_method = None if method == "none" else method  # none: native attention, reuse only
@@ -306,7 +277,7 @@ def run(args) -> int:
             ms = timed(lambda: _forward(model, inputs))
         stats = handle.stats()
         handle.remove()
-        row = dict(method=method + (f" + {reuse_label}" if reuse_label else "") + parallel, density=density,
+        row = dict(method=method + (f" + {reuse_names}" if reuse_names else "") + parallel, density=density,
                    forward_ms=ms, achieved=stats["mean_density"], finite=bool(torch.isfinite(out).all()))
         if forward_reuse:
             row["forward_replay_rate"] = stats["reuse"][0]["token_replay"]["replay_rate"]
@@ -333,7 +304,7 @@ def run(args) -> int:
            f"plans cached (replan_every={args.replan_every}; the loop replans every {args.replan_every} steps)")
         + f", first {args.dense_layers} block(s) dense"
         + (f", planner options {options}" if options else "")
-        + (f"; reuse {reuse_label} (token replay in forward and loop, step caches in the loop only)" if reuse else "")
+        + (f"; reuse {reuse_names} (token replay in forward and loop, step caches in the loop only)" if reuse else "")
         + (f"; loop: {args.steps} steps x 2 guidance branches, default warm-up (first 20% of steps dense), "
            f"native loop {loop_native:.1f} s" if args.steps else "")
         + (f"; {world} ranks, Ulysses degree {world}: speedups are against the faster native run under the same "

@@ -6,6 +6,7 @@
   video-DiT forward.
 - :mod:`sparsevid.reuse.steps`: diffusers' step caches (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``,
   ``MagCacheConfig``, ...), passed through.
+- :mod:`sparsevid.reuse.spec`: :func:`parse_reuse`, the command lines' ``--reuse SPEC`` strings.
 
 With sparse attention, one call (the ``reuse=`` argument of :func:`sparsevid.apply`)::
 
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from . import dit, fastcar, steps
+from . import dit, fastcar, spec, steps
 from .dit import TokenReplay, TokenReplayHandle, apply_token_replay
+from .spec import parse_reuse
 from .steps import cache_context, enable_step_cache, is_step_cache
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "enable_step_cache",
     "fastcar",
     "is_step_cache",
+    "parse_reuse",
+    "spec",
     "split_reuse",
     "steps",
 ]
