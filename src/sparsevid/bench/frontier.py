@@ -131,7 +131,6 @@ def run(args) -> int:
         ms = time_ms(attend, reps=max(10, args.reps), warmup=3) if cuda else float("nan")
         rows.append(dict(method=method, density=density, achieved=plan.density, err=err, plan_ms=plan_ms, ms=ms,
                          speedup=t_dense / ms if cuda else float("nan")))
-        del plan
 
     table = _table(rows, cuda)
     summary = _equal_error(rows, "finegrained", "draft", cuda)

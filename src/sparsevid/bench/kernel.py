@@ -237,7 +237,6 @@ def run(args) -> int:
         print(f"[bench] {method} d={density}: plan from {plan_src}, real density {real_density:.4f}, "
               f"triton rel err {err:.2e} vs {ref_name or '-'}{' / cudnn' if density >= 1.0 else ''}"
               f"{'' if ok else '  WRONG'}")
-        del num, idx
 
     flex_ms = {(r["method"], r["density"]): r["ms"] for r in rows if r["kernel"] == "flex" and r["ok"]}
     for r in rows:
