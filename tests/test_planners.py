@@ -146,3 +146,15 @@ def test_plan_repr_string_slicing_and_to():
     assert torch.equal(sub.to_dense()[0, 0], plan.to_dense()[1, 2])
     assert plan.to("cpu").density == pytest.approx(plan.density)
     assert math.isclose(float(plan.density_per_head().mean()), plan.density)
+
+
+def test_block_size_override_retiles():
+    layout = sv.VideoLayout(frames=2, height=8, width=16)  # auto tile (8, 16) for 128-token blocks
+    q, k, v = torch.randn(3, 1, 2, layout.num_tokens, 32).unbind(0)
+    plan = sv.plan(q, k, layout, method="draft", density=0.5, block_size=32)
+    assert plan.layout.block_size == 32 and math.prod(plan.layout.tile) <= 32
+    mask = plan.to_mask()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(sv.sparse_attention(q, k, v, plan, backend="reference"), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="tile"):
+        sv.plan(q, k, layout, method="draft", density=0.5, tile=(8, 16), block_size=32)

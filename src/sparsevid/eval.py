@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
+from .bench.common import option_pair
 from .reuse.spec import parse_reuse
 
 __all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "generate_comparison", "video_metrics"]
@@ -151,9 +152,10 @@ def _parse_dense_steps(text: str):
     return value if ("." in text or "e" in text.lower()) else int(value)
 
 
-def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=()) -> list[Config]:
+def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=(), options=None) -> list[Config]:
     """Every method x density x warm-up, each without reuse and with every ``reuse`` SPEC;
-    ``none`` (native attention) with every SPEC only.
+    ``none`` (native attention) with every SPEC only. ``options`` (planner keyword arguments, e.g.
+    ``block_size``) go to every sparse config.
 
     Raises:
         ValueError: a bad SPEC (named), or ``none`` without any SPEC.
@@ -175,7 +177,7 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
                 continue
             config = Config("none", None, reuse=spec)  # warm-up options only shape sparse attention
         else:
-            config = Config(method, 1.0 if method == "dense" else density, ds, dl, spec)
+            config = Config(method, 1.0 if method == "dense" else density, ds, dl, spec, dict(options or {}))
         if config not in seen:
             seen.add(config)
             configs.append(config)
@@ -449,6 +451,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "setting. SPEC as in `bench e2e`: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
                              "taylorseer:cache_interval=5 | magcache:KEY=VALUE,...; '+' joins several into one setting "
                              "(replay:rate=0.1+fbc:threshold=0.1)")
+    parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
+                        help="planner option for every sparse config, repeatable (e.g. --option block_size=32)")
     parser.add_argument("--capture-step", type=int, default=None, help="step whose q/k/v give the per-layer errors (default: first sparse step)")
     parser.add_argument("--no-layer-error", dest="layer_error", action="store_false", help="skip the per-layer errors")
     parser.add_argument("--videos", type=int, default=2, help="cases to write side-by-side videos and frame PNGs for (default: %(default)s)")
@@ -467,7 +471,7 @@ def _environment(device) -> str:
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     target = TARGETS[args.pipeline]
-    configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse)
+    configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option))
     pipe = target.load(args, device)
     cases = target.cases(pipe, args)
     print(f"[eval] {args.pipeline} on {_environment(device)}: {len(cases)} cases x ({len(configs)} configs + dense), "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import datetime
 import shlex
 import statistics
@@ -9,6 +11,17 @@ import sys
 import time
 
 import torch
+
+
+def option_pair(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` (VALUE a Python literal) -> ``(KEY, value)``: the ``--option`` type of the CLIs."""
+    key, sep, value = text.partition("=")
+    try:
+        if not sep or not key.isidentifier():
+            raise ValueError
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"Expect --option KEY=VALUE with a Python literal VALUE but got {text!r}") from None
 
 
 def time_ms(fn, reps: int = 10, warmup: int = 2, device: str = "cuda") -> float:

@@ -27,7 +27,6 @@ Timings: CUDA events, warm-up, median of ``--reps``.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import os
@@ -37,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from ..reuse.spec import parse_reuse, reuse_label
-from .common import append_benchmarks, environment, markdown_table, time_ms
+from .common import append_benchmarks, environment, markdown_table, option_pair, time_ms
 
 # Published transformer configs (diffusers format) and how each model's pipeline shapes its inputs.
 MODELS = {
@@ -100,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replan-every", type=int, default=1,
                         help="recompute plans every k denoising steps (default: %(default)s); with k > 1 the forward "
                              "rows time cached plans (repeated forwards stay on one step)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
                         help="planner option, repeatable (e.g. --option budget='row')")
     parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
                         help="temporal reuse, repeatable: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
@@ -257,10 +256,7 @@ def run(args) -> int:
         with best_context():
             loop_native = _loop(model, inputs, args.steps, schedule, device, "native loop")
 
-    options = {}
-    for item in args.option:
-        key, _, value = item.partition("=")
-        options[key] = ast.literal_eval(value)
+    options = dict(args.option)
     from ..reuse import TokenReplay
 
     reuse = parse_reuse(args.reuse)

@@ -74,7 +74,8 @@ def plan(
             where the forced blocks (own block, text) alone exceed it.
         mass (float, optional): alternatively, the attention probability mass to keep, in (0, 1]
             (planners with a probability estimate: ``draft``, ``xattn``).
-        tile (tuple, optional), block_size (int, optional): override the layout's tiling.
+        tile (tuple, optional), block_size (int, optional): override the layout's tiling (a
+            ``block_size`` without ``tile`` picks the tile with :func:`auto_tile`).
         validate (bool): check the plan's invariants (``plan.validate()``, several host syncs).
             Built-in planners are valid by construction (tested); hot loops pass False.
         **options: planner-specific options (see each planner's docstring).
@@ -104,7 +105,9 @@ def plan(
     if q.dtype != k.dtype:
         raise TypeError(f"Expect q and k of one dtype but got q={q.dtype}, k={k.dtype}")
     if tile is not None or block_size is not None:
-        layout = layout.replace(tile=tile if tile is not None else layout.tile, block_size=block_size or layout.block_size)
+        # a new block_size alone re-tiles (auto_tile): the old tile may not fit it
+        layout = layout.replace(tile=tile if tile is not None else (layout.tile if block_size is None else None),
+                                block_size=block_size or layout.block_size)
     if q.shape[2] != layout.num_tokens:
         raise ValueError(
             f"Expect L={layout.num_tokens} tokens for {layout} but got q.shape[2]={q.shape[2]}; "
