@@ -296,6 +296,20 @@ def test_reuse_bad_arguments():
     model.disable_cache()
 
 
+
+def test_step_cache_that_hooks_nothing_is_refused():
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    model = tiny_wan()
+    with pytest.raises(ValueError, match="matched none"):  # default identifiers miss Wan's attn1/attn2
+        sv.apply(model, method=None, reuse=TaylorSeerCacheConfig())
+    assert not model.is_cache_enabled
+    handle = sv.apply(model, method=None, reuse=TaylorSeerCacheConfig(use_lite_mode=True))
+    assert model.is_cache_enabled
+    handle.remove()
+    assert not model.is_cache_enabled
+
+
 def test_bench_e2e_reuse_specs():
     from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 

@@ -434,10 +434,16 @@ def apply(
     if reuse is not None:
         from ..reuse import apply as apply_reuse
 
-        for transformer in transformers:
-            handle = apply_reuse(transformer, reuse)
-            transformer._sparsevid_reuse = handle
-            reuse_handles.append(handle)
+        try:
+            for transformer in transformers:
+                handle = apply_reuse(transformer, reuse)
+                transformer._sparsevid_reuse = handle
+                reuse_handles.append(handle)
+        except Exception:  # a refused reuse config leaves the model as it was
+            for transformer in transformers:
+                _remove_reuse(transformer)
+                _remove_hooks(transformer)
+            raise
     return SparseVidHandle(transformers, states, config, reuse_handles)
 
 

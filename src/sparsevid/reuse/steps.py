@@ -9,7 +9,9 @@ config                       what it skips
 ``FirstBlockCacheConfig``    all blocks after the first while the first block's residual changes
                              less than ``threshold`` (relative) since the last full step
 ``TaylorSeerCacheConfig``    attention/FFN outputs predicted by a Taylor series between full steps
-                             every ``cache_interval`` steps
+                             every ``cache_interval`` steps. Its default module identifiers match
+                             no Wan module (diffusers 0.42.1); ``use_lite_mode=True`` (predict the
+                             output, skip every block) or ``cache_identifiers`` make it act
 ``MagCacheConfig``           blocks skipped while the accumulated magnitude-ratio error stays under
                              ``threshold``; needs ``mag_ratios`` calibrated for the checkpoint
                              (``calibrate=True``) and ``num_inference_steps``
@@ -55,7 +57,7 @@ def enable_step_cache(transformer: torch.nn.Module, config):
 
     Raises:
         TypeError: ``config`` is not a diffusers cache config, or the model has no ``enable_cache``.
-        ValueError: a cache is already enabled on the model.
+        ValueError: a cache is already enabled on the model, or the config hooked none of its modules.
     """
     if not is_step_cache(config):
         raise TypeError(
@@ -67,8 +69,22 @@ def enable_step_cache(transformer: torch.nn.Module, config):
         raise ValueError(
             f"Expect {type(transformer).__name__} without a cache enabled but it has one; call disable_cache() first"
         )
+    before = _hook_count(transformer)
     transformer.enable_cache(config)
+    if _hook_count(transformer) == before:
+        # e.g. TaylorSeer's default identifiers ("^blocks.*attn") fullmatch no Wan module ("attn1"):
+        # enable_cache succeeds and every step still runs in full
+        transformer.disable_cache()
+        raise ValueError(
+            f"Expect {type(config).__name__} to hook some module of {type(transformer).__name__} but it matched none "
+            "(for TaylorSeer pass use_lite_mode=True or cache_identifiers=[...] naming its modules)"
+        )
     return transformer.disable_cache
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    """diffusers hooks registered on ``model`` and its submodules."""
+    return sum(len(m._diffusers_hook.hooks) for m in model.modules() if hasattr(m, "_diffusers_hook"))
 
 
 @contextlib.contextmanager
