@@ -449,7 +449,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
                         help="a temporal-reuse setting, repeatable: every config runs without reuse and with each "
                              "setting. SPEC as in `bench e2e`: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
-                             "taylorseer:cache_interval=5 | magcache:KEY=VALUE,...; '+' joins several into one setting "
+                             "taylorseer:cache_interval=5,use_lite_mode=True | magcache:KEY=VALUE,...; '+' joins several into one setting "
                              "(replay:rate=0.1+fbc:threshold=0.1)")
     parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
                         help="planner option for every sparse config, repeatable (e.g. --option block_size=32)")
@@ -475,7 +475,8 @@ def run(args) -> int:
     pipe = target.load(args, device)
     cases = target.cases(pipe, args)
     print(f"[eval] {args.pipeline} on {_environment(device)}: {len(cases)} cases x ({len(configs)} configs + dense), "
-          f"{args.steps} steps, {args.frames}x{args.height}x{args.width}")
+          f"{args.steps} steps, {args.frames}x{args.height}x{args.width}"
+          + (f", planner options {dict(args.option)}" if args.option else ""))
     start = time.perf_counter()
     result = evaluate(target, pipe, args, configs, keep_videos=args.videos, progress=not args.quiet)
     summary = summarize(result["videos"], result["layers"], configs)

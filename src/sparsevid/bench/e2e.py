@@ -15,7 +15,8 @@ bf16 on the GPU. Measured, every contender in the same run:
   of each sparse config (``--methods none``: reuse alone, native attention). SPEC
   (:mod:`sparsevid.reuse.spec`, several joined by ``+`` allowed) is
   ``replay:rate=0.3`` / ``replay:threshold=0.5`` (:class:`sparsevid.reuse.TokenReplay`),
-  ``fbc:threshold=0.05`` (``FirstBlockCacheConfig``), ``taylorseer:cache_interval=5`` (``TaylorSeerCacheConfig``),
+  ``fbc:threshold=0.05`` (``FirstBlockCacheConfig``), ``taylorseer:cache_interval=5,use_lite_mode=True``
+  (``TaylorSeerCacheConfig``; its default identifiers hook nothing in Wan),
   ``magcache:threshold=0.06,mag_ratios=[...]`` (``MagCacheConfig``; needs calibrated ratios). Token replay
   acts in the forward rows and the loop; step caches only in the loop (a repeated forward at one
   timestep would be skipped entirely). The loop opens ``cache_context("cond"/"uncond")`` per branch,
@@ -103,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="planner option, repeatable (e.g. --option budget='row')")
     parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
                         help="temporal reuse, repeatable: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
-                             "taylorseer:cache_interval=5 | magcache:KEY=VALUE,... (see the module docstring)")
+                             "taylorseer:cache_interval=5,use_lite_mode=True | magcache:KEY=VALUE,... (see the module docstring)")
     parser.add_argument("--steps", type=int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
     parser.add_argument("--gpus", type=int, default=1,
                         help="Ulysses context parallelism over N GPUs (diffusers' enable_parallelism); launch with "
