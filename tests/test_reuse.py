@@ -321,3 +321,22 @@ def test_bench_e2e_reuse_specs():
     assert isinstance(taylor, TaylorSeerCacheConfig) and taylor.cache_interval == 4
     with pytest.raises(ValueError, match="--reuse"):
         parse_reuse(["teacache:threshold=0.1"])
+
+
+def test_bench_decode_reports_test_model_and_speed_model_rows(tmp_path, monkeypatch):
+    import json
+
+    from sparsevid import cli
+    from sparsevid.bench import decode
+
+    # a small stand-in for the 1B shape keeps the CPU run short; the code path is the same
+    monkeypatch.setitem(decode.SPEED_MODELS, "llama3.2-1b", dict(hidden_size=64, intermediate_size=128,
+                                                                  num_hidden_layers=2, num_attention_heads=4,
+                                                                  num_key_value_heads=2))
+    assert cli.main(["bench", "decode", "--rates", "0.3", "--batches", "1", "--frames", "1", "--calib", "2",
+                     "--reps", "1", "--speed-model", "llama3.2-1b", "--no-record", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [(r["model"], r["target"]) for r in rows] == [
+        ("test model", 0.0), ("test model", 0.3), ("llama3.2-1b (random weights)", 0.0), ("llama3.2-1b (random weights)", 0.3)]
+    assert rows[1]["achieved"] > 0 and 0 < rows[1]["agreement"] <= 1  # fidelity on the trained test model
+    assert rows[3]["achieved"] > 0 and "agreement" not in rows[3]  # speed only on random weights
