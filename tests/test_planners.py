@@ -96,6 +96,26 @@ def test_mass_budget_and_head_vs_row_budget():
     assert counts.std() <= head.kv_num_blocks.float().std()  # the row budget keeps rows even
 
 
+def test_layer_budget_moves_blocks_from_peaked_to_diffuse_heads():
+    layout = sv.VideoLayout(frames=2, height=8, width=16, tile=(4, 4), block_size=16)
+    L = layout.num_tokens
+    g = torch.Generator().manual_seed(0)
+    block = layout.on("cpu").block_of_token
+    direction = torch.randn(layout.num_blocks, 16, generator=g)[block]  # one direction per tile
+    k = (direction + 0.1 * torch.randn(L, 16, generator=g)).expand(1, 2, L, 16).contiguous()
+    q = torch.zeros(1, 2, L, 16)
+    q[:, 0] = 2.0 * direction  # head 0: each tile attends to itself; head 1: uniform attention
+    head = sv.plan(q, k, layout, method="draft", density=0.25, budget="head")
+    layer = sv.plan(q, k, layout, method="draft", density=0.25, budget="layer")
+    per_head, per_layer = head.density_per_head()[0], layer.density_per_head()[0]
+    assert abs(per_head[0] - per_head[1]) < 0.05  # each head spends its own budget
+    assert per_layer[1] > per_head[1] + 0.1 and per_layer[0] < per_head[0] - 0.1  # peaked head gives to diffuse
+    assert layer.density == pytest.approx(0.25, abs=0.05)  # the layer as a whole keeps the density
+    v = torch.randn(1, 2, L, 16)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=layer.to_mask())
+    assert rel_err(sv.sparse_attention(q, k, v, layer, backend="reference"), ref) < 1e-5
+
+
 def test_window_radius_is_a_static_neighbourhood():
     layout = sv.VideoLayout(frames=4, height=8, width=8, tile=(4, 4), block_size=16)
     q = torch.randn(1, 1, layout.num_tokens, 8)

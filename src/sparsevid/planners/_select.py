@@ -51,13 +51,16 @@ def keep_by_budget(
         mass (float): keep until the captured probability ``probs`` (``(B, H, NB, NB)``, each row a
             distribution over key blocks for one query token of block ``m``) reaches ``mass``.
         budget (str): ``"row"`` — every query block gets its own budget; ``"head"`` — one budget per
-            head over the whole map, so rows with peaked attention give blocks to diffuse ones.
+            head over the whole map, so rows with peaked attention give blocks to diffuse ones;
+            ``"layer"`` — one budget over all heads of a batch element (scores must be comparable
+            across heads, e.g. probability per entry), so peaked heads give blocks to diffuse ones
+            and the density holds for the layer as a whole, not for each head.
 
     Returns:
         bool ``(B, H, NB, NB)``.
     """
-    if budget not in ("row", "head"):
-        raise ValueError(f"Expect budget in ('row', 'head') but got {budget!r}")
+    if budget not in ("row", "head", "layer"):
+        raise ValueError(f"Expect budget in ('row', 'head', 'layer') but got {budget!r}")
     if density is None and mass is None:
         density = _DEFAULT_DENSITY
     B, H, nb, _ = score.shape
@@ -69,15 +72,15 @@ def keep_by_budget(
 
     if density is not None:
         gain = (tokens[:, None] * tokens[None, :]).expand(B, H, nb, nb)
-        target = density * (L * L if budget == "head" else tokens[:, None] * L)  # per head, or (NB, 1) per row
+        target = density * {"row": tokens[:, None] * L, "head": L * L, "layer": H * L * L}[budget]
     else:
         if probs is None:
             raise ValueError("Expect a probability estimate for mass-based selection; use density with this planner")
-        gain = probs.float() * (tokens[:, None] / L if budget == "head" else 1.0)
-        target = mass
+        gain = probs.float() * (1.0 if budget == "row" else tokens[:, None] / L)
+        target = mass * (H if budget == "layer" else 1)
 
-    if budget == "head":
-        flat = (B, H, 1, nb * nb)
+    if budget != "row":
+        flat = (B, H, 1, nb * nb) if budget == "head" else (B, 1, 1, H * nb * nb)
         score, gain, forced_flat = score.reshape(flat), gain.reshape(flat), forced.reshape(flat)
     else:
         forced_flat = forced

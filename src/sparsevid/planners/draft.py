@@ -60,8 +60,9 @@ def draft(q, k, layout, *, density=None, mass=None, budget: str = "head") -> Blo
     """DraftAttention plan.
 
     Options:
-        budget (str): ``"head"`` (default, the paper's global top-k over each head's map) or
-            ``"row"`` (each query tile keeps its own share).
+        budget (str): ``"head"`` (default, the paper's global top-k over each head's map),
+            ``"row"`` (each query tile keeps its own share) or ``"layer"`` (one top-k over all heads'
+            maps: peaked heads give blocks to diffuse ones; the density holds per layer).
     """
     log_p, probs = draft_map(q, k, layout)
     score = log_p - layout.on(q.device).block_tokens.float().log()
