@@ -30,7 +30,7 @@ def xattn(q, k, layout, *, density=None, mass=None, stride: int = 8, budget: str
 
     Options:
         stride (int): antidiagonal stride; divides ``block_size`` (default 8).
-        budget (str): ``"row"`` (default, as XAttention) or ``"head"``.
+        budget (str): ``"row"`` (default, as XAttention), ``"head"`` or ``"layer"`` (see ``keep_by_budget``).
     """
     bs = layout.block_size
     if not isinstance(stride, int) or stride < 1 or bs % stride:
