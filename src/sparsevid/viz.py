@@ -16,6 +16,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path, title: str | None = None, dpi: int = 110) -> Path:
+    """Title (if any), tight layout, write ``path``, close ``fig``."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def save_draft_map(probs: torch.Tensor, path: str | Path, title: str = "draft attention map") -> Path:
     """Heat map (log scale) of one head's draft map ``(NB, NB)``: query tiles down, key tiles across."""
     plt = _pyplot()
@@ -23,10 +33,7 @@ def save_draft_map(probs: torch.Tensor, path: str | Path, title: str = "draft at
     image = ax.imshow(probs.float().clamp_min(1e-6).log10().cpu(), cmap="magma", interpolation="nearest")
     ax.set(title=title, xlabel="key tile", ylabel="query tile")
     fig.colorbar(image, ax=ax, label="log10 probability")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def save_block_masks(masks: dict[str, torch.Tensor], path: str | Path, columns: int = 4) -> Path:
@@ -39,10 +46,7 @@ def save_block_masks(masks: dict[str, torch.Tensor], path: str | Path, columns: 
     for ax, (title, mask) in zip(axes.flat, masks.items()):
         ax.imshow(mask.cpu(), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def save_frames(frames: torch.Tensor, path: str | Path, tile_px: tuple[int, int] | None = None, count: int = 4) -> Path:
@@ -60,10 +64,7 @@ def save_frames(frames: torch.Tensor, path: str | Path, tile_px: tuple[int, int]
                 ax.axvline(x - 0.5, color="yellow", lw=0.6)
         ax.set_title(f"frame {i}", fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,12 +138,7 @@ def save_video_rows(videos: dict[str, torch.Tensor], path: str | Path, count: in
                     ax.set_title(f"frame {picks[c]}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)
 
 
 def save_quality_curves(curves: dict[str, list[tuple[float, float, float]]], path: str | Path, title: str = "") -> Path:
@@ -159,9 +155,4 @@ def save_quality_curves(curves: dict[str, list[tuple[float, float, float]]], pat
     for ax in (a, b):
         ax.grid(alpha=0.3, which="both")
     a.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)

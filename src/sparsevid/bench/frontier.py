@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -147,8 +146,7 @@ def run(args) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(header=header, command=command, rows=rows, summary=summary), f, indent=1)
     png = _plot(rows, os.path.join(args.out, "frontier.png"), f"{preset} on {device_name}", cuda)
-    if png:
-        print(f"[frontier] wrote {png}")
+    print(f"[frontier] wrote {png}")
     if not args.no_record:
         append_benchmarks(args.benchmarks_md, f"bench frontier — {preset}", header, table, extra=summary)
     return 0
@@ -197,14 +195,9 @@ def _equal_error(rows, a: str, b: str, cuda: bool) -> str:
 
 
 def _plot(rows, path, title, cuda: bool):
-    try:
-        import matplotlib
+    from ..viz import _pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[frontier] matplotlib not installed: no frontier.png", file=sys.stderr)
-        return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xkey = "speedup" if cuda else "achieved"
     for method in [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]:
@@ -218,7 +211,4 @@ def _plot(rows, path, title, cuda: bool):
     ax.set_title(f"error vs {'speed' if cuda else 'density'}: {title}", fontsize=9)
     ax.grid(True, which="both", lw=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -283,14 +283,9 @@ def _table(rows) -> str:
 
 
 def _plot(rows, path, title):
-    try:
-        import matplotlib
+    from ..viz import _pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[bench] matplotlib not installed: no speedup.png", file=sys.stderr)
-        return
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
         for kernel, style in (("sparsevid-triton", "-o"), ("flex", "--s")):
@@ -307,7 +302,5 @@ def _plot(rows, path, title):
     ax.set_ylabel("speedup vs cuDNN SDPA (dense)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     print(f"[bench] wrote {path}")

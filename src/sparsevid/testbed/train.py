@@ -117,7 +117,7 @@ class ClipSampler:
 
 # ------------------------------------------------------------------------------------------ plots
 def save_loss_plot(losses: list[float], path, title: str) -> Path:
-    from ..viz import _pyplot
+    from ..viz import _pyplot, save_figure
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -130,28 +130,7 @@ def save_loss_plot(losses: list[float], path, title: str) -> Path:
     ax.set(xlabel="step", ylabel="flow-matching MSE", title=title, yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def save_samples(videos: dict[str, torch.Tensor], path, count: int = 6) -> Path:
-    """One row per label: ``count`` frames of its ``(F, 3, H, W)`` video."""
-    from ..viz import _pyplot
-
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(videos), count, figsize=(1.6 * count, 1.7 * len(videos)), squeeze=False)
-    for row, (name, video) in zip(axes, videos.items()):
-        picks = torch.linspace(0, video.shape[0] - 1, count).round().long().tolist()
-        for ax, i in zip(row, picks):
-            ax.imshow(video[i].permute(1, 2, 0).clamp(0, 1).numpy())
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{name} f{i}" if i == picks[0] else f"f{i}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -270,13 +249,14 @@ def run(args) -> int:
     if not args.no_samples:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        from ..viz import save_video_rows
         from .pipeline import TestbedPipeline, cast_transformer
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         cast_transformer(transformer, device, dtype)
         pipe = TestbedPipeline(transformer, labels, FlowMatchEulerDiscreteScheduler(shift=SAMPLE["shift"]), device, dtype, info)
         videos = {name: pipe(label=name, seed=0, steps=20, frames=args.frames, height=args.size, width=args.size) for name in LABELS}
-        save_samples(videos, out / "samples.png")
+        save_video_rows(videos, out / "samples.png", title="testbed samples, seed 0, 20 steps")
     print(f"wrote {out} in {time.time() - t_start:.0f} s", flush=True)
     return 0
 
