@@ -1,4 +1,4 @@
-"""Installing a replay ``forward`` on one module, and the undo that makes it exactly native again."""
+"""What the replay hooks share: installing a ``forward`` with its exact undo, and the replay report."""
 
 from __future__ import annotations
 
@@ -25,3 +25,16 @@ def patch_forward(module: torch.nn.Module, forward: Callable, handles: list) -> 
             del module.forward
 
     return undo
+
+
+def replay_stats(states: dict, **per_layer) -> dict:
+    """Rows seen and replayed per hooked layer (``states[i].rows`` / ``.replayed``) and in all.
+
+    ``per_layer`` maps extra row keys to a function of the layer's state (e.g. its threshold).
+    ``rate`` / ``replay_rate`` is ``None`` where no row was seen.
+    """
+    rows = [dict(layer=i, rows=s.rows, replayed=s.replayed, rate=s.replayed / s.rows if s.rows else None,
+                 **{key: f(s) for key, f in per_layer.items()}) for i, s in sorted(states.items())]
+    seen = sum(s.rows for s in states.values())
+    replayed = sum(s.replayed for s in states.values())
+    return dict(per_layer=rows, rows=seen, replayed=replayed, replay_rate=replayed / seen if seen else None)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._patch import patch_forward
+from ._patch import patch_forward, replay_stats
 
 __all__ = ["TokenReplay", "TokenReplayHandle", "apply_token_replay", "replay_sources"]
 
@@ -116,11 +116,7 @@ class TokenReplayHandle:
 
     def stats(self) -> dict:
         """FFN rows seen and replayed, per block and in all (``replay_rate`` over all rows, frame 0 included)."""
-        per_layer = [dict(layer=i, rows=s.rows, replayed=s.replayed, rate=s.replayed / s.rows if s.rows else None)
-                     for i, s in sorted(self.states.items())]
-        rows = sum(s.rows for s in self.states.values())
-        replayed = sum(s.replayed for s in self.states.values())
-        return dict(per_layer=per_layer, rows=rows, replayed=replayed, replay_rate=replayed / rows if rows else None)
+        return replay_stats(self.states)
 
     def reset_stats(self) -> None:
         for s in self.states.values():

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._patch import patch_forward
+from ._patch import patch_forward, replay_stats
 
 __all__ = ["FastCarHandle", "apply", "calibrate", "decoder_layers", "generate"]
 
@@ -176,14 +176,7 @@ class FastCarHandle:
             dict: ``per_layer`` (list of ``{layer, rows, replayed, rate, threshold}``), ``rows``,
             ``replayed``, ``replay_rate`` (replayed / rows over all hooked layers; ``None`` if no rows).
         """
-        per_layer = [
-            dict(layer=i, rows=s.rows, replayed=s.replayed, rate=s.replayed / s.rows if s.rows else None,
-                 threshold=s.threshold)
-            for i, s in sorted(self.states.items())
-        ]
-        rows = sum(s.rows for s in self.states.values())
-        replayed = sum(s.replayed for s in self.states.values())
-        return dict(per_layer=per_layer, rows=rows, replayed=replayed, replay_rate=replayed / rows if rows else None)
+        return replay_stats(self.states, threshold=lambda s: s.threshold)
 
     def reset_stats(self) -> None:
         for s in self.states.values():
