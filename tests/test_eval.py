@@ -124,3 +124,16 @@ def test_reuse_fidelity(tmp_path):
     sv_eval.write_outputs(tmp_path, result, list(summary.values()), settings)
     assert (tmp_path / "quality_vs_density.png").is_file()
     assert "replay_rate" in (tmp_path / "videos.csv").read_text().splitlines()[0]
+
+
+def test_planner_options_reach_every_sparse_config(results, tmp_path):
+    _, plain = results
+    code = cli.main(["eval", *REDUCED, "--methods", "draft", "--densities", "0.25", "--option", "block_size=32",
+                     "--videos", "0", "--no-layer-error", "--out", str(tmp_path)])
+    assert code == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [c["options"] for c in res["settings"]["configs"]] == [{"block_size": 32}]
+    default = {r["case"]: r["psnr"] for r in plain["videos"] if r["config"] == "draft@0.25"}
+    assert all(r["psnr"] != default[r["case"]] for r in res["videos"])  # 32-token blocks: another plan
+    with pytest.raises(SystemExit):  # argparse names the bad --option
+        cli.main(["eval", "--option", "block_size"])
