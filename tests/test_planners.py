@@ -122,8 +122,8 @@ def test_window_radius_is_a_static_neighbourhood():
     plan = sv.plan(q, q, layout, method="window", radius=(1, 0, 0))
     assert plan.shape == (1, 1)
     dense = plan.to_dense()[0, 0]
-    coords = layout.block_coords
-    expected = ((coords[:, None] - coords[None]).abs() <= torch.tensor([1, 0, 0])).all(-1)
+    tiles = layout.block_centers / torch.tensor([1.0, 4.0, 4.0])  # blocks are whole 4x4 tiles here
+    expected = ((tiles[:, None] - tiles[None]).abs() <= torch.tensor([1, 0, 0])).all(-1)
     assert torch.equal(dense, expected)
 
 

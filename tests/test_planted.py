@@ -15,8 +15,8 @@ def planted_inputs(seed=0, heads=2, dim=64):
     nb, L = layout.num_blocks, layout.num_tokens
     g = torch.Generator().manual_seed(seed)
     codes = torch.nn.functional.normalize(torch.randn(heads, nb, dim, generator=g), dim=-1)
-    coords = layout.block_coords
-    near = ((coords[:, None] - coords[None]).abs() <= 1).all(-1)  # own tile and its neighbours
+    tiles = layout.block_centers / torch.tensor([1.0, 4.0, 4.0])  # every block is one whole 4x4 tile
+    near = ((tiles[:, None] - tiles[None]).abs() <= 1).all(-1)  # own tile and its neighbours
     targets = torch.zeros(heads, nb, nb, dtype=torch.bool)
     for h in range(heads):
         for m in range(nb):

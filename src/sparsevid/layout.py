@@ -3,20 +3,27 @@
 A video DiT flattens its latent grid frame by frame, row by row: token ``(f, y, x)`` sits at
 ``f * height * width + y * width + x`` (after the text tokens when they come first). Attention
 mass concentrates between *spatially* close tokens, but in that order a 2-D patch of a frame is
-scattered over ``tile_height`` separate runs. ``VideoLayout`` defines the *tile order*: every
-``tile_height x tile_width`` tile of every frame becomes one contiguous block of ``block_size``
-slots, its real tokens first (row-major inside the tile) and ``-1`` padding after them. Tiles at
-the right and bottom edges of a grid the tile does not divide are ragged (fewer real tokens);
-padding slots are never attended and never written. Text tokens fill blocks of their own.
+scattered over ``tile_height`` separate runs. ``VideoLayout`` defines the *tile order*: the
+tokens of every ``tile_height x tile_width`` tile of every frame, row-major inside the tile, tile
+after tile (frame, tile row, tile column), with the text tokens before or after them. Blocks are
+consecutive runs of ``block_size`` slots of that order, so a block is one tile, or the end of one
+tile and the start of the next (spatial neighbours). Nothing is padded inside the sequence: only
+the last block may be short, and its missing slots (``-1``) are neither attended nor written.
+A block holding any text token is a *text block* (attended densely in both directions).
+
+Why no padding per tile: a grid the tile does not divide leaves ragged edge tiles; padding each
+tile to a whole block made every kernel compute 6-12% padding entries at Wan's 480p/720p grids
+(93.75% real slots), and a kernel that reads a contiguous tile-order sequence (FlashAttention-4)
+cannot skip padding in the middle of it.
 
 Shape legend: ``F`` frames, ``H``/``W`` token grid height/width, ``T`` text tokens,
-``L = F*H*W + T`` sequence length, ``NB`` blocks, ``S = NB * block_size`` slots.
+``L = F*H*W + T`` sequence length, ``NB = ceil(L / block_size)`` blocks, ``S = NB * block_size`` slots.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from types import SimpleNamespace
 
@@ -28,10 +35,10 @@ __all__ = ["VideoLayout", "auto_tile"]
 def auto_tile(height: int, width: int, block_size: int = 128) -> tuple[int, int]:
     """Tile ``(tile_height, tile_width)`` with at most ``block_size`` tokens for an ``height x width`` frame.
 
-    Chooses the tile that needs the fewest tiles per frame (so the least padding, which the kernel
-    computes for nothing), then the squarest (pooled draft tokens stay spatially compact), then
-    the widest. For 32x32 this is 8x16; for Wan2.1 480p's 30x52 it is 30x4 (94% of slots real,
-    where 8x16 would leave 24% of them padding).
+    Chooses the tile that needs the fewest tiles per frame (tiles as close to a whole block as the
+    frame allows, so a block covers one tile or parts of two neighbouring ones), then the squarest
+    (pooled draft tokens stay spatially compact), then the widest. For 32x32 this is 8x16 (every
+    block is one tile); for Wan2.1 480p's 30x52 it is 30x4 (13 strips of 120 tokens per frame).
     """
     best = None
     for th in range(1, min(height, block_size) + 1):
@@ -46,7 +53,7 @@ def auto_tile(height: int, width: int, block_size: int = 128) -> tuple[int, int]
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expect {name} to be an int but got {type(value).__name__}")
+        raise TypeError(f"Expect {name} to be an int but got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"Expect {name} > 0 but got {name}={value}")
     return value
@@ -63,14 +70,15 @@ class VideoLayout:
         text_tokens (int): joint-attention text tokens ``T`` in the same sequence (0 for Wan).
         text_first (bool): text tokens precede the video tokens (CogVideoX) instead of following
             them (HunyuanVideo). Ignored when ``text_tokens == 0``.
-        tile (tuple[int, int] | None): ``(tile_height, tile_width)`` of one block's spatial tile;
-            ``None`` picks one with :func:`auto_tile`. ``tile_height * tile_width <= block_size``.
-        block_size (int): slots per block, the kernel's query and key tile (a multiple of 16).
+        tile (tuple[int, int] | None): ``(tile_height, tile_width)`` of the spatial tiles that
+            order the tokens; ``None`` picks one with :func:`auto_tile`. ``tile_height *
+            tile_width <= block_size``.
+        block_size (int): slots per block, the kernels' query and key tile (a multiple of 16).
 
     Example::
 
         layout = VideoLayout(frames=21, height=30, width=52)   # Wan2.1-1.3B at 480p
-        layout.num_tokens, layout.tile, layout.num_blocks      # 32760, (30, 4), 273
+        layout.num_tokens, layout.tile, layout.num_blocks      # 32760, (30, 4), 256
     """
 
     frames: int
@@ -80,28 +88,26 @@ class VideoLayout:
     text_first: bool = False
     tile: tuple[int, int] | None = None
     block_size: int = 128
-    _tiles_per_frame: tuple[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("frames", "height", "width", "block_size"):
             _positive_int(name, getattr(self, name))
         if isinstance(self.text_tokens, bool) or not isinstance(self.text_tokens, int) or self.text_tokens < 0:
             raise ValueError(f"Expect text_tokens to be an int >= 0 but got {self.text_tokens!r}")
+        if not isinstance(self.text_first, bool):
+            raise TypeError(f"Expect text_first to be a bool but got {type(self.text_first).__name__}")
         if self.block_size % 16:
             raise ValueError(f"Expect block_size to be a multiple of 16 (tensor-core tile) but got {self.block_size}")
         tile = self.tile if self.tile is not None else auto_tile(self.height, self.width, self.block_size)
         if not (isinstance(tile, (tuple, list)) and len(tile) == 2):
             raise TypeError(f"Expect tile to be (tile_height, tile_width) but got {self.tile!r}")
-        th, tw = (_positive_int("tile", int(t)) for t in tile)
+        th, tw = (_positive_int("tile", t) for t in tile)
         if th * tw > self.block_size:
             raise ValueError(
-                f"Expect tile_height * tile_width <= block_size={self.block_size} but got tile={tile}; "
+                f"Expect tile_height * tile_width <= block_size={self.block_size} but got tile={tuple(tile)}; "
                 "use a smaller tile or a larger block_size"
             )
         object.__setattr__(self, "tile", (min(th, self.height), min(tw, self.width)))
-        object.__setattr__(
-            self, "_tiles_per_frame", (math.ceil(self.height / self.tile[0]), math.ceil(self.width / self.tile[1]))
-        )
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -116,20 +122,12 @@ class VideoLayout:
     @property
     def tiles_per_frame(self) -> tuple[int, int]:
         """``(tile rows, tile columns)`` of one frame."""
-        return self._tiles_per_frame
-
-    @property
-    def num_video_blocks(self) -> int:
-        return self.frames * self._tiles_per_frame[0] * self._tiles_per_frame[1]
-
-    @property
-    def num_text_blocks(self) -> int:
-        return math.ceil(self.text_tokens / self.block_size)
+        return (math.ceil(self.height / self.tile[0]), math.ceil(self.width / self.tile[1]))
 
     @property
     def num_blocks(self) -> int:
         """``NB``: query blocks = key blocks."""
-        return self.num_video_blocks + self.num_text_blocks
+        return math.ceil(self.num_tokens / self.block_size)
 
     @property
     def num_slots(self) -> int:
@@ -142,67 +140,75 @@ class VideoLayout:
     # ------------------------------------------------------------------ permutation
     @cached_property
     def _tables(self) -> dict[str, torch.Tensor]:
+        # Built outside inference mode: the tables are cached and must stay usable by autograd.
+        with torch.inference_mode(False):
+            return self._build_tables()
+
+    def _build_tables(self) -> dict[str, torch.Tensor]:
         F, H, W, T, bs = self.frames, self.height, self.width, self.text_tokens, self.block_size
+        L, V = self.num_tokens, self.video_tokens
         th, tw = self.tile
-        nty, ntx = self._tiles_per_frame
         video_offset = T if self.text_first else 0
-        text_offset = 0 if self.text_first else F * H * W
+        text_offset = 0 if self.text_first else V
 
-        # Slot s of video block (f, ty, tx) holds in-tile position (s // tw_eff, s % tw_eff); the
-        # effective tile is clipped at the grid edge, so real tokens come first in every block.
-        ty = torch.arange(nty)
-        tx = torch.arange(ntx)
-        tile_h = (H - ty * th).clamp(max=th)  # (nty,)
-        tile_w = (W - tx * tw).clamp(max=tw)  # (ntx,)
-        s = torch.arange(bs)
-        eff_w = tile_w.view(1, ntx, 1)
-        eff_h = tile_h.view(nty, 1, 1)
-        row = s.view(1, 1, bs) // eff_w
-        col = s.view(1, 1, bs) % eff_w
-        real = row < eff_h  # (nty, ntx, bs)
-        y = ty.view(nty, 1, 1) * th + row
-        x = tx.view(1, ntx, 1) * tw + col
-        in_frame = torch.where(real, y * W + x, torch.full_like(y, -1))  # (nty, ntx, bs)
-        f = torch.arange(F).view(F, 1, 1, 1)
-        video = torch.where(in_frame >= 0, video_offset + f * H * W + in_frame, -1).reshape(-1, bs)
+        # Every token's tile (f, tile row, tile column) and its row-major rank inside the tile:
+        # sorting by that key is the tile order (edge tiles are ragged, so the key is not dense).
+        f, y, x = torch.meshgrid(torch.arange(F), torch.arange(H), torch.arange(W), indexing="ij")
+        nty, ntx = self.tiles_per_frame
+        tile_id = (f * nty + y // th) * ntx + x // tw
+        key = (tile_id * th + y % th) * tw + x % tw
+        video = key.flatten().argsort(stable=True) + video_offset  # original index of each video slot
+        text = torch.arange(T) + text_offset
+        order = torch.cat([text, video] if self.text_first else [video, text])  # (L,)
+        perm = torch.cat([order, torch.full((self.num_slots - L,), -1, dtype=torch.long)])
 
-        t = torch.arange(self.num_text_blocks * bs)
-        text = torch.where(t < T, text_offset + t, -1).reshape(-1, bs)
-        blocks = torch.cat([text, video] if self.text_first else [video, text])
-        perm = blocks.reshape(-1)
+        inverse = torch.empty(L, dtype=torch.long)
+        inverse[order] = torch.arange(L)
+        block_of_slot = torch.arange(L) // bs
+        block_tokens = torch.bincount(block_of_slot, minlength=self.num_blocks)
 
-        inverse = torch.empty(self.num_tokens, dtype=torch.long)
-        slots = torch.nonzero(perm >= 0).squeeze(1)
-        inverse[perm[slots]] = slots
+        # text slots: [0, T) or [V, L) of the tile order
+        text_slot = (block_of_slot < 0) if T == 0 else (
+            torch.arange(L) < T if self.text_first else torch.arange(L) >= V
+        )
+        is_text_block = torch.zeros(self.num_blocks, dtype=torch.bool).index_fill_(0, block_of_slot[text_slot], True)
 
-        grid = torch.stack(torch.meshgrid(torch.arange(F), ty, tx, indexing="ij"), -1).reshape(-1, 3)
-        text_coords = torch.full((self.num_text_blocks, 3), -1, dtype=torch.long)
-        coords = torch.cat([text_coords, grid] if self.text_first else [grid, text_coords])
+        # centre of each block's video tokens in token units (frame, row, column); NaN: no video token
+        local = order - video_offset
+        fyx = torch.stack([local // (H * W), (local % (H * W)) // W, local % W], -1).double()
+        video_slot = ~text_slot
+        sums = torch.zeros(self.num_blocks, 3, dtype=torch.float64).index_add_(0, block_of_slot[video_slot], fyx[video_slot])
+        counts = torch.zeros(self.num_blocks, dtype=torch.float64).index_add_(
+            0, block_of_slot[video_slot], torch.ones(int(video_slot.sum()), dtype=torch.float64)
+        )
+        centers = sums / counts[:, None]  # 0/0 = NaN for text-only blocks
         return {
             "perm": perm,
             "inverse_perm": inverse,
             "block_of_token": inverse // bs,
-            "block_tokens": (blocks >= 0).sum(1),
-            "block_coords": coords,
-            "is_text_block": coords[:, 0] < 0,
+            "block_tokens": block_tokens,
+            "block_centers": centers,
+            "is_text_block": is_text_block,
         }
 
     def on(self, device) -> SimpleNamespace:
         """The layout's index tables on ``device``, copied once and cached.
 
         Attributes: ``perm``, ``inverse_perm``, ``block_of_token`` (int64 ``(L,)``: block of each
-        token), ``block_tokens``, ``block_coords``, ``is_text_block`` — as the properties of the same
-        names. Planners use this so that a plan on the GPU costs no host-to-device copy.
+        token), ``block_tokens``, ``block_centers``, ``is_text_block`` — as the properties of the
+        same names. Planners use this so that a plan on the GPU costs no host-to-device copy.
         """
         key = str(torch.device(device))
         cache = self.__dict__.setdefault("_device_tables", {})
         if key not in cache:
-            cache[key] = SimpleNamespace(**{name: t.to(device) for name, t in self._tables.items()})
+            with torch.inference_mode(False):
+                cache[key] = SimpleNamespace(**{name: t.to(device) for name, t in self._tables.items()})
         return cache[key]
 
     @property
     def perm(self) -> torch.Tensor:
-        """int64 ``(S,)``: original token index of each tile-order slot, ``-1`` for padding."""
+        """int64 ``(S,)``: original token index of each tile-order slot; ``-1`` for the missing slots
+        of a short last block (``perm[:L]`` is the tile order itself)."""
         return self._tables["perm"]
 
     @property
@@ -212,22 +218,23 @@ class VideoLayout:
 
     @property
     def block_tokens(self) -> torch.Tensor:
-        """int64 ``(NB,)``: real (non-padding) tokens in each block."""
+        """int64 ``(NB,)``: real tokens in each block (``block_size``, except a short last block)."""
         return self._tables["block_tokens"]
 
     @property
-    def block_coords(self) -> torch.Tensor:
-        """int64 ``(NB, 3)``: ``(frame, tile row, tile column)`` of each video block, ``-1`` for text blocks."""
-        return self._tables["block_coords"]
+    def block_centers(self) -> torch.Tensor:
+        """float64 ``(NB, 3)``: mean ``(frame, row, column)`` of each block's video tokens, in token
+        units; NaN for blocks of text tokens only."""
+        return self._tables["block_centers"]
 
     @property
     def is_text_block(self) -> torch.Tensor:
-        """bool ``(NB,)``."""
+        """bool ``(NB,)``: the block holds at least one text token."""
         return self._tables["is_text_block"]
 
     # ------------------------------------------------------------------ moving tensors
     def to_tiles(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
-        """Gather ``x`` (``L`` along ``dim``) into tile order (``S`` along ``dim``); padding slots are zero."""
+        """Gather ``x`` (``L`` along ``dim``) into tile order (``S`` along ``dim``); missing slots are zero."""
         dim = dim % x.dim()
         if x.shape[dim] != self.num_tokens:
             raise ValueError(f"Expect size {self.num_tokens} (layout.num_tokens) along dim {dim} but got {x.shape[dim]}")
@@ -238,15 +245,19 @@ class VideoLayout:
         return out.masked_fill((perm < 0).view(shape), 0)
 
     def from_tiles(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
-        """Inverse of :meth:`to_tiles`: ``S`` slots along ``dim`` back to ``L`` tokens in original order."""
+        """Inverse of :meth:`to_tiles`: ``S`` (or ``L``) tile-order slots along ``dim`` back to ``L``
+        tokens in original order."""
         dim = dim % x.dim()
-        if x.shape[dim] != self.num_slots:
-            raise ValueError(f"Expect size {self.num_slots} (layout.num_slots) along dim {dim} but got {x.shape[dim]}")
+        if x.shape[dim] not in (self.num_slots, self.num_tokens):
+            raise ValueError(
+                f"Expect size {self.num_slots} (layout.num_slots) or {self.num_tokens} along dim {dim} "
+                f"but got {x.shape[dim]}"
+            )
         return x.index_select(dim, self.on(x.device).inverse_perm)
 
     def __str__(self) -> str:
         text = f", text_tokens={self.text_tokens} ({'first' if self.text_first else 'last'})" if self.text_tokens else ""
         return (
             f"VideoLayout({self.frames}x{self.height}x{self.width}{text}, L={self.num_tokens}, tile={self.tile}, "
-            f"block_size={self.block_size}, blocks={self.num_blocks}, real slots {self.num_tokens / self.num_slots:.1%})"
+            f"block_size={self.block_size}, blocks={self.num_blocks})"
         )
