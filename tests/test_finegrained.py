@@ -312,7 +312,7 @@ def test_planner_bad_inputs():
         sv.sparse_attention(q, k, v, plan, backend="triton")  # float32
     with pytest.raises(ValueError, match="head_dim"):
         sv.sparse_attention(q.half(), k.half(), v.half(), plan, backend="triton")  # head dim 16
-    with pytest.raises(NotImplementedError, match="NYI"):
+    with pytest.raises(TypeError, match="BlockPlan for backend 'flex'"):
         sv.sparse_attention(Q, K, V, PLAN, backend="flex")
 
 

@@ -6,7 +6,8 @@
     out = sv.sparse_attention(q, k, v, plan)
 """
 
-from .attention import Backend, available_backends, sparse_attention
+from .attention import Backend, available_backends, describe_backends, sparse_attention
+from .backends import register_backend
 from .layout import VideoLayout
 from .plan import BlockPlan
 from .planners import available_planners, plan, register_planner
@@ -20,6 +21,8 @@ __all__ = [
     "TokenPlan",
     "VideoLayout",
     "available_backends",
+    "describe_backends",
+    "register_backend",
     "available_planners",
     "plan",
     "register_planner",

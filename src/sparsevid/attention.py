@@ -2,86 +2,25 @@
 one public entry to the kernels.
 
 The public function validates everything that can be checked from metadata (no host sync, so it
-stays cheap, ``torch.compile``-able and CUDA-graph capturable), then dispatches to a backend from
-an Enum-keyed registry. Backends assume valid inputs and never decide sparsity.
+stays cheap, ``torch.compile``-able and CUDA-graph capturable), then asks the backend registry
+(:mod:`sparsevid.backends`) which backend runs the inputs. Backends assume valid inputs and never
+decide sparsity.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from enum import Enum
-from typing import Callable
+import numbers
 
 import torch
 
+from .backends import Backend, available_backends, describe_backends, resolve_backend
 from .plan import BlockPlan
 from .token_plan import TokenPlan
 
-__all__ = ["Backend", "sparse_attention", "available_backends"]
+__all__ = ["Backend", "available_backends", "describe_backends", "sparse_attention"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class Backend(str, Enum):
-    """Kernel backends of :func:`sparse_attention`."""
-
-    AUTO = "auto"
-    REFERENCE = "reference"  # pure PyTorch, any device: the CPU path and the oracle
-    TRITON = "triton"  # Triton block-sparse / token-gather kernels with the tile permutation fused (CUDA)
-    FLEX = "flex"  # FlexAttention with the plan's BlockMask on gathered tensors (for comparison)
-
-
-@dataclass(frozen=True)
-class _BackendSpec:
-    fn: Callable
-    devices: tuple[str, ...]  # device types it runs on
-    dtypes: tuple[torch.dtype, ...]
-    head_dims: tuple[int, ...] | None  # None: any
-    available: Callable[[torch.device], str | None]  # None when usable on that device, else the reason
-
-
-_REGISTRY: dict[Backend, _BackendSpec] = {}
-
-
-def register_backend(name: Backend, *, devices, dtypes=SUPPORTED_DTYPES, head_dims=None, available=lambda device: None):
-    """Decorator: register ``fn(q, k, v, plan, scale) -> out`` for validated inputs."""
-
-    def wrap(fn):
-        _REGISTRY[name] = _BackendSpec(fn, tuple(devices), tuple(dtypes), head_dims, available)
-        return fn
-
-    return wrap
-
-
-def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Backends usable on ``device`` in this installation."""
-    device = torch.device(device)
-    return [b.value for b, s in _REGISTRY.items() if device.type in s.devices and s.available(device) is None]
-
-
-def _resolve_backend(backend, device: torch.device) -> tuple[Backend, _BackendSpec]:
-    try:
-        name = Backend(backend)
-    except ValueError:
-        raise ValueError(f"Expect backend in {[b.value for b in Backend]} but got {backend!r}") from None
-    if name is Backend.AUTO:
-        if device.type == "cuda" and _REGISTRY[Backend.TRITON].available(device) is None:
-            name = Backend.TRITON
-        else:
-            name = Backend.REFERENCE
-    if name not in _REGISTRY:
-        raise ValueError(f"NYI: backend {name.value!r} is not built into this installation")
-    spec = _REGISTRY[name]
-    if device.type not in spec.devices:
-        raise ValueError(
-            f"Expect tensors on {' or '.join(spec.devices)} for backend {name.value!r} but got device {device}; "
-            "use backend='reference' or move the tensors"
-        )
-    reason = spec.available(device)
-    if reason is not None:
-        raise ValueError(f"Expect backend {name.value!r} to be usable but {reason}; use backend='reference'")
-    return name, spec
 
 
 def _check_inputs(q, k, v, plan) -> None:
@@ -105,18 +44,29 @@ def _check_inputs(q, k, v, plan) -> None:
             f"Expect q and k with equal batch, heads and head dim (NYI: grouped-query attention) "
             f"but got q={tuple(q.shape)}, k={tuple(k.shape)}"
         )
+    B, H, _, D = q.shape
+    if B == 0 or H == 0 or D == 0:
+        raise ValueError(f"Expect batch, heads and head_dim >= 1 but got q of shape {tuple(q.shape)}")
     L = plan.layout.num_tokens
     if q.shape[2] != L or k.shape[2] != L:
         raise ValueError(
             f"Expect sequence length L={L} (plan.layout.num_tokens, {plan.layout}) but got "
             f"q L={q.shape[2]}, k L={k.shape[2]}; build the layout from the token grid of these tensors"
         )
-    B, H = q.shape[:2]
     pb, ph = plan.shape
     if pb not in (1, B) or ph not in (1, H):
         raise ValueError(f"Expect a plan for batch {B} (or 1) and heads {H} (or 1) but got plan.shape=({pb}, {ph})")
     if plan.device != q.device:
         raise ValueError(f"Expect plan on {q.device} like q but got {plan.device}; use plan.to(q.device)")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale as a float (default ``1 / sqrt(head_dim)``); any positive finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"Expect scale to be a positive finite float but got {scale!r}")
+    return float(scale)
 
 
 def sparse_attention(
@@ -139,90 +89,21 @@ def sparse_attention(
             block) to compute; ``L == plan.layout.num_tokens``; its batch and heads equal q's or are 1
             (broadcast).
         scale (float, optional): softmax scale, default ``1 / sqrt(head_dim)``.
-        backend (str): ``"auto"`` (triton on CUDA, reference elsewhere), ``"triton"``, ``"flex"`` (BlockPlan
-            only) or ``"reference"``. A ``TokenPlan`` runs on the Triton gather kernel or its reference twin.
+        backend (str): ``"auto"`` (the fastest registered backend that supports the inputs: ``fa4``
+            on Hopper/Blackwell when installed, ``triton`` on other CUDA GPUs, ``reference`` on the
+            CPU and for inputs that require grad), or a name from :func:`describe_backends`.
 
     Returns:
         Tensor ``(batch, heads, L, head_dim)`` in q's dtype. Entries outside the plan get zero weight,
         exactly like ``scaled_dot_product_attention(q, k, v, attn_mask=plan.to_mask())``.
 
     Raises:
-        TypeError / ValueError: naming the argument, before any kernel launch. Values are not
-        inspected (NaN propagates as in SDPA): planners reject non-finite q/k.
+        TypeError / ValueError: naming the argument, before any kernel launch; a named backend that
+        cannot run the inputs says what is missing. Values are not inspected: NaN in q or k
+        propagates as in SDPA (planners reject it), NaN in a row of v reaches exactly the query rows
+        whose plan computes that key (SDPA's dense mask would spread it to every row).
     """
     _check_inputs(q, k, v, plan)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"Expect scale to be a positive finite float but got {scale!r}")
-    name, spec = _resolve_backend(backend, q.device)
-    if q.dtype not in spec.dtypes:
-        raise TypeError(
-            f"Expect q.dtype in {[str(d) for d in spec.dtypes]} for backend {name.value!r} but got {q.dtype}; "
-            "use backend='reference'"
-        )
-    head_dim = q.shape[-1]
-    if spec.head_dims is not None and head_dim not in spec.head_dims:
-        raise ValueError(f"Expect head_dim in {spec.head_dims} for backend {name.value!r} but got {head_dim}")
-    return spec.fn(q, k, v, plan, float(scale))
-
-
-# ---------------------------------------------------------------------- backends
-from .kernels.reference import sparse_attention_reference, sparse_attention_reference_tokens  # noqa: E402
-
-
-@register_backend(Backend.REFERENCE, devices=("cpu", "cuda", "mps", "xpu"))
-def _reference_backend(q, k, v, plan, scale):
-    if isinstance(plan, TokenPlan):
-        return sparse_attention_reference_tokens(
-            q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale
-        )
-    return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size, scale)
-
-
-@register_backend(Backend.FLEX, devices=("cpu", "cuda"))
-def _flex_backend(q, k, v, plan, scale):
-    """FlexAttention on tensors gathered into tile order (eager here; wrap in torch.compile for speed)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if isinstance(plan, TokenPlan):
-        raise NotImplementedError("NYI: backend 'flex' for a TokenPlan; use backend='triton' or 'reference'")
-    layout = plan.layout
-    gathered = [layout.to_tiles(t) for t in (q, k, v)]
-    out = flex_attention(*gathered, block_mask=plan.to_block_mask(), scale=scale)
-    return layout.from_tiles(out)
-
-
-def _triton_available(device: torch.device) -> str | None:
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install 'sparsevid[triton]')"
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors run Triton only under the interpreter (TRITON_INTERPRET=1, tests only)"
-    return None
-
-
-@register_backend(
-    Backend.TRITON,
-    devices=("cuda", "cpu"),
-    dtypes=(torch.float16, torch.bfloat16),
-    head_dims=(64, 96, 128),
-    available=_triton_available,
-)
-def _triton_backend(q, k, v, plan, scale):
-    B, H = q.shape[:2]
-    if isinstance(plan, TokenPlan):
-        from .kernels.triton_gather import token_sparse_attn
-
-        kv_num_tokens = plan.kv_num_tokens.expand(B, H, -1)
-        kv_tokens = plan.kv_tokens.expand(B, H, -1, -1)
-        return token_sparse_attn(q, k, v, plan.perm, kv_num_tokens, kv_tokens, plan.block_size, scale)
-
-    from .kernels.triton_blocksparse import block_sparse_attn
-
-    # A broadcast plan becomes a stride-0 view: the kernel indexes it with q's batch and head.
-    kv_num_blocks = plan.kv_num_blocks.expand(B, H, -1)
-    kv_indices = plan.kv_indices.expand(B, H, -1, -1)
-    return block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale)
+    scale = check_scale(scale, q.shape[-1])
+    spec = resolve_backend(backend, q, plan)
+    return spec.fn(q, k, v, plan, scale)

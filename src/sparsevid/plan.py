@@ -43,6 +43,14 @@ class _CSRPlan:
         self._counts = counts
         self._indices = indices
         self.method = method
+        self._derived: dict[str, object] = {}
+
+    def derived(self, key: str, build):
+        """``build()``, computed once per plan and kept with it: metadata a backend derives from the
+        plan (e.g. a launch order or a split of the block lists), so that a reused plan costs nothing."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     # ------------------------------------------------------------------ what subclasses define
     @property

@@ -1,15 +1,22 @@
-"""Block-sparse attention in plain PyTorch: the CPU path and the oracle twin of the Triton kernel.
+"""Block-sparse attention in plain PyTorch: the CPU path, the autograd path and the oracle twin of
+the Triton kernels.
 
-Same contract as the Triton launcher: inputs are already validated, the plan broadcasts to q's
-batch and heads, and only kept blocks are computed. Query blocks are processed in chunks whose
-gathered keys stay under a memory budget, so memory is O(L x kept), never O(L x L).
+Same contract as the Triton launchers: inputs are already validated, the plan broadcasts to q's
+batch and heads, and only kept blocks are computed. Query blocks are grouped by how many keys they
+keep (so one dense text row does not make every chunk gather every key) and processed in chunks
+whose gathered keys stay under a memory budget: memory is O(L x kept), never O(L x L).
 :func:`sparse_attention_reference_tokens` is the same computation for a ``TokenPlan`` (kept key
 *tokens* per query block, the gather kernel's twin); both feed one chunked core, ``_attend``.
+Everything is differentiable (gathers, matmuls, softmax), so this backend also trains.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..backends import register_backend
+from ..plan import BlockPlan
+from ..token_plan import TokenPlan
 
 # Gathered key/value elements per chunk (float32): about 64 MiB each for k and v.
 _CHUNK_ELEMENTS = 1 << 24
@@ -29,7 +36,7 @@ def sparse_attention_reference(
 
     Args:
         q, k, v (Tensor): ``(B, H, L, D)``, any strides, one dtype and device.
-        perm (Tensor): int64 ``(NB * block_size,)``, original token of each tile-order slot, -1 padding.
+        perm (Tensor): int64 ``(NB * block_size,)``, original token of each tile-order slot, -1 missing.
         kv_num_blocks (Tensor): int32 ``(B or 1, H or 1, NB)``.
         kv_indices (Tensor): int32 ``(B or 1, H or 1, NB, max_kept)``.
         block_size (int): slots per block.
@@ -41,20 +48,17 @@ def sparse_attention_reference(
     B, H = q.shape[:2]
     nb = perm.numel() // block_size
     slots = perm.view(nb, block_size)
-    kv_num_blocks = kv_num_blocks.expand(B, H, nb)
-    # Gather only as many key blocks as the longest row keeps (plans may carry a wider tail).
-    kept_max = max(1, min(kv_indices.shape[-1], int(kv_num_blocks.max())))
-    kv_indices = kv_indices[..., :kept_max].expand(B, H, nb, kept_max)
-    arange_kept = torch.arange(kept_max, device=q.device)
+    counts = kv_num_blocks.expand(B, H, nb)
+    kv_indices = kv_indices.expand(B, H, nb, kv_indices.shape[-1])
 
-    def keys(m0: int, m1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = kv_indices[:, :, m0:m1].long()  # (B, H, c, K)
-        kept = arange_kept < kv_num_blocks[:, :, m0:m1, None]
-        k_tok = slots[idx.clamp(0, nb - 1)]  # (B, H, c, K, bs)
-        valid = kept[..., None] & (k_tok >= 0)
+    def keys(blocks: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = kv_indices[:, :, blocks, :kept].long()  # (B, H, c, kept)
+        valid_block = torch.arange(kept, device=q.device) < counts[:, :, blocks, None]
+        k_tok = slots[idx.clamp(0, nb - 1)]  # (B, H, c, kept, bs)
+        valid = valid_block[..., None] & (k_tok >= 0)
         return k_tok.flatten(-2), valid.flatten(-2)
 
-    return _attend(q, k, v, slots, keys, kept_max * block_size, scale)
+    return _attend(q, k, v, slots, counts, keys, block_size, scale)
 
 
 def sparse_attention_reference_tokens(
@@ -71,50 +75,79 @@ def sparse_attention_reference_tokens(
 
     Args:
         q, k, v, perm, block_size, scale: as :func:`sparse_attention_reference`.
-        kv_num_tokens (Tensor): int32 ``(B or 1, H or 1, NB)``: kept key tokens per query block.
+        kv_num_tokens (Tensor): int32 ``(B or 1, H or 1, NB)``: kept key tokens per query block; a
+            row that keeps all ``L`` tokens reads no index (the list may be narrower than ``L``).
         kv_tokens (Tensor): int32 ``(B or 1, H or 1, NB, max_tokens)``: their original indices.
 
     Returns:
         Tensor ``(B, H, L, D)`` contiguous, original token order.
     """
-    B, H = q.shape[:2]
+    B, H, L = q.shape[:3]
     nb = perm.numel() // block_size
-    kv_num_tokens = kv_num_tokens.expand(B, H, nb)
-    kv_tokens = kv_tokens.expand(B, H, nb, kv_tokens.shape[-1])
-    width = kv_tokens.shape[-1]
-    arange_kept = torch.arange(width, device=q.device)
+    counts = kv_num_tokens.expand(B, H, nb)
+    stored = kv_tokens.shape[-1]
+    kv_tokens = kv_tokens.expand(B, H, nb, stored)
 
-    def keys(m0: int, m1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return kv_tokens[:, :, m0:m1].long(), arange_kept < kv_num_tokens[:, :, m0:m1, None]
+    def keys(blocks: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        arange = torch.arange(width, device=q.device)
+        listed = kv_tokens[:, :, blocks, : min(width, stored)].long()
+        if width > stored:  # only dense rows reach past the stored width
+            listed = torch.nn.functional.pad(listed, (0, width - stored))
+        n = counts[:, :, blocks, None]
+        return torch.where(n == L, arange, listed), arange < n
 
-    return _attend(q, k, v, perm.view(nb, block_size), keys, width, scale)
+    return _attend(q, k, v, perm.view(nb, block_size), counts, keys, 1, scale)
 
 
-def _attend(q, k, v, slots, keys, width, scale):
+def _attend(q, k, v, slots, counts, keys, key_unit, scale):
     """Chunks of query blocks against their gathered keys: the one computation of both twins.
 
-    ``keys(m0, m1)`` gives, for query blocks ``m0..m1``, the original key tokens ``(B, H, c, width)``
-    (any value where invalid) and their validity ``(B, H, c, width)``.
+    ``counts`` ``(B, H, NB)``: kept keys of each query block, in units of ``key_unit`` tokens.
+    ``keys(blocks, n)`` gives, for the query blocks ``blocks``, the original key tokens
+    ``(B, H, c, n * key_unit)`` (any value where invalid) and their validity.
     """
     B, H, L, D = q.shape
     nb, block_size = slots.shape
     out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * width * D))
-    for m0 in range(0, nb, chunk):
-        m1 = min(nb, m0 + chunk)
+    widest = counts.amax(dim=(0, 1)).clamp(min=1)  # (NB,): the chunk width a query block needs
+    order = widest.argsort()
+    widths = widest[order].tolist()  # one host read: the reference is the CPU/oracle path
+    m0 = 0
+    while m0 < nb:
+        # grow the chunk while it fits the budget at the width of its widest (= last) block
+        m1 = m0 + 1
+        while m1 < nb and (m1 + 1 - m0) * B * H * widths[m1] * key_unit * D <= _CHUNK_ELEMENTS:
+            m1 += 1
+        width = widths[m1 - 1]
+        blocks = order[m0:m1]
         c = m1 - m0
-        q_tok = slots[m0:m1].reshape(-1)  # (c * bs,)
+        q_tok = slots[blocks].reshape(-1)  # (c * bs,)
         q_real = q_tok >= 0
         qg = q[:, :, q_tok.clamp(min=0)].float().view(B, H, c, block_size, D)
 
-        k_tok, valid = keys(m0, m1)  # (B, H, c, width)
+        k_tok, valid = keys(blocks, width)  # (B, H, c, width * key_unit)
+        n = k_tok.shape[-1]
         gather = k_tok.clamp(0, L - 1).reshape(B, H, -1, 1).expand(-1, -1, -1, D)
-        kg = k.gather(2, gather).float().view(B, H, c, width, D)
-        vg = v.gather(2, gather).float().view(B, H, c, width, D)
+        kg = k.gather(2, gather).float().view(B, H, c, n, D)
+        vg = v.gather(2, gather).float().view(B, H, c, n, D)
 
-        scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # (B, H, c, bs, width)
-        scores = scores.masked_fill(~valid.view(B, H, c, 1, width), float("-inf"))
+        scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # (B, H, c, bs, n)
+        scores = scores.masked_fill(~valid.view(B, H, c, 1, n), float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         og = torch.matmul(probs, vg).view(B, H, c * block_size, D)
         out[:, :, q_tok[q_real]] = og[:, :, q_real].to(q.dtype)
+        m0 = m1
     return out
+
+
+@register_backend(
+    "reference", plans=(BlockPlan, TokenPlan), devices=("cpu", "cuda", "mps", "xpu"), backward=True, priority=0,
+    auto_devices=("cpu", "cuda", "mps", "xpu"),
+    description="pure PyTorch, float32 math, chunked: any device, autograd, the oracle of the kernels",
+)
+def _reference_backend(q, k, v, plan, scale):
+    if isinstance(plan, TokenPlan):
+        return sparse_attention_reference_tokens(
+            q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale
+        )
+    return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size, scale)

@@ -1,0 +1,225 @@
+"""The open registry of :func:`sparsevid.sparse_attention` backends.
+
+A backend is one module under ``sparsevid/kernels/`` plus one :func:`register_backend` call that
+declares what it supports: plan types, devices, dtypes, head dims, block sizes, GPU generations,
+whether it has a backward, and how to tell that it is installed (checked once per process, not on
+every call). :func:`resolve_backend` turns a requested name (or ``"auto"``) and the inputs into
+the backend that runs them, or raises the same error type, naming what is missing, whichever
+backend was asked for — before any kernel launch.
+
+``auto`` tries the backends that allow it on the inputs' device, highest ``priority`` first, and
+takes the first that supports the inputs: on Hopper/Blackwell with ``flash-attn-4`` installed
+``fa4``, on other CUDA GPUs ``triton``, elsewhere (and for autograd inputs) ``reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import torch
+
+__all__ = ["Backend", "BackendSpec", "available_backends", "describe_backends", "register_backend", "resolve_backend"]
+
+
+class Backend(str, Enum):
+    """Names of the built-in backends (any registered name is accepted as a plain string too)."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"  # pure PyTorch, any device: the CPU path, autograd, and the oracle
+    TRITON = "triton"  # Triton block-sparse / token-gather kernels with the tile permutation fused (CUDA)
+    FA4 = "fa4"  # FlashAttention-4 block-sparse (CuTe DSL) on tile-ordered tensors: Hopper/Blackwell
+    FLEX = "flex"  # FlexAttention with the plan's BlockMask on gathered tensors (for comparison)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What one backend declares (see :func:`register_backend` for the fields)."""
+
+    name: str
+    fn: Callable
+    plans: tuple[type, ...]
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    head_dims: tuple[int, ...] | None
+    block_sizes: tuple[int, ...] | None
+    gpu_majors: tuple[int, ...] | None
+    backward: bool
+    priority: int
+    auto_devices: tuple[str, ...]
+    requires: Callable[[], str | None]
+    description: str
+
+    def installed(self) -> str | None:
+        """``None`` when the backend's software is importable, else the reason (checked once)."""
+        return _installed(self.name)
+
+    def refusal(self, q: torch.Tensor, plan) -> tuple[type[Exception], str] | None:
+        """Why this backend cannot run ``q`` with ``plan`` (exception type and message), or None."""
+        name, device = self.name, q.device
+        if device.type not in self.devices:
+            return ValueError, (f"Expect tensors on {' or '.join(self.devices)} for backend {name!r} but got "
+                                f"device {device}; use backend='reference' or move the tensors")
+        reason = self.installed()
+        if reason is None and device.type == "cuda" and self.gpu_majors is not None:
+            major, minor = _capability(device)
+            if major not in self.gpu_majors:
+                reason = (f"it needs a GPU of compute capability {' or '.join(f'{m}.x' for m in self.gpu_majors)} "
+                          f"and {device} is {major}.{minor}")
+        if reason is not None:
+            return ValueError, f"Expect backend {name!r} to be usable but {reason}; use backend='auto' or 'reference'"
+        if not isinstance(plan, self.plans):
+            kinds = " or ".join(p.__name__ for p in self.plans)
+            return TypeError, f"Expect a {kinds} for backend {name!r} but got a {type(plan).__name__}"
+        if q.dtype not in self.dtypes:
+            return TypeError, (f"Expect q.dtype in {[str(d) for d in self.dtypes]} for backend {name!r} but got "
+                               f"{q.dtype}; use backend='reference'")
+        if self.head_dims is not None and q.shape[-1] not in self.head_dims:
+            return ValueError, f"Expect head_dim in {self.head_dims} for backend {name!r} but got {q.shape[-1]}"
+        if self.block_sizes is not None and plan.block_size not in self.block_sizes:
+            return ValueError, (f"Expect plan.block_size in {self.block_sizes} for backend {name!r} but got "
+                                f"{plan.block_size}")
+        if not self.backward and torch.is_grad_enabled() and q.requires_grad:
+            return ValueError, (f"Expect inputs without requires_grad for backend {name!r} (forward only) but "
+                                "q, k or v requires grad; use backend='reference' to train, or torch.no_grad()")
+        return None
+
+
+_REGISTRY: dict[str, BackendSpec] = {}
+_BUILTIN_MODULES = ("reference", "flex", "triton_backend", "fa4")
+
+
+def register_backend(
+    name: str,
+    *,
+    plans: tuple[type, ...],
+    devices: tuple[str, ...],
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32),
+    head_dims: tuple[int, ...] | None = None,
+    block_sizes: tuple[int, ...] | None = None,
+    gpu_majors: tuple[int, ...] | None = None,
+    backward: bool = False,
+    priority: int = 0,
+    auto_devices: tuple[str, ...] = (),
+    requires: Callable[[], str | None] = lambda: None,
+    description: str = "",
+):
+    """Decorator: register ``fn(q, k, v, plan, scale) -> out`` (inputs already validated).
+
+    Args:
+        name (str): the ``backend=`` value (unique).
+        plans (tuple[type]): plan types it executes (``BlockPlan``, ``TokenPlan``).
+        devices (tuple[str]): device types it runs on.
+        dtypes, head_dims, block_sizes: what it computes (``None``: any head dim / block size).
+        gpu_majors (tuple[int] | None): CUDA compute-capability majors it needs (``(9, 10)``: Hopper, Blackwell).
+        backward (bool): it supports autograd; inputs that require grad go elsewhere otherwise.
+        priority (int): ``auto`` prefers higher priorities.
+        auto_devices (tuple[str]): device types on which ``auto`` may pick it (empty: only when named).
+        requires (callable): returns ``None`` when its software is installed, else the reason; called
+            once per process.
+        description (str): one line for :func:`describe_backends`.
+    """
+
+    def wrap(fn):
+        if name in _REGISTRY or name == Backend.AUTO.value:
+            raise ValueError(f"Expect a new backend name but {name!r} is already registered")
+        _REGISTRY[name] = BackendSpec(
+            name, fn, tuple(plans), tuple(devices), tuple(dtypes), head_dims, block_sizes, gpu_majors, backward,
+            priority, tuple(auto_devices), requires, description,
+        )
+        return fn
+
+    return wrap
+
+
+@functools.cache
+def _installed(name: str) -> str | None:
+    return _REGISTRY[name].requires()
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _registry() -> dict[str, BackendSpec]:
+    for module in _BUILTIN_MODULES:  # registrations of the built-in backends, imported once
+        importlib.import_module(f"sparsevid.kernels.{module}")
+    return _REGISTRY
+
+
+def backend_names() -> list[str]:
+    """Every registered backend name, plus ``"auto"``."""
+    return [Backend.AUTO.value, *_registry()]
+
+
+def resolve_backend(backend: str | Backend, q: torch.Tensor, plan) -> BackendSpec:
+    """The backend that runs ``q`` with ``plan``: the named one, or ``auto``'s choice.
+
+    Raises:
+        ValueError / TypeError: an unknown name, or a named backend that cannot run these inputs
+            (the message names what is missing). ``auto`` always finds one (``reference`` runs anything).
+    """
+    registry = _registry()
+    name = backend.value if isinstance(backend, Backend) else backend
+    if name == Backend.AUTO.value:
+        candidates = sorted((s for s in registry.values() if q.device.type in s.auto_devices),
+                            key=lambda s: -s.priority)
+        for spec in candidates:
+            if spec.refusal(q, plan) is None:
+                return spec
+        name = Backend.REFERENCE.value
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"Expect backend in {backend_names()} but got {backend!r}")
+    spec = registry[name]
+    refusal = spec.refusal(q, plan)
+    if refusal is not None:
+        exc, message = refusal
+        raise exc(message)
+    return spec
+
+
+def check_backend_name(backend) -> str:
+    """Validate a ``backend=`` value without inputs (e.g. at ``sparsevid.apply`` time); returns the name."""
+    name = backend.value if isinstance(backend, Backend) else backend
+    if not isinstance(name, str) or name not in backend_names():
+        raise ValueError(f"Expect backend in {backend_names()} but got {backend!r}")
+    return name
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends whose software is installed and that run on ``device`` (and its GPU generation)."""
+    return [d["name"] for d in describe_backends(device) if d["usable"]]
+
+
+def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
+    """Every registered backend with its declared capabilities and whether it is usable on ``device``.
+
+    Each entry: ``name``, ``plans``, ``devices``, ``dtypes``, ``head_dims``, ``block_sizes``,
+    ``gpu_majors``, ``backward``, ``priority``, ``auto`` (device types where ``auto`` may pick it),
+    ``usable`` (bool), ``reason`` (why not, or ``None``) and ``description``.
+    """
+    device = torch.device(device)
+    rows = []
+    for spec in _registry().values():
+        reason = None
+        if device.type not in spec.devices:
+            reason = f"runs on {', '.join(spec.devices)}, not {device.type}"
+        else:
+            reason = spec.installed()
+            if reason is None and device.type == "cuda" and spec.gpu_majors is not None:
+                if _capability(device)[0] not in spec.gpu_majors:
+                    reason = f"needs compute capability {spec.gpu_majors}"
+        rows.append(dict(
+            name=spec.name, plans=[p.__name__ for p in spec.plans], devices=list(spec.devices),
+            dtypes=[str(d).removeprefix("torch.") for d in spec.dtypes],
+            head_dims=list(spec.head_dims) if spec.head_dims else "any",
+            block_sizes=list(spec.block_sizes) if spec.block_sizes else "any",
+            gpu_majors=list(spec.gpu_majors) if spec.gpu_majors else "any", backward=spec.backward,
+            priority=spec.priority, auto=list(spec.auto_devices), usable=reason is None, reason=reason,
+            description=spec.description,
+        ))
+    return rows

@@ -1,0 +1,130 @@
+"""The ``fa4`` backend: a ``BlockPlan`` on FlashAttention-4's block-sparse forward (Hopper, Blackwell).
+
+FlashAttention-4 (``pip install flash-attn-4``: the CuTe-DSL FlashAttention, JIT-compiled on first
+use, no CUDA toolchain needed) takes block sparsity in FlexAttention's CSR vocabulary — per
+(batch, head, query block) a count and a list of key blocks — which is exactly a ``BlockPlan``'s
+``kv_num_blocks`` / ``kv_indices``, over tensors in *tile order*. Its loads are TMA tile copies of
+contiguous rows, so the permutation cannot be fused into them: q, k and v are gathered into tile
+order (one row copy each) and the output is scattered back. Because the layout's tile order has no
+padding inside the sequence, the gathered tensors are exactly ``L`` long and only a short last
+block needs masking: FlashAttention-4 masks the sequence end of its *mask* blocks, so the plan is
+split into "full" blocks (no mask work) and the last key block (a mask block) when it is short.
+A dense plan (``method="dense"``) skips the gather and the block lists: attention is the same in
+any token order, so it runs FlashAttention-4's dense kernel on the tensors as given.
+
+Compilation: the first call of each (dtype, head dim, block size, broadcast pattern) compiles a
+kernel (tens of seconds); FlashAttention-4 keeps it for the process, and on disk across processes
+when ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` (``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR`` picks the
+folder). ``python -m sparsevid bench kernel`` reports the first-call time.
+
+Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blocks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..backends import register_backend
+from ..plan import BlockPlan
+
+__all__ = ["fa4_attention"]
+
+
+def _requires() -> str | None:
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        return "flash-attn-4 is not installed (pip install 'sparsevid[fa4]')"
+    try:
+        from flash_attn.cute import flash_attn_func  # noqa: F401
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch  # noqa: F401
+    except Exception as error:  # a broken install (missing CUDA libraries) must not break the CPU path
+        return f"flash_attn.cute failed to import ({type(error).__name__}: {error})"
+    return None
+
+
+def split_last_block(plan: BlockPlan) -> tuple[torch.Tensor, ...]:
+    """``(full_cnt, full_idx, mask_cnt, mask_idx)``: the plan's CSR split into full key blocks and the
+    short last key block, in FlashAttention-4's ``BlockSparseTensorsTorch`` roles (cached on the plan)."""
+
+    def build():
+        layout = plan.layout
+        counts, indices = plan.kv_num_blocks, plan.kv_indices
+        last = layout.num_blocks - 1
+        if layout.num_tokens % layout.block_size == 0:  # no short block: every kept block is full
+            return counts, indices, torch.zeros_like(counts), indices[..., :1]
+        # indices ascend, so the last key block is kept iff it is a row's last entry (counts >= 1)
+        tail = indices.gather(-1, (counts.long() - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        has_last = (tail == last).to(torch.int32)
+        mask_idx = torch.full((*counts.shape, 1), last, dtype=torch.int32, device=counts.device)
+        return counts - has_last, indices, has_last, mask_idx
+
+    return plan.derived("fa4_split", build)
+
+
+@torch.library.custom_op("sparsevid::fa4_block_sparse_attn", mutates_args=())
+def _fa4_block_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    order: torch.Tensor,
+    inverse: torch.Tensor,
+    full_cnt: torch.Tensor,
+    full_idx: torch.Tensor,
+    mask_cnt: torch.Tensor,
+    mask_idx: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Gather q, k, v ``(B, H, L, D)`` into tile order ``(B, L, H, D)``, run FlashAttention-4 with the
+    block lists, scatter back; returns ``(B, H, L, D)`` (a transposed view of ``(B, L, H, D)`` memory)."""
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    qt, kt, vt = (t.transpose(1, 2).index_select(1, order) for t in (q, k, v))  # (B, L, H, D) contiguous
+    sparse = BlockSparseTensorsTorch(
+        mask_block_cnt=mask_cnt, mask_block_idx=mask_idx, full_block_cnt=full_cnt, full_block_idx=full_idx,
+        block_size=(block_size, block_size),
+    )
+    out = flash_attn_func(qt, kt, vt, softmax_scale=scale, block_sparse_tensors=sparse)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.index_select(1, inverse).transpose(1, 2)
+
+
+@_fa4_block_sparse.register_fake
+def _(q, k, v, order, inverse, full_cnt, full_idx, mask_cnt, mask_idx, block_size, scale):
+    B, H, L, D = q.shape
+    return q.new_empty(B, L, H, D).transpose(1, 2)
+
+
+@torch.library.custom_op("sparsevid::fa4_dense_attn", mutates_args=())
+def _fa4_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """FlashAttention-4 dense on ``(B, H, L, D)`` (read as ``(B, L, H, D)`` views); same return layout."""
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
+@_fa4_dense.register_fake
+def _(q, k, v, scale):
+    B, H, L, D = q.shape
+    return q.new_empty(B, L, H, D).transpose(1, 2)
+
+
+@register_backend(
+    "fa4", plans=(BlockPlan,), devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 96, 128),
+    block_sizes=(64, 128), gpu_majors=(9, 10), priority=30, auto_devices=("cuda",), requires=_requires,
+    description="FlashAttention-4 block-sparse (CuTe DSL, Hopper/Blackwell) on gathered tile-order tensors",
+)
+def fa4_attention(q, k, v, plan, scale):
+    """``sparse_attention`` on FlashAttention-4 (validated inputs)."""
+    if plan.method == "dense":
+        return _fa4_dense(q, k, v, scale)
+    tables = plan.layout.on(q.device)
+    full_cnt, full_idx, mask_cnt, mask_idx = split_last_block(plan)
+    order = tables.perm[: plan.layout.num_tokens]
+    return _fa4_block_sparse(
+        q, k, v, order, tables.inverse_perm, full_cnt, full_idx, mask_cnt, mask_idx, plan.block_size, scale
+    )
