@@ -216,15 +216,13 @@ class _CaptureSDPA(TorchFunctionMode):
 
 class LayerCapture:
     """Hooks on a transformer: at forward number ``step`` of a generation, q/k/v of every video
-    self-attention layer (``sparsevid.integrations.diffusers`` knows which modules) and the grid."""
+    self-attention layer (the model registry, :mod:`sparsevid.models`, knows which modules) and the grid."""
 
     def __init__(self, transformer, step: int):
-        from .integrations.diffusers import _MODELS
+        from .models import model_spec
 
-        spec = _MODELS.get(type(transformer).__name__)
-        if spec is None:
-            raise ValueError(f"Expect a transformer sparsevid supports but got {type(transformer).__name__}")
-        self.step, self.calls, self.grid, self.text_first = step, 0, None, spec.text_first
+        spec = model_spec(transformer)
+        self.step, self.calls, self.grid, self.text_first = step, 0, None, spec.others == "first"
         self.layers: list[tuple] = []
         self._active = False
         self._handles = [transformer.register_forward_pre_hook(self._pre_transformer, with_kwargs=True)]
@@ -234,10 +232,11 @@ class LayerCapture:
         self._spec, self._transformer = spec, transformer
 
     def _pre_transformer(self, module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        from .models import bind_call
+
         self._active = self.calls == self.step
         if self._active:
-            self.grid = self._spec.grid(module, hidden)
+            self.grid = self._spec.grid(module, bind_call(module, args, kwargs))
         self.calls += 1
 
     def _enter(self, module, args):

@@ -9,6 +9,7 @@ arguments once and dispatches; planners never launch attention.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 import torch
@@ -76,8 +77,9 @@ def plan(
             (planners with a probability estimate: ``draft``, ``xattn``).
         tile (tuple, optional), block_size (int, optional): override the layout's tiling (a
             ``block_size`` without ``tile`` picks the tile with :func:`auto_tile`).
-        validate (bool): check the plan's invariants (``plan.validate()``, several host syncs).
-            Built-in planners are valid by construction (tested); hot loops pass False.
+        validate (bool): check that q and k are finite and the plan's invariants (``plan.validate()``;
+            host syncs). Built-in planners are valid by construction (tested); hot loops pass False
+            (then NaN in q or k propagates to the output as in SDPA, with some plan).
         **options: planner-specific options (see each planner's docstring).
 
     Returns:
@@ -98,6 +100,8 @@ def plan(
             raise ValueError(f"Expect {name} of shape (B, heads, L, D) (4-D) but got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"Expect {name} to be a floating-point tensor but got {t.dtype}")
+        if 0 in (t.shape[0], t.shape[1], t.shape[3]):
+            raise ValueError(f"Expect batch, heads and head_dim >= 1 but got {name} of shape {tuple(t.shape)}")
     if q.shape != k.shape:
         raise ValueError(f"Expect q and k of one shape but got q={tuple(q.shape)}, k={tuple(k.shape)}")
     if q.device != k.device:
@@ -107,7 +111,7 @@ def plan(
     if tile is not None or block_size is not None:
         # a new block_size alone re-tiles (auto_tile): the old tile may not fit it
         layout = layout.replace(tile=tile if tile is not None else (layout.tile if block_size is None else None),
-                                block_size=block_size or layout.block_size)
+                                block_size=block_size if block_size is not None else layout.block_size)
     if q.shape[2] != layout.num_tokens:
         raise ValueError(
             f"Expect L={layout.num_tokens} tokens for {layout} but got q.shape[2]={q.shape[2]}; "
@@ -117,8 +121,24 @@ def plan(
     _check_fraction("mass", mass)
     if density is not None and mass is not None:
         raise ValueError("Expect one of density or mass but got both")
+    check_options(method, options)
+    if validate and not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
+        raise ValueError("Expect finite q and k but got NaN/Inf entries; planners rank blocks by q.k")
     result = _PLANNERS[method](q, k, layout, density=density, mass=mass, **options)
     return result.validate() if validate else result
+
+
+def check_options(method: str, options: dict) -> None:
+    """Reject planner options that ``method`` does not take, naming them and the ones it does."""
+    params = inspect.signature(_PLANNERS[method]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+                and name not in ("density", "mass")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"Expect options of planner {method!r} in {accepted} (plus density/mass, tile, block_size) "
+                        f"but got {', '.join(unknown)}")
 
 
 for _name in _BUILTIN:

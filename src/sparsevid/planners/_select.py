@@ -24,12 +24,6 @@ def _forced_blocks(layout: VideoLayout, device: str) -> torch.Tensor:
     return eye | text[None, :] | text[:, None]
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """Reject NaN/Inf in a (small) derived tensor: it would silently poison the ranking."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"Expect finite q and k but {name} computed from them has NaN/Inf entries")
-
-
 def keep_by_budget(
     score: torch.Tensor,
     layout: VideoLayout,

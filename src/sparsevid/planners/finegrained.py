@@ -34,7 +34,7 @@ import torch
 from ..layout import VideoLayout
 from ..token_plan import TokenPlan, _text_tokens
 from . import register_planner
-from ._select import _DEFAULT_DENSITY, check_finite
+from ._select import _DEFAULT_DENSITY
 from .draft import pool_blocks
 
 # Score elements (float32) per chunk of query blocks: ~64 MiB.
@@ -75,10 +75,8 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
 
     counts = torch.empty(B, H, nb, dtype=torch.int32, device=device)
     per_head = []
-    finite = torch.ones((), dtype=torch.bool, device=device)
     for h in range(H):
         log_p = _estimate(q[:, h], k[:, h], layout, queries)  # (B, NB, L)
-        finite &= torch.isfinite(log_p).all()
         rank = torch.where(forced, float("inf"), log_p)  # forced tokens first
         if density is not None and budget == "row":
             want = min(L, max(1, round(density * L)))
@@ -98,8 +96,6 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
         top = torch.where(valid, top, L + top).sort(dim=-1).values
         per_head.append(torch.where(top < L, top, top - L).to(torch.int32))
 
-    if not bool(finite):  # one host sync per plan (check_finite's message)
-        check_finite("the estimated attention map", torch.tensor(float("nan")))
     kv_tokens = torch.zeros(B, H, nb, max(t.shape[-1] for t in per_head), dtype=torch.int32, device=device)
     for h, top in enumerate(per_head):
         kv_tokens[:, h, :, : top.shape[-1]] = top

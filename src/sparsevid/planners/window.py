@@ -30,6 +30,7 @@ def window(
     pair_video = video[:, None] & video[None, :]
     th, tw = layout.tile
     delta = (centers[:, None, :] - centers[None, :, :]).abs().nan_to_num(0.0)  # (NB, NB, 3)
+    df, dy, dx = delta.unbind(-1)  # scalars only below: no host-to-device copy (and so no sync) per plan
     if radius is not None:
         if density is not None:
             raise ValueError("Expect one of radius or density for method 'window' but got both")
@@ -40,13 +41,12 @@ def window(
         ):
             raise ValueError(f"Expect radius=(frames, tile_rows, tile_cols) of ints >= 0 but got {radius!r}")
         # in (frames, tile rows, tile columns); half a tile of slack for blocks that straddle two tiles
-        unit = torch.tensor([1.0, th, tw], device=q.device, dtype=torch.float64)
-        limit = torch.tensor(radius, device=q.device, dtype=torch.float64) + 0.5
-        near = (delta / unit <= limit).all(-1) & pair_video
+        rf, ry, rx = radius
+        near = (df <= rf + 0.5) & (dy / th <= ry + 0.5) & (dx / tw <= rx + 0.5) & pair_video
         keep = (near | forced_blocks(layout, q.device))[None, None]
     else:
-        delta = delta * torch.tensor([frame_weight, 1.0, 1.0], device=q.device, dtype=torch.float64)
-        score = -(delta.amax(-1) + 1e-3 * delta.norm(dim=-1))
+        df = df * frame_weight
+        score = -(torch.maximum(torch.maximum(df, dy), dx) + 1e-3 * (df * df + dy * dy + dx * dx).sqrt())
         score = torch.where(pair_video, score, float("-inf"))[None, None]
         keep = keep_by_budget(score, layout, density=density, budget="row")
     return BlockPlan.from_block_mask(layout, keep, "window")

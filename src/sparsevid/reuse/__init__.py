@@ -104,8 +104,6 @@ class ReuseHandle:
 def apply(transformer: torch.nn.Module, reuse) -> ReuseHandle:
     """Attach ``reuse`` (see :func:`split_reuse`) to one diffusers transformer."""
     token, step = split_reuse(reuse)
-    if token is not None and type(transformer).__name__ not in dit._SUPPORTED:
-        raise NotImplementedError(f"NYI: token replay for {type(transformer).__name__} (supported: {list(dit._SUPPORTED)})")
     disable = enable_step_cache(transformer, step) if step is not None else None
     try:
         token_handle = apply_token_replay(transformer, token) if token is not None else None

@@ -22,8 +22,9 @@ Selection (:class:`TokenReplay`):
 Frame 0 always computes. Mechanism: a forward-pre-hook on the transformer reads the latent grid;
 per block, forward hooks on ``attn1.norm_q`` / ``norm_k`` capture q and k and compute the TAS,
 and an instance ``forward`` on ``ffn`` gathers/scatters. ``remove()`` restores every module
-(bit-identical native output). Supported: ``WanTransformer3DModel`` (Wan2.1/2.2 and the
-project's testbed); other models raise ``NotImplementedError("NYI: ...")``.
+(bit-identical native output). Supported: the models whose registry entry (:mod:`sparsevid.models`)
+names their replay blocks — the Wan family (Wan2.1/2.2 and the project's testbed, ChronoEdit,
+Wan-Animate, SkyReels-V2); other models raise ``NotImplementedError("NYI: ...")``.
 
 Shape legend: ``B`` batch, ``F, H, W`` latent grid in tokens, ``S = H*W`` tokens per frame,
 ``L = F*S``, ``C`` hidden size.
@@ -36,11 +37,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import bind_call, model_spec
 from ._patch import patch_forward, replay_stats
 
 __all__ = ["TokenReplay", "TokenReplayHandle", "apply_token_replay", "replay_sources"]
 
-_SUPPORTED = ("WanTransformer3DModel",)
 
 
 @dataclass(frozen=True)
@@ -129,18 +130,11 @@ class TokenReplayHandle:
         self.states.clear()
 
 
-def _grid(transformer, hidden_states: torch.Tensor) -> tuple[int, int, int]:
-    patch = transformer.config.patch_size
-    pt, ph, pw = patch if isinstance(patch, (tuple, list)) else (1, patch, patch)
-    f, h, w = hidden_states.shape[-3:]
-    return f // pt, h // ph, w // pw
-
-
 def apply_token_replay(transformer: torch.nn.Module, config: TokenReplay) -> TokenReplayHandle:
     """Add token-level FFN replay to a diffusers video transformer.
 
     Args:
-        transformer: a ``WanTransformer3DModel``.
+        transformer: a model whose registry entry (:mod:`sparsevid.models`) names its replay blocks (Wan family).
         config (TokenReplay): rate or threshold, and blocks.
 
     Returns:
@@ -152,10 +146,10 @@ def apply_token_replay(transformer: torch.nn.Module, config: TokenReplay) -> Tok
     """
     if not isinstance(config, TokenReplay):
         raise TypeError(f"Expect config to be a sparsevid.reuse.TokenReplay but got {type(config).__name__}")
-    name = type(transformer).__name__
-    if name not in _SUPPORTED:
-        raise NotImplementedError(f"NYI: token replay for {name} (supported: {list(_SUPPORTED)})")
-    blocks = list(transformer.blocks)
+    spec = model_spec(transformer)
+    if spec.replay is None:
+        raise NotImplementedError(f"NYI: token replay for {type(transformer).__name__}")
+    blocks = spec.replay(transformer)  # (self-attention, ffn) per block
     layers = config.layers if config.layers is not None else tuple(range(1, len(blocks)))
     if any(i >= len(blocks) for i in layers):
         raise ValueError(f"Expect TokenReplay layers in [0, {len(blocks)}) but got {config.layers!r}")
@@ -163,20 +157,19 @@ def apply_token_replay(transformer: torch.nn.Module, config: TokenReplay) -> Tok
     restore = []
 
     def pre(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        grid["fhw"] = _grid(module, hidden)
+        grid["fhw"] = spec.grid(module, bind_call(module, args, kwargs))
 
     h = transformer.register_forward_pre_hook(pre, with_kwargs=True)
     restore.append(h.remove)
     states = {}
     for i in sorted(set(layers)):
-        states[i] = _BlockState(i, blocks[i].attn1.heads)
-        _hook_block(blocks[i], states[i], config, grid, restore)
+        attn, ffn = blocks[i]
+        states[i] = _BlockState(i, attn.heads)
+        _hook_block(attn, ffn, states[i], config, grid, restore)
     return TokenReplayHandle(transformer, config, states, restore)
 
 
-def _hook_block(block, state: _BlockState, config: TokenReplay, grid: dict, restore: list) -> None:
-    attn, ffn = block.attn1, block.ffn
+def _hook_block(attn, ffn, state: _BlockState, config: TokenReplay, grid: dict, restore: list) -> None:
     q_src = attn.norm_q if isinstance(getattr(attn, "norm_q", None), torch.nn.Module) else attn.to_q
     k_src = attn.norm_k if isinstance(getattr(attn, "norm_k", None), torch.nn.Module) else attn.to_k
     heads = state.heads

@@ -1,0 +1,293 @@
+"""The framework-neutral core of every integration: settings, step schedule, caches, and the
+SDPA-shaped entry point.
+
+An adapter (diffusers hooks, a ComfyUI node) owns one :class:`SparseSession` per transformer and
+does three things: at the start of each forward it calls :meth:`SparseSession.begin_forward` with
+the call's arguments (bound by name, see :func:`sparsevid.models.bind_call`); for each video
+self-attention layer it asks :meth:`SparseSession.runs_sparse`; and it routes a sparse layer's
+attention call to :meth:`SparseSession.attend` (``scaled_dot_product_attention``'s arguments,
+``(B, heads, L, D)`` tensors). Everything else — which step this is, whether the step and layer
+run dense, the token layout, planning, plan reuse across steps, text tokens and key-padding
+masks, and the counts a handle reports — lives here, so every adapter behaves alike.
+
+No host sync on the sparse path once a generation runs: the step comes from the scheduler's
+``step_index`` (a Python int; the timestep value is read once when it is not known yet), plans and
+their statistics stay on the device, and key-padding masks are read once per forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention import sparse_attention
+from ..backends import check_backend_name
+from ..layout import VideoLayout
+from ..models import ModelSpec
+from ..planners import _check_fraction, available_planners, check_options
+from ..planners import plan as make_plan
+
+__all__ = ["DEFAULT_DENSE_STEP_FRACTION", "SparseSession", "SparseVidConfig", "validate_config"]
+
+DEFAULT_DENSE_STEP_FRACTION = 0.2
+_TILING = ("tile", "block_size")  # planner options that shape the VideoLayout, built once per grid
+
+
+@dataclass(frozen=True)
+class SparseVidConfig:
+    """What an integration was asked for (validated by :func:`validate_config`).
+
+    Attributes:
+        method (str | None): planner name (``sparsevid.available_planners()``); ``None``: native attention.
+        density (float | None): fraction of real score entries to compute (``None``: the planner's default).
+        mass (float | None): alternatively, attention mass to keep (draft, xattn).
+        dense_steps (int | float | None): leading denoising steps run dense: an int count, or a
+            fraction of the pipeline's steps. ``None``: 20% for a pipeline (the DraftAttention/SVG
+            practice), 0 for a bare transformer (it cannot see the schedule).
+        dense_layers (int): leading self-attention layers run dense (default 1).
+        replan_every (int): recompute each layer's plan every this many steps, reuse in between.
+        backend (str): ``sparse_attention`` backend (``"auto"``: the fastest that supports the inputs).
+        planner_options (dict): extra keyword arguments for the planner (``tile``, ``budget``, ...).
+    """
+
+    method: str | None = "draft"
+    density: float | None = None
+    mass: float | None = None
+    dense_steps: int | float | None = None
+    dense_layers: int = 1
+    replan_every: int = 1
+    backend: str = "auto"
+    planner_options: dict = field(default_factory=dict)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_config(config: SparseVidConfig, *, has_schedule: bool) -> None:
+    """Check every setting before anything is hooked; raise ``ValueError``/``TypeError`` naming it.
+
+    The planner runs once on a tiny CPU input with the given options, so a misspelled option or a
+    value the planner refuses is reported now, not at the first sparse step of a generation.
+    ``has_schedule``: whether the target has a scheduler (a fractional ``dense_steps`` needs one).
+    """
+    if config.method is not None and config.method not in available_planners():
+        raise ValueError(f"Expect method in {available_planners()} (or None: native attention) but got {config.method!r}")
+    _check_fraction("density", config.density)
+    _check_fraction("mass", config.mass)
+    if config.density is not None and config.mass is not None:
+        raise ValueError("Expect one of density or mass but got both")
+    for name, low in (("dense_layers", 0), ("replan_every", 1)):
+        value = getattr(config, name)
+        if not _is_int(value) or value < low:
+            raise ValueError(f"Expect {name} to be an int >= {low} but got {value!r}")
+    steps = config.dense_steps
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps < 0 or (
+            isinstance(steps, float) and (math.isnan(steps) or steps >= 1)
+        ):
+            raise ValueError(f"Expect dense_steps as an int >= 0 or a fraction in [0, 1) but got {steps!r}")
+        if isinstance(steps, float) and not has_schedule:
+            raise ValueError(
+                f"Expect dense_steps as an int for a bare transformer (no scheduler to take a fraction of) but got "
+                f"{steps}; pass the pipeline to sparsevid.apply, or an int"
+            )
+    check_backend_name(config.backend)
+    if config.method is None:
+        if config.density is not None or config.mass is not None or config.planner_options:
+            raise ValueError("Expect no density, mass or planner options with method=None (native attention)")
+        return
+    tiling = {k: v for k, v in config.planner_options.items() if k in _TILING}
+    options = {k: v for k, v in config.planner_options.items() if k not in _TILING}
+    check_options(config.method, options)
+    layout = VideoLayout(2, 4, 4, **tiling) if tiling else VideoLayout(2, 4, 4, tile=(4, 4), block_size=16)
+    q = torch.randn(1, 1, layout.num_tokens, 16, generator=torch.Generator().manual_seed(0))
+    make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
+
+
+class SparseSession:
+    """One transformer's sparse-attention state: schedule, layouts, plans, and counts.
+
+    Args:
+        config (SparseVidConfig): validated settings.
+        spec (ModelSpec): the model's registry entry (grid, timestep, where other tokens sit).
+        scheduler: the pipeline's scheduler, or ``None`` for a bare transformer.
+    """
+
+    def __init__(self, config: SparseVidConfig, spec: ModelSpec, scheduler=None):
+        self.config = config
+        self.spec = spec
+        self.scheduler = scheduler
+        self.grid: tuple[int, int, int] | None = None
+        self.step = -1
+        self.call_in_step = 0
+        self._last_t: float | None = None
+        self._layouts: dict[tuple, VideoLayout] = {}
+        self._plans: dict[tuple, tuple[int, object]] = {}  # cache key -> (step planned, plan)
+        self._mask_reads: dict[tuple, object] = {}  # what this forward's masks hold, read once each
+        self.sparse_calls = 0  # attention calls computed by sparsevid
+        self.dense_calls = 0  # attention calls of hooked layers left native (dense layers and steps)
+        self.plans_made = 0
+        self._density_sum: torch.Tensor | None = None  # on the device: no sync per plan
+
+    # ------------------------------------------------------------------ schedule
+    def reset(self) -> None:
+        """Forget the step counter and cached plans (a pipeline call ended); counts survive."""
+        self.step, self.call_in_step, self._last_t = -1, 0, None
+        self._plans.clear()
+
+    def begin_forward(self, grid: tuple[int, int, int], timestep) -> None:
+        """Record the token grid and the denoising step of the forward that starts now.
+
+        The step is the scheduler's ``step_index`` when it has one (no device read); otherwise the
+        index of the timestep in the scheduler's ``timesteps``, or, for a bare transformer, a counter
+        of timestep changes (a larger timestep than the last starts a new generation).
+        """
+        self.grid = grid
+        self._mask_reads.clear()
+        index = getattr(self.scheduler, "step_index", None) if self.scheduler is not None else None
+        if index is not None:
+            step = int(index)
+        else:
+            t = float(torch.as_tensor(timestep).max()) if timestep is not None else None  # one read per forward
+            timesteps = getattr(self.scheduler, "timesteps", None)
+            if t is not None and timesteps is not None and len(timesteps):
+                step = int((torch.as_tensor(timesteps, dtype=torch.float64).cpu() - t).abs().argmin())
+            elif t is None or t != self._last_t:
+                step = self.step + 1 if (t is None or self._last_t is None or t < self._last_t) else 0
+            else:
+                step = self.step
+            self._last_t = t
+        if step < self.step:  # a new generation began
+            self._plans.clear()
+        self.call_in_step = self.call_in_step + 1 if step == self.step else 0
+        self.step = step
+
+    def num_steps(self) -> int | None:
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        return len(timesteps) if timesteps is not None and len(timesteps) else None
+
+    def dense_steps(self) -> int:
+        steps = self.config.dense_steps
+        if steps is None or isinstance(steps, float):
+            total = self.num_steps()
+            fraction = DEFAULT_DENSE_STEP_FRACTION if steps is None else steps
+            return math.ceil(fraction * total) if total else 0
+        return steps
+
+    def runs_sparse(self, layer: int) -> bool:
+        """Whether self-attention layer ``layer`` (depth index in the registry's list) runs sparse now."""
+        return self.config.method is not None and layer >= self.config.dense_layers and self.step >= self.dense_steps()
+
+    # ------------------------------------------------------------------ the SDPA-shaped entry
+    def attend(self, query, key, value, *, layer: int, call: int = 0, attn_mask=None, dropout_p=0.0,
+               is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:
+        """``scaled_dot_product_attention`` of one video self-attention call, computed sparse.
+
+        ``query``/``key``/``value``: ``(B, heads, L, D)``; ``layer``: the layer's depth index;
+        ``call``: the call's index within the layer's forward (a module may attend once per sample).
+        A key-padding ``attn_mask`` (text padded at the end) runs each batch element on its unpadded
+        prefix. Anything else a video self-attention should never get raises ``NotImplementedError``.
+        """
+        name = type(self).__name__
+        if is_causal or dropout_p or enable_gqa or query.shape != key.shape or key.shape != value.shape:
+            raise NotImplementedError(
+                f"NYI: {name} got a self-attention call sparsevid cannot plan (is_causal={is_causal}, "
+                f"dropout_p={dropout_p}, enable_gqa={enable_gqa}, q {tuple(query.shape)}, k {tuple(key.shape)})"
+            )
+        if attn_mask is not None and attn_mask.dtype == torch.bool and attn_mask.numel() and self._all_true(attn_mask):
+            attn_mask = None
+        if attn_mask is None:
+            return self._sparse(query, key, value, scale, (layer, call))
+        return self._with_key_padding(query, key, value, attn_mask, scale, (layer, call))
+
+    def _read_mask(self, kind: str, mask: torch.Tensor, read):
+        """``read(mask)``, once per forward for each mask (a model passes the same mask to every layer)."""
+        key = (kind, tuple(mask.shape), mask.data_ptr())
+        if key not in self._mask_reads:
+            self._mask_reads[key] = read(mask)
+        return self._mask_reads[key]
+
+    def _all_true(self, mask: torch.Tensor) -> bool:
+        return self._read_mask("all", mask, lambda m: bool(m.all()))
+
+    def _layout(self, length: int) -> VideoLayout:
+        frames, height, width = self.grid
+        text = length - frames * height * width
+        if text < 0 or (text and self.spec.others is None):
+            raise ValueError(
+                f"Expect the self-attention sequence ({length} tokens) to be the latent grid {self.grid} "
+                f"({frames * height * width} tokens){' plus other tokens' if self.spec.others else ''} but it is "
+                f"{'shorter' if text < 0 else 'longer'}; the model registry's grid or module list is wrong for this model"
+            )
+        key = (frames, height, width, text)
+        if key not in self._layouts:
+            tiling = {k: v for k, v in self.config.planner_options.items() if k in _TILING}
+            self._layouts[key] = VideoLayout(frames, height, width, text_tokens=text,
+                                             text_first=self.spec.others == "first", **tiling)
+        return self._layouts[key]
+
+    def _sparse(self, query, key, value, scale, tag) -> torch.Tensor:
+        config = self.config
+        layout = self._layout(query.shape[2])
+        cache_key = (*tag, self.call_in_step, tuple(query.shape), torch.is_inference_mode_enabled())
+        cached = self._plans.get(cache_key)
+        if cached is None or self.step - cached[0] >= config.replan_every or cached[0] > self.step:
+            options = {k: v for k, v in config.planner_options.items() if k not in _TILING}
+            plan = make_plan(query, key, layout, config.method, density=config.density, mass=config.mass,
+                             validate=False, **options)
+            self._plans[cache_key] = cached = (self.step, plan)
+            self.plans_made += 1
+            with torch.no_grad():
+                density = plan.density_per_head().mean()
+                self._density_sum = density if self._density_sum is None else self._density_sum + density
+        self.sparse_calls += 1
+        return sparse_attention(query, key, value, cached[1], scale=scale, backend=config.backend)
+
+    def _with_key_padding(self, query, key, value, attn_mask, scale, tag) -> torch.Tensor:
+        """Joint attention whose padded text keys are masked (text after the video, padded at its end).
+
+        Each batch element runs on its unpadded prefix (video + real text); padded query rows, whose
+        outputs no video token reads, attend densely to the real keys.
+        """
+        B, H, L, D = query.shape
+        lengths = self._prefix_lengths(attn_mask, B, L)
+        out = torch.empty_like(query)
+        for b, n in enumerate(lengths):
+            qb, kb, vb = (t[b : b + 1, :, :n] for t in (query, key, value))
+            out[b : b + 1, :, :n] = self._sparse(qb, kb, vb, scale, (*tag, b, n))
+            if n < L:
+                out[b : b + 1, :, n:] = torch.nn.functional.scaled_dot_product_attention(
+                    query[b : b + 1, :, n:], kb, vb, scale=scale)
+        return out
+
+    def _prefix_lengths(self, attn_mask: torch.Tensor, B: int, L: int) -> list[int]:
+        """Real keys of each batch element, if ``attn_mask`` is a key-padding prefix mask (read once per forward)."""
+
+        def read(mask):
+            if mask.dtype != torch.bool:  # additive: 0 keeps, -inf (or very negative) drops
+                mask = mask > torch.finfo(mask.dtype).min / 2
+            if mask.dim() == 4 and mask.shape[-2] == L:  # (B, 1, L, L) built as keep_i & keep_j: a video row
+                mask = mask[:, :, :1]
+            if mask.dim() == 2:
+                mask = mask[:, None, None]
+            if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+                raise NotImplementedError(f"NYI: sparse attention under an attention mask of shape {tuple(attn_mask.shape)}")
+            keep = mask.expand(B, 1, 1, L)[:, 0, 0]
+            if self.spec.others != "last" or not torch.equal(keep.cumprod(-1).bool(), keep):
+                raise NotImplementedError(
+                    "NYI: sparse attention under an attention mask that is not a key-padding mask of text after the "
+                    "video (real keys first, padding last)"
+                )
+            return keep.sum(-1).tolist()
+
+        return self._read_mask("prefix", attn_mask, read)
+
+    # ------------------------------------------------------------------ report
+    def stats(self) -> dict:
+        """Counts so far: ``sparse_calls``, ``dense_calls``, ``plans``, ``mean_density`` (one device read)."""
+        mean = float(self._density_sum) / self.plans_made if self.plans_made else None
+        return dict(sparse_calls=self.sparse_calls, dense_calls=self.dense_calls, plans=self.plans_made,
+                    mean_density=mean)
