@@ -38,7 +38,8 @@ def csr_mask(layout, plan):
         for h in range(H):
             for m in range(nb):
                 rows = blocks[m][blocks[m] >= 0]
-                cols = plan.kv_tokens[b, h, m, : plan.kv_num_tokens[b, h, m]].long().cpu()
+                n = int(plan.kv_num_tokens[b, h, m])
+                cols = torch.arange(L) if n == L else plan.kv_tokens[b, h, m, :n].long().cpu()  # L: no list stored
                 mask[b, h, rows[:, None], cols[None, :]] = True
     return mask
 

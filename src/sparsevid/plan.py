@@ -23,6 +23,9 @@ class _CSRPlan:
     _COUNTS: str
     _INDICES: str
     _WIDTH: str
+    # A row that keeps every key may leave its list unstored (narrower than the key count): TokenPlan's
+    # dense text rows, so that one text token does not widen every row's list to L.
+    _IMPLICIT_FULL_ROWS = False
 
     def __init__(self, layout: VideoLayout, counts: torch.Tensor, indices: torch.Tensor, method: str = "custom"):
         if not isinstance(layout, VideoLayout):
@@ -88,9 +91,15 @@ class _CSRPlan:
         """int64 ``(NB * block_size,)`` on the plan's device: ``layout.perm`` (the query rows of each block)."""
         return self.layout.on(self.device).perm
 
+    def _full_rows(self) -> torch.Tensor:
+        """bool ``(B, H, NB)``: rows whose list is implicit (they keep every key)."""
+        if not self._IMPLICIT_FULL_ROWS:
+            return torch.zeros_like(self._counts, dtype=torch.bool)
+        return self._counts == self._num_keys
+
     def _kept_valid(self) -> tuple[torch.Tensor, torch.Tensor]:
         valid = torch.arange(self._indices.shape[-1], device=self.device) < self._counts.unsqueeze(-1)
-        return self._indices.long().clamp(0, self._num_keys - 1), valid
+        return self._indices.long().clamp(0, self._num_keys - 1), valid & ~self._full_rows().unsqueeze(-1)
 
     @property
     def density(self) -> float:
@@ -101,8 +110,9 @@ class _CSRPlan:
         """float64 ``(B, H)``: the computed fraction of real score entries of each batch element and head."""
         rows = self.layout.on(self.device).block_tokens.double()
         idx, valid = self._kept_valid()
-        entries = (self._key_tokens()[idx] * valid).sum(-1) * rows  # (B, H, NB)
-        return entries.sum(-1) / float(self.layout.num_tokens) ** 2
+        kept = (self._key_tokens()[idx] * valid).sum(-1)  # real key tokens per row
+        kept = torch.where(self._full_rows(), float(self.layout.num_tokens), kept)
+        return (kept * rows).sum(-1) / float(self.layout.num_tokens) ** 2
 
     # ------------------------------------------------------------------ conversions
     def to_dense(self) -> torch.Tensor:
@@ -110,7 +120,7 @@ class _CSRPlan:
         idx, valid = self._kept_valid()
         hits = torch.zeros(*self._counts.shape, self._num_keys, dtype=torch.int32, device=self.device)
         # scatter_add, not scatter: the unspecified tail may repeat a kept index and must not erase it.
-        return hits.scatter_add_(-1, idx, valid.to(torch.int32)) > 0
+        return (hits.scatter_add_(-1, idx, valid.to(torch.int32)) > 0) | self._full_rows().unsqueeze(-1)
 
     # ------------------------------------------------------------------ checks
     def validate(self):
@@ -119,9 +129,10 @@ class _CSRPlan:
         counts, width = self._counts, self._indices.shape[-1]
         if bool((counts < 1).any()) or bool((counts > n).any()):
             raise ValueError(f"Expect 1 <= {c} <= {n} but got values in [{int(counts.min())}, {int(counts.max())}]")
-        if int(counts.max()) > width:
-            raise ValueError(f"Expect {c} <= {w}={width} but got {int(counts.max())}")
-        valid = torch.arange(width, device=self.device) < counts.unsqueeze(-1)
+        listed = counts.masked_fill(self._full_rows(), 0)
+        if int(listed.max()) > width:
+            raise ValueError(f"Expect {c} <= {w}={width} but got {int(listed.max())}")
+        valid = torch.arange(width, device=self.device) < listed.unsqueeze(-1)
         idx = self._indices.long()
         if bool(((idx < 0) | (idx >= n))[valid].any()):
             raise ValueError(f"Expect {i} in [0, {n}) but found out-of-range entries")
@@ -137,13 +148,27 @@ class _CSRPlan:
 
     # ------------------------------------------------------------------ FlexAttention-style conveniences
     def __getitem__(self, index):
-        """Slice batch and heads: ``plan[b]``, ``plan[:, h]`` (integer indices keep the dimension)."""
+        """Slice batch and heads: ``plan[b]``, ``plan[:, h]``, ``plan[-1]`` (integer indices keep the
+        dimension, so the result is still a plan; out-of-range integers raise ``IndexError``)."""
         if not isinstance(index, tuple):
             index = (index,)
         if len(index) > 2:
             raise IndexError(f"Expect at most 2 indices (batch, head) but got {len(index)}")
-        index = tuple(slice(i, i + 1) if isinstance(i, int) else i for i in index)
-        return type(self)(self.layout, self._counts[index], self._indices[index], self.method)
+        slices = []
+        for dim, (i, size) in enumerate(zip(index, self.shape)):
+            if isinstance(i, int) and not isinstance(i, bool):
+                if not -size <= i < size:
+                    raise IndexError(f"Expect {('batch', 'head')[dim]} index in [{-size}, {size}) but got {i}")
+                i %= size
+                i = slice(i, i + 1)
+            elif not isinstance(i, slice):
+                raise TypeError(f"Expect int or slice indices but got {type(i).__name__}")
+            slices.append(i)
+        index = tuple(slices)
+        counts, indices = self._counts[index], self._indices[index]
+        if 0 in counts.shape[:2]:
+            raise IndexError(f"Expect a non-empty selection but plan{list(index)} of shape {self.shape} is empty")
+        return type(self)(self.layout, counts, indices, self.method)
 
     def to(self, device):
         return type(self)(self.layout, self._counts.to(device), self._indices.to(device), self.method)
@@ -235,6 +260,8 @@ class BlockPlan(_CSRPlan):
     @classmethod
     def from_block_mask(cls, layout: VideoLayout, keep: torch.Tensor, method: str = "custom") -> "BlockPlan":
         """The plan computing exactly the blocks where ``keep`` (bool ``(B, H, NB, NB)``) is True."""
+        if not isinstance(layout, VideoLayout):
+            raise TypeError(f"Expect layout to be a VideoLayout but got {type(layout).__name__}")
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 4:
             raise TypeError(f"Expect keep to be a bool tensor (B, H, NB, NB) but got {_describe(keep)}")
         nb = layout.num_blocks

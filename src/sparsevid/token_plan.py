@@ -29,7 +29,9 @@ class TokenPlan(_CSRPlan):
     - ``kv_num_tokens`` int32 ``(B, H, NB)``: how many key tokens query block ``m`` keeps.
     - ``kv_tokens`` int32 ``(B, H, NB, max_tokens)``: their ORIGINAL token indices (``0 <= j < L``,
       not tile-order slots, so a kernel gathers K/V rows directly), strictly ascending in the first
-      ``kv_num_tokens[b, h, m]`` entries; the tail is unspecified.
+      ``kv_num_tokens[b, h, m]`` entries; the tail is unspecified. A row that keeps all ``L`` tokens
+      (a text block's) stores no list: ``max_tokens`` is bounded by the other rows, so one text
+      token does not cost ``NB x L`` indices.
 
     The token-level mask, in original order, is rebuilt by::
 
@@ -58,6 +60,7 @@ class TokenPlan(_CSRPlan):
     """
 
     _COUNTS, _INDICES, _WIDTH = "kv_num_tokens", "kv_tokens", "max_tokens"
+    _IMPLICIT_FULL_ROWS = True
 
     layout: VideoLayout
     method: str
@@ -80,12 +83,16 @@ class TokenPlan(_CSRPlan):
     def from_token_mask(cls, layout: VideoLayout, keep: torch.Tensor, method: str = "custom") -> "TokenPlan":
         """The plan computing exactly the key tokens where ``keep`` (bool ``(B, H, NB, L)``, original
         token order on the last dim) is True for query block ``m``."""
+        if not isinstance(layout, VideoLayout):
+            raise TypeError(f"Expect layout to be a VideoLayout but got {type(layout).__name__}")
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 4:
             raise TypeError(f"Expect keep to be a bool tensor (B, H, NB, L) but got {_describe(keep)}")
         nb, L = layout.num_blocks, layout.num_tokens
         if keep.shape[-2:] != (nb, L):
             raise ValueError(f"Expect keep of shape (B, H, {nb}, {L}) but got {tuple(keep.shape)}")
-        return cls(layout, *_dense_to_csr(keep), method)
+        counts = keep.sum(-1)
+        listed = counts[counts < L]  # rows keeping every token store no list (one host read)
+        return cls(layout, *_dense_to_csr(keep, width=max(1, int(listed.max())) if listed.numel() else 1), method)
 
     @property
     def _num_keys(self) -> int:

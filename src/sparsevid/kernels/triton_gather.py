@@ -43,20 +43,25 @@ def _gather_fwd_inner(
     acc, l_i, m_i, q,  #
     k_base, v_base, tok_ptr,  #
     stride_kn, stride_kk, stride_vn, stride_vk, stride_tk,  #
-    lo, hi, num, qk_scale,  #
+    lo, hi, num, listed, dense, qk_scale,  #
     offs_n, offs_d,  #
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
     MASKED: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
-    """Online softmax over the kept tokens ``lo..hi`` (step ``BLOCK_N``); ``MASKED`` masks columns ``>= num``."""
+    """Online softmax over the kept tokens ``lo..hi`` (step ``BLOCK_N``); ``MASKED`` masks columns ``>= num``.
+
+    ``dense``: the row keeps all ``L`` tokens, whose indices are not stored (key ``j`` is token ``j``);
+    ``listed`` is then 0, else the stored list's width.
+    """
     d_mask = offs_d < HEAD_DIM
     for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         cols = start + offs_n
         if MASKED:
             col_ok = cols < num
-            tok = tl.load(tok_ptr + cols * stride_tk, mask=col_ok, other=0)
-        else:
-            tok = tl.load(tok_ptr + cols * stride_tk)
+        tok = tl.load(tok_ptr + cols * stride_tk, mask=cols < listed, other=0)
+        tok = tl.where(dense, cols, tok)
+        if MASKED:
+            tok = tl.where(col_ok, tok, 0)  # columns past the row's end read token 0 (their score is -inf)
         tok = tok.to(tl.int64)
         # -- scores: K rows gathered by original token index
         k_ptrs = k_base + tok[:, None] * stride_kn + offs_d[None, :] * stride_kk
@@ -124,7 +129,7 @@ def _gather_attn_fwd(
     stride_oz, stride_oh, stride_om, stride_ok,  #
     stride_nz, stride_nh, stride_nm,  #
     stride_tz, stride_th, stride_tm, stride_tk,  #
-    H,  #
+    H, L, WIDTH,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,  #
     NUM_STAGES: tl.constexpr,  #
@@ -160,12 +165,14 @@ def _gather_attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504  # 1/ln(2)
 
+    dense = num == L  # a row that keeps every token stores no indices
+    listed = tl.where(dense, 0, WIDTH)
     full = (num // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _gather_fwd_inner(
         acc, l_i, m_i, q,  #
         k_base, v_base, tok_ptr,  #
         stride_kn, stride_kk, stride_vn, stride_vk, stride_tk,  #
-        0, full, num, qk_scale,  #
+        0, full, num, listed, dense, qk_scale,  #
         offs_n, offs_d,  #
         BLOCK_N, HEAD_DIM, HEAD_DIM_P,  #
         False, NUM_STAGES,  #
@@ -175,7 +182,7 @@ def _gather_attn_fwd(
             acc, l_i, m_i, q,  #
             k_base, v_base, tok_ptr,  #
             stride_kn, stride_kk, stride_vn, stride_vk, stride_tk,  #
-            full, num, num, qk_scale,  #
+            full, num, num, listed, dense, qk_scale,  #
             offs_n, offs_d,  #
             BLOCK_N, HEAD_DIM, HEAD_DIM_P,  #
             True, 1,  #
@@ -205,7 +212,8 @@ def token_attention_triton(
         q, k, v (Tensor): ``(B, H, L, D)``, any strides, float16 / bfloat16 (float32 for tests),
             ``D`` in {64, 96, 128} (any ``D <= 256`` works; non powers of two are masked).
         perm (Tensor): int64 ``(S,)``, original token of each tile-order slot, ``-1`` = padding.
-        kv_num_tokens (Tensor): int32 ``(B, H, NB)``; may be an expanded view.
+        kv_num_tokens (Tensor): int32 ``(B, H, NB)``; may be an expanded view. A row of ``L`` keeps
+            every token and reads no index.
         kv_tokens (Tensor): int32 ``(B, H, NB, T)``, original token indices, ascending in the first
             ``kv_num_tokens`` entries; may be an expanded view.
         block_size (int): slots per block ``BS`` (16, 32, 64 or 128), the query tile.
@@ -240,7 +248,7 @@ def _launch_args(q, k, v, out, perm, kv_num_tokens, kv_tokens, block_size, scale
         q, k, v, out, perm, kv_num_tokens, kv_tokens, float(scale),  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
         *kv_num_tokens.stride(), *kv_tokens.stride(),  #
-        H,  #
+        H, L, kv_tokens.shape[-1],  #
     )
     meta = dict(HEAD_DIM=D, HEAD_DIM_P=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size)
     return grid, args, meta

@@ -69,8 +69,11 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
     text_blk = tables.is_text_block  # (NB,)
     forced = (block_of_token[None, :] == torch.arange(nb, device=device)[:, None]) | text_tok | text_blk[:, None]
     n_forced = forced.sum(-1)  # (NB,)
-    # the row budget's width is known on the host (no sync): forced counts come from the layout alone
-    n_forced_max = L if layout.text_tokens else int(layout.block_tokens.max())
+    # The row budget's width is known on the host (no sync): forced counts come from the layout alone.
+    # Text query blocks keep every token and store no list (TokenPlan), so only the other rows count.
+    video_rows = layout.block_tokens[~layout.is_text_block]
+    text_keys = int(layout.block_tokens[layout.is_text_block].sum())  # every token of a text block is forced
+    n_forced_max = text_keys + int(video_rows.max()) if video_rows.numel() else 1
     rows = tables.block_tokens.double()
 
     counts = torch.empty(B, H, nb, dtype=torch.int32, device=device)
@@ -89,7 +92,11 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
             before = p.cumsum(-1) - p
             n_keep = torch.maximum(n_forced, (before < mass).sum(-1))  # (B, NB)
         counts[:, h] = n_keep.to(torch.int32)
-        width = max(want, n_forced_max) if density is not None and budget == "row" else int(n_keep.max())
+        if density is not None and budget == "row":
+            width = min(L, max(want, n_forced_max))
+        else:
+            listed = n_keep[n_keep < L]
+            width = max(1, int(listed.max())) if listed.numel() else 1
         top = rank.topk(width, dim=-1).indices  # (B, NB, width)
         valid = torch.arange(width, device=device) < n_keep[..., None]
         # kept tokens ascending, then the (unspecified) tail
