@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
@@ -39,8 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args._run(args)
+    """Run a command; a bad setting (``ValueError``/``TypeError`` raised while checking the inputs)
+    prints one line and exits with status 2, like argparse (``SPARSEVID_TRACEBACK=1`` shows the traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._run(args)
+    except (ValueError, TypeError) as error:
+        if os.environ.get("SPARSEVID_TRACEBACK") == "1":
+            raise
+        parser.exit(2, f"sparsevid: error: {error}\n")
 
 
 if __name__ == "__main__":

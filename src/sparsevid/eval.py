@@ -135,6 +135,14 @@ class Config:
         """This configuration without reuse (whose plans the per-layer error measures)."""
         return replace(self, reuse=None)
 
+    def check(self) -> None:
+        """Raise the error :func:`sparsevid.apply` would raise for this configuration, before any work."""
+        from .integrations.core import SparseVidConfig, validate_config
+
+        if self.method != "none":
+            validate_config(SparseVidConfig(self.method, self.density, None, self.dense_steps, self.dense_layers,
+                                            planner_options=dict(self.options)), has_schedule=True)
+
     def apply(self, pipe):
         import sparsevid as sv
 
@@ -181,6 +189,8 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
         if config not in seen:
             seen.add(config)
             configs.append(config)
+    for config in configs:  # every setting checked before any generation (as sparsevid.apply would)
+        config.check()
     return configs
 
 

@@ -14,14 +14,19 @@ import torch
 
 
 def option_pair(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` (VALUE a Python literal) -> ``(KEY, value)``: the ``--option`` type of the CLIs."""
+    """``KEY=VALUE`` -> ``(KEY, value)``: the ``--option`` type of the CLIs. VALUE is a Python literal
+    (``32``, ``(8, 16)``, ``'layer'``) or a bare word taken as a string (``budget=layer``: what a shell
+    leaves of ``budget='layer'``)."""
     key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier() or not value:
+        raise argparse.ArgumentTypeError(f"Expect --option KEY=VALUE but got {text!r}")
     try:
-        if not sep or not key.isidentifier():
-            raise ValueError
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        raise argparse.ArgumentTypeError(f"Expect --option KEY=VALUE with a Python literal VALUE but got {text!r}") from None
+        if value.isidentifier():
+            return key, value
+        raise argparse.ArgumentTypeError(
+            f"Expect --option KEY=VALUE with VALUE a Python literal or a plain word but got {text!r}") from None
 
 
 def time_ms(fn, reps: int = 10, warmup: int = 2, device: str = "cuda") -> float:

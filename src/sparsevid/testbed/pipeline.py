@@ -85,6 +85,8 @@ class TestbedPipeline:
         Returns:
             torch.Tensor: float32 ``(F, 3, H, W)`` in [0, 1] on the CPU.
         """
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"Expect seed to be an int in [0, 2**63) but got {seed!r}")
         for name, value in (("steps", steps), ("frames", frames), ("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expect {name} to be an int >= 1 but got {value!r}")
