@@ -114,9 +114,11 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale):
     widths = widest[order].tolist()  # one host read: the reference is the CPU/oracle path
     m0 = 0
     while m0 < nb:
-        # grow the chunk while it fits the budget at the width of its widest (= last) block
+        # grow the chunk while it fits the budget at the width of its widest (= last) block, and while
+        # that width is at most twice its narrowest: no block gathers more than twice what it keeps
         m1 = m0 + 1
-        while m1 < nb and (m1 + 1 - m0) * B * H * widths[m1] * key_unit * D <= _CHUNK_ELEMENTS:
+        while (m1 < nb and widths[m1] <= 2 * widths[m0]
+               and (m1 + 1 - m0) * B * H * widths[m1] * key_unit * D <= _CHUNK_ELEMENTS):
             m1 += 1
         width = widths[m1 - 1]
         blocks = order[m0:m1]
