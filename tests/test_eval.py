@@ -84,15 +84,16 @@ def test_generate_comparison(tmp_path):
     assert 0 < info["achieved"] < 0.3 and info["psnr"] > 10
 
 
-def test_reuse_configs_and_spec_errors():
+def test_reuse_configs_and_spec_errors(capsys):
     configs = sv_eval.make_configs(["draft", "none"], [0.25], reuse=["replay:rate=0.3", "replay:rate=0.1+fbc:threshold=0.1"])
     names = [c.name for c in configs]
     assert names == ["draft@0.25", "draft@0.25 + replay:rate=0.3", "draft@0.25 + replay:rate=0.1+fbc:threshold=0.1",
                      "none + replay:rate=0.3", "none + replay:rate=0.1+fbc:threshold=0.1"]
     with pytest.raises(ValueError, match="teacache:threshold=0.1"):
         sv_eval.make_configs(["draft"], [0.25], reuse=["teacache:threshold=0.1"])
-    with pytest.raises(ValueError, match="replay:rate=2"):  # before the pipeline loads
+    with pytest.raises(SystemExit):  # one line on stderr, exit status 2, before the pipeline loads
         cli.main(["eval", *REDUCED, "--reuse", "replay:rate=2"])
+    assert "replay:rate=2" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"replay:rate=0.1\+replay:rate=0.2"):
         sv_eval.make_configs(["draft"], [0.25], reuse=["replay:rate=0.1+replay:rate=0.2"])
     with pytest.raises(ValueError, match="--methods none"):

@@ -24,8 +24,18 @@ def run(model, inputs):
 
 
 # ------------------------------------------------------------------------------ attention backends
+@pytest.fixture
+def restore_active_backend():
+    """diffusers' set_attention_backend also sets the process-wide active backend: put it back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
 @pytest.mark.parametrize("order", ["backend first", "apply first"])
-def test_sparse_layers_run_under_another_attention_backend(order):
+def test_sparse_layers_run_under_another_attention_backend(order, restore_active_backend):
     """Defect 1: set_attention_backend('flex') made sparsevid a silent no-op."""
     model, inputs = tiny_wan(), wan_inputs()
     native = run(model, inputs)
