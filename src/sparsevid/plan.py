@@ -321,18 +321,18 @@ class BlockPlan(_CSRPlan):
 def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """bool ``(B, H, NB, N)`` -> (int32 counts ``(B, H, NB)``, int32 ascending indices ``(B, H, NB, width)``).
 
-    ``width`` defaults to the longest row (one host sync).
+    ``width`` defaults to the longest row (one host sync). No sort: each kept index is scattered to
+    its rank among the row's kept indices (a cumulative sum); the tail is zeros.
     """
-    nb = keep.shape[-1]
+    n = keep.shape[-1]
     counts = keep.sum(-1, dtype=torch.int32)
     if width is None:
         width = max(int(counts.max()), 1) if counts.numel() else 1
-    arange = torch.arange(nb, device=keep.device)
-    # Kept blocks sort first (ascending index); the rest fill the unspecified tail.
-    order = torch.where(keep, arange, nb + arange)
-    indices = order.sort(dim=-1).values if width == nb else order.topk(width, dim=-1, largest=False).values
-    indices = torch.where(indices < nb, indices, indices - nb).to(torch.int32)
-    return counts, indices.contiguous()
+    rank = keep.cumsum(-1, dtype=torch.int32) - 1
+    slot = torch.where(keep & (rank < width), rank, width).long()  # everything else to a dump column
+    indices = torch.zeros(*keep.shape[:-1], width + 1, dtype=torch.int32, device=keep.device)
+    values = torch.arange(n, dtype=torch.int32, device=keep.device).expand_as(slot)
+    return counts, indices.scatter_(-1, slot, values)[..., :width].contiguous()
 
 
 def _describe(x) -> str:

@@ -37,9 +37,11 @@ def _triton_backend(q, k, v, plan, scale):
         kv_tokens = plan.kv_tokens.expand(B, H, -1, -1)
         return token_sparse_attn(q, k, v, plan.perm, kv_num_tokens, kv_tokens, plan.block_size, scale)
 
-    from .triton_blocksparse import block_sparse_attn
+    from .triton_blocksparse import block_sparse_attn, launch_tables
 
     # A broadcast plan becomes a stride-0 view: the kernel indexes it with q's batch and head.
     kv_num_blocks = plan.kv_num_blocks.expand(B, H, -1)
     kv_indices = plan.kv_indices.expand(B, H, -1, -1)
-    return block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale)
+    block_real, order = plan.derived(f"triton_launch_{B}x{H}", lambda: launch_tables(
+        plan.perm, kv_num_blocks, plan.block_size, B, H))
+    return block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, block_real, order)

@@ -219,6 +219,8 @@ def sparse_attention_triton(
     out: torch.Tensor | None = None,
     config: dict | None = None,
     mask_padding: bool = True,
+    block_real: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch ``_sparse_attn_fwd``. Assumes validated inputs (``sparsevid.sparse_attention`` checks them).
 
@@ -236,6 +238,8 @@ def sparse_attention_triton(
             "num_stages": 3}`` (benchmarks and experiments).
         mask_padding (bool): ``False`` skips the padding-key bias; only valid when no slot is
             padding (experiments).
+        block_real, order (Tensor | None): :func:`launch_tables` of this plan, when the caller keeps
+            them with the plan (then a reused plan launches with no preparatory kernels).
 
     Returns:
         Tensor: ``(B, H, L, D)`` in the ORIGINAL token order, dtype of ``q``; strides like ``q``'s
@@ -243,7 +247,10 @@ def sparse_attention_triton(
     """
     if out is None:
         out = torch.empty_like(q)
-    grid, args, meta = _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, mask_padding)
+    if block_real is None or order is None:
+        block_real, order = launch_tables(perm, kv_num_blocks, block_size, q.shape[0], q.shape[1])
+    grid, args, meta = _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, block_real,
+                                    order, mask_padding)
     if config is None:
         _sparse_attn_fwd[grid](*args, **meta)
     else:
@@ -251,16 +258,22 @@ def sparse_attention_triton(
     return out
 
 
-def _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, mask_padding=True):
+def launch_tables(perm, kv_num_blocks, block_size: int, B: int, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_real, order)``: int32 real slots per block (padding is a block's tail, so the kernel masks
+    keys by comparing a slot's offset with one scalar), and per (batch, head) the query blocks by
+    kept-block count, descending (longest processing time first)."""
+    NB = kv_num_blocks.shape[-1]
+    block_real = (perm.view(NB, block_size) >= 0).sum(1, dtype=torch.int32)
+    order = kv_num_blocks.expand(B, H, NB).reshape(B * H, NB).argsort(dim=1, descending=True).to(torch.int32)
+    return block_real, order
+
+
+def _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, block_real, order,
+                 mask_padding=True):
     """``(grid, positional args, constexpr kwargs)`` of one launch; the grid uses shapes only."""
     B, H, L, D = q.shape
     NB = kv_num_blocks.shape[-1]
     grid = (NB, B * H)
-    # real (non-padding) slots per block: padding is each block's tail, so the kernel masks keys
-    # by comparing a slot's offset with one scalar (NB int32: the only scratch memory used)
-    block_real = (perm.view(NB, block_size) >= 0).sum(1, dtype=torch.int32)
-    # per (batch, head): query blocks by kept-block count, descending (longest processing time first)
-    order = kv_num_blocks.expand(B, H, NB).reshape(B * H, NB).argsort(dim=1, descending=True).to(torch.int32)
     args = (
         q, k, v, out, perm, block_real, kv_num_blocks, kv_indices, order, float(scale),  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
@@ -294,6 +307,8 @@ def block_sparse_attn(
     kv_indices: torch.Tensor,
     block_size: int,
     scale: float,
+    block_real: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.ops.sparsevid.block_sparse_attn``: :func:`sparse_attention_triton` as an opaque op.
 
@@ -301,11 +316,12 @@ def block_sparse_attn(
     strides) and CUDA-graph capturable (no host syncs; the grid depends on shapes only). Run it
     once before capture so the autotuner has picked its config.
     """
-    return sparse_attention_triton(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale)
+    return sparse_attention_triton(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale,
+                                   block_real=block_real, order=order)
 
 
 @block_sparse_attn.register_fake
-def _(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale):
+def _(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, block_real=None, order=None):
     return torch.empty_like(q)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -81,7 +82,12 @@ def keep_by_budget(
     remaining = target - (gain * forced_flat).sum(-1, keepdim=True)
 
     candidate = ~forced_flat & (score > float("-inf"))
-    order = torch.where(candidate, score, float("-inf")).argsort(dim=-1, descending=True)
+    ranked = torch.where(candidate, score, float("-inf"))
+    reach = _greedy_reach(layout, density, H if budget == "layer" else 1) if budget != "row" and density else None
+    if reach is not None and reach < ranked.shape[-1]:
+        order = ranked.topk(reach, dim=-1).indices  # the only entries the greedy below can take (sorted)
+    else:
+        order = ranked.argsort(dim=-1, descending=True)
     g = gain.gather(-1, order)
     ok = candidate.gather(-1, order)
     before = torch.cumsum(g * ok, dim=-1) - g * ok
@@ -89,5 +95,25 @@ def keep_by_budget(
         take = ok & (before + g / 2 <= remaining)
     else:
         take = ok & (before < remaining)
-    keep = torch.zeros_like(ok).scatter_(-1, order, take) | forced_flat
+    keep = torch.zeros_like(candidate).scatter_(-1, order, take) | forced_flat
     return keep.reshape(B, H, nb, nb)
+
+
+def _greedy_reach(layout: VideoLayout, density: float, heads: int) -> int:
+    """How many of the best-scored candidates a density budget over ``heads`` whole heads can take.
+
+    Every block but a short last one holds ``block_size`` tokens, so a candidate costs ``block_size**2``
+    entries except the ``2 * NB - 1`` pairs of the last block's row and column, per head. The greedy
+    stops once ``block_size**2`` more entries than the budget were passed, so a top-k of this size
+    (known on the host: no sync) holds everything it takes, instead of a sort of all ``NB**2`` entries.
+    """
+    remaining = heads * (density * float(layout.num_tokens) ** 2 - _forced_entries(layout))
+    full = float(layout.block_size) ** 2
+    return max(1, math.ceil(max(remaining, 0.0) / full) + heads * (2 * layout.num_blocks - 1) + 1)
+
+
+@lru_cache(maxsize=64)
+def _forced_entries(layout: VideoLayout) -> float:
+    """Score entries of one head's forced blocks (host arithmetic, once per layout)."""
+    tokens = layout.block_tokens.double()
+    return float((forced_blocks(layout, "cpu").double() * tokens[:, None] * tokens[None, :]).sum())
