@@ -316,3 +316,34 @@ def test_every_supported_model_module_list_matches_its_tiny_forward():
 
     spec = model_spec(model)
     assert len(spec.self_attention(model)) == 1 + 1  # dual block + one encoder single block (decoder left dense)
+
+
+# ------------------------------------------------------------------------------ tile order through the model
+def test_tile_order_through_the_model_equals_gathering_per_call():
+    model, inputs = tiny_wan(), wan_inputs()
+    native = run(model, inputs)
+    outs = {}
+    for tile_order in (False, True):
+        handle = sv.apply(model, method="draft", density=0.3, dense_layers=0, tile_order=tile_order, **TILING)
+        outs[tile_order] = run(model, inputs)
+        assert handle.sessions[0].tiled is tile_order
+        handle.remove()
+        handle = sv.apply(model, method="dense", dense_layers=0, tile_order=tile_order, **TILING)
+        torch.testing.assert_close(run(model, inputs), native, rtol=1e-5, atol=1e-5)
+        handle.remove()
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs[True], native, atol=1e-3)
+    assert torch.equal(run(model, inputs), native)  # hooks on rope / patch embedding / proj_out removed
+
+
+def test_tile_order_is_refused_where_it_cannot_hold():
+    build, _ = MODELS["CogVideoXTransformer3DModel"]
+    with pytest.raises(ValueError, match="tile_order"):
+        sv.apply(build(), tile_order=True)
+    with pytest.raises(ValueError, match="token replay"):
+        sv.apply(tiny_wan(), tile_order=True, reuse=sv.reuse.TokenReplay(rate=0.1))
+    model, inputs = tiny_wan(), wan_inputs()
+    handle = sv.apply(model, method="draft", density=0.3, dense_layers=0, **TILING)
+    run(model, {**inputs, "timestep": torch.full((2, 105), 500)})  # per-token timesteps (Wan 2.2 TI2V)
+    assert handle.sessions[0].tiled is False and handle.stats()["sparse_calls"] == 2
+    handle.remove()

@@ -74,6 +74,8 @@ class VideoLayout:
             order the tokens; ``None`` picks one with :func:`auto_tile`. ``tile_height *
             tile_width <= block_size``.
         block_size (int): slots per block, the kernels' query and key tile (a multiple of 16).
+        tiled (bool): the sequence itself is already in tile order (a model that keeps its tokens
+            in tile order between layers): ``perm`` is then the identity, and nothing is gathered.
 
     Example::
 
@@ -88,14 +90,16 @@ class VideoLayout:
     text_first: bool = False
     tile: tuple[int, int] | None = None
     block_size: int = 128
+    tiled: bool = False
 
     def __post_init__(self):
         for name in ("frames", "height", "width", "block_size"):
             _positive_int(name, getattr(self, name))
         if isinstance(self.text_tokens, bool) or not isinstance(self.text_tokens, int) or self.text_tokens < 0:
             raise ValueError(f"Expect text_tokens to be an int >= 0 but got {self.text_tokens!r}")
-        if not isinstance(self.text_first, bool):
-            raise TypeError(f"Expect text_first to be a bool but got {type(self.text_first).__name__}")
+        for name in ("text_first", "tiled"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Expect {name} to be a bool but got {type(getattr(self, name)).__name__}")
         if self.block_size % 16:
             raise ValueError(f"Expect block_size to be a multiple of 16 (tensor-core tile) but got {self.block_size}")
         tile = self.tile if self.tile is not None else auto_tile(self.height, self.width, self.block_size)
@@ -162,8 +166,10 @@ class VideoLayout:
         order = torch.cat([text, video] if self.text_first else [video, text])  # (L,)
         perm = torch.cat([order, torch.full((self.num_slots - L,), -1, dtype=torch.long)])
 
+        if self.tiled:  # the sequence is the tile order: slot i holds token i
+            perm = torch.cat([torch.arange(L), perm[L:]])
         inverse = torch.empty(L, dtype=torch.long)
-        inverse[order] = torch.arange(L)
+        inverse[perm[:L]] = torch.arange(L)
         block_of_slot = torch.arange(L) // bs
         block_tokens = torch.bincount(block_of_slot, minlength=self.num_blocks)
 
@@ -257,6 +263,7 @@ class VideoLayout:
 
     def __str__(self) -> str:
         text = f", text_tokens={self.text_tokens} ({'first' if self.text_first else 'last'})" if self.text_tokens else ""
+        text += ", tiled" if self.tiled else ""
         return (
             f"VideoLayout({self.frames}x{self.height}x{self.width}{text}, L={self.num_tokens}, tile={self.tile}, "
             f"block_size={self.block_size}, blocks={self.num_blocks})"

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["ModelSpec", "REFUSED", "bind_call", "model_spec", "register_model", "supported_models"]
+__all__ = ["ModelSpec", "REFUSED", "TileOrderPoints", "bind_call", "model_spec", "register_model", "supported_models"]
 
 Call = Mapping[str, Any]  # a forward call's arguments by parameter name
 
@@ -42,6 +42,9 @@ class ModelSpec:
         replay: ``model -> [(self_attention, ffn), ...]`` per block for token replay
             (:class:`sparsevid.reuse.TokenReplay`): the attention's ``norm_q``/``norm_k`` outputs are
             ``(B, L, heads * head_dim)`` over video tokens only. ``None``: not supported.
+        tile_order: where the model can keep its video tokens in tile order from the patch embedding
+            to the output projection, so no attention call gathers: ``model -> TileOrderPoints``
+            (``None``: not supported); ``tile_order_call(call)`` says whether a call allows it.
     """
 
     self_attention: Callable[[torch.nn.Module], list[torch.nn.Module]]
@@ -51,6 +54,25 @@ class ModelSpec:
     refuse_model: Callable[[torch.nn.Module], str | None] | None = None
     refuse_call: Callable[[Call], str | None] | None = None
     replay: Callable[[torch.nn.Module], list[tuple[torch.nn.Module, torch.nn.Module]]] | None = None
+    tile_order: Callable[[torch.nn.Module], "TileOrderPoints"] | None = None
+    tile_order_call: Callable[[Call], bool] = lambda call: True
+
+
+@dataclass(frozen=True)
+class TileOrderPoints:
+    """The three modules around which a model's video tokens can travel in tile order.
+
+    Attributes:
+        embed: the patch embedding; its output ``(B, C, F, H, W)`` is flattened to the token
+            sequence by the forward (``flatten(2)``), so it is returned as ``(B, C, 1, 1, L)`` in tile order.
+        positions: the module whose output is the per-token rotary tables (a tuple of ``(1, L, 1, D)``
+            tensors): permuted the same way.
+        out: the output projection; its output ``(B, L, C)`` goes back to raster order.
+    """
+
+    embed: torch.nn.Module
+    positions: torch.nn.Module
+    out: torch.nn.Module
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -199,8 +221,19 @@ def _wan_replay(m) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
     return [(b.attn1, b.ffn) for b in m.blocks]
 
 
+def _wan_tile_order(m) -> TileOrderPoints:
+    return TileOrderPoints(embed=m.patch_embedding, positions=m.rope, out=m.proj_out)
+
+
+def _per_sample_timestep(call) -> bool:
+    # Wan 2.2 TI2V gives every token its own timestep (modulation per token, in raster order)
+    return getattr(call.get("timestep"), "ndim", 1) < 2
+
+
+register_model("WanTransformer3DModel", ModelSpec(_attn1(), channels_first(), replay=_wan_replay,
+                                                  tile_order=_wan_tile_order, tile_order_call=_per_sample_timestep))
 _WAN = ModelSpec(_attn1(), channels_first(), replay=_wan_replay)
-for _name in ("WanTransformer3DModel", "ChronoEditTransformer3DModel", "WanAnimateTransformer3DModel"):
+for _name in ("ChronoEditTransformer3DModel", "WanAnimateTransformer3DModel"):
     register_model(_name, _WAN)
 register_model("SkyReelsV2Transformer3DModel", ModelSpec(
     _attn1(), channels_first(), refuse_model=_refuse_skyreels, replay=_wan_replay,

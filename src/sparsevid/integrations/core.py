@@ -50,6 +50,9 @@ class SparseVidConfig:
         replan_every (int): recompute each layer's plan every this many steps, reuse in between.
         backend (str): ``sparse_attention`` backend (``"auto"``: the fastest that supports the inputs).
         planner_options (dict): extra keyword arguments for the planner (``tile``, ``budget``, ...).
+        tile_order (bool | None): keep the video tokens in tile order from the patch embedding to the
+            output projection, so attention calls gather nothing (models whose registry entry allows
+            it, see :class:`sparsevid.models.TileOrderPoints`). ``None``: wherever the model allows it.
     """
 
     method: str | None = "draft"
@@ -60,6 +63,7 @@ class SparseVidConfig:
     replan_every: int = 1
     backend: str = "auto"
     planner_options: dict = field(default_factory=dict)
+    tile_order: bool | None = None
 
 
 def _is_int(value) -> bool:
@@ -95,6 +99,8 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool) -> None:
                 f"{steps}; pass the pipeline to sparsevid.apply, or an int"
             )
     check_backend_name(config.backend)
+    if config.tile_order is not None and not isinstance(config.tile_order, bool):
+        raise TypeError(f"Expect tile_order to be a bool or None but got {config.tile_order!r}")
     if config.method is None:
         if config.density is not None or config.mass is not None or config.planner_options:
             raise ValueError("Expect no density, mass or planner options with method=None (native attention)")
@@ -121,6 +127,7 @@ class SparseSession:
         self.spec = spec
         self.scheduler = scheduler
         self.grid: tuple[int, int, int] | None = None
+        self.tiled = False  # this forward's video tokens travel in tile order (set by the adapter)
         self.step = -1
         self.call_in_step = 0
         self._last_t: float | None = None
@@ -138,14 +145,14 @@ class SparseSession:
         self.step, self.call_in_step, self._last_t = -1, 0, None
         self._plans.clear()
 
-    def begin_forward(self, grid: tuple[int, int, int], timestep) -> None:
-        """Record the token grid and the denoising step of the forward that starts now.
+    def begin_forward(self, grid: tuple[int, int, int], timestep, tiled: bool = False) -> None:
+        """Record the token grid, the denoising step and the token order of the forward that starts now.
 
         The step is the scheduler's ``step_index`` when it has one (no device read); otherwise the
         index of the timestep in the scheduler's ``timesteps``, or, for a bare transformer, a counter
         of timestep changes (a larger timestep than the last starts a new generation).
         """
-        self.grid = grid
+        self.grid, self.tiled = grid, tiled
         self._mask_reads.clear()
         index = getattr(self.scheduler, "step_index", None) if self.scheduler is not None else None
         if index is not None:
@@ -213,7 +220,12 @@ class SparseSession:
     def _all_true(self, mask: torch.Tensor) -> bool:
         return self._read_mask("all", mask, lambda m: bool(m.all()))
 
-    def _layout(self, length: int) -> VideoLayout:
+    def raster_layout(self) -> VideoLayout:
+        """The layout of this forward's video tokens in raster order (whose ``perm`` tiles them)."""
+        return self._layout(math.prod(self.grid), tiled=False)
+
+    def _layout(self, length: int, tiled: bool | None = None) -> VideoLayout:
+        tiled = self.tiled if tiled is None else tiled
         frames, height, width = self.grid
         text = length - frames * height * width
         if text < 0 or (text and self.spec.others is None):
@@ -222,17 +234,17 @@ class SparseSession:
                 f"({frames * height * width} tokens){' plus other tokens' if self.spec.others else ''} but it is "
                 f"{'shorter' if text < 0 else 'longer'}; the model registry's grid or module list is wrong for this model"
             )
-        key = (frames, height, width, text)
+        key = (frames, height, width, text, tiled)
         if key not in self._layouts:
             tiling = {k: v for k, v in self.config.planner_options.items() if k in _TILING}
             self._layouts[key] = VideoLayout(frames, height, width, text_tokens=text,
-                                             text_first=self.spec.others == "first", **tiling)
+                                             text_first=self.spec.others == "first", tiled=tiled, **tiling)
         return self._layouts[key]
 
     def _sparse(self, query, key, value, scale, tag) -> torch.Tensor:
         config = self.config
         layout = self._layout(query.shape[2])
-        cache_key = (*tag, self.call_in_step, tuple(query.shape), torch.is_inference_mode_enabled())
+        cache_key = (*tag, self.call_in_step, tuple(query.shape), layout.tiled, torch.is_inference_mode_enabled())
         cached = self._plans.get(cache_key)
         if cached is None or self.step - cached[0] >= config.replan_every or cached[0] > self.step:
             options = {k: v for k, v in config.planner_options.items() if k not in _TILING}

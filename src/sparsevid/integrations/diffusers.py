@@ -29,6 +29,7 @@ the backend wrappers: the model is exactly native again.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import torch
@@ -164,14 +165,16 @@ def _routed(native):
 
 # ---------------------------------------------------------------------------------------- hooks
 class _StateHook(ModelHook):
-    """Before every transformer forward: bind the call, tell the session the grid and the timestep."""
+    """Before every transformer forward: bind the call, tell the session the grid, the timestep, and
+    whether the video tokens travel in tile order this time."""
 
     _is_stateful = True
 
-    def __init__(self, session: SparseSession, owner: int):
+    def __init__(self, session: SparseSession, owner: int, tile_order: "_TileOrder | None" = None):
         super().__init__()
         self.session = session
         self.owner = owner
+        self.tile_order = tile_order
 
     @torch.compiler.disable  # host-side bookkeeping; runs eagerly under torch.compile
     def pre_forward(self, module, *args, **kwargs):
@@ -180,7 +183,8 @@ class _StateHook(ModelHook):
         reason = spec.refuse_call(call) if spec.refuse_call is not None else None
         if reason is not None and session.config.method is not None:
             raise NotImplementedError(f"NYI: sparsevid on this {type(module).__name__} call: {reason}")
-        session.begin_forward(spec.grid(module, call), call.get(spec.timestep))
+        tiled = self.tile_order is not None and spec.tile_order_call(call)
+        session.begin_forward(spec.grid(module, call), call.get(spec.timestep), tiled=tiled)
         return args, kwargs
 
     def reset_state(self, module):
@@ -223,6 +227,45 @@ class _AttentionHook(ModelHook):
                 "attention would silently not run. Call sparsevid.remove and report the model class."
             )
         return out
+
+
+class _TileOrder:
+    """Forward hooks that carry a model's video tokens in tile order from the patch embedding to the
+    output projection (``ModelSpec.tile_order``), so that no attention call gathers: every token-wise
+    layer is indifferent to the order, self-attention sees its rotary tables permuted alike, and the
+    output projection's result goes back to raster order before the model unpatchifies it."""
+
+    def __init__(self, session: SparseSession, points):
+        self.session = session
+        self.handles = [
+            points.embed.register_forward_hook(self._embed),
+            points.positions.register_forward_hook(self._positions),
+            points.out.register_forward_hook(self._restore),
+        ]
+
+    def _tables(self, device):
+        return self.session.raster_layout().on(device)
+
+    def _embed(self, module, args, out):  # (B, C, F, H, W) -> (B, C, 1, 1, L) in tile order
+        if not self.session.tiled:
+            return out
+        order = self._tables(out.device).perm[: math.prod(out.shape[2:])]
+        return out.flatten(2).index_select(2, order).view(*out.shape[:2], 1, 1, -1)
+
+    def _positions(self, module, args, out):  # per-token tables (1, L, 1, D)
+        if not self.session.tiled:
+            return out
+        order = self._tables(out[0].device).perm[: out[0].shape[1]]
+        return tuple(t.index_select(1, order) for t in out)
+
+    def _restore(self, module, args, out):  # (B, L, C) back to raster order
+        if not self.session.tiled:
+            return out
+        return out.index_select(1, self._tables(out.device).inverse_perm)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def _uses_dispatch(module: torch.nn.Module) -> bool:
@@ -294,6 +337,7 @@ def apply(
     replan_every: int = 1,
     backend: str = "auto",
     reuse=None,
+    tile_order: bool | None = None,
     **planner_options,
 ) -> SparseVidHandle:
     """Make ``target``'s video self-attention sparse. See :class:`SparseVidConfig` for the options.
@@ -306,6 +350,9 @@ def apply(
             ``sparsevid.reuse.TokenReplay`` (FFN replay across adjacent frames, Wan family), a diffusers
             step-cache config (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``, ``MagCacheConfig``,
             ... attached with ``transformer.enable_cache``), or a list with at most one of each.
+        tile_order (bool | None): keep the video tokens in tile order through the transformer so that
+            attention calls gather nothing (``None``: where the model's registry entry allows it,
+            without token replay, which needs raster order). Outputs are the same either way.
 
     Returns:
         SparseVidHandle; ``handle.remove()`` (or :func:`remove`) restores native behaviour exactly.
@@ -318,7 +365,7 @@ def apply(
 
     transformers, scheduler = _transformers_of(target)
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
-                             dict(planner_options))
+                             dict(planner_options), tile_order)
     validate_config(config, has_schedule=scheduler is not None)
     token_replay, step_cache = split_reuse(reuse)  # TypeError / ValueError naming reuse, before any hook
     specs = []
@@ -332,6 +379,10 @@ def apply(
                              "call transformer.disable_cache() first")
         if token_replay is not None and spec.replay is None:
             raise NotImplementedError(f"NYI: reuse=TokenReplay for {name}")
+        if tile_order and (spec.tile_order is None or token_replay is not None):
+            raise ValueError(f"Expect tile_order=None or False for {name}: "
+                             + ("its registry entry has no tile-order points" if spec.tile_order is None
+                                else "token replay needs the raster order"))
         specs.append(spec)
     if method is not None:
         _DispatchRoutes.registry()  # an incompatible diffusers is refused before anything is hooked
@@ -339,7 +390,11 @@ def apply(
     sessions = []
     for transformer, spec in zip(transformers, specs):
         session = SparseSession(config, spec, scheduler)
-        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_StateHook(session, owner), _STATE_HOOK)
+        ordered = None
+        if method is not None and tile_order is not False and spec.tile_order is not None and token_replay is None:
+            ordered = _TileOrder(session, spec.tile_order(transformer))
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
+            _StateHook(session, owner, ordered), _STATE_HOOK)
         for layer, module in enumerate(spec.self_attention(transformer) if method is not None else []):
             HookRegistry.check_if_exists_or_initialize(module).register_hook(
                 _AttentionHook(session, layer, owner), _ATTENTION_HOOK
@@ -377,6 +432,8 @@ def _remove(transformer: torch.nn.Module, owner: int | None = None) -> None:
     reuse = transformer.__dict__.pop("_sparsevid_reuse", None)
     if reuse is not None:
         reuse.remove()
+    if state.tile_order is not None:
+        state.tile_order.remove()
     for module in state.session.spec.self_attention(transformer):
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None:

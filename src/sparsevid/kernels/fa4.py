@@ -67,8 +67,6 @@ def _fa4_block_sparse(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    order: torch.Tensor,
-    inverse: torch.Tensor,
     full_cnt: torch.Tensor,
     full_idx: torch.Tensor,
     mask_cnt: torch.Tensor,
@@ -76,23 +74,23 @@ def _fa4_block_sparse(
     block_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """Gather q, k, v ``(B, H, L, D)`` into tile order ``(B, L, H, D)``, run FlashAttention-4 with the
-    block lists, scatter back; returns ``(B, H, L, D)`` (a transposed view of ``(B, L, H, D)`` memory)."""
+    """FlashAttention-4 block-sparse on tile-ordered ``(B, H, L, D)`` tensors, read as ``(B, L, H, D)``
+    views (no copy when their memory is ``(B, L, H, D)``, as diffusers' is); returns ``(B, H, L, D)``
+    (a transposed view of ``(B, L, H, D)`` memory)."""
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    qt, kt, vt = (t.transpose(1, 2).index_select(1, order) for t in (q, k, v))  # (B, L, H, D) contiguous
     sparse = BlockSparseTensorsTorch(
         mask_block_cnt=mask_cnt, mask_block_idx=mask_idx, full_block_cnt=full_cnt, full_block_idx=full_idx,
         block_size=(block_size, block_size),
     )
-    out = flash_attn_func(qt, kt, vt, softmax_scale=scale, block_sparse_tensors=sparse)
+    out = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale, block_sparse_tensors=sparse)
     out = out[0] if isinstance(out, tuple) else out
-    return out.index_select(1, inverse).transpose(1, 2)
+    return out.transpose(1, 2)
 
 
 @_fa4_block_sparse.register_fake
-def _(q, k, v, order, inverse, full_cnt, full_idx, mask_cnt, mask_idx, block_size, scale):
+def _(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, block_size, scale):
     B, H, L, D = q.shape
     return q.new_empty(B, L, H, D).transpose(1, 2)
 
@@ -122,9 +120,13 @@ def fa4_attention(q, k, v, plan, scale):
     """``sparse_attention`` on FlashAttention-4 (validated inputs)."""
     if plan.method == "dense":
         return _fa4_dense(q, k, v, scale)
-    tables = plan.layout.on(q.device)
+    layout = plan.layout
+    tables = layout.on(q.device)
     full_cnt, full_idx, mask_cnt, mask_idx = split_last_block(plan)
-    order = tables.perm[: plan.layout.num_tokens]
-    return _fa4_block_sparse(
-        q, k, v, order, tables.inverse_perm, full_cnt, full_idx, mask_cnt, mask_idx, plan.block_size, scale
-    )
+    if layout.tiled:  # the model keeps its tokens in tile order: nothing to gather
+        return _fa4_block_sparse(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, plan.block_size, scale)
+    # one row copy each into (B, L, H, D) tile order, and one back
+    order = tables.perm[: layout.num_tokens]
+    q, k, v = (t.transpose(1, 2).index_select(1, order).transpose(1, 2) for t in (q, k, v))
+    out = _fa4_block_sparse(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, plan.block_size, scale)
+    return out.transpose(1, 2).index_select(1, tables.inverse_perm).transpose(1, 2)
