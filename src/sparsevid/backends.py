@@ -14,7 +14,6 @@ takes the first that supports the inputs: on Hopper/Blackwell with ``flash-attn-
 
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass
 from enum import Enum
@@ -55,7 +54,9 @@ class BackendSpec:
 
     def installed(self) -> str | None:
         """``None`` when the backend's software is importable, else the reason (checked once)."""
-        return _installed(self.name)
+        if self.name not in _INSTALLED:
+            _INSTALLED[self.name] = self.requires()
+        return _INSTALLED[self.name]
 
     def refusal(self, q: torch.Tensor, plan) -> tuple[type[Exception], str] | None:
         """Why this backend cannot run ``q`` with ``plan`` (exception type and message), or None."""
@@ -135,19 +136,26 @@ def register_backend(
     return wrap
 
 
-@functools.cache
-def _installed(name: str) -> str | None:
-    return _REGISTRY[name].requires()
+# Plain dicts, not functools caches: torch.compile reads them as constants once filled (a traced
+# lru_cache would run the wrapped check, e.g. an import, inside the graph).
+_INSTALLED: dict[str, str | None] = {}
+_CAPABILITY: dict[torch.device, tuple[int, int]] = {}
 
 
-@functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    if device not in _CAPABILITY:
+        _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    return _CAPABILITY[device]
+
+
+_LOADED: list[bool] = []
 
 
 def _registry() -> dict[str, BackendSpec]:
-    for module in _BUILTIN_MODULES:  # registrations of the built-in backends, imported once
-        importlib.import_module(f"sparsevid.kernels.{module}")
+    if not _LOADED:  # the built-in backends' registrations, imported once (and never traced)
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(f"sparsevid.kernels.{module}")
+        _LOADED.append(True)
     return _REGISTRY
 
 

@@ -109,6 +109,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=1,
                         help="Ulysses context parallelism over N GPUs (diffusers' enable_parallelism); launch with "
                              "`torchrun --nproc_per_node N -m sparsevid bench e2e --gpus N ...`")
+    parser.add_argument("--backends", nargs="+", default=["auto"],
+                        help="sparse_attention backends to time, one row each (default: %(default)s)")
+    parser.add_argument("--tile-order", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+                        help="keep the video tokens in tile order through the model (sparsevid.apply's tile_order): "
+                             "'auto' (where the model allows it), 'on', 'off'; several: one row each")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one native and one sparse forward (torch profiler): wall time, GPU time, "
+                             "host syncs, top kernels, written to --out")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per forward (default: %(default)s)")
     parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
     parser.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file to append the table to")
@@ -154,6 +162,35 @@ def _inputs(spec, frames: int, height: int, width: int, device: str) -> dict:
 def _forward(model, inputs):
     with torch.no_grad():
         return model(**inputs)[0]
+
+
+def _profile(model, inputs, context, name: str, out_dir: str) -> dict:
+    """One forward under the torch profiler: wall time, summed GPU kernel time, host syncs, kernel count;
+    the top operators go to ``out_dir/profile_<name>.txt``."""
+    import re
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with context():
+        _forward(model, inputs)  # warm
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            _forward(model, inputs)
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - start) * 1e3
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    gpu_ms = sum(e.device_time for e in events) / 1e3
+    averages = prof.key_averages()
+    syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize")
+                or ("Memcpy" in e.key and "DtoH" in e.key))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "profile_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".txt")
+    with open(path, "w") as f:
+        f.write(averages.table(sort_by="cuda_time_total", row_limit=40))
+    print(f"[e2e] profile {name}: wall {wall_ms:.1f} ms, GPU kernels {gpu_ms:.1f} ms, {syncs} host syncs -> {path}")
+    return dict(name=name, wall_ms=wall_ms, gpu_ms=gpu_ms, syncs=syncs, kernels=len(events))
 
 
 def _loop(model, inputs, steps: int, schedule, device: str, desc: str) -> float:
@@ -221,7 +258,11 @@ def run(args) -> int:
     height, width = spec["resolutions"][args.resolution]
     model = _build(spec, device)
     inputs = _inputs(spec, frames, height, width, device)
-    # a pipeline stand-in: sparsevid reads the step index from this scheduler's timesteps
+    # Pipeline stand-ins: sparsevid reads the step index from the scheduler as inside a pipeline (no
+    # device read). Forward rows: a generation mid-way (step 5 of 50, every step sparse); the loop: its
+    # own scheduler, stepped as a pipeline steps it.
+    mid_generation = types.SimpleNamespace(step_index=5, timesteps=torch.linspace(999, 0, 50))
+    forward_target = types.SimpleNamespace(transformer=model, scheduler=mid_generation)
     schedule = types.SimpleNamespace(timesteps=None)
     target = types.SimpleNamespace(transformer=model, scheduler=schedule)
 
@@ -252,6 +293,9 @@ def run(args) -> int:
     print(f"[e2e] {args.model} {args.resolution} {frames} frames: native {native_ms:.1f} ms, cuDNN {cudnn_ms:.1f} ms")
 
     best_context = contextlib.nullcontext if native_ms <= cudnn_ms else lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+    profiles = []
+    if args.profile and device == "cuda":
+        profiles.append(_profile(model, inputs, best_context, "native", args.out))
     loop_native = None
     if args.steps:
         with best_context():
@@ -263,24 +307,34 @@ def run(args) -> int:
     reuse = parse_reuse(args.reuse)
     forward_reuse = [r for r in reuse if isinstance(r, TokenReplay)]  # step caches act only across steps
     reuse_names = " + ".join(reuse_label(r) for r in reuse)
-    jobs = [(m, d) for m in args.methods for d in (args.densities if m != "none" else [1.0])]
-    for method, density in tqdm(jobs, desc="sparse configs", unit="cfg"):
+    tile_orders = {"auto": None, "on": True, "off": False}
+    variants = [(b, t) for b in args.backends for t in args.tile_order]
+    jobs = [(m, d, b, t) for m in args.methods for d in (args.densities if m != "none" else [1.0]) for b, t in variants]
+    for method, density, backend, order in tqdm(jobs, desc="sparse configs", unit="cfg"):
         sparse_method = None if method == "none" else method  # none: native attention, reuse only
+        settings = dict(method=sparse_method, density=density, dense_layers=args.dense_layers,
+                        replan_every=args.replan_every, backend=backend,
+                        tile_order=tile_orders[order] if sparse_method else None, **options)
         # forward: every step sparse (dense_steps=0); planning included in the time
-        handle = sv.apply(model, method=sparse_method, density=density, dense_layers=args.dense_layers, dense_steps=0,
-                          replan_every=args.replan_every, reuse=forward_reuse or None, **options)
+        handle = sv.apply(forward_target, dense_steps=0, reuse=forward_reuse or None, **settings)
         with best_context():
             out = _forward(model, inputs)
             ms = timed(lambda: _forward(model, inputs))
         stats = handle.stats()
+        tiled = bool(handle.sessions[0].tiled)
+        if args.profile and sparse_method:
+            profiles.append(_profile(model, inputs, best_context, f"{method}@{density:g} {backend} "
+                                     f"tile order {'on' if tiled else 'off'}", args.out))
         handle.remove()
-        row = dict(method=method + (f" + {reuse_names}" if reuse_names else "") + parallel, density=density,
-                   forward_ms=ms, achieved=stats["mean_density"], finite=bool(torch.isfinite(out).all()))
+        label = method + (f" [{backend}, tile order {'on' if tiled else 'off'}]" if sparse_method and len(variants) > 1
+                          else "")
+        row = dict(method=label + (f" + {reuse_names}" if reuse_names else "") + parallel, density=density,
+                   forward_ms=ms, achieved=stats["mean_density"], finite=bool(torch.isfinite(out).all()),
+                   sparse_calls=stats["sparse_calls"])
         if forward_reuse:
             row["forward_replay_rate"] = stats["reuse"][0]["token_replay"]["replay_rate"]
         if args.steps:
-            handle = sv.apply(target, method=sparse_method, density=density, dense_layers=args.dense_layers,
-                              replan_every=args.replan_every, reuse=reuse or None, **options)
+            handle = sv.apply(target, reuse=reuse or None, **settings)
             with best_context():
                 row["loop_s"] = _loop(model, inputs, args.steps, schedule, device, f"{method} {density} loop")
             handle.remove()
@@ -324,6 +378,11 @@ def run(args) -> int:
                     f"{r['loop_speedup']:.2f}x" if "loop_speedup" in r else "-"]
         table_rows.append(row)
     table = markdown_table(columns, table_rows)
+    if profiles:
+        table += "\n\n" + markdown_table(
+            ["profiled forward", "wall ms", "GPU kernel ms", "GPU idle ms", "host syncs", "kernels launched"],
+            [[p["name"], f"{p['wall_ms']:.1f}", f"{p['gpu_ms']:.1f}", f"{p['wall_ms'] - p['gpu_ms']:.1f}",
+              str(p["syncs"]), str(p["kernels"])] for p in profiles])
     print(header)
     print(table)
     os.makedirs(args.out, exist_ok=True)

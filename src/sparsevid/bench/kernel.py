@@ -8,12 +8,21 @@ Method (written here because speed claims live in benchmarks, never in tests):
   median is reported. Compilation (Triton JIT/autotune, ``torch.compile`` of FlexAttention) happens in
   the warm-up.
 * Contenders: torch SDPA forced to the cuDNN backend and to the flash backend (dense, the baseline);
-  FlexAttention (``torch.compile(flex_attention)``) with the SAME plan as a ``BlockMask`` over tensors
-  gathered into tile order (key blocks without padding listed as *full* blocks, blocks with padding
-  as *partial* with a ``mask_mod`` hiding padding slots; the gather of q, k, v into tile order and the
-  scatter back are EXCLUDED from its attention time and reported once, separately, as
-  ``flex gather``); sparsevid's Triton kernel (permutation fused, so nothing to exclude). Planning
-  time (``sparsevid.plan``) is reported separately (``plan ms``) and is in neither attention time.
+  FlashAttention-4 dense (``fa4-dense``, when ``flash-attn-4`` is installed); FlexAttention
+  (``torch.compile(flex_attention)``) with the SAME plan as a ``BlockMask`` over tensors gathered
+  into tile order (key blocks without padding listed as *full* blocks, blocks with padding as
+  *partial* with a ``mask_mod`` hiding padding slots; the gather of q, k, v into tile order and the
+  scatter back are EXCLUDED from its attention time and reported once, separately, as ``flex
+  gather``); and ``sparsevid.sparse_attention(q, k, v, plan, backend=...)`` timed as a user calls it,
+  everything the call does included: ``sparsevid-triton`` (permutation fused into the kernel),
+  ``sparsevid-fa4`` (FlashAttention-4 block-sparse, with its gather into tile order and the scatter
+  back) and ``sparsevid-fa4-tiled`` (the same on inputs already in tile order, as ``sparsevid.apply``
+  keeps a model's tokens: no gather). Planning time (``sparsevid.plan``) is reported separately
+  (``plan ms``: CUDA events around one call; ``plan graph ms``: the same planning replayed as a
+  CUDA graph, i.e. its GPU time without launch gaps, which is what it costs inside a forward that
+  runs ahead of the GPU) and is in no attention time. ``fa4 first call`` is FlashAttention-4's
+  compile time for the shape (its kernel cache is per process unless
+  ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``).
 * ``vs Flex+gather`` charges FlexAttention its gather/scatter too (what a caller holding q, k, v in
   the original order pays per call); ``vs Flex`` does not.
 * FLOPs: dense-equivalent ``4 * B * H * L^2 * D``; "actual" multiplies by the plan's real-entry
@@ -68,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=20, help="timed calls per contender (>= 10), median reported")
     parser.add_argument("--tol", type=float, default=2e-2, help="max relative error vs FlexAttention / SDPA")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--backends", nargs="+", default=["triton", "fa4"],
+                        help="sparsevid backends to time (those not usable here are skipped, and said)")
     parser.add_argument("--out", default="out/bench", help="folder for speedup.png and results.json")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--benchmarks-md", default="BENCHMARKS.md")
@@ -112,17 +123,46 @@ def _inputs(args, batch, heads, head_dim, layout, dtype):
 
 
 def _make_plan(method, density, q, k, layout):
-    """``(kv_num_blocks, kv_indices, real density, plan ms, source)``; None when the planner fails."""
+    """``(plan, plan ms, plan graph ms)``; None when the planner fails."""
     import sparsevid
 
     try:
         fn = lambda: sparsevid.plan(q, k, layout, method=method, density=density, validate=False)  # noqa: E731
         plan = fn()
-        plan_ms = time_ms(fn, reps=10, warmup=3)
-        return plan.kv_num_blocks, plan.kv_indices, float(plan.density), plan_ms, f"sparsevid.plan({method!r})"
+        return plan, time_ms(fn, reps=10, warmup=3), _graph_ms(fn)
     except Exception as exc:  # noqa: BLE001
         print(f"[bench] sparsevid.plan(method={method!r}) failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
+
+
+def _graph_ms(fn) -> float:
+    """Median ms of ``fn`` replayed as a captured CUDA graph (GPU time without launch gaps); NaN if it
+    cannot be captured."""
+    try:
+        fn()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_ms(graph.replay, reps=20, warmup=3)
+    except Exception as exc:  # noqa: BLE001 - reported, never silent
+        print(f"[bench] planning could not be captured as a CUDA graph: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return float("nan")
+
+
+def _first_call_s(fn) -> float:
+    """Wall seconds of a first call (compilation included)."""
+    import time
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _block_mask(layout, num, idx):
@@ -157,7 +197,7 @@ def run(args) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    from sparsevid.kernels.triton_blocksparse import sparse_attention_triton
+    import sparsevid
 
     try:
         from tqdm.auto import tqdm
@@ -171,10 +211,14 @@ def run(args) -> int:
     L = layout.num_tokens
     q, k, v, source = _inputs(args, batch, heads, head_dim, layout, dtype)
     scale = head_dim ** -0.5
-    perm = layout.perm.to("cuda")
     flops = 4.0 * batch * heads * L * L * head_dim
     reps = max(10, args.reps)
     device_name = torch.cuda.get_device_name()
+    usable = set(sparsevid.available_backends("cuda"))
+    backends = [b for b in args.backends if b in usable]
+    for b in sorted(set(args.backends) - usable):
+        reason = {d["name"]: d["reason"] for d in sparsevid.describe_backends("cuda")}.get(b, "not registered")
+        print(f"[bench] backend {b!r} skipped: {reason}", file=sys.stderr)
     print(f"[bench] {device_name}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"[bench] {layout}; B={batch}, heads={heads}, D={head_dim}, {args.dtype}, inputs: {source}")
 
@@ -182,19 +226,24 @@ def run(args) -> int:
     dense = {}
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         ref_dense = sdpa(q, k, v, scale=scale)
-        dense["cudnn"] = time_ms(lambda: sdpa(q, k, v, scale=scale), reps=max(10, reps), warmup=3)
+        dense["sdpa-cudnn"] = (time_ms(lambda: sdpa(q, k, v, scale=scale), reps=reps, warmup=3), 0.0)
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out = sdpa(q, k, v, scale=scale)
-            err = rel_error(out, ref_dense)
-            dense["flash"] = time_ms(lambda: sdpa(q, k, v, scale=scale), reps=max(10, reps), warmup=3)
+            err = rel_error(sdpa(q, k, v, scale=scale), ref_dense)
+            dense["sdpa-flash"] = (time_ms(lambda: sdpa(q, k, v, scale=scale), reps=reps, warmup=3), err)
     except RuntimeError as exc:
         print(f"[bench] flash SDPA unavailable: {exc}", file=sys.stderr)
-        err = float("nan")
-    t_cudnn = dense["cudnn"]
-    for name, ms in dense.items():
-        rows.append(dict(method="dense", density=1.0, real_density=1.0, kernel=f"sdpa-{name}", ms=ms, plan_ms=float("nan"),
-                         err=0.0 if name == "cudnn" else err, ok=True))
+    first_call = {}
+    if "fa4" in backends:
+        from sparsevid.kernels.fa4 import _fa4_dense
+
+        first_call["fa4-dense"] = _first_call_s(lambda: _fa4_dense(q, k, v, scale))
+        err = rel_error(_fa4_dense(q, k, v, scale), ref_dense)
+        dense["fa4-dense"] = (time_ms(lambda: _fa4_dense(q, k, v, scale), reps=reps, warmup=3), err)
+    t_cudnn = dense["sdpa-cudnn"][0]
+    for name, (ms, err) in dense.items():
+        rows.append(dict(method="dense", density=1.0, real_density=1.0, kernel=name, ms=ms, plan_ms=float("nan"),
+                         plan_graph_ms=float("nan"), err=err, ok=err <= args.tol))
 
     flex, gather_ms, scatter_ms = None, float("nan"), float("nan")
     if not args.no_flex:
@@ -202,10 +251,13 @@ def run(args) -> int:
 
         flex = torch.compile(flex_attention, dynamic=False)
         qt, kt, vt = (layout.to_tiles(t) for t in (q, k, v))
-        gather_ms = time_ms(lambda: [layout.to_tiles(t) for t in (q, k, v)], reps=max(10, reps), warmup=3)
-        scatter_ms = time_ms(lambda: layout.from_tiles(qt), reps=max(10, reps), warmup=3)
+        gather_ms = time_ms(lambda: [layout.to_tiles(t) for t in (q, k, v)], reps=reps, warmup=3)
+        scatter_ms = time_ms(lambda: layout.from_tiles(qt), reps=reps, warmup=3)
         print(f"[bench] flex gather (q,k,v -> tile order) {gather_ms:.3f} ms + scatter back {scatter_ms:.3f} ms: "
               "excluded from FlexAttention's times below")
+    tiled = layout.replace(tiled=True)
+    q_tiled, k_tiled, v_tiled = (t.transpose(1, 2).index_select(1, layout.perm[:L].cuda()).transpose(1, 2)
+                                 for t in (q, k, v))  # (B, L, H, D) memory in tile order, as apply keeps it
 
     sweep = [(m, d) for m in args.methods for d in args.densities]
     for method, density in tqdm(sweep, desc="bench kernel", unit="plan"):
@@ -213,32 +265,43 @@ def run(args) -> int:
         if made is None:
             print(f"[bench] no plan for method {method!r}: skipped", file=sys.stderr)
             continue
-        num, idx, real_density, plan_ms, plan_src = made
-        common = dict(method=method, density=density, real_density=real_density, plan_ms=plan_ms)
-        ref, ref_name = None, None
+        plan, plan_ms, plan_graph_ms = made
+        real_density = float(plan.density)
+        common = dict(method=method, density=density, real_density=real_density, plan_ms=plan_ms,
+                      plan_graph_ms=plan_graph_ms)
+        ref, ref_name = (ref_dense, "cudnn") if density >= 1.0 else (None, None)
         if flex is not None:
-            bm = _block_mask(layout, num, idx)
+            bm = _block_mask(layout, plan.kv_num_blocks, plan.kv_indices)
             out_flex = layout.from_tiles(flex(qt, kt, vt, block_mask=bm, scale=scale))
-            t = time_ms(lambda: flex(qt, kt, vt, block_mask=bm, scale=scale), reps=max(10, reps), warmup=3)
-            ref, ref_name = out_flex, "flex"
+            t = time_ms(lambda: flex(qt, kt, vt, block_mask=bm, scale=scale), reps=reps, warmup=3)
             err_flex = rel_error(out_flex, ref_dense) if density >= 1.0 else 0.0
             rows.append(dict(common, kernel="flex", ms=t, err=err_flex, ok=err_flex <= args.tol))
-        if density >= 1.0 and ref is None:
-            ref, ref_name = ref_dense, "cudnn"
-        out = torch.full_like(q, float("nan"))
-        sparse_attention_triton(q, k, v, perm, num, idx, layout.block_size, scale, out=out)
-        errs = [] if ref is None else [rel_error(out, ref)]
-        if density >= 1.0:
-            errs.append(rel_error(out, ref_dense))
-        err = max(errs) if errs else float("nan")
-        ok = bool(torch.isfinite(out).all()) and (err <= args.tol if errs else True)
-        t = time_ms(lambda: sparse_attention_triton(q, k, v, perm, num, idx, layout.block_size, scale, out=out), reps=max(10, reps), warmup=3)
-        rows.append(dict(common, kernel="sparsevid-triton", ms=t, err=err, ok=ok))
-        print(f"[bench] {method} d={density}: plan from {plan_src}, real density {real_density:.4f}, "
-              f"triton rel err {err:.2e} vs {ref_name or '-'}{' / cudnn' if density >= 1.0 else ''}"
-              f"{'' if ok else '  WRONG'}")
+            if ref is None:
+                ref, ref_name = out_flex, "flex"
+        if ref is None:
+            ref, ref_name = sparsevid.sparse_attention(q, k, v, plan, backend="reference"), "reference"
+        contenders = [(f"sparsevid-{b}", b, (q, k, v), plan) for b in backends]
+        if "fa4" in backends:
+            plan_tiled = sparsevid.BlockPlan(tiled, plan.kv_num_blocks, plan.kv_indices, method)
+            contenders.append(("sparsevid-fa4-tiled", "fa4", (q_tiled, k_tiled, v_tiled), plan_tiled))
+        for name, backend, (a, b_, c), p in contenders:
+            call = lambda: sparsevid.sparse_attention(a, b_, c, p, scale=scale, backend=backend)  # noqa: E731
+            if name not in first_call and backend == "fa4":
+                first_call[name] = _first_call_s(call)
+            out = call()
+            if p.layout.tiled:
+                out = layout.from_tiles(out)
+            err = rel_error(out, ref)
+            ok = bool(torch.isfinite(out).all()) and err <= args.tol
+            t = time_ms(call, reps=reps, warmup=3)
+            rows.append(dict(common, kernel=name, ms=t, err=err, ok=ok))
+            print(f"[bench] {method} d={density}: {name} {t:.3f} ms, rel err {err:.2e} vs {ref_name}"
+                  f"{'' if ok else '  WRONG'}")
+        print(f"[bench] {method} d={density}: real density {real_density:.4f}, plan {plan_ms:.3f} ms "
+              f"(graph {plan_graph_ms:.3f} ms)")
 
     flex_ms = {(r["method"], r["density"]): r["ms"] for r in rows if r["kernel"] == "flex" and r["ok"]}
+    triton_ms = {(r["method"], r["density"]): r["ms"] for r in rows if r["kernel"] == "sparsevid-triton" and r["ok"]}
     for r in rows:
         r["tflops_dense_eq"] = flops / r["ms"] / 1e9
         r["tflops_actual"] = r["tflops_dense_eq"] * r["real_density"]
@@ -246,18 +309,21 @@ def run(args) -> int:
         f = flex_ms.get((r["method"], r["density"]))
         r["vs_flex"] = f / r["ms"] if f else float("nan")
         r["vs_flex_gather"] = (f + gather_ms + scatter_ms) / r["ms"] if f and flex is not None else float("nan")
+        t = triton_ms.get((r["method"], r["density"]))
+        r["vs_triton"] = t / r["ms"] if t else float("nan")
 
     command = command_line()
     header = (f"{environment()}; {layout}; B={batch}, heads={heads}, D={head_dim}, "
               f"{args.dtype}, inputs: {source}; median of {reps} (CUDA events, after warm-up). "
-              f"Flex times exclude the tile-order gather{f' ({gather_ms:.2f} ms + {scatter_ms:.2f} ms back)' if flex else ''}.")
+              f"Flex times exclude the tile-order gather{f' ({gather_ms:.2f} ms + {scatter_ms:.2f} ms back)' if flex else ''}."
+              + "".join(f" First call of {n}: {sec:.1f} s." for n, sec in first_call.items()))
     table = _table(rows)
     print()
     print(header)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(header=header, command=command, rows=rows), f, indent=1)
+        json.dump(dict(header=header, command=command, rows=rows, first_call_s=first_call), f, indent=1)
     _plot(rows, os.path.join(args.out, "speedup.png"), f"{args.preset} on {device_name}")
     if not args.no_record:
         append_benchmarks(args.benchmarks_md, f"bench kernel — {args.preset}", header, table)
@@ -266,7 +332,7 @@ def run(args) -> int:
 
 def _table(rows) -> str:
     cols = ["method", "density", "real dens.", "kernel", "ms", "TF/s dense-eq", "TF/s actual", "vs cuDNN",
-            "vs Flex", "vs Flex+gather", "rel err", "plan ms"]
+            "vs Flex", "vs Flex+gather", "vs triton", "rel err", "plan ms", "plan graph ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         wrong = not r["ok"]
@@ -277,7 +343,8 @@ def _table(rows) -> str:
                  "-" if wrong else fmt(r["vs_cudnn"], ".2f") + "x",
                  "-" if wrong or math.isnan(r["vs_flex"]) else fmt(r["vs_flex"], ".2f") + "x",
                  "-" if wrong or math.isnan(r["vs_flex_gather"]) else fmt(r["vs_flex_gather"], ".2f") + "x",
-                 fmt(r["err"], ".1e"), fmt(r["plan_ms"], ".2f")]
+                 "-" if wrong or math.isnan(r["vs_triton"]) else fmt(r["vs_triton"], ".2f") + "x",
+                 fmt(r["err"], ".1e"), fmt(r["plan_ms"], ".3f"), fmt(r["plan_graph_ms"], ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -288,7 +355,8 @@ def _plot(rows, path, title):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
-        for kernel, style in (("sparsevid-triton", "-o"), ("flex", "--s")):
+        for kernel, style in (("sparsevid-triton", "-o"), ("sparsevid-fa4", "-^"), ("sparsevid-fa4-tiled", "-v"),
+                              ("flex", "--s")):
             pts = sorted((r["real_density"], r["vs_cudnn"]) for r in rows
                          if r["method"] == method and r["kernel"] == kernel and r["ok"])
             if pts:
