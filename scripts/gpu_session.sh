@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One lent-GPU session of sparsevid's checks and benchmarks, in stages (the device tool runs one
+# command of at most 10 minutes, on a machine that keeps installs only while it stays warm).
+#
+#   bash scripts/gpu_session.sh install        # flash-attn-4 + diffusers from wheels carried in .whl/ (see below)
+#   bash scripts/gpu_session.sh tests kernel480 kernel720 e2e13 loop13 e2e14
+#
+# Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry, so it arrives split
+# (`split -b 46000000`) in two earlier calls that copy .whl/p1 and .whl/p2 to /tmp/p1 and /tmp/p2.
+# Results (logs, BENCHMARKS.md sections, JSON, profiles) are tarred into $OUT/<stages>.tar.gz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES=/tmp/sparsevid-results
+mkdir -p "$RES"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4-cache
+BENCH=(--benchmarks-md "$RES/BENCHMARKS.md")
+
+stage() {
+    local name=$1
+    shift
+    echo "=== $name: $* ($(date +%T))"
+    "$@" 2>&1 | tee "$RES/$name.log" | grep -vE "it/s|s/it|step/s|cfg/s|plan/s" | tail -n 60
+    echo "=== $name exit ${PIPESTATUS[0]} ($(date +%T))"
+}
+
+for s in "$@"; do
+    case $s in
+    install)
+        mkdir -p /tmp/w
+        cat /tmp/p1/libs_part_* /tmp/p2/libs_part_* > /tmp/w/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+        cp .whl/rest/*.whl /tmp/w/
+        stage install python3 -m pip install --no-index --find-links /tmp/w "flash-attn-4==4.0.0b36" "diffusers==0.42.1"
+        stage versions python3 -c "import torch, triton, diffusers, sparsevid as sv; print(torch.__version__, triton.__version__, diffusers.__version__, torch.cuda.get_device_name()); [print(d['name'], d['usable'], d['reason']) for d in sv.describe_backends('cuda')]"
+        ;;
+    tests)
+        stage tests python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py \
+            tests/test_triton_kernel.py tests/test_triton_pool.py tests/test_finegrained.py tests/test_integration.py \
+            tests/test_diffusers.py tests/test_planners.py
+        ;;
+    kernel480)
+        stage kernel480 python3 -m sparsevid bench kernel --preset wan1.3b-480p --methods draft \
+            --densities 1.0 0.25 0.1 0.05 --inputs random --reps 20 --out "$RES/kernel480" "${BENCH[@]}"
+        ;;
+    kernel720)
+        stage kernel720 python3 -m sparsevid bench kernel --preset wan14b-720p --methods draft \
+            --densities 1.0 0.1 0.05 --inputs random --reps 10 --no-flex --out "$RES/kernel720" "${BENCH[@]}"
+        ;;
+    e2e13)
+        stage e2e13 python3 -m sparsevid bench e2e --model wan2.1-1.3b --resolution 480p --densities 0.1 \
+            --backends fa4 triton --tile-order on off --profile --reps 5 --out "$RES/e2e13" "${BENCH[@]}"
+        ;;
+    loop13)
+        stage loop13 python3 -m sparsevid bench e2e --model wan2.1-1.3b --resolution 480p --densities 0.1 \
+            --steps 50 --reps 3 --out "$RES/loop13" "${BENCH[@]}"
+        ;;
+    e2e14)
+        stage e2e14 python3 -m sparsevid bench e2e --model wan2.1-14b --resolution 720p --densities 0.1 0.05 \
+            --reps 2 --profile --out "$RES/e2e14" "${BENCH[@]}"
+        ;;
+    *)
+        echo "unknown stage $s" >&2
+        ;;
+    esac
+done
+if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/$(IFS=_; echo "$*").tar.gz" -C "$RES" . && echo "results -> $OUT"
+fi
