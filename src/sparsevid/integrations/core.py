@@ -145,14 +145,15 @@ class SparseSession:
         self.step, self.call_in_step, self._last_t = -1, 0, None
         self._plans.clear()
 
-    def begin_forward(self, grid: tuple[int, int, int], timestep, tiled: bool = False) -> None:
-        """Record the token grid, the denoising step and the token order of the forward that starts now.
+    def begin_forward(self, grid: tuple[int, int, int], timestep) -> None:
+        """Record the token grid and the denoising step of the forward that starts now (the adapter
+        then sets :attr:`tiled`, the token order of this forward).
 
         The step is the scheduler's ``step_index`` when it has one (no device read); otherwise the
         index of the timestep in the scheduler's ``timesteps``, or, for a bare transformer, a counter
         of timestep changes (a larger timestep than the last starts a new generation).
         """
-        self.grid, self.tiled = grid, tiled
+        self.grid, self.tiled = grid, False
         self._mask_reads.clear()
         index = getattr(self.scheduler, "step_index", None) if self.scheduler is not None else None
         if index is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -117,9 +118,10 @@ class _SdpaToSparse(TorchFunctionMode):
 
 
 class _DispatchRoutes:
-    """The wrappers around diffusers' registered attention backends, installed while a handle is live."""
+    """The wrappers around diffusers' registered attention backends, installed while any transformer
+    has sparsevid applied (a transformer dropped without ``remove`` stops counting when collected)."""
 
-    users = 0
+    users: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
     @staticmethod
     def registry():
@@ -135,17 +137,17 @@ class _DispatchRoutes:
         return backends
 
     @classmethod
-    def acquire(cls) -> None:
+    def acquire(cls, transformer: torch.nn.Module) -> None:
         backends = cls.registry()
         for name, fn in list(backends.items()):
             if not hasattr(fn, "_sparsevid_native"):
                 backends[name] = _routed(fn)
-        cls.users += 1
+        cls.users.add(transformer)
 
     @classmethod
-    def release(cls) -> None:
-        cls.users = max(0, cls.users - 1)
-        if cls.users == 0:
+    def release(cls, transformer: torch.nn.Module) -> None:
+        cls.users.discard(transformer)
+        if not cls.users:
             backends = cls.registry()
             for name, fn in list(backends.items()):
                 backends[name] = getattr(fn, "_sparsevid_native", fn)
@@ -183,8 +185,10 @@ class _StateHook(ModelHook):
         reason = spec.refuse_call(call) if spec.refuse_call is not None else None
         if reason is not None and session.config.method is not None:
             raise NotImplementedError(f"NYI: sparsevid on this {type(module).__name__} call: {reason}")
-        tiled = self.tile_order is not None and spec.tile_order_call(call)
-        session.begin_forward(spec.grid(module, call), call.get(spec.timestep), tiled=tiled)
+        session.begin_forward(spec.grid(module, call), call.get(spec.timestep))
+        # tile order only in a forward where some layer runs sparse: dense steps stay exactly native
+        session.tiled = (self.tile_order is not None and spec.tile_order_call(call)
+                         and session.runs_sparse(self.tile_order.last_layer))
         return args, kwargs
 
     def reset_state(self, module):
@@ -235,8 +239,9 @@ class _TileOrder:
     layer is indifferent to the order, self-attention sees its rotary tables permuted alike, and the
     output projection's result goes back to raster order before the model unpatchifies it."""
 
-    def __init__(self, session: SparseSession, points):
+    def __init__(self, session: SparseSession, points, last_layer: int):
         self.session = session
+        self.last_layer = last_layer  # the deepest self-attention layer: sparse if any layer is
         self.handles = [
             points.embed.register_forward_hook(self._embed),
             points.positions.register_forward_hook(self._positions),
@@ -392,7 +397,7 @@ def apply(
         session = SparseSession(config, spec, scheduler)
         ordered = None
         if method is not None and tile_order is not False and spec.tile_order is not None and token_replay is None:
-            ordered = _TileOrder(session, spec.tile_order(transformer))
+            ordered = _TileOrder(session, spec.tile_order(transformer), len(spec.self_attention(transformer)) - 1)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
             _StateHook(session, owner, ordered), _STATE_HOOK)
         for layer, module in enumerate(spec.self_attention(transformer) if method is not None else []):
@@ -400,8 +405,7 @@ def apply(
                 _AttentionHook(session, layer, owner), _ATTENTION_HOOK
             )
         if method is not None:
-            _DispatchRoutes.acquire()
-            transformer._sparsevid_routes = True
+            _DispatchRoutes.acquire(transformer)
         sessions.append(session)
     reuse_handles = []
     if reuse is not None:
@@ -439,8 +443,7 @@ def _remove(transformer: torch.nn.Module, owner: int | None = None) -> None:
         if registry is not None:
             registry.remove_hook(_ATTENTION_HOOK, recurse=False)
     transformer._diffusers_hook.remove_hook(_STATE_HOOK, recurse=False)
-    if transformer.__dict__.pop("_sparsevid_routes", False):
-        _DispatchRoutes.release()
+    _DispatchRoutes.release(transformer)
 
 
 def remove(target) -> None:
