@@ -55,7 +55,7 @@ def test_capabilities_are_checked_before_launch_with_one_error_type(backend):
     """Each backend refuses what its registration does not declare, with the same exception type."""
     spec = {d["name"]: d for d in sv.describe_backends(DEVICE)}[backend]
     q, plan = _inputs()
-    token_q = torch.randn(1, 2, LAYOUT.num_tokens, 64)
+    token_q = torch.randn(1, 2, LAYOUT.num_tokens, 64, device=DEVICE)
     token_plan = sv.plan(token_q, token_q, LAYOUT, method="finegrained", density=0.3)
     cases = [(token_q, token_plan)] if spec["plans"] == ["BlockPlan"] else []
     for q_case, p_case in cases:

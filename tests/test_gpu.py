@@ -134,7 +134,7 @@ def test_memory_is_flat_across_apply_remove_cycles():
         handle = sv.apply(model, method="draft", density=0.25, dense_layers=0)
         with torch.no_grad():
             for t in (900, 800):
-                model(**{**inputs, "timestep": torch.full((2,), t)})
+                model(**{**inputs, "timestep": torch.full((2,), t, device="cuda")})
         handle.remove()
         torch.cuda.synchronize()
         sizes.append(torch.cuda.memory_allocated())

@@ -23,7 +23,7 @@ Shape legend: ``F`` frames, ``H``/``W`` token grid height/width, ``T`` text toke
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import SimpleNamespace
 
@@ -91,6 +91,8 @@ class VideoLayout:
     tile: tuple[int, int] | None = None
     block_size: int = 128
     tiled: bool = False
+    # per-device copies of the index tables (:meth:`on`); a plain dict so torch.compile reads it
+    _device_tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("frames", "height", "width", "block_size"):
@@ -205,7 +207,7 @@ class VideoLayout:
         same names. Planners use this so that a plan on the GPU costs no host-to-device copy.
         """
         key = str(torch.device(device))
-        cache = self.__dict__.setdefault("_device_tables", {})
+        cache = self._device_tables
         if key not in cache:
             with torch.inference_mode(False):
                 cache[key] = SimpleNamespace(**{name: t.to(device) for name, t in self._tables.items()})

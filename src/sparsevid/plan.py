@@ -5,6 +5,8 @@ Planners produce it, kernels consume it; neither side decides anything about the
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .layout import VideoLayout
@@ -277,6 +279,24 @@ class BlockPlan(_CSRPlan):
     def _key_tokens(self) -> torch.Tensor:
         return self.layout.on(self.device).block_tokens.double()
 
+    def keeps_last_block(self) -> torch.Tensor:
+        """bool ``(B, H, NB)``: the row keeps the last key block, the only one that may be short
+        (indices ascend, so it is a row's last entry). Kept with the plan."""
+
+        def build():
+            tail = self._indices.gather(-1, (self._counts.long() - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return tail == self.num_blocks - 1
+
+        return self.derived("keeps_last_block", build)
+
+    def density_per_head(self) -> torch.Tensor:
+        """float64 ``(B, H)``: the computed fraction of real score entries of each batch element and head
+        (from the counts: every block but the last holds ``block_size`` tokens; O(NB) per head)."""
+        tokens = self.layout.on(self.device).block_tokens
+        short = self.block_size - int(self.layout.block_tokens[-1])
+        kept = self._counts.long() * self.block_size - short * self.keeps_last_block().long()
+        return (kept.double() * tokens.double()).sum(-1) / float(self.layout.num_tokens) ** 2
+
     def _block_coverage(self) -> torch.Tensor:
         return self.to_dense().float()
 
@@ -325,6 +345,10 @@ def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.T
     its rank among the row's kept indices (a cumulative sum); the tail is zeros.
     """
     n = keep.shape[-1]
+    if keep.is_cuda and width is not None and n <= 8192 and importlib.util.find_spec("triton") is not None:
+        from .kernels.triton_csr import mask_to_csr_triton
+
+        return mask_to_csr_triton(keep, width)  # the same in one pass
     counts = keep.sum(-1, dtype=torch.int32)
     if width is None:
         width = max(int(counts.max()), 1) if counts.numel() else 1

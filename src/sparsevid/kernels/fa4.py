@@ -50,13 +50,10 @@ def split_last_block(plan: BlockPlan) -> tuple[torch.Tensor, ...]:
     def build():
         layout = plan.layout
         counts, indices = plan.kv_num_blocks, plan.kv_indices
-        last = layout.num_blocks - 1
         if layout.num_tokens % layout.block_size == 0:  # no short block: every kept block is full
             return counts, indices, torch.zeros_like(counts), indices[..., :1]
-        # indices ascend, so the last key block is kept iff it is a row's last entry (counts >= 1)
-        tail = indices.gather(-1, (counts.long() - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        has_last = (tail == last).to(torch.int32)
-        mask_idx = torch.full((*counts.shape, 1), last, dtype=torch.int32, device=counts.device)
+        has_last = plan.keeps_last_block().to(torch.int32)
+        mask_idx = torch.full((*counts.shape, 1), layout.num_blocks - 1, dtype=torch.int32, device=counts.device)
         return counts - has_last, indices, has_last, mask_idx
 
     return plan.derived("fa4_split", build)

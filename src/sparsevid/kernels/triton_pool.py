@@ -8,11 +8,26 @@ Twin: :func:`sparsevid.planners.draft.pool_blocks_reference`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 
+def _configs():
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the CPU interpreter runs every config: one
+        return [triton.Config({"ROWS": 16}, num_warps=4)]
+    return [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
+
+
+def _prune(configs, named_args, **kwargs):
+    bs = kwargs["BLOCK_SIZE"] if "BLOCK_SIZE" in kwargs else named_args["BLOCK_SIZE"]
+    return [c for c in configs if c.kwargs["ROWS"] <= bs] or configs[:1]
+
+
+# Memory-bound: the best rows per load and warps per program depend on the GPU; chosen once per shape.
+@triton.autotune(configs=_configs(), key=["BLOCK_SIZE", "HEAD_DIM_P"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _pool_blocks(
     X, Out, perm_ptr, real_ptr,  #
@@ -50,12 +65,10 @@ def pool_blocks_triton(x: torch.Tensor, perm: torch.Tensor, block_tokens: torch.
     B, H, L, D = x.shape
     nb = block_tokens.shape[0]
     out = torch.empty(B, H, nb, D, dtype=torch.float32, device=x.device)
-    rows = min(block_size, 32)
     _pool_blocks[(nb, B * H)](
         x, out, perm, block_tokens,  #
         *x.stride(), *out.stride(),  #
         H,  #
-        BLOCK_SIZE=block_size, ROWS=rows, HEAD_DIM=D, HEAD_DIM_P=max(16, triton.next_power_of_2(D)),  #
-        num_warps=4,
+        BLOCK_SIZE=block_size, HEAD_DIM=D, HEAD_DIM_P=max(16, triton.next_power_of_2(D)),  #
     )
     return out

@@ -122,19 +122,26 @@ def plan(
     if density is not None and mass is not None:
         raise ValueError("Expect one of density or mass but got both")
     check_options(method, options)
-    if validate and not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
-        raise ValueError("Expect finite q and k but got NaN/Inf entries; planners rank blocks by q.k")
-    result = _PLANNERS[method](q, k, layout, density=density, mass=mass, **options)
-    return result.validate() if validate else result
+    with torch.no_grad():  # choosing blocks is not differentiable: no autograd graph, no saved tensors
+        if validate and not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
+            raise ValueError("Expect finite q and k but got NaN/Inf entries; planners rank blocks by q.k")
+        result = _PLANNERS[method](q, k, layout, density=density, mass=mass, **options)
+        return result.validate() if validate else result
+
+
+_ACCEPTED: dict[str, list[str] | None] = {}  # planner -> its option names (None: any), read once
 
 
 def check_options(method: str, options: dict) -> None:
     """Reject planner options that ``method`` does not take, naming them and the ones it does."""
-    params = inspect.signature(_PLANNERS[method]).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if method not in _ACCEPTED:
+        params = inspect.signature(_PLANNERS[method]).parameters
+        _ACCEPTED[method] = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else [
+            name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+            and name not in ("density", "mass")]
+    accepted = _ACCEPTED[method]
+    if accepted is None:
         return
-    accepted = [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-                and name not in ("density", "mass")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"Expect options of planner {method!r} in {accepted} (plus density/mass, tile, block_size) "

@@ -19,10 +19,11 @@ def forced_blocks(layout: VideoLayout, device) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _forced_blocks(layout: VideoLayout, device: str) -> torch.Tensor:
-    nb = layout.num_blocks
-    text = layout.on(device).is_text_block
-    eye = torch.eye(nb, dtype=torch.bool, device=device)
-    return eye | text[None, :] | text[:, None]
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        nb = layout.num_blocks
+        text = layout.on(device).is_text_block
+        eye = torch.eye(nb, dtype=torch.bool, device=device)
+        return eye | text[None, :] | text[:, None]
 
 
 def keep_by_budget(
@@ -58,6 +59,8 @@ def keep_by_budget(
         raise ValueError(f"Expect budget in ('row', 'head', 'layer') but got {budget!r}")
     if density is None and mass is None:
         density = _DEFAULT_DENSITY
+    if density is not None and budget != "row":
+        return _keep_top(score, layout, density, budget)
     B, H, nb, _ = score.shape
     device = score.device
     forced = forced_blocks(layout, device).expand(B, H, nb, nb)
@@ -67,7 +70,7 @@ def keep_by_budget(
 
     if density is not None:
         gain = (tokens[:, None] * tokens[None, :]).expand(B, H, nb, nb)
-        target = density * {"row": tokens[:, None] * L, "head": L * L, "layer": H * L * L}[budget]
+        target = density * tokens[:, None] * L
     else:
         if probs is None:
             raise ValueError("Expect a probability estimate for mass-based selection; use density with this planner")
@@ -82,12 +85,7 @@ def keep_by_budget(
     remaining = target - (gain * forced_flat).sum(-1, keepdim=True)
 
     candidate = ~forced_flat & (score > float("-inf"))
-    ranked = torch.where(candidate, score, float("-inf"))
-    reach = _greedy_reach(layout, density, H if budget == "layer" else 1) if budget != "row" and density else None
-    if reach is not None and reach < ranked.shape[-1]:
-        order = ranked.topk(reach, dim=-1).indices  # the only entries the greedy below can take (sorted)
-    else:
-        order = ranked.argsort(dim=-1, descending=True)
+    order = torch.where(candidate, score, float("-inf")).argsort(dim=-1, descending=True)
     g = gain.gather(-1, order)
     ok = candidate.gather(-1, order)
     before = torch.cumsum(g * ok, dim=-1) - g * ok
@@ -97,6 +95,31 @@ def keep_by_budget(
         take = ok & (before < remaining)
     keep = torch.zeros_like(candidate).scatter_(-1, order, take) | forced_flat
     return keep.reshape(B, H, nb, nb)
+
+
+def _keep_top(score: torch.Tensor, layout: VideoLayout, density: float, budget: str) -> torch.Tensor:
+    """A density budget over whole heads (``"head"``) or the whole layer (``"layer"``), the planners'
+    hot path: the same greedy as :func:`keep_by_budget` (candidates by decreasing score, each taken
+    while the entries before it plus half its own stay within the budget), computed on the top-k
+    candidates only (:func:`_greedy_reach`), with gains and the forced entries from the layout."""
+    B, H, nb, _ = score.shape
+    device = score.device
+    groups = H if budget == "head" else 1
+    forced = forced_blocks(layout, device)
+    heads_per_group = H // groups
+    remaining = heads_per_group * (density * float(layout.num_tokens) ** 2 - _forced_entries(layout))
+    flat = score.masked_fill(forced, float("-inf")).reshape(B, groups, -1)
+    reach = min(flat.shape[-1], _greedy_reach(layout, density, heads_per_group))
+    value, index = flat.topk(reach, dim=-1)  # sorted, best first
+    tokens = layout.on(device).block_tokens.float()
+    cell = index % (nb * nb)
+    gain = tokens[cell // nb] * tokens[cell % nb]
+    ok = value > float("-inf")
+    g = gain * ok
+    before = torch.cumsum(g, dim=-1) - g
+    take = ok & (before + gain / 2 <= remaining)
+    keep = torch.zeros(flat.shape, dtype=torch.bool, device=device).scatter_(-1, index, take)
+    return keep.view(B, H, nb, nb) | forced
 
 
 def _greedy_reach(layout: VideoLayout, density: float, heads: int) -> int:

@@ -45,12 +45,21 @@ def pool_blocks_reference(x: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
     return pooled / tables.block_tokens.float()[:, None]
 
 
+def draft_scores(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
+    """``log P[m, n] - log n_k``: float32 ``(B, H, NB, NB)``, each block's estimated mass per computed entry.
+
+    ``P = softmax(Qd Kdᵀ / sqrt(d) + log n_k)``; its log minus ``log n_k`` is the raw logit minus the
+    row's log-sum-exp, so the map is written once and read once (no separate softmax, no exp).
+    """
+    qd, kd = pool_blocks(q, layout), pool_blocks(k, layout)
+    raw = torch.matmul(qd * (1.0 / math.sqrt(q.shape[-1])), kd.transpose(-1, -2))
+    log_tokens = layout.on(q.device).block_tokens.float().log()
+    return raw - torch.logsumexp(raw + log_tokens, dim=-1, keepdim=True)
+
+
 def draft_map(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """The draft attention map: ``(log P, P)``, each float32 ``(B, H, NB, NB)``, rows sum to 1."""
-    qd, kd = pool_blocks(q, layout), pool_blocks(k, layout)
-    log_tokens = layout.on(q.device).block_tokens.float().log()
-    logits = torch.matmul(qd, kd.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + log_tokens
-    log_p = torch.log_softmax(logits, dim=-1)
+    log_p = draft_scores(q, k, layout) + layout.on(q.device).block_tokens.float().log()
     return log_p, log_p.exp()
 
 
@@ -63,7 +72,7 @@ def draft(q, k, layout, *, density=None, mass=None, budget: str = "head") -> Blo
             ``"row"`` (each query tile keeps its own share) or ``"layer"`` (one top-k over all heads'
             maps: peaked heads give blocks to diffuse ones; the density holds per layer).
     """
-    log_p, probs = draft_map(q, k, layout)
-    score = log_p - layout.on(q.device).block_tokens.float().log()
+    score = draft_scores(q, k, layout)
+    probs = None if mass is None else (score + layout.on(q.device).block_tokens.float().log()).exp()
     keep = keep_by_budget(score, layout, density=density, mass=mass, probs=probs, budget=budget)
     return BlockPlan.from_block_mask(layout, keep, "draft")
