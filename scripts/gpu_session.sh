@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 RES=/tmp/sparsevid-results
 mkdir -p "$RES"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# FlashAttention-4's compiled kernels persist on disk across the stages' processes; the first stage to
+# run meets a cold cache (bench kernel reports that first-call time)
 export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4-cache
 BENCH=(--benchmarks-md "$RES/BENCHMARKS.md")
 
@@ -30,7 +32,9 @@ for s in "$@"; do
         mkdir -p /tmp/w
         cat /tmp/p1/libs_part_* /tmp/p2/libs_part_* > /tmp/w/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
         cp .whl/rest/*.whl /tmp/w/
-        stage install python3 -m pip install --no-index --find-links /tmp/w "flash-attn-4==4.0.0b36" "diffusers==0.42.1"
+        stage install python3 -m pip install --no-index --find-links /tmp/w "flash-attn-4==4.0.0b36"
+        # diffusers' importlib_metadata requirement is for Pythons before 3.8; its other needs are on the image
+        stage install-diffusers python3 -m pip install --no-index --no-deps /tmp/w/diffusers-0.42.1-py3-none-any.whl
         stage versions python3 -c "import torch, triton, diffusers, sparsevid as sv; print(torch.__version__, triton.__version__, diffusers.__version__, torch.cuda.get_device_name()); [print(d['name'], d['usable'], d['reason']) for d in sv.describe_backends('cuda')]"
         ;;
     tests)
