@@ -125,13 +125,14 @@ def test_a_hooked_forward_adds_no_host_sync():
     assert sparse <= native, (sparse, native)
 
 
-def test_memory_is_flat_across_apply_remove_cycles():
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_memory_is_flat_across_apply_remove_cycles(backend):
     pytest.importorskip("diffusers")
     model, inputs = _tiny_wan_cuda()
     torch.cuda.synchronize()
     sizes = []
     for cycle in range(4):
-        handle = sv.apply(model, method="draft", density=0.25, dense_layers=0)
+        handle = sv.apply(model, method="draft", density=0.25, dense_layers=0, backend=backend)
         with torch.no_grad():
             for t in (900, 800):
                 model(**{**inputs, "timestep": torch.full((2,), t, device="cuda")})

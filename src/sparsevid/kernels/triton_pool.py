@@ -18,12 +18,13 @@ import triton.language as tl
 def _configs():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the CPU interpreter runs every config: one
         return [triton.Config({"ROWS": 16}, num_warps=4)]
-    return [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
+    return [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))]
 
 
 def _prune(configs, named_args, **kwargs):
+    """A config never reads past its block (ROWS <= BLOCK_SIZE; 16 divides every block size)."""
     bs = kwargs["BLOCK_SIZE"] if "BLOCK_SIZE" in kwargs else named_args["BLOCK_SIZE"]
-    return [c for c in configs if c.kwargs["ROWS"] <= bs] or configs[:1]
+    return [c for c in configs if c.kwargs["ROWS"] <= bs]
 
 
 # Memory-bound: the best rows per load and warps per program depend on the GPU; chosen once per shape.
