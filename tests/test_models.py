@@ -101,3 +101,13 @@ def test_refused_configurations_and_calls():
 def test_unknown_class_lists_supported():
     with pytest.raises(ValueError, match="WanTransformer3DModel"):
         sv.apply(torch.nn.Linear(2, 2))
+
+
+def test_readme_lists_the_registry():
+    from pathlib import Path
+
+    from sparsevid.models import markdown_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("<!-- models:start -->\n")[1].split("\n<!-- models:end -->")[0]
+    assert block == markdown_table(), "README is stale: paste `python -m sparsevid models` between the markers"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m sparsevid {demo, bench kernel}``."""
+"""Command line: ``python -m sparsevid {demo, eval, models, backends, bench ...}``."""
 
 from __future__ import annotations
 
@@ -27,11 +27,36 @@ def _add(subparsers, name, module, help_text):
     parser.set_defaults(_run=mod.run)
 
 
+def _print_models(args) -> int:
+    from .models import markdown_table
+
+    print(markdown_table())
+    return 0
+
+
+def _print_backends(args) -> int:
+    from .backends import describe_backends
+
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    rows = describe_backends(device)
+    keys = ["name", "usable", "plans", "dtypes", "head_dims", "block_sizes", "gpu_majors", "backward", "priority"]
+    print(f"backends on {device}:")
+    print("| " + " | ".join(keys) + " | why not |\n|" + "---|" * (len(keys) + 1))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in keys) + f" | {r['reason'] or '-'} |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsevid", description="Sparse attention for video diffusion transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in _COMMANDS.items():
         _add(commands, name, module, help_text)
+    models = commands.add_parser("models", help="supported and refused diffusers transformer classes (markdown)")
+    models.set_defaults(_run=_print_models)
+    backends = commands.add_parser("backends", help="registered attention backends, their capabilities, usable here")
+    backends.add_argument("--device", default=None, help="device to check (default: cuda when present, else cpu)")
+    backends.set_defaults(_run=_print_backends)
     bench = commands.add_parser("bench", help="GPU benchmarks", description="GPU benchmarks")
     benches = bench.add_subparsers(dest="benchmark", required=True)
     for name, (module, help_text) in _BENCHMARKS.items():

@@ -201,8 +201,15 @@ def _joy_grid(model, call) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------------------------- refusals
+_REFUSAL_NOTES: dict[Callable, str] = {}  # refusal check -> when it refuses (for the README table)
+
+
 def _refuse_mask(arg: str, what: str) -> Callable[[Call], str | None]:
-    return lambda call: f"{what} ({arg} given)" if call.get(arg) is not None else None
+    def refuse(call):
+        return f"{what} ({arg} given)" if call.get(arg) is not None else None
+
+    _REFUSAL_NOTES[refuse] = f"`{arg}` is given ({what})"
+    return refuse
 
 
 def _refuse_skyreels(model) -> str | None:
@@ -210,6 +217,9 @@ def _refuse_skyreels(model) -> str | None:
         return ("diffusion forcing with num_frame_per_block > 1 adds a block-causal attention mask that block-sparse "
                 "plans do not honour")
     return None
+
+
+_REFUSAL_NOTES[_refuse_skyreels] = "`num_frame_per_block > 1` (diffusion forcing: a block-causal mask)"
 
 
 # ---------------------------------------------------------------------------------------- entries
@@ -284,3 +294,18 @@ register_model("SanaWMTransformer3DModel", ModelSpec(
     lambda m: [b.attn.attn for i, b in enumerate(m.blocks) if (i + 1) % m.config.softmax_every_n == 0],
     channels_first(),
 ))
+
+
+def markdown_table() -> str:
+    """The supported and refused classes as README tables (``python -m sparsevid models``)."""
+    rows = ["| class | other tokens in self-attention | tile order through the model | token replay | refused when |",
+            "|---|---|---|---|---|"]
+    for name in supported_models():
+        spec = _MODELS[name]
+        refusals = [r for r in (spec.refuse_model, spec.refuse_call) if r is not None]
+        when = "; ".join(sorted(_REFUSAL_NOTES.get(r, r.__name__) for r in refusals)) or "-"
+        rows.append(f"| `{name}` | {spec.others or 'none'} | {'yes' if spec.tile_order else 'no'} "
+                    f"| {'yes' if spec.replay else 'no'} | {when} |")
+    rows += ["", "| refused class | why |", "|---|---|"]
+    rows += [f"| `{name}` | {reason} |" for name, reason in sorted(REFUSED.items())]
+    return "\n".join(rows)
