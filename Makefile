@@ -7,7 +7,12 @@ PY     := $(VENV)/bin/python
 # torch==2.13.0 is pinned first so pip takes the local CPU wheel and never resolves a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+# ComfyUI (tests/test_comfyui.py) needs torchvision, whose wheels here need torch 2.14.1: its tests run in an
+# environment of their own, set up only where a ComfyUI is present (CI: the snapshot at ../shared).
+COMFY_VENV ?= .venv-comfy
+COMFYUI    ?= ../shared/vendor/comfyui
+
+.PHONY: setup demo test test-comfyui clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +28,19 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
+	@if [ -d "$(COMFYUI)/comfy" ] || [ -n "$$COMFYUI_PATH" ]; then $(MAKE) --no-print-directory test-comfyui; \
+	else echo "ComfyUI tests skipped: no ComfyUI at $(COMFYUI) and no COMFYUI_PATH"; fi
+
+$(COMFY_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(COMFY_VENV)
+	$(COMFY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMFY_VENV)/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" einops torchsde psutil \
+		pyyaml safetensors transformers tqdm pillow scipy aiohttp av pytest
+	$(COMFY_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-comfyui: $(COMFY_VENV)/.installed
+	$(COMFY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_comfyui.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(COMFY_VENV) out .pytest_cache .hypothesis

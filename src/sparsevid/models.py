@@ -45,6 +45,7 @@ class ModelSpec:
         tile_order: where the model can keep its video tokens in tile order from the patch embedding
             to the output projection, so no attention call gathers: ``model -> TileOrderPoints``
             (``None``: not supported); ``tile_order_call(call)`` says whether a call allows it.
+        framework (str): ``"diffusers"`` or ``"comfyui"``: which adapter serves the class.
     """
 
     self_attention: Callable[[torch.nn.Module], list[torch.nn.Module]]
@@ -56,6 +57,7 @@ class ModelSpec:
     replay: Callable[[torch.nn.Module], list[tuple[torch.nn.Module, torch.nn.Module]]] | None = None
     tile_order: Callable[[torch.nn.Module], "TileOrderPoints"] | None = None
     tile_order_call: Callable[[Call], bool] = lambda call: True
+    framework: str = "diffusers"  # whose model class this is: "diffusers" or "comfyui"
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,12 @@ def register_model(name: str, spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-def supported_models() -> list[str]:
-    """Transformer class names sparsevid supports, sorted."""
-    return sorted(_MODELS)
+def supported_models(framework: str = "diffusers") -> list[str]:
+    """Transformer class names sparsevid supports in ``framework`` (``"diffusers"``, ``"comfyui"``), sorted."""
+    return sorted(name for name, spec in _MODELS.items() if spec.framework == framework)
 
 
-def model_spec(model: torch.nn.Module) -> ModelSpec:
+def model_spec(model: torch.nn.Module, framework: str = "diffusers") -> ModelSpec:
     """The registry entry of ``model``'s class.
 
     Raises:
@@ -123,8 +125,8 @@ def model_spec(model: torch.nn.Module) -> ModelSpec:
     name = type(model).__name__
     if name in REFUSED:
         raise ValueError(f"sparsevid does not support {name}: {REFUSED[name]}")
-    if name not in _MODELS:
-        raise ValueError(f"Expect a transformer of {supported_models()} but got {name}")
+    if name not in _MODELS or _MODELS[name].framework != framework:
+        raise ValueError(f"Expect a {framework} transformer of {supported_models(framework)} but got {name}")
     spec = _MODELS[name]
     reason = spec.refuse_model(model) if spec.refuse_model is not None else None
     if reason is not None:
@@ -300,7 +302,7 @@ def markdown_table() -> str:
     """The supported and refused classes as README tables (``python -m sparsevid models``)."""
     rows = ["| class | other tokens in self-attention | tile order through the model | token replay | refused when |",
             "|---|---|---|---|---|"]
-    for name in supported_models():
+    for name in supported_models("diffusers"):
         spec = _MODELS[name]
         refusals = [r for r in (spec.refuse_model, spec.refuse_call) if r is not None]
         when = "; ".join(sorted(_REFUSAL_NOTES.get(r, r.__name__) for r in refusals)) or "-"
@@ -309,3 +311,22 @@ def markdown_table() -> str:
     rows += ["", "| refused class | why |", "|---|---|"]
     rows += [f"| `{name}` | {reason} |" for name, reason in sorted(REFUSED.items())]
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------- ComfyUI's models
+def comfy_grid(model, call) -> tuple[int, int, int]:
+    """Grid of ComfyUI's video models: ``x`` ``(B, C, F, H, W)`` and the model's ``patch_size`` triple."""
+    return _grid_of(*call["x"].shape[-3:], tuple(int(p) for p in model.patch_size))
+
+
+def _comfy_wan_attention(m) -> list[torch.nn.Module]:
+    return [b.self_attn for b in getattr(m, "vace_blocks", [])] + [b.self_attn for b in m.blocks]
+
+
+# ComfyUI's Wan 2.1/2.2 (t2v, i2v, fun, VACE, camera): a reference latent may come first in the sequence.
+for _name in ("WanModel", "VaceWanModel", "CameraWanModel"):
+    register_model(_name, ModelSpec(_comfy_wan_attention, comfy_grid, timestep="timestep", others="first",
+                                    framework="comfyui"))
+register_model("HunyuanVideo", ModelSpec(  # ComfyUI's HunyuanVideo: [video, text] joint attention, text key padding
+    lambda m: [*m.double_blocks, *m.single_blocks], comfy_grid, others="last", framework="comfyui",
+))

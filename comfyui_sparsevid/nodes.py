@@ -1,0 +1,53 @@
+"""The "SparseVid Attention" node: a MODEL in, a patched clone out (the input model is not changed)."""
+
+from __future__ import annotations
+
+
+class SparseVidAttention:
+    """Sparse video self-attention for ComfyUI's Wan 2.1/2.2 (t2v, i2v, VACE, camera) and HunyuanVideo.
+
+    Layers and steps that run dense call the attention ComfyUI runs anyway (Sage, flash, PyTorch),
+    as do cross-attention and text attention. An unsupported model raises an error naming it.
+    """
+
+    CATEGORY = "sparsevid"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    DESCRIPTION = __doc__
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import sparsevid
+        from sparsevid.backends import backend_names
+
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "method": (sparsevid.available_planners(), {"default": "draft"}),
+                "budget": (["density", "mass"], {"default": "density",
+                                                 "tooltip": "density: fraction of attention entries computed; "
+                                                            "mass: attention probability kept (draft, xattn)"}),
+                "amount": ("FLOAT", {"default": 0.1, "min": 0.01, "max": 1.0, "step": 0.01}),
+                "dense_steps": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 0.99, "step": 0.01,
+                                          "tooltip": "leading fraction of the sampling steps run dense (from the "
+                                                     "sampler's sigmas)"}),
+                "dense_layers": ("INT", {"default": 1, "min": 0, "max": 200,
+                                         "tooltip": "leading video self-attention layers run dense"}),
+                "replan_every": ("INT", {"default": 1, "min": 1, "max": 100,
+                                         "tooltip": "recompute each layer's plan every this many steps"}),
+                "backend": (backend_names(), {"default": "auto"}),
+            }
+        }
+
+    def patch(self, model, method, budget, amount, dense_steps, dense_layers, replan_every, backend):
+        from sparsevid.integrations.comfyui import apply
+
+        density, mass = (amount, None) if budget == "density" else (None, amount)
+        if method == "dense":
+            density = mass = None
+        return (apply(model, method, density, mass=mass, dense_steps=dense_steps, dense_layers=dense_layers,
+                      replan_every=replan_every, backend=backend),)
+
+
+NODE_CLASS_MAPPINGS = {"SparseVidAttention": SparseVidAttention}
+NODE_DISPLAY_NAME_MAPPINGS = {"SparseVidAttention": "SparseVid Attention"}

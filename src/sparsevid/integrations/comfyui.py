@@ -1,0 +1,167 @@
+"""The ComfyUI adapter: sparse attention for ComfyUI's own video models, over the same core as diffusers.
+
+ComfyUI routes every attention call of its models through
+``transformer_options["optimized_attention_override"](func, q, k, v, heads=..., ...)`` when that
+key is set, where ``func`` is the attention the user runs (Sage, flash, PyTorch). The override alone
+sees neither the token grid, nor the layer, nor the step, and cross-attention calls it too, so
+:func:`apply` adds two things to a *clone* of the user's ``ModelPatcher`` (the input model is never
+changed, ComfyUI's convention):
+
+- a ``DIFFUSION_MODEL`` wrapper (``comfy.patcher_extension.WrappersMP``) that binds each forward call
+  of the diffusion model, reads the token grid from ``x`` and the model's patch size (registry:
+  :mod:`sparsevid.models`, ComfyUI entries), the step from the sampler's sigmas
+  (``transformer_options["sample_sigmas"]`` and ``["sigmas"]``: one host read per forward), and
+  counts the video self-attention calls of the forward: their order is the layer index;
+- the override: a call whose keys are its queries and whose sequence holds the video grid is a
+  video self-attention call; it runs sparse (:meth:`SparseSession.attend`) when its layer and step
+  do, and everything else — dense layers, warm-up steps, cross-attention, text-only attention —
+  calls ``func`` untouched (or an override another node set before).
+
+Never a silent no-op: a forward whose layers should run sparse but made no call the override
+could route raises, naming the model class.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ..models import bind_call, model_spec
+from .core import SparseSession, SparseVidConfig, validate_config
+
+__all__ = ["apply", "sparse_session"]
+
+_KEY = "sparsevid"  # the wrapper key, and where the session sits in transformer_options
+
+
+class _SigmaSchedule(SimpleNamespace):
+    """What :class:`SparseSession` reads of a scheduler, from the sampler's sigmas."""
+
+    def __init__(self):
+        super().__init__(step_index=None, timesteps=None)
+
+    def update(self, options: dict) -> None:
+        sigmas, sigma = options.get("sample_sigmas"), options.get("sigmas")
+        if sigmas is None or sigma is None:  # called outside a sampler: no schedule
+            self.step_index, self.timesteps = None, None
+            return
+        self.timesteps = sigmas[:-1]  # the last sigma (0) is the end, not a step
+        self.step_index = int((sigmas.float() - sigma.flatten()[0].float()).abs().argmin())
+
+
+class _ComfySparse:
+    """The wrapper and the override of one patched model, sharing one session."""
+
+    def __init__(self, session: SparseSession, schedule: _SigmaSchedule, previous_override=None):
+        self.session = session
+        self.schedule = schedule
+        self.previous = previous_override
+        self.layer = 0
+        self.video_tokens = None
+        self.sparse_in_forward = 0
+
+    def __deepcopy__(self, memo):
+        # ModelPatcher.clone deep-copies model_options (where the override sits) but not the wrappers:
+        # every clone of a patched model shares this one state, so the two halves stay one patch
+        return self
+
+    def wrapper(self, executor, *args, **kwargs):
+        model = executor.class_obj
+        call = bind_call(model, args, kwargs)
+        spec = self.session.spec
+        self.schedule.update(call.get("transformer_options") or {})
+        grid = spec.grid(model, call)
+        self.session.begin_forward(grid, call.get(spec.timestep))
+        self.layer, self.sparse_in_forward = 0, 0
+        self.video_tokens = grid[0] * grid[1] * grid[2]
+        out = executor(*args, **kwargs)
+        expected = self.session.runs_sparse(max(self.layer, self.session.config.dense_layers + 1) - 1)
+        if expected and self.sparse_in_forward == 0:
+            raise RuntimeError(
+                f"sparsevid: {type(model).__name__} ran a forward that should be sparse but made no attention call "
+                "through ComfyUI's optimized_attention_override; sparse attention would silently not run"
+            )
+        return out
+
+    def override(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                 skip_output_reshape=False, **kwargs):
+        dense = self.previous if self.previous is not None else None
+
+        def native():
+            if dense is not None:
+                return dense(func, q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                             skip_output_reshape=skip_output_reshape, **kwargs)
+            return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                        skip_output_reshape=skip_output_reshape, **kwargs)
+
+        length, keys = (q.shape[-2], k.shape[-2]) if skip_reshape else (q.shape[1], k.shape[1])
+        if self.video_tokens is None or length != keys or length < self.video_tokens:
+            return native()  # cross-attention, text-only attention, or a call outside a wrapped forward
+        layer = self.layer
+        self.layer += 1
+        if not self.session.runs_sparse(layer):
+            self.session.dense_calls += 1
+            return native()
+        if skip_reshape:  # (B, heads, L, D)
+            qh, kh, vh = q, k, v
+        else:  # (B, L, heads * D)
+            B, L, C = q.shape
+            qh, kh, vh = (t.view(B, L, heads, C // heads).transpose(1, 2) for t in (q, k, v))
+        if mask is not None and mask.dim() == 3:  # (B, 1, L) key mask
+            mask = mask[:, None]
+        out = self.session.attend(qh, kh, vh, layer=layer, attn_mask=mask)
+        self.sparse_in_forward += 1
+        if skip_output_reshape:
+            return out
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
+def apply(
+    model,
+    method: str | None = "draft",
+    density: float | None = None,
+    *,
+    mass: float | None = None,
+    dense_steps: int | float | None = 0.2,
+    dense_layers: int = 1,
+    replan_every: int = 1,
+    backend: str = "auto",
+    **planner_options,
+):
+    """A clone of ComfyUI ``ModelPatcher`` ``model`` whose video self-attention runs sparse.
+
+    Args:
+        model: ComfyUI's ``MODEL`` (a ``comfy.model_patcher.ModelPatcher``); it is not changed.
+        method, density, mass, dense_layers, replan_every, backend, planner_options: as
+            :func:`sparsevid.apply` (:class:`~sparsevid.integrations.core.SparseVidConfig`).
+        dense_steps (int | float): leading sampling steps run dense: a fraction of the sampler's
+            steps (default 0.2), or an int count.
+
+    Returns:
+        The patched clone.
+
+    Raises:
+        ValueError / TypeError: an unsupported model class (with the supported ones), or any bad setting.
+    """
+    import comfy.patcher_extension
+
+    diffusion_model = model.model.diffusion_model
+    spec = model_spec(diffusion_model, framework="comfyui")
+    config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
+                             dict(planner_options))
+    validate_config(config, has_schedule=True)
+    clone = model.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    schedule = _SigmaSchedule()
+    sparse = _ComfySparse(SparseSession(config, spec, schedule), schedule, options.get("optimized_attention_override"))
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _KEY, sparse.wrapper)
+    options["optimized_attention_override"] = sparse.override
+    options[_KEY] = sparse
+    return clone
+
+
+def sparse_session(model) -> SparseSession | None:
+    """The session of a model :func:`apply` patched (its ``stats()``), or ``None``."""
+    sparse = model.model_options.get("transformer_options", {}).get(_KEY)
+    return sparse.session if sparse is not None else None
