@@ -3,7 +3,7 @@
 # command of at most 10 minutes, on a machine that keeps installs only while it stays warm).
 #
 #   bash scripts/gpu_session.sh install        # flash-attn-4 + diffusers from wheels carried in .whl/ (see below)
-#   bash scripts/gpu_session.sh tests kernel480 kernel720 e2e13 loop13 e2e14
+#   bash scripts/gpu_session.sh tests kernel480 kernel720 e2e13 loop13 e2e14 comfy
 #
 # Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry, so it arrives split
 # (`split -b 46000000`) in two earlier calls that copy .whl/p1 and .whl/p2 to /tmp/p1 and /tmp/p2.
@@ -61,6 +61,9 @@ for s in "$@"; do
     e2e14)
         stage e2e14 python3 -m sparsevid bench e2e --model wan2.1-14b --resolution 720p --densities 0.1 0.05 \
             --reps 2 --profile --out "$RES/e2e14" "${BENCH[@]}"
+        ;;
+    comfy)  # ComfyUI's own Wan at the 1.3B shape, one step dense vs through the node (COMFYUI_PATH or .comfy)
+        COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy}" stage comfy python3 scripts/comfyui_step_time.py "${BENCH[@]}"
         ;;
     *)
         echo "unknown stage $s" >&2
