@@ -54,6 +54,7 @@ def main() -> int:
     torch.manual_seed(0)
     model = config.get_model({}, device=device)
     model.diffusion_model.to(device, dtype)
+    model.diffusion_model.patch_embedding.float()  # ComfyUI's Wan feeds it float32 (x.float())
     with torch.no_grad():  # ComfyUI's disable_weight_init leaves weights uninitialised
         for name, p in model.diffusion_model.named_parameters():
             if p.dim() > 1:
