@@ -62,6 +62,10 @@ for s in "$@"; do
         stage e2e14 python3 -m sparsevid bench e2e --model wan2.1-14b --resolution 720p --densities 0.1 0.05 \
             --reps 2 --profile --out "$RES/e2e14" "${BENCH[@]}"
         ;;
+    e2e14x4)  # Wan2.1-14B 720p under diffusers' Ulysses on 4 GPUs (nvidia-h100-x4): native vs sparse, and vs 1 GPU
+        stage e2e14x4 torchrun --nproc_per_node 4 -m sparsevid bench e2e --model wan2.1-14b --resolution 720p \
+            --gpus 4 --methods draft --densities 0.1 0.05 --reps 2 --out "$RES/e2e14x4" "${BENCH[@]}"
+        ;;
     comfy)  # ComfyUI's own Wan at the 1.3B shape, one step dense vs through the node (COMFYUI_PATH or .comfy)
         COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy}" stage comfy python3 scripts/comfyui_step_time.py "${BENCH[@]}"
         ;;

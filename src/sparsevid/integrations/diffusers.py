@@ -186,8 +186,10 @@ class _StateHook(ModelHook):
         if reason is not None and session.config.method is not None:
             raise NotImplementedError(f"NYI: sparsevid on this {type(module).__name__} call: {reason}")
         session.begin_forward(spec.grid(module, call), call.get(spec.timestep))
-        # tile order only in a forward where some layer runs sparse: dense steps stay exactly native
+        # tile order only in a forward where some layer runs sparse (dense steps stay exactly native), and
+        # not under context parallelism, whose hooks split the sequence (and the rotary tables) by position
         session.tiled = (self.tile_order is not None and spec.tile_order_call(call)
+                         and getattr(module, "_parallel_config", None) is None
                          and session.runs_sparse(self.tile_order.last_layer))
         return args, kwargs
 
