@@ -97,7 +97,9 @@ def main() -> int:
     print(table)
     if args.smoke:
         return 0 if stats["sparse_calls"] > 0 else 1
-    append_benchmarks(args.benchmarks_md, "ComfyUI node — Wan2.1-1.3B-shaped WanModel, one step", header, table)
+    command = "COMFYUI_PATH=... python scripts/comfyui_step_time.py " + " ".join(sys.argv[1:])
+    append_benchmarks(args.benchmarks_md, "ComfyUI node — Wan2.1-1.3B-shaped WanModel, one step", header, table,
+                      command=command)
     return 0
 
 

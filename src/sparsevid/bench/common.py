@@ -73,12 +73,14 @@ def command_line() -> str:
     return "python -m sparsevid " + " ".join(shlex.quote(a) for a in argv)
 
 
-def append_benchmarks(path: str, title: str, header: str, table: str, extra: str = "") -> None:
-    """Append one results section (title, environment header, command, table, notes) to ``BENCHMARKS.md``."""
+def append_benchmarks(path: str, title: str, header: str, table: str, extra: str = "", command: str | None = None) -> None:
+    """Append one results section (title, environment header, command, table, notes) to ``BENCHMARKS.md``.
+
+    ``command`` defaults to this process's ``python -m sparsevid ...`` command line."""
     with open(path, "a") as f:
         if f.tell() == 0:
             f.write("# Benchmarks\n\nResults tables appended by the benchmark commands (newest last).\n")
-        f.write(f"\n## {title}\n\n{header}\n\nCommand: `{command_line()}`\n\n{table}\n")
+        f.write(f"\n## {title}\n\n{header}\n\nCommand: `{command or command_line()}`\n\n{table}\n")
         if extra:
             f.write(f"\n{extra}\n")
     print(f"[bench] appended to {path}")
