@@ -36,13 +36,20 @@ TILING = dict(tile=(2, 4), block_size=16)  # small blocks so the tiny grid has s
 STEPS = 5
 
 
-def tiny_wan(layers=2):
+def tiny_wan(layers=2, kind="T2V", **extra):
     import comfy.supported_models
 
-    return _patcher(comfy.supported_models.WAN21_T2V(dict(
-        image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64, ffn_dim=128,
-        freq_dim=32, text_dim=32, out_dim=16, num_heads=2, num_layers=layers,
-    )))
+    config = dict(image_model="wan2.1", model_type=kind.lower(), patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64,
+                  ffn_dim=128, freq_dim=32, text_dim=32, out_dim=16, num_heads=2, num_layers=layers)
+    return _patcher(getattr(comfy.supported_models, f"WAN21_{kind}")({**config, **extra}))
+
+
+def tiny_vace():  # one VACE block beside the two main blocks: three video self-attention layers
+    return tiny_wan(kind="Vace", vace_layers=1, vace_in_dim=96)
+
+
+def tiny_i2v():  # image-to-video: the latent gains mask and image channels (no tokens)
+    return tiny_wan(kind="I2V", in_dim=36)
 
 
 def tiny_hunyuan():
@@ -84,7 +91,7 @@ def sample(model, frames=3, height=10, width=14, steps=STEPS):
                                disable_pbar=True, seed=0)
 
 
-@pytest.mark.parametrize("build", [tiny_wan, tiny_hunyuan], ids=["wan", "hunyuan"])
+@pytest.mark.parametrize("build", [tiny_wan, tiny_vace, tiny_i2v, tiny_hunyuan], ids=["wan", "vace", "i2v", "hunyuan"])
 def test_density_one_equals_the_unpatched_model_and_the_input_is_untouched(build):
     model = build()
     native = sample(model)
