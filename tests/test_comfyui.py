@@ -156,3 +156,15 @@ def test_the_node():
     assert patched is not model
     sample(patched, steps=1)
     assert sparse_session(patched).stats()["sparse_calls"] == 2  # one forward, two layers
+
+
+def test_a_layer_that_bypasses_the_override_is_an_error():
+    model = tiny_wan()
+    patched = apply(model, "draft", 0.3, dense_steps=0, dense_layers=0, **TILING)
+
+    def drop_options(args, extra):  # a block patch that loses transformer_options (and so the override)
+        return extra["original_block"]({**args, "transformer_options": {}})
+
+    patched.set_model_patch_replace(drop_options, "dit", "double_block", 1)
+    with pytest.raises(RuntimeError, match="override"):
+        sample(patched, steps=1)

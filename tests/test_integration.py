@@ -347,3 +347,43 @@ def test_tile_order_is_refused_where_it_cannot_hold():
     run(model, {**inputs, "timestep": torch.full((2, 105), 500)})  # per-token timesteps (Wan 2.2 TI2V)
     assert handle.sessions[0].tiled is False and handle.stats()["sparse_calls"] == 2
     handle.remove()
+
+
+def test_step_caches_keep_one_token_order():
+    """Tile order only for forwards with sparse layers would mix orders in a cache across steps."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model, inputs = tiny_wan(), wan_inputs()
+    outs = {}
+    for tile_order in (None, False):
+        handle = sv.apply(model, method="dense", dense_layers=0, dense_steps=1, tile_order=tile_order,
+                          reuse=FirstBlockCacheConfig(threshold=10.0), **TILING)
+        with model.cache_context("cond"):
+            outs[tile_order] = [run(model, {**inputs, "timestep": torch.full((2,), t)}) for t in (900, 800)]
+        assert handle.sessions[0].tiled is False
+        handle.remove()
+    for a, b in zip(*outs.values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="tile_order"):
+        sv.apply(model, tile_order=True, reuse=FirstBlockCacheConfig(threshold=0.1))
+
+
+def test_a_named_backend_is_checked_against_the_method_and_the_device():
+    model = tiny_wan()
+    with pytest.raises(TypeError, match="TokenPlan"):
+        sv.apply(model, method="finegrained", backend="fa4")
+    with pytest.raises(ValueError, match="backend 'fa4'"):
+        sv.apply(model, method="draft", backend="fa4")  # a CPU model
+    assert not model._diffusers_hook.hooks if getattr(model, "_diffusers_hook", None) else True
+
+
+def test_grad_on_k_or_v_alone_goes_to_a_backend_that_trains():
+    layout = sv.VideoLayout(2, 4, 8, tile=(4, 4), block_size=16)
+    q, k, v = torch.randn(3, 1, 2, layout.num_tokens, 64, dtype=torch.float16).unbind(0)
+    plan = sv.plan(q, k, layout, method="draft", density=0.5)
+    k.requires_grad_()
+    with pytest.raises(ValueError, match="requires_grad"):
+        sv.sparse_attention(q, k, v, plan, backend="triton")
+    out = sv.sparse_attention(q.float(), k.float(), v.float(), plan)  # auto: the reference
+    out.sum().backward()
+    assert k.grad is not None

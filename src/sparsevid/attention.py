@@ -105,5 +105,6 @@ def sparse_attention(
     """
     _check_inputs(q, k, v, plan)
     scale = check_scale(scale, q.shape[-1])
-    spec = resolve_backend(backend, q, plan)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    spec = resolve_backend(backend, q, plan, needs_grad)
     return spec.fn(q, k, v, plan, scale)

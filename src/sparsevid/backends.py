@@ -58,18 +58,27 @@ class BackendSpec:
             _INSTALLED[self.name] = self.requires()
         return _INSTALLED[self.name]
 
-    def refusal(self, q: torch.Tensor, plan) -> tuple[type[Exception], str] | None:
-        """Why this backend cannot run ``q`` with ``plan`` (exception type and message), or None."""
-        name, device = self.name, q.device
+    def unusable(self, device: torch.device) -> str | None:
+        """Why the backend cannot run on ``device`` here (wrong device type, not installed, GPU
+        generation), or ``None``."""
         if device.type not in self.devices:
-            return ValueError, (f"Expect tensors on {' or '.join(self.devices)} for backend {name!r} but got "
-                                f"device {device}; use backend='reference' or move the tensors")
+            return f"it runs on {' or '.join(self.devices)}, not {device.type}"
         reason = self.installed()
         if reason is None and device.type == "cuda" and self.gpu_majors is not None:
             major, minor = _capability(device)
             if major not in self.gpu_majors:
                 reason = (f"it needs a GPU of compute capability {' or '.join(f'{m}.x' for m in self.gpu_majors)} "
                           f"and {device} is {major}.{minor}")
+        return reason
+
+    def refusal(self, q: torch.Tensor, plan, needs_grad: bool = False) -> tuple[type[Exception], str] | None:
+        """Why this backend cannot run ``q`` with ``plan`` (exception type and message), or None.
+        ``needs_grad``: q, k or v requires grad (and grad is enabled)."""
+        name, device = self.name, q.device
+        if device.type not in self.devices:
+            return ValueError, (f"Expect tensors on {' or '.join(self.devices)} for backend {name!r} but got "
+                                f"device {device}; use backend='reference' or move the tensors")
+        reason = self.unusable(device)
         if reason is not None:
             return ValueError, f"Expect backend {name!r} to be usable but {reason}; use backend='auto' or 'reference'"
         if not isinstance(plan, self.plans):
@@ -83,7 +92,7 @@ class BackendSpec:
         if self.block_sizes is not None and plan.block_size not in self.block_sizes:
             return ValueError, (f"Expect plan.block_size in {self.block_sizes} for backend {name!r} but got "
                                 f"{plan.block_size}")
-        if not self.backward and torch.is_grad_enabled() and q.requires_grad:
+        if not self.backward and needs_grad:
             return ValueError, (f"Expect inputs without requires_grad for backend {name!r} (forward only) but "
                                 "q, k or v requires grad; use backend='reference' to train, or torch.no_grad()")
         return None
@@ -164,8 +173,9 @@ def backend_names() -> list[str]:
     return [Backend.AUTO.value, *_registry()]
 
 
-def resolve_backend(backend: str | Backend, q: torch.Tensor, plan) -> BackendSpec:
-    """The backend that runs ``q`` with ``plan``: the named one, or ``auto``'s choice.
+def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: bool = False) -> BackendSpec:
+    """The backend that runs ``q`` with ``plan``: the named one, or ``auto``'s choice (``needs_grad``:
+    q, k or v requires grad).
 
     Raises:
         ValueError / TypeError: an unknown name, or a named backend that cannot run these inputs
@@ -177,17 +187,22 @@ def resolve_backend(backend: str | Backend, q: torch.Tensor, plan) -> BackendSpe
         candidates = sorted((s for s in registry.values() if q.device.type in s.auto_devices),
                             key=lambda s: -s.priority)
         for spec in candidates:
-            if spec.refusal(q, plan) is None:
+            if spec.refusal(q, plan, needs_grad) is None:
                 return spec
         name = Backend.REFERENCE.value
     if not isinstance(name, str) or name not in registry:
         raise ValueError(f"Expect backend in {backend_names()} but got {backend!r}")
     spec = registry[name]
-    refusal = spec.refusal(q, plan)
+    refusal = spec.refusal(q, plan, needs_grad)
     if refusal is not None:
         exc, message = refusal
         raise exc(message)
     return spec
+
+
+def backend_spec(name: str) -> BackendSpec:
+    """The registration of backend ``name`` (a registered name, not ``"auto"``)."""
+    return _registry()[name]
 
 
 def check_backend_name(backend) -> str:
@@ -213,14 +228,7 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
     device = torch.device(device)
     rows = []
     for spec in _registry().values():
-        reason = None
-        if device.type not in spec.devices:
-            reason = f"runs on {', '.join(spec.devices)}, not {device.type}"
-        else:
-            reason = spec.installed()
-            if reason is None and device.type == "cuda" and spec.gpu_majors is not None:
-                if _capability(device)[0] not in spec.gpu_majors:
-                    reason = f"needs compute capability {spec.gpu_majors}"
+        reason = spec.unusable(device)
         rows.append(dict(
             name=spec.name, plans=[p.__name__ for p in spec.plans], devices=list(spec.devices),
             dtypes=[str(d).removeprefix("torch.") for d in spec.dtypes],

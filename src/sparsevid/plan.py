@@ -49,6 +49,9 @@ class _CSRPlan:
         self._indices = indices
         self.method = method
         self._derived: dict[str, object] = {}
+        # set by the planner that keeps every block (``dense``): backends may then run dense attention
+        # without reading the lists (a host-known fact; computing it from the lists would sync)
+        self.keeps_everything = False
 
     def derived(self, key: str, build):
         """``build()``, computed once per plan and kept with it: metadata a backend derives from the
@@ -345,10 +348,11 @@ def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.T
     its rank among the row's kept indices (a cumulative sum); the tail is zeros.
     """
     n = keep.shape[-1]
-    if keep.is_cuda and width is not None and n <= 8192 and importlib.util.find_spec("triton") is not None:
-        from .kernels.triton_csr import mask_to_csr_triton
+    if keep.is_cuda and width is not None and importlib.util.find_spec("triton") is not None:
+        from .kernels.triton_csr import MAX_COLUMNS, mask_to_csr_triton
 
-        return mask_to_csr_triton(keep, width)  # the same in one pass
+        if n <= MAX_COLUMNS:
+            return mask_to_csr_triton(keep, width)  # the same in one pass
     counts = keep.sum(-1, dtype=torch.int32)
     if width is None:
         width = max(int(counts.max()), 1) if counts.numel() else 1

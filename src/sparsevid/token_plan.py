@@ -98,6 +98,12 @@ class TokenPlan(_CSRPlan):
     def _num_keys(self) -> int:
         return self.layout.num_tokens
 
+    def density_per_head(self) -> torch.Tensor:
+        """float64 ``(B, H)``: the computed fraction of real score entries (every kept key is one token, so
+        it is the counts times each block's real rows; no gather of the lists)."""
+        rows = self.layout.on(self.device).block_tokens.double()
+        return (self._counts.double() * rows).sum(-1) / float(self.layout.num_tokens) ** 2
+
     def _key_tokens(self) -> torch.Tensor:
         return torch.ones(self.layout.num_tokens, dtype=torch.float64, device=self.device)
 

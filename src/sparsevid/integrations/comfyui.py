@@ -17,8 +17,8 @@ changed, ComfyUI's convention):
   do, and everything else — dense layers, warm-up steps, cross-attention, text-only attention —
   calls ``func`` untouched (or an override another node set before).
 
-Never a silent no-op: a forward whose layers should run sparse but made no call the override
-could route raises, naming the model class.
+Never a silent no-op: a forward with sparse layers in which not every video self-attention layer
+came through the override raises, naming the model class.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ class _ComfySparse:
         self.previous = previous_override
         self.layer = 0
         self.video_tokens = None
-        self.sparse_in_forward = 0
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone deep-copies model_options (where the override sits) but not the wrappers:
@@ -73,14 +72,15 @@ class _ComfySparse:
         self.schedule.update(call.get("transformer_options") or {})
         grid = spec.grid(model, call)
         self.session.begin_forward(grid, call.get(spec.timestep))
-        self.layer, self.sparse_in_forward = 0, 0
+        self.layer = 0
         self.video_tokens = grid[0] * grid[1] * grid[2]
         out = executor(*args, **kwargs)
-        expected = self.session.runs_sparse(max(self.layer, self.session.config.dense_layers + 1) - 1)
-        if expected and self.sparse_in_forward == 0:
+        layers = len(spec.self_attention(model))
+        if self.layer != layers and any(self.session.runs_sparse(i) for i in range(layers)):
             raise RuntimeError(
-                f"sparsevid: {type(model).__name__} ran a forward that should be sparse but made no attention call "
-                "through ComfyUI's optimized_attention_override; sparse attention would silently not run"
+                f"sparsevid: {type(model).__name__} has {layers} video self-attention layers but {self.layer} of its "
+                "attention calls in this forward came through ComfyUI's optimized_attention_override; the others "
+                "would silently stay dense (a block patch that drops transformer_options?)"
             )
         return out
 
@@ -111,7 +111,6 @@ class _ComfySparse:
         if mask is not None and mask.dim() == 3:  # (B, 1, L) key mask
             mask = mask[:, None]
         out = self.session.attend(qh, kh, vh, layer=layer, attn_mask=mask)
-        self.sparse_in_forward += 1
         if skip_output_reshape:
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)

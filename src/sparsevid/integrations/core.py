@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import sparse_attention
-from ..backends import check_backend_name
+from ..backends import backend_spec, check_backend_name
 from ..layout import VideoLayout
 from ..models import ModelSpec
 from ..planners import _check_fraction, available_planners, check_options
@@ -70,11 +70,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_config(config: SparseVidConfig, *, has_schedule: bool) -> None:
+def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torch.device | None = None) -> None:
     """Check every setting before anything is hooked; raise ``ValueError``/``TypeError`` naming it.
 
     The planner runs once on a tiny CPU input with the given options, so a misspelled option or a
-    value the planner refuses is reported now, not at the first sparse step of a generation.
+    value the planner refuses is reported now, not at the first sparse step of a generation; a named
+    backend must take the planner's plan type and be usable on ``device`` (the model's).
     ``has_schedule``: whether the target has a scheduler (a fractional ``dense_steps`` needs one).
     """
     if config.method is not None and config.method not in available_planners():
@@ -98,7 +99,7 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool) -> None:
                 f"Expect dense_steps as an int for a bare transformer (no scheduler to take a fraction of) but got "
                 f"{steps}; pass the pipeline to sparsevid.apply, or an int"
             )
-    check_backend_name(config.backend)
+    backend = check_backend_name(config.backend)
     if config.tile_order is not None and not isinstance(config.tile_order, bool):
         raise TypeError(f"Expect tile_order to be a bool or None but got {config.tile_order!r}")
     if config.method is None:
@@ -110,7 +111,15 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool) -> None:
     check_options(config.method, options)
     layout = VideoLayout(2, 4, 4, **tiling) if tiling else VideoLayout(2, 4, 4, tile=(4, 4), block_size=16)
     q = torch.randn(1, 1, layout.num_tokens, 16, generator=torch.Generator().manual_seed(0))
-    make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
+    plan = make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
+    if backend != "auto":
+        spec = backend_spec(backend)
+        if not isinstance(plan, spec.plans):
+            raise TypeError(f"Expect a method whose plans backend {backend!r} runs ({', '.join(p.__name__ for p in spec.plans)}) "
+                            f"but {config.method!r} makes a {type(plan).__name__}")
+        reason = spec.unusable(torch.device(device)) if device is not None else spec.installed()
+        if reason is not None:
+            raise ValueError(f"Expect backend {backend!r} to be usable but {reason}; use backend='auto'")
 
 
 class SparseSession:
@@ -205,21 +214,10 @@ class SparseSession:
                 f"NYI: {name} got a self-attention call sparsevid cannot plan (is_causal={is_causal}, "
                 f"dropout_p={dropout_p}, enable_gqa={enable_gqa}, q {tuple(query.shape)}, k {tuple(key.shape)})"
             )
-        if attn_mask is not None and attn_mask.dtype == torch.bool and attn_mask.numel() and self._all_true(attn_mask):
-            attn_mask = None
-        if attn_mask is None:
+        lengths = None if attn_mask is None else self._key_lengths(attn_mask, *query.shape[:3:2])
+        if lengths is None:  # no mask, or one that keeps every key
             return self._sparse(query, key, value, scale, (layer, call))
-        return self._with_key_padding(query, key, value, attn_mask, scale, (layer, call))
-
-    def _read_mask(self, kind: str, mask: torch.Tensor, read):
-        """``read(mask)``, once per forward for each mask (a model passes the same mask to every layer)."""
-        key = (kind, tuple(mask.shape), mask.data_ptr())
-        if key not in self._mask_reads:
-            self._mask_reads[key] = read(mask)
-        return self._mask_reads[key]
-
-    def _all_true(self, mask: torch.Tensor) -> bool:
-        return self._read_mask("all", mask, lambda m: bool(m.all()))
+        return self._with_key_padding(query, key, value, lengths, scale, (layer, call))
 
     def raster_layout(self) -> VideoLayout:
         """The layout of this forward's video tokens in raster order (whose ``perm`` tiles them)."""
@@ -251,7 +249,9 @@ class SparseSession:
             options = {k: v for k, v in config.planner_options.items() if k not in _TILING}
             plan = make_plan(query, key, layout, config.method, density=config.density, mass=config.mass,
                              validate=False, **options)
-            self._plans[cache_key] = cached = (self.step, plan)
+            cached = (self.step, plan)
+            if config.replan_every > 1:  # kept only for reuse: every layer's plan held at once costs GBs at 720p
+                self._plans[cache_key] = cached
             self.plans_made += 1
             with torch.no_grad():
                 density = plan.density_per_head().mean()
@@ -259,14 +259,13 @@ class SparseSession:
         self.sparse_calls += 1
         return sparse_attention(query, key, value, cached[1], scale=scale, backend=config.backend)
 
-    def _with_key_padding(self, query, key, value, attn_mask, scale, tag) -> torch.Tensor:
+    def _with_key_padding(self, query, key, value, lengths: list[int], scale, tag) -> torch.Tensor:
         """Joint attention whose padded text keys are masked (text after the video, padded at its end).
 
         Each batch element runs on its unpadded prefix (video + real text); padded query rows, whose
         outputs no video token reads, attend densely to the real keys.
         """
-        B, H, L, D = query.shape
-        lengths = self._prefix_lengths(attn_mask, B, L)
+        L = query.shape[2]
         out = torch.empty_like(query)
         for b, n in enumerate(lengths):
             qb, kb, vb = (t[b : b + 1, :, :n] for t in (query, key, value))
@@ -276,27 +275,32 @@ class SparseSession:
                     query[b : b + 1, :, n:], kb, vb, scale=scale)
         return out
 
-    def _prefix_lengths(self, attn_mask: torch.Tensor, B: int, L: int) -> list[int]:
-        """Real keys of each batch element, if ``attn_mask`` is a key-padding prefix mask (read once per forward)."""
+    def _key_lengths(self, attn_mask: torch.Tensor, B: int, L: int) -> list[int] | None:
+        """Real keys of each batch element under a key-padding mask; ``None`` when it keeps every key.
 
-        def read(mask):
-            if mask.dtype != torch.bool:  # additive: 0 keeps, -inf (or very negative) drops
-                mask = mask > torch.finfo(mask.dtype).min / 2
-            if mask.dim() == 4 and mask.shape[-2] == L:  # (B, 1, L, L) built as keep_i & keep_j: a video row
+        Read once per forward for each mask (a model passes the same mask to every layer), with one
+        device read for all it needs to know. Bool (True keeps) or additive (0 keeps, very negative
+        drops); ``(B, L)``, ``(B, 1, L)``, ``(B, 1, 1, L)`` or ``(B, 1, L, L)`` built as
+        ``keep_i & keep_j`` (a video query row is the key mask).
+        """
+        key = (tuple(attn_mask.shape), attn_mask.dtype, attn_mask.data_ptr())
+        if key not in self._mask_reads:
+            mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
+            if mask.dim() == 4 and mask.shape[-2] == L:
                 mask = mask[:, :, :1]
-            if mask.dim() == 2:
-                mask = mask[:, None, None]
-            if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+            mask = mask.reshape(mask.shape[0], *[1] * (4 - mask.dim()), *mask.shape[1:]) if mask.dim() < 4 else mask
+            if mask.shape[1:3] != (1, 1):
                 raise NotImplementedError(f"NYI: sparse attention under an attention mask of shape {tuple(attn_mask.shape)}")
             keep = mask.expand(B, 1, 1, L)[:, 0, 0]
-            if self.spec.others != "last" or not torch.equal(keep.cumprod(-1).bool(), keep):
+            facts = torch.cat([keep.all().view(1), (keep.cumprod(-1).bool() == keep).all().view(1), keep.sum(-1)])
+            all_kept, is_prefix, *lengths = facts.tolist()  # the one device read
+            if not all_kept and (self.spec.others != "last" or not is_prefix):
                 raise NotImplementedError(
                     "NYI: sparse attention under an attention mask that is not a key-padding mask of text after the "
                     "video (real keys first, padding last)"
                 )
-            return keep.sum(-1).tolist()
-
-        return self._read_mask("prefix", attn_mask, read)
+            self._mask_reads[key] = None if all_kept else [int(n) for n in lengths]
+        return self._mask_reads[key]
 
     # ------------------------------------------------------------------ report
     def stats(self) -> dict:

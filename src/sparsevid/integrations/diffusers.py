@@ -188,8 +188,10 @@ class _StateHook(ModelHook):
         session.begin_forward(spec.grid(module, call), call.get(spec.timestep))
         # tile order only in a forward where some layer runs sparse (dense steps stay exactly native), and
         # not under context parallelism, whose hooks split the sequence (and the rotary tables) by position
+        # nor with a step cache: it compares and replays activations across steps, dense and sparse alike
         session.tiled = (self.tile_order is not None and spec.tile_order_call(call)
                          and getattr(module, "_parallel_config", None) is None
+                         and not getattr(module, "is_cache_enabled", False)
                          and session.runs_sparse(self.tile_order.last_layer))
         return args, kwargs
 
@@ -373,7 +375,8 @@ def apply(
     transformers, scheduler = _transformers_of(target)
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
                              dict(planner_options), tile_order)
-    validate_config(config, has_schedule=scheduler is not None)
+    device = next((p.device for p in transformers[0].parameters()), None) if transformers else None
+    validate_config(config, has_schedule=scheduler is not None, device=device)
     token_replay, step_cache = split_reuse(reuse)  # TypeError / ValueError naming reuse, before any hook
     specs = []
     for transformer in transformers:
@@ -386,10 +389,10 @@ def apply(
                              "call transformer.disable_cache() first")
         if token_replay is not None and spec.replay is None:
             raise NotImplementedError(f"NYI: reuse=TokenReplay for {name}")
-        if tile_order and (spec.tile_order is None or token_replay is not None):
+        if tile_order and (spec.tile_order is None or token_replay is not None or step_cache is not None):
             raise ValueError(f"Expect tile_order=None or False for {name}: "
                              + ("its registry entry has no tile-order points" if spec.tile_order is None
-                                else "token replay needs the raster order"))
+                                else "token replay and step caches need one token order across steps"))
         specs.append(spec)
     if method is not None:
         _DispatchRoutes.registry()  # an incompatible diffusers is refused before anything is hooked
@@ -398,7 +401,8 @@ def apply(
     for transformer, spec in zip(transformers, specs):
         session = SparseSession(config, spec, scheduler)
         ordered = None
-        if method is not None and tile_order is not False and spec.tile_order is not None and token_replay is None:
+        if (method is not None and tile_order is not False and spec.tile_order is not None and token_replay is None
+                and step_cache is None):
             ordered = _TileOrder(session, spec.tile_order(transformer), len(spec.self_attention(transformer)) - 1)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
             _StateHook(session, owner, ordered), _STATE_HOOK)

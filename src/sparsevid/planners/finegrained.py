@@ -95,8 +95,7 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
         if density is not None and budget == "row":
             width = min(L, max(want, n_forced_max))
         else:
-            listed = n_keep[n_keep < L]
-            width = max(1, int(listed.max())) if listed.numel() else 1
+            width = max(1, int(torch.where(n_keep < L, n_keep, 0).max()))  # rows of all L store no list
         top = rank.topk(width, dim=-1).indices  # (B, NB, width)
         valid = torch.arange(width, device=device) < n_keep[..., None]
         # kept tokens ascending, then the (unspecified) tail
