@@ -9,8 +9,9 @@ order (one row copy each) and the output is scattered back. Because the layout's
 padding inside the sequence, the gathered tensors are exactly ``L`` long and only a short last
 block needs masking: FlashAttention-4 masks the sequence end of its *mask* blocks, so the plan is
 split into "full" blocks (no mask work) and the last key block (a mask block) when it is short.
-A plan that keeps every block (``method="dense"``: ``plan.keeps_everything``) skips the gather and the block lists: attention is the same in
-any token order, so it runs FlashAttention-4's dense kernel on the tensors as given.
+A plan that keeps every block (``plan.keeps_everything``, set by ``method="dense"``) skips the
+gather and the block lists: attention is the same in any token order, so it runs
+FlashAttention-4's dense kernel on the tensors as given.
 
 Compilation: the first call of each (dtype, head dim, block size, broadcast pattern) compiles a
 kernel (tens of seconds); FlashAttention-4 keeps it for the process, and on disk across processes
