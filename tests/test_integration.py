@@ -379,7 +379,8 @@ def test_a_named_backend_is_checked_against_the_method_and_the_device():
 
 def test_grad_on_k_or_v_alone_goes_to_a_backend_that_trains():
     layout = sv.VideoLayout(2, 4, 8, tile=(4, 4), block_size=16)
-    q, k, v = torch.randn(3, 1, 2, layout.num_tokens, 64, dtype=torch.float16).unbind(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # triton runs on the CPU only interpreted
+    q, k, v = torch.randn(3, 1, 2, layout.num_tokens, 64, dtype=torch.float16, device=device).unbind(0)
     plan = sv.plan(q, k, layout, method="draft", density=0.5)
     k.requires_grad_()
     with pytest.raises(ValueError, match="requires_grad"):

@@ -154,6 +154,14 @@ class SparseSession:
         self.step, self.call_in_step, self._last_t = -1, 0, None
         self._plans.clear()
 
+    def release(self) -> None:
+        """Drop what the session holds on the device (layouts, plans, mask reads); counts survive."""
+        self.reset()
+        self._layouts.clear()
+        self._mask_reads.clear()
+        if self._density_sum is not None:
+            self._density_sum = torch.tensor(float(self._density_sum), dtype=torch.float64)  # read once, at removal
+
     def begin_forward(self, grid: tuple[int, int, int], timestep) -> None:
         """Record the token grid and the denoising step of the forward that starts now (the adapter
         then sets :attr:`tiled`, the token order of this forward).

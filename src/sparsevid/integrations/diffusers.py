@@ -450,6 +450,7 @@ def _remove(transformer: torch.nn.Module, owner: int | None = None) -> None:
             registry.remove_hook(_ATTENTION_HOOK, recurse=False)
     transformer._diffusers_hook.remove_hook(_STATE_HOOK, recurse=False)
     _DispatchRoutes.release(transformer)
+    state.session.release()  # diffusers' removed hooks sit in reference cycles until a gc pass
 
 
 def remove(target) -> None:
