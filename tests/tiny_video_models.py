@@ -106,7 +106,7 @@ def _kandinsky6_inputs(f, h, w):
                 return_dict=False)
 
 
-def _joy_inputs(f, h, w):
+def _channels_first_inputs(f, h, w):  # (B, C, F, H, W) latents with text (JoyImage-Edit, EasyAnimate)
     g = _g()
     return dict(hidden_states=torch.randn(B, 4, f, 2 * h, 2 * w, generator=g), timestep=torch.full((B,), 500),
                 encoder_hidden_states=torch.randn(B, TEXT, 16, generator=g), return_dict=False)
@@ -117,12 +117,6 @@ def _consisid_inputs(f, h, w):
     return dict(hidden_states=torch.randn(B, f, 4, 2 * h, 2 * w, generator=g),
                 encoder_hidden_states=torch.randn(B, 8, 8, generator=g), timestep=torch.full((B,), 500),
                 return_dict=False)
-
-
-def _easyanimate_inputs(f, h, w):
-    g = _g()
-    return dict(hidden_states=torch.randn(B, 4, f, 2 * h, 2 * w, generator=g), timestep=torch.full((B,), 500),
-                encoder_hidden_states=torch.randn(B, TEXT, 16, generator=g), return_dict=False)
 
 
 def _ltx_inputs(f, h, w):
@@ -236,7 +230,7 @@ MODELS = {
     "JoyImageEditTransformer3DModel": (
         _build("JoyImageEditTransformer3DModel", patch_size=[1, 2, 2], in_channels=4, hidden_size=32,
                num_attention_heads=2, text_dim=16, num_layers=2, rope_dim_list=[4, 6, 6], rope_type="rope"),
-        _shifted(_joy_inputs)),
+        _shifted(_channels_first_inputs)),
     "ConsisIDTransformer3DModel": (
         _build("ConsisIDTransformer3DModel", num_attention_heads=3, attention_head_dim=16, in_channels=4,
                out_channels=4, time_embed_dim=2, text_embed_dim=8, num_layers=2, sample_width=14, sample_height=10,
@@ -247,7 +241,7 @@ MODELS = {
         _build("EasyAnimateTransformer3DModel", num_attention_heads=2, attention_head_dim=16, in_channels=4,
                out_channels=4, patch_size=2, sample_width=14, sample_height=10, num_layers=2, mmdit_layers=1,
                time_embed_dim=8, text_embed_dim=16),
-        _shifted(_easyanimate_inputs)),
+        _shifted(_channels_first_inputs)),
     "LTXVideoTransformer3DModel": (
         _build("LTXVideoTransformer3DModel", in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
                num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32, num_layers=2, caption_channels=16),
