@@ -141,6 +141,8 @@ def test_unsupported_models_and_bad_settings_are_clear_errors():
         apply(model, "draft", 1.5)
     with pytest.raises(TypeError, match="budgt"):
         apply(model, "draft", 0.1, budgt="row")
+    with pytest.raises(ValueError, match="backend 'fa4'.*not cpu"):  # named, on a CPU model: refused now
+        apply(model, "draft", 0.1, backend="fa4")
     other = tiny_wan()
     other.model.diffusion_model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="Linear"):

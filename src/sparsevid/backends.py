@@ -182,7 +182,7 @@ def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: b
             (the message names what is missing). ``auto`` always finds one (``reference`` runs anything).
     """
     registry = _registry()
-    name = backend.value if isinstance(backend, Backend) else backend
+    name = check_backend_name(backend)
     if name == Backend.AUTO.value:
         candidates = sorted((s for s in registry.values() if q.device.type in s.auto_devices),
                             key=lambda s: -s.priority)
@@ -190,8 +190,6 @@ def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: b
             if spec.refusal(q, plan, needs_grad) is None:
                 return spec
         name = Backend.REFERENCE.value
-    if not isinstance(name, str) or name not in registry:
-        raise ValueError(f"Expect backend in {backend_names()} but got {backend!r}")
     spec = registry[name]
     refusal = spec.refusal(q, plan, needs_grad)
     if refusal is not None:
@@ -208,7 +206,7 @@ def backend_spec(name: str) -> BackendSpec:
 def check_backend_name(backend) -> str:
     """Validate a ``backend=`` value without inputs (e.g. at ``sparsevid.apply`` time); returns the name."""
     name = backend.value if isinstance(backend, Backend) else backend
-    if not isinstance(name, str) or name not in backend_names():
+    if not isinstance(name, str) or (name != Backend.AUTO.value and name not in _registry()):
         raise ValueError(f"Expect backend in {backend_names()} but got {backend!r}")
     return name
 

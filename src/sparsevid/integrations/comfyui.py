@@ -86,7 +86,7 @@ class _ComfySparse:
 
     def override(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
-        dense = self.previous if self.previous is not None else None
+        dense = self.previous
 
         def native():
             if dense is not None:
@@ -149,7 +149,7 @@ def apply(
     spec = model_spec(diffusion_model, framework="comfyui")
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
                              dict(planner_options))
-    validate_config(config, has_schedule=True)
+    validate_config(config, has_schedule=True, device=model.load_device)
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     schedule = _SigmaSchedule()

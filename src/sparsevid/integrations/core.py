@@ -65,6 +65,16 @@ class SparseVidConfig:
     planner_options: dict = field(default_factory=dict)
     tile_order: bool | None = None
 
+    @property
+    def layout_options(self) -> dict:
+        """The planner options that shape the :class:`VideoLayout` (``tile``, ``block_size``)."""
+        return {k: v for k, v in self.planner_options.items() if k in _TILING}
+
+    @property
+    def plan_options(self) -> dict:
+        """The other planner options, passed to the planner on each plan."""
+        return {k: v for k, v in self.planner_options.items() if k not in _TILING}
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -106,8 +116,7 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
         if config.density is not None or config.mass is not None or config.planner_options:
             raise ValueError("Expect no density, mass or planner options with method=None (native attention)")
         return
-    tiling = {k: v for k, v in config.planner_options.items() if k in _TILING}
-    options = {k: v for k, v in config.planner_options.items() if k not in _TILING}
+    tiling, options = config.layout_options, config.plan_options
     check_options(config.method, options)
     layout = VideoLayout(2, 4, 4, **tiling) if tiling else VideoLayout(2, 4, 4, tile=(4, 4), block_size=16)
     q = torch.randn(1, 1, layout.num_tokens, 16, generator=torch.Generator().manual_seed(0))
@@ -243,9 +252,8 @@ class SparseSession:
             )
         key = (frames, height, width, text, tiled)
         if key not in self._layouts:
-            tiling = {k: v for k, v in self.config.planner_options.items() if k in _TILING}
-            self._layouts[key] = VideoLayout(frames, height, width, text_tokens=text,
-                                             text_first=self.spec.others == "first", tiled=tiled, **tiling)
+            self._layouts[key] = VideoLayout(frames, height, width, text_tokens=text, text_first=self.spec.others == "first",
+                                             tiled=tiled, **self.config.layout_options)
         return self._layouts[key]
 
     def _sparse(self, query, key, value, scale, tag) -> torch.Tensor:
@@ -254,9 +262,8 @@ class SparseSession:
         cache_key = (*tag, self.call_in_step, tuple(query.shape), layout.tiled, torch.is_inference_mode_enabled())
         cached = self._plans.get(cache_key)
         if cached is None or self.step - cached[0] >= config.replan_every or cached[0] > self.step:
-            options = {k: v for k, v in config.planner_options.items() if k not in _TILING}
             plan = make_plan(query, key, layout, config.method, density=config.density, mass=config.mass,
-                             validate=False, **options)
+                             validate=False, **config.plan_options)
             cached = (self.step, plan)
             if config.replan_every > 1:  # kept only for reuse: every layer's plan held at once costs GBs at 720p
                 self._plans[cache_key] = cached
