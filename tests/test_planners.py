@@ -49,6 +49,8 @@ def test_plan_executes_like_masked_sdpa(layout, method, density, batch, heads, s
     assert lo - 1e-9 <= plan.density <= hi + 1e-9, (plan.density, lo, hi)
     out = sv.sparse_attention(q, k, v, plan)
     mask = plan.to_mask().expand(batch, heads, -1, -1)
+    # the density from the counts is the computed fraction of the real L x L entries
+    assert torch.allclose(plan.density_per_head().expand(batch, heads), mask.double().mean((-2, -1)))
     oracle = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     assert rel_err(out, oracle) < 1e-5
 

@@ -18,8 +18,8 @@ class _CSRPlan:
     """What both plan granularities share: per (batch, head, query block), a CSR list of kept keys.
 
     Subclasses name their two tensors (``_COUNTS``, ``_INDICES``, ``_WIDTH``), say what an index
-    addresses (``_num_keys``: blocks or tokens) and how many real tokens each addressed key holds
-    (``_key_tokens``), and map their dense form to key blocks (``_block_coverage``).
+    addresses (``_num_keys``: blocks or tokens), count the score entries they compute
+    (``density_per_head``), and map their dense form to key blocks (``_block_coverage``).
     """
 
     _COUNTS: str
@@ -65,10 +65,6 @@ class _CSRPlan:
     def _num_keys(self) -> int:
         raise NotImplementedError
 
-    def _key_tokens(self) -> torch.Tensor:
-        """float64 ``(num_keys,)``: real tokens behind each key index."""
-        raise NotImplementedError
-
     def _block_coverage(self) -> torch.Tensor:
         """float ``(B, H, NB, NB)``: fraction of each key block's real tokens that query block m computes."""
         raise NotImplementedError
@@ -112,12 +108,9 @@ class _CSRPlan:
         return float(self.density_per_head().mean())
 
     def density_per_head(self) -> torch.Tensor:
-        """float64 ``(B, H)``: the computed fraction of real score entries of each batch element and head."""
-        rows = self.layout.on(self.device).block_tokens.double()
-        idx, valid = self._kept_valid()
-        kept = (self._key_tokens()[idx] * valid).sum(-1)  # real key tokens per row
-        kept = torch.where(self._full_rows(), float(self.layout.num_tokens), kept)
-        return (kept * rows).sum(-1) / float(self.layout.num_tokens) ** 2
+        """float64 ``(B, H)``: the computed fraction of real score entries of each batch element and
+        head (subclasses compute it from the counts: no gather of the lists)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ conversions
     def to_dense(self) -> torch.Tensor:
@@ -278,9 +271,6 @@ class BlockPlan(_CSRPlan):
     @property
     def _num_keys(self) -> int:
         return self.num_blocks
-
-    def _key_tokens(self) -> torch.Tensor:
-        return self.layout.on(self.device).block_tokens.double()
 
     def keeps_last_block(self) -> torch.Tensor:
         """bool ``(B, H, NB)``: the row keeps the last key block, the only one that may be short

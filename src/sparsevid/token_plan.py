@@ -104,9 +104,6 @@ class TokenPlan(_CSRPlan):
         rows = self.layout.on(self.device).block_tokens.double()
         return (self._counts.double() * rows).sum(-1) / float(self.layout.num_tokens) ** 2
 
-    def _key_tokens(self) -> torch.Tensor:
-        return torch.ones(self.layout.num_tokens, dtype=torch.float64, device=self.device)
-
     def _block_coverage(self) -> torch.Tensor:
         tables = self.layout.on(self.device)
         dense = self.to_dense().float()  # (B, H, NB, L)
