@@ -31,7 +31,15 @@ Writes to ``--out``: ``results.json`` (settings, per-video rows, per-layer rows,
 ``videos.csv``, ``layers.csv``, ``summary.csv``, ``side_by_side_<label>_s<seed>.mp4`` and
 ``frames_<label>_s<seed>.png`` for the first ``--videos`` cases, ``quality_vs_density.png``.
 
-Pipelines: ``--pipeline testbed`` (the project's trained DiT, :mod:`sparsevid.testbed`). Another
+**Attention statistics** (``--stats``): instead of the sparse generations, each case's dense run is
+captured at ``--capture-step`` (and stopped there: later steps change nothing) and
+:mod:`sparsevid.stats` reports per layer x head the row entropy, the oracle mass a block or token
+plan keeping 5/10/25% could keep, and the mass within ±1 frame and the query's tile neighbourhood
+(blocks and tiles from ``--option block_size=``/``tile=`` when given). Writes ``stats.json``,
+``stats.csv`` and ``attention_stats.png``.
+
+Pipelines: ``--pipeline testbed`` (the project's trained DiT, :mod:`sparsevid.testbed`; ``--testbed
+large`` for testbed-l). Another
 pipeline plugs in as an :class:`EvalTarget` in :data:`TARGETS` (load, cases, generate); the
 rest of the harness only needs a pipeline-like object with ``.transformer``/``.scheduler``.
 """
@@ -88,7 +96,8 @@ class TestbedTarget(EvalTarget):
     def load(self, args, device):
         from . import testbed
 
-        return testbed.load_pipeline(device=device, weights=getattr(args, "weights", None))
+        size = {"name": "large"} if getattr(args, "testbed", "small") == "large" else {}  # small: the default
+        return testbed.load_pipeline(device=device, weights=getattr(args, "weights", None), **size)
 
     def cases(self, pipe, args) -> list[dict]:
         labels = args.labels or list(pipe.labels)
@@ -442,6 +451,8 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", choices=sorted(TARGETS), default="testbed", help="what to evaluate (default: %(default)s)")
+    parser.add_argument("--testbed", choices=["small", "large"], default="small",
+                        help="which testbed with --pipeline testbed (default: %(default)s)")
     parser.add_argument("--weights", default=None, help="testbed weights file (default: the committed ones)")
     parser.add_argument("--labels", nargs="+", default=None, help="labels (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (default: %(default)s)")
@@ -463,6 +474,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
                         help="planner option for every sparse config, repeatable (e.g. --option block_size=32)")
     parser.add_argument("--capture-step", type=int, default=None, help="step whose q/k/v give the per-layer errors (default: first sparse step)")
+    parser.add_argument("--stats", action="store_true",
+                        help="attention statistics per layer x head at --capture-step instead of sparse generations "
+                             "(stats.json, stats.csv, attention_stats.png)")
     parser.add_argument("--no-layer-error", dest="layer_error", action="store_false", help="skip the per-layer errors")
     parser.add_argument("--videos", type=int, default=2, help="cases to write side-by-side videos and frame PNGs for (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -480,6 +494,8 @@ def _environment(device) -> str:
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     target = TARGETS[args.pipeline]
+    if args.stats:
+        return run_stats(target, args, device)
     configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option))
     pipe = target.load(args, device)
     cases = target.cases(pipe, args)
@@ -499,6 +515,52 @@ def run(args) -> int:
     print(format_table(summary))
     files = write_outputs(Path(args.out), result, summary, settings)
     print(f"[eval] {settings['seconds']:.0f} s; wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+class _Captured(Exception):
+    """Raised after the capture step's forward: the rest of the generation is not needed."""
+
+
+def run_stats(target: EvalTarget, args, device) -> int:
+    """``eval --stats``: capture every case's dense run at the capture step, report :mod:`sparsevid.stats`."""
+    from . import stats
+
+    pipe = target.load(args, device)
+    cases = target.cases(pipe, args)
+    step = min(args.capture_step if args.capture_step is not None else math.ceil(0.2 * args.steps), args.steps - 1)
+    tiling = {key: value for key, value in args.option if key in ("tile", "block_size")}
+    print(f"[eval --stats] {args.pipeline} on {_environment(device)}: {len(cases)} cases, step {step} of {args.steps}, "
+          f"{args.frames}x{args.height}x{args.width}" + (f", {tiling}" if tiling else ""))
+    start, rows, grid = time.perf_counter(), [], None
+
+    def stop(module, args_, output):
+        if capture.calls > capture.step:
+            raise _Captured
+
+    for case in tqdm(cases, desc="cases", unit="case", disable=args.quiet):
+        capture = LayerCapture(pipe.transformer, step)
+        handle = pipe.transformer.register_forward_hook(stop)
+        try:
+            target.generate(pipe, case, args, progress=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+            capture.remove()
+        if not capture.layers:
+            raise ValueError(f"Expect --capture-step below the transformer calls of a generation but got {step}")
+        grid = capture.grid
+        for row in stats.layer_stats(capture.layers, grid, capture.text_first, tiling=tiling):
+            rows.append(dict(case=_case_name(case), **row))
+    settings = dict(pipeline=args.pipeline, testbed=getattr(args, "testbed", None), device=_environment(device),
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cases=len(cases), seeds=args.seeds,
+                    labels=args.labels or list(getattr(pipe, "labels", [])), steps=args.steps, capture_step=step,
+                    frames=args.frames, height=args.height, width=args.width, grid=list(grid), tiling=tiling,
+                    fractions=list(stats.FRACTIONS), seconds=time.perf_counter() - start)
+    print(stats.format_stats_table(stats.summarize_stats(rows)))
+    files = stats.write_stats(Path(args.out), rows, settings)
+    print(f"[eval --stats] {settings['seconds']:.0f} s; wrote " + ", ".join(str(f) for f in files))
     return 0
 
 
