@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from .common import append_benchmarks, environment, markdown_table, time_ms
+from .common import append_benchmarks, environment, fmt, markdown_table, time_ms
 
 # Published decoder shapes for the speed-only rows (random weights, the test model's vocabulary).
 SPEED_MODELS = {
@@ -56,6 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="AR video weights (default: the committed ones)")
     parser.add_argument("--speed-model", choices=sorted(SPEED_MODELS), default=None,
                         help="also time a random-weight model of this published shape (speed only)")
+    parser.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                        help="static-cache decoder rows under CUDA graphs, FastCar decided on the device "
+                             "(default: on CUDA; on the CPU the same decoder runs without a graph)")
+    parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="the transformers-hook rows (eager decode, host-side decision) (default: on)")
+    parser.add_argument("--variants", nargs="+", choices=["cond", "select"], default=["cond", "select"],
+                        help="graph FastCar variants: cond = MLP in a CUDA graph IF node (skipped when every row "
+                             "replays), select = MLP always run, replayed rows selected on the device")
+    parser.add_argument("--agreement", type=float, default=None,
+                        help="also calibrate per-layer thresholds for this free-running token agreement on the "
+                             "calibration prompts (test model), greedy search over per-layer rates")
+    parser.add_argument("--frontier", default=None, help="PNG of the agreement/replay frontier (test model)")
+    parser.add_argument("--frame-batches", type=int, nargs="*", default=[],
+                        help="frame-parallel rows: B sequences x one frame (B*P rows) per forward, compacted MLP")
+    parser.add_argument("--no-test-model", action="store_true", help="only the --speed-model rows")
+    parser.add_argument("--fuse", action="store_true",
+                        help="graph decoder: torch.compile the element-wise pieces, concatenated q/k/v and gate/up")
     parser.add_argument("--out", default="out/bench", help="folder for decode.json (default: %(default)s)")
     parser.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file to append the table to")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
@@ -68,7 +85,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(args) -> int:
-    from ..reuse import fastcar
+    from ..reuse import fastcar, fastcar_graph
     from ..reuse.train import FRAME_HW, FRAMES_PER_SEQUENCE, TOKENS_PER_FRAME, WEIGHTS, clip_sequences, load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,8 +106,16 @@ def run(args) -> int:
     def frames_of(tokens):  # (B, n*P) -> (B*n, 3, H, W)
         return codebook.decode(tokens.reshape(-1, P).cpu(), *FRAME_HW).clamp(0, 1)
 
-    thresholds = {rate: fastcar.calibrate(model, calib[:, :P], P, rate, new_tokens) for rate in args.rates}
+    use_graph = device == "cuda" if args.graph is None else args.graph
+    thresholds = {} if args.no_test_model else {
+        rate: fastcar.calibrate(model, calib[:, :P], P, rate, new_tokens) for rate in args.rates}
     print(f"[decode] calibrated thresholds: { {r: [round(t, 3) for t in th] for r, th in thresholds.items()} }")
+    graph_rows, frame_rows, agree = [], [], None
+    if not args.no_test_model and (args.agreement is not None or args.frontier):
+        target = args.agreement if args.agreement is not None else 0.95
+        agree = fastcar_graph.calibrate_agreement(model, calib[:, :P], P, target, new_tokens, fuse=args.fuse)
+        print(f"[decode] agreement >= {target}: per-layer rates {agree['rates']}, calibration agreement "
+              f"{agree['agreement']:.3f} at replay {agree['replay']:.3f}")
 
     def measure(model, thresholds, batch, name, fidelity=True) -> list[dict]:
         """The no-replay reference row, then one row per target rate, for one model and batch."""
@@ -123,18 +148,157 @@ def run(args) -> int:
                                                f"PSNR {r['psnr_vs_ref']:.1f} dB" if fidelity else ""))
         return rows
 
-    rows = [r for batch in args.batches for r in measure(model, thresholds, batch, "test model")]
+    def decode_ms(engine, prompt) -> float:
+        """Milliseconds per decode step: the captured step replayed ``new_tokens - 1`` times after an eager
+        prefill (CUDA events), or the whole uncaptured generate call per token on the CPU."""
+        if device != "cuda" or not use_graph:
+            return time_ms(lambda: engine.generate(prompt, new_tokens, graph=False), reps=args.reps, warmup=1,
+                           device=device) / new_tokens
+        engine.generate(prompt, new_tokens)  # capture and warm up
+        times = []
+        for _ in range(args.reps):
+            engine.use_teacher = False
+            engine.prefill(prompt)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(new_tokens - 1):
+                engine.graphs[False].replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / (new_tokens - 1))
+        return sorted(times)[len(times) // 2]
+
+    cond_ok = fastcar_graph.conditional_nodes_available()
+
+    def measure_graph(model, targets, batch, name, eager_rows, fidelity=True) -> list[dict]:
+        """Static-cache decoder: the graph baseline, then every target x variant, against that baseline."""
+        prompt = test[:batch, :P]
+        m = fastcar_graph.mlp_weight_share(model)
+        graph = use_graph and device == "cuda"
+        base = fastcar_graph.StaticDecoder(model, batch, P + new_tokens, P, decision="none", fuse=args.fuse)
+        reference = base.generate(prompt, new_tokens, graph=graph)
+        base_ms = decode_ms(base, prompt)
+        del base
+        eager = {r["target"]: r["ms"] / new_tokens for r in eager_rows if r["model"] == name and r["batch"] == batch}
+        out = [dict(model=name, batch=batch, target="none (graph baseline)", variant="-", achieved=0.0, ms=base_ms,
+                    eager_ms=eager.get(0.0), speedup=1.0, m=m)]
+        if fidelity:
+            out[0].update(agreement=1.0, forced_agreement=1.0)
+        for label, th in targets.items():
+            tracked = fastcar_graph.StaticDecoder(model, batch, P + new_tokens, P, th, decision="device",
+                                                  conditional=False, fuse=args.fuse)  # same decisions, no IF node
+            tokens = tracked.generate(prompt, new_tokens, graph=graph)
+            stats = tracked.stats()
+            forced = tracked.generate(prompt, new_tokens, teacher=reference, graph=graph) if fidelity else None
+            del tracked
+            r = stats["replay_rate"] or 0.0
+            for variant in args.variants:
+                cond = variant == "cond" and cond_ok
+                eng = fastcar_graph.StaticDecoder(model, batch, P + new_tokens, P, th, decision="device",
+                                                  conditional=cond, track=False, fuse=args.fuse)
+                try:
+                    ms = decode_ms(eng, prompt)
+                except RuntimeError as error:  # e.g. a torch whose IF nodes do not capture these ops: say so, go on
+                    print(f"[decode] graph {name} batch {batch} {label} {variant} FAILED: {error}")
+                    out.append(dict(model=name, batch=batch, target=label, variant=f"{variant} FAILED: "
+                                    f"{str(error).splitlines()[0][:80]}", achieved=r, ms=math.nan, speedup=math.nan, m=m))
+                    continue
+                finally:
+                    del eng
+                row = dict(model=name, batch=batch, target=label, variant=variant + ("" if cond or variant != "cond"
+                                                                                     else " (no IF nodes: select)"),
+                           achieved=r, per_layer=[l["rate"] for l in stats["per_layer"]], ms=ms,
+                           eager_ms=eager.get(label), speedup=base_ms / ms, m=m,
+                           bound=1 / (1 - r * m), allowed=(1 - ms / base_ms) / (r * m) if r else None)
+                if fidelity:
+                    row.update(agreement=float((tokens == reference).float().mean()),
+                               forced_agreement=float((forced == reference).float().mean()),
+                               psnr_vs_ref=psnr(frames_of(tokens), frames_of(reference)))
+                out.append(row)
+                print(f"[decode] graph {name} batch {batch} {label} {row['variant']}: replay {r:.3f}, {ms:.3f} ms/token "
+                      f"({row['speedup']:.2f}x vs graph baseline {base_ms:.3f} ms; bound {row['bound']:.2f}x)"
+                      + (f", agreement {row['agreement']:.3f}" if fidelity else ""))
+        return out
+
+    def measure_frames(model, name) -> list[dict]:
+        """Frame-parallel: one teacher-forced frame of B sequences (B*P rows) per forward, compacted MLP."""
+        graph = use_graph and device == "cuda"
+        L = len(fastcar.decoder_layers(model))
+        out = []
+        for fb in args.frame_batches:
+            g = torch.Generator().manual_seed(fb)
+            tokens = torch.randint(0, model.config.vocab_size, (fb, 2 * P), generator=g).to(device)
+            frame, N = tokens[:, P:], fb * P
+            f = fastcar_graph.mlp_flop_share(model, N, 2 * P)
+            base = fastcar_graph.StaticDecoder(model, fb, 2 * P, P, decision="none", fuse=args.fuse)
+            reference = base.teacher_forced_frames(tokens, graph=graph)
+            base_ms = time_ms(lambda: base.forward_frame(frame, P, graph=graph), reps=args.reps, warmup=1, device=device)
+            x = torch.randn(N, model.config.hidden_size, device=device, dtype=dtype)
+            with torch.no_grad():
+                mlp_ms = time_ms(lambda: [base._mlp(i, x) for i in range(L)], reps=args.reps, warmup=1, device=device)
+            del base
+            cal = fastcar_graph.StaticDecoder(model, fb, 2 * P, P, decision="device", fuse=args.fuse)
+            cal.tas_log = [[] for _ in range(L)]
+            cal.teacher_forced_frames(tokens)
+            tas = [torch.cat(v) for v in cal.tas_log]
+            del cal
+            out.append(dict(model=name, batch=fb, rows=N, target=0.0, achieved=0.0, capacity=N, ms=base_ms, speedup=1.0,
+                            mlp_ms=mlp_ms, f=f))
+            for rate in args.rates:
+                th = [fastcar_graph._quantile_threshold(t, rate) for t in tas]
+                kept = max(int((t < th[i]).sum()) for i, t in enumerate(tas))
+                cap = min(N, max(16, -(-kept // 16) * 16))
+                eng = fastcar_graph.StaticDecoder(model, fb, 2 * P, P, th, decision="device", capacity=cap, fuse=args.fuse)
+                preds = eng.teacher_forced_frames(tokens, graph=graph)
+                r = eng.stats()["replay_rate"] or 0.0
+                ms = time_ms(lambda: eng.forward_frame(frame, P, graph=graph), reps=args.reps, warmup=1, device=device)
+                with torch.no_grad():
+                    cap_ms = time_ms(lambda: [eng._mlp(i, x[:cap]) for i in range(L)], reps=args.reps, warmup=1, device=device)
+                del eng
+                row = dict(model=name, batch=fb, rows=N, target=rate, achieved=r, capacity=cap, ms=ms,
+                           speedup=base_ms / ms, mlp_ms=cap_ms, mlp_saved_ms=mlp_ms - cap_ms, f=f,
+                           bound=1 / (1 - r * f), allowed=(1 - ms / base_ms) / (r * f) if r else None,
+                           forced_agreement=float((preds == reference).float().mean()))
+                out.append(row)
+                print(f"[decode] frame-parallel {name} {fb}x{P}={N} rows, rate {rate}: replay {r:.3f}, capacity {cap}, "
+                      f"{ms:.3f} ms ({row['speedup']:.2f}x vs {base_ms:.3f} ms; bound {row['bound']:.2f}x), "
+                      f"MLP {mlp_ms:.3f} -> {cap_ms:.3f} ms")
+        return out
+
+    rows = []
+    if not args.no_test_model:
+        if args.eager:
+            rows += [r for batch in args.batches for r in measure(model, thresholds, batch, "test model")]
+        if use_graph:
+            targets = dict(thresholds)
+            if agree is not None:
+                targets[f"agreement>={agree_target(args)}"] = agree["thresholds"]
+            graph_rows += [r for batch in args.batches for r in measure_graph(model, targets, batch, "test model", rows)]
+        if args.frontier:
+            write_frontier(args, agree, graph_rows, model, calib[:, :P], P, new_tokens)
+        if args.frame_batches and not args.speed_model:
+            frame_rows += measure_frames(model, "test model")
     if args.speed_model:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         from ..reuse.train import MODEL_CONFIG
 
         torch.manual_seed(0)
-        big = LlamaForCausalLM(LlamaConfig(**{**MODEL_CONFIG, **SPEED_MODELS[args.speed_model]}))
-        big = big.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        config = LlamaConfig(**{**MODEL_CONFIG, **SPEED_MODELS[args.speed_model]})
+        config._attn_implementation = "sdpa"
+        with torch.device(device):  # random init on the device: seconds instead of a minute on the host
+            big = LlamaForCausalLM(config)
+        big = big.to(dtype=dtype).eval().requires_grad_(False)
+        big_name = f"{args.speed_model} (random weights)"
         big_thresholds = {rate: fastcar.calibrate(big, calib[:, :P], P, rate, new_tokens) for rate in args.rates}
-        rows += [r for batch in args.batches
-                 for r in measure(big, big_thresholds, batch, f"{args.speed_model} (random weights)", fidelity=False)]
+        if args.eager:
+            rows += [r for batch in args.batches for r in measure(big, big_thresholds, batch, big_name, fidelity=False)]
+        if use_graph:
+            graph_rows += [r for batch in args.batches
+                           for r in measure_graph(big, big_thresholds, batch, big_name, rows, fidelity=False)]
+        if args.frame_batches:
+            frame_rows += measure_frames(big, big_name)
         del big
 
     dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {args.threads} thread(s)"
@@ -165,11 +329,96 @@ def run(args) -> int:
             f"{r['ms']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['speedup']:.2f}x", *fidelity,
         ])
     table = markdown_table(columns, table_rows)
-    print(header)
-    print(table)
+    if rows:
+        print(header)
+        print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode.json"), "w") as f:
-        json.dump(dict(header=header, thresholds={str(k): v for k, v in thresholds.items()}, rows=rows), f, indent=1)
-    if not args.no_record:
+        json.dump(dict(header=header, thresholds={str(k): v for k, v in thresholds.items()}, rows=rows,
+                       graph_rows=graph_rows, frame_rows=frame_rows,
+                       agreement_calibration=agree), f, indent=1, default=str)
+    if not args.no_record and rows:
         append_benchmarks(args.benchmarks_md, "bench decode — FastCar MLP replay, AR video model", header, table)
+    graph_word = "CUDA graph (one captured decode step replayed)" if use_graph and device == "cuda" else \
+        "no graph (CPU: the same static-cache decoder, uncaptured)"
+    if graph_rows:
+        g_header = (
+            f"{environment()}; {str(dtype).replace('torch.', '')} on {dev_name}; static-cache greedy decoder "
+            f"(sparsevid.reuse.fastcar_graph.StaticDecoder{', fuse' if args.fuse else ''}), {graph_word}; "
+            f"FastCar decided on the device (TAS and per-layer thresholds, no host sync); prompt = 1 frame, "
+            f"{new_tokens} tokens; ms/token: median of {args.reps} runs of {new_tokens - 1} decode steps after an eager "
+            f"prefill; eager = the transformers-hook decode (whole generate / tokens); variants: cond = MLP in a CUDA "
+            f"graph IF node (conditional nodes {'available' if cond_ok else 'NOT available: runs as select'}), "
+            f"select = MLP always run, replayed rows selected; bound = 1/(1 - r*m), m = MLP share of weight bytes; "
+            f"allowed = share of the bound's saving achieved, (1 - t/t0)/(r*m) (target >= 0.8 at batch 1)"
+        )
+        g_columns = ["model", "batch", "target", "variant", "achieved replay r", "eager ms/token", "graph ms/token",
+                     "vs graph baseline", "bound 1/(1-r·m)", "allowed saving achieved", "token agreement",
+                     "teacher-forced agreement"]
+        g_table = markdown_table(g_columns, [[
+            r["model"], r["batch"], r["target"], r["variant"], f"{r['achieved']:.3f}", fmt(r.get("eager_ms"), ".2f"),
+            f"{r['ms']:.3f}", f"{r['speedup']:.2f}x", fmt(r.get("bound"), ".2f"), fmt(r.get("allowed"), ".2f"),
+            fmt(r.get("agreement"), ".3f"), fmt(r.get("forced_agreement"), ".3f")] for r in graph_rows])
+        print(g_header)
+        print(g_table)
+        if not args.no_record:
+            append_benchmarks(args.benchmarks_md, "bench decode — FastCar under CUDA graphs, decision on the device",
+                              g_header, g_table, extra=f"m (MLP share of weight bytes): "
+                              + ", ".join(sorted({f"{r['model']} {r['m']:.3f}" for r in graph_rows})))
+    if frame_rows:
+        f_header = (
+            f"{environment()}; {str(dtype).replace('torch.', '')} on {dev_name}; frame-parallel teacher-forced forward: "
+            f"B sequences x one frame of {P} tokens (B*{P} rows per layer) at positions {P}..{2 * P - 1}, random tokens, "
+            f"{graph_word}; thresholds: per-layer TAS quantiles of this forward; compacted MLP with capacity = kept rows "
+            f"rounded up to 16 (overflow in an IF node); ms: median of {args.reps}; MLP ms: all "
+            f"layers' MLPs alone on all rows vs on the capacity; bound = 1/(1 - r*f), f = MLP share of the FLOPs; "
+            f"allowed = (1 - t/t0)/(r*f) (target >= 0.8)"
+        )
+        f_columns = ["model", "rows", "target", "achieved replay r", "capacity", "forward ms", "vs dense",
+                     "bound 1/(1-r·f)", "allowed saving achieved", "MLP ms", "MLP ms saved", "teacher-forced agreement"]
+        f_table = markdown_table(f_columns, [[
+            r["model"], f"{r['batch']}x{P}={r['rows']}", f"{r['target']:g}" if r["target"] else "none (dense)",
+            f"{r['achieved']:.3f}", r["capacity"], f"{r['ms']:.3f}", f"{r['speedup']:.2f}x", fmt(r.get("bound"), ".2f"),
+            fmt(r.get("allowed"), ".2f"), f"{r['mlp_ms']:.3f}", fmt(r.get("mlp_saved_ms"), ".3f"),
+            fmt(r.get("forced_agreement"), ".3f")] for r in frame_rows])
+        print(f_header)
+        print(f_table)
+        if not args.no_record:
+            append_benchmarks(args.benchmarks_md, "bench decode — FastCar frame-parallel, compacted MLP", f_header, f_table,
+                              extra=f"f (MLP share of FLOPs): " + ", ".join(sorted({f"{r['model']} {r['f']:.3f}"
+                                                                                    for r in frame_rows})))
     return 0
+
+
+def agree_target(args) -> str:
+    return f"{args.agreement if args.agreement is not None else 0.95:g}"
+
+
+def write_frontier(args, agree, graph_rows, model, prompts, P, new_tokens) -> None:
+    """PNG: the greedy per-layer search (calibration prompts), uniform per-layer rates (calibration
+    prompts), and the held-out graph rows of the largest batch."""
+    from ..reuse import fastcar_graph
+
+    n = len(fastcar_graph.decoder_layers(model))
+    engine = fastcar_graph.StaticDecoder(model, prompts.shape[0], prompts.shape[1] + new_tokens, P, None, fuse=args.fuse)
+    engine.tas_log = [[] for _ in range(n)]
+    reference = engine.generate(prompts, new_tokens, graph=False)
+    tas = [torch.cat(v) for v in engine.tas_log]
+    engine.tas_log = None
+    uniform = [(0.0, 1.0)]
+    for rate in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8):
+        engine.set_thresholds([fastcar_graph._quantile_threshold(t, rate) for t in tas])
+        engine.reset_stats()
+        tokens = engine.generate(prompts, new_tokens)
+        uniform.append((engine.stats()["replay_rate"], float((tokens == reference).float().mean())))
+    curves = {"uniform per-layer rate (calibration prompts)": uniform}
+    if agree is not None:
+        curves["per-layer greedy search (calibration prompts)"] = [(p["replay"], p["agreement"]) for p in agree["frontier"]]
+    if graph_rows:
+        batch = max(r["batch"] for r in graph_rows if r["model"] == "test model")
+        held = {(r["target"]): (r["achieved"], r["agreement"]) for r in graph_rows
+                if r["model"] == "test model" and r["batch"] == batch and "agreement" in r}
+        curves[f"held-out prompts, batch {batch} (bench rows)"] = sorted(held.values())
+    target = args.agreement if args.agreement is not None else 0.95
+    fastcar_graph.plot_frontier(args.frontier, curves, target, title=f"FastCar on the AR video test model ({new_tokens} tokens)")
+    print(f"[decode] frontier -> {args.frontier}")

@@ -402,8 +402,14 @@ def calibrate(
     *,
     layers=None,
     refine: int = 1,
+    target_agreement: float | None = None,
 ) -> list[float]:
-    """Per-layer TAS thresholds whose replay rate on ``prompts`` is ``target_rate``.
+    """Per-layer TAS thresholds whose replay rate on ``prompts`` is ``target_rate``, or, with
+    ``target_agreement`` (and ``target_rate=None``), the most replay at that free-running token agreement.
+
+    For a target agreement the search is :func:`sparsevid.reuse.fastcar_graph.calibrate_agreement`
+    (greedy per-layer rates on the static-cache decoder, CUDA graphs on the GPU); call it directly
+    for the agreement/replay frontier it traces.
 
     Decodes ``prompts`` once without replay recording every eligible row's TAS; each hooked
     layer's threshold is the ``1 - rate`` quantile of its TAS. Replay upstream shifts the TAS of
@@ -412,15 +418,25 @@ def calibrate(
 
     Args:
         prompts: int64 ``(B, T0)`` with ``T0 >= tokens_per_frame`` (at least one frame).
-        target_rate (float | Sequence[float]): replay fraction in [0, 1] (one per decoder layer, or one for all).
+        target_rate (float | Sequence[float] | None): replay fraction in [0, 1] (one per decoder layer, or one for all).
         new_tokens (int): tokens decoded per pass.
         layers: decoder layers that may replay (default: all); others get ``inf``.
         refine (int): passes with replay on (default 1).
+        target_agreement (float | None): free-running token agreement with the no-replay decode of
+            ``prompts`` to keep (in (0, 1]); the replay rate is then maximised layer by layer.
 
     Returns:
         list[float]: one threshold per decoder layer.
     """
     n = len(decoder_layers(model))
+    if target_agreement is not None:
+        if target_rate is not None:
+            raise ValueError(f"Expect one of target_rate and target_agreement but got both ({target_rate!r}, {target_agreement!r})")
+        from .fastcar_graph import calibrate_agreement
+
+        return calibrate_agreement(model, prompts, tokens_per_frame, target_agreement, new_tokens, layers=layers)["thresholds"]
+    if target_rate is None:
+        raise ValueError("Expect target_rate (or target_agreement) but got None")
     rates = [float(target_rate)] * n if isinstance(target_rate, (int, float)) else [float(r) for r in target_rate]
     if len(rates) != n or any(not 0.0 <= r <= 1.0 for r in rates):
         raise ValueError(f"Expect target_rate in [0, 1] (one float or one per layer, {n} layers) but got {target_rate!r}")
