@@ -14,7 +14,7 @@ import numbers
 
 import torch
 
-from .backends import Backend, available_backends, describe_backends, resolve_backend
+from .backends import Backend, available_backends, check_quant, describe_backends, resolve_backend
 from .plan import BlockPlan
 from .token_plan import TokenPlan
 
@@ -77,6 +77,7 @@ def sparse_attention(
     *,
     scale: float | None = None,
     backend: str | Backend = "auto",
+    quant: str | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention ``softmax(q kᵀ · scale + plan mask) v``, in the original token order.
 
@@ -92,6 +93,12 @@ def sparse_attention(
         backend (str): ``"auto"`` (the fastest registered backend that supports the inputs: ``fa4``
             on Hopper/Blackwell when installed, ``triton`` on other CUDA GPUs, ``reference`` on the
             CPU and for inputs that require grad), or a name from :func:`describe_backends`.
+        quant (str | None): ``None`` (exact attention), or 8-bit attention on the same plan:
+            ``"int8"`` (smoothed INT8 Q·Kᵀ per block, fp16 P·V; ``triton-int8`` on CUDA sm80+,
+            ``reference-int8`` on the CPU) or ``"fp8"`` (e4m3 Q·Kᵀ and P·V; ``triton-fp8`` on CUDA
+            sm89+). Forward only. ``auto`` picks a quantized backend only when ``quant`` asks for one;
+            a named quantized backend (``backend="triton-int8"``) runs its own quantization. The
+            quantization and its error bounds: :mod:`sparsevid.kernels.reference_quant`.
 
     Returns:
         Tensor ``(batch, heads, L, head_dim)`` in q's dtype. Entries outside the plan get zero weight,
@@ -105,6 +112,10 @@ def sparse_attention(
     """
     _check_inputs(q, k, v, plan)
     scale = check_scale(scale, q.shape[-1])
+    quant = check_quant(quant)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    spec = resolve_backend(backend, q, plan, needs_grad)
+    if quant is not None and needs_grad:
+        raise ValueError(f"Expect inputs without requires_grad with quant={quant!r} (8-bit attention is forward "
+                         "only) but q, k or v requires grad; use quant=None to train, or torch.no_grad()")
+    spec = resolve_backend(backend, q, plan, needs_grad, quant)
     return spec.fn(q, k, v, plan, scale)

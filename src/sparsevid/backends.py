@@ -10,6 +10,12 @@ backend was asked for — before any kernel launch.
 ``auto`` tries the backends that allow it on the inputs' device, highest ``priority`` first, and
 takes the first that supports the inputs: on Hopper/Blackwell with ``flash-attn-4`` installed
 ``fa4``, on other CUDA GPUs ``triton``, elsewhere (and for autograd inputs) ``reference``.
+
+Quantized backends declare the ``quant`` they compute (``"int8"``, ``"fp8"``; exact backends
+``None``). ``auto`` only ever picks a backend whose ``quant`` equals the one asked for, so 8-bit
+attention runs only when ``quant=`` asks for it, and a quantized request never falls back to an
+exact backend (nor, on CUDA, to the slow quantization reference): when no quantized backend can run
+the inputs the refusal of the best one is raised.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "BackendSpec", "available_backends", "describe_backends", "register_backend", "resolve_backend"]
+__all__ = ["Backend", "BackendSpec", "QUANT_MODES", "available_backends", "check_quant", "describe_backends",
+           "register_backend", "resolve_backend"]
+
+QUANT_MODES = ("int8", "fp8")  # the values of ``quant=`` besides None (exact attention)
 
 
 class Backend(str, Enum):
@@ -32,6 +41,10 @@ class Backend(str, Enum):
     TRITON = "triton"  # Triton block-sparse / token-gather kernels with the tile permutation fused (CUDA)
     FA4 = "fa4"  # FlashAttention-4 block-sparse (CuTe DSL) on tile-ordered tensors: Hopper/Blackwell
     FLEX = "flex"  # FlexAttention with the plan's BlockMask on gathered tensors (for comparison)
+    TRITON_INT8 = "triton-int8"  # 8-bit Triton block-sparse: INT8 Q·Kᵀ, fp16 P·V (CUDA sm80+)
+    TRITON_FP8 = "triton-fp8"  # 8-bit Triton block-sparse: FP8 e4m3 Q·Kᵀ and P·V (CUDA sm89+)
+    REFERENCE_INT8 = "reference-int8"  # the int8 quantization in PyTorch: twin of triton-int8, CPU path
+    REFERENCE_FP8 = "reference-fp8"  # the fp8 quantization in PyTorch: twin of triton-fp8, CPU path
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,8 @@ class BackendSpec:
     auto_devices: tuple[str, ...]
     requires: Callable[[], str | None]
     description: str
+    quant: str | None = None
+    min_capability: tuple[int, int] | None = None
 
     def installed(self) -> str | None:
         """``None`` when the backend's software is importable, else the reason (checked once)."""
@@ -68,6 +83,13 @@ class BackendSpec:
             major, minor = _capability(device)
             if major not in self.gpu_majors:
                 reason = (f"it needs a GPU of compute capability {' or '.join(f'{m}.x' for m in self.gpu_majors)} "
+                          f"and {device} is {major}.{minor}")
+        if reason is None and device.type == "cuda" and self.min_capability is not None:
+            major, minor = _capability(device)
+            if (major, minor) < self.min_capability:
+                need = ".".join(map(str, self.min_capability))
+                reason = (f"it needs a GPU of compute capability >= {need}"
+                          f"{' (FP8 tensor cores: Ada, Hopper, Blackwell)' if self.quant == 'fp8' else ''} "
                           f"and {device} is {major}.{minor}")
         return reason
 
@@ -99,7 +121,7 @@ class BackendSpec:
 
 
 _REGISTRY: dict[str, BackendSpec] = {}
-_BUILTIN_MODULES = ("reference", "flex", "triton_backend", "fa4")
+_BUILTIN_MODULES = ("reference", "flex", "triton_backend", "fa4", "reference_quant", "triton_quant")
 
 
 def register_backend(
@@ -116,6 +138,8 @@ def register_backend(
     auto_devices: tuple[str, ...] = (),
     requires: Callable[[], str | None] = lambda: None,
     description: str = "",
+    quant: str | None = None,
+    min_capability: tuple[int, int] | None = None,
 ):
     """Decorator: register ``fn(q, k, v, plan, scale) -> out`` (inputs already validated).
 
@@ -131,14 +155,21 @@ def register_backend(
         requires (callable): returns ``None`` when its software is installed, else the reason; called
             once per process.
         description (str): one line for :func:`describe_backends`.
+        quant (str | None): the quantization it computes (``"int8"``, ``"fp8"``); ``None``: exact.
+            ``auto`` picks it only for that ``quant=``.
+        min_capability (tuple[int, int] | None): lowest CUDA compute capability it runs on, e.g.
+            ``(8, 9)`` for FP8 tensor cores.
     """
 
     def wrap(fn):
         if name in _REGISTRY or name == Backend.AUTO.value:
             raise ValueError(f"Expect a new backend name but {name!r} is already registered")
+        if quant is not None and quant not in QUANT_MODES:
+            raise ValueError(f"Expect quant in {QUANT_MODES} or None but got {quant!r}")
         _REGISTRY[name] = BackendSpec(
             name, fn, tuple(plans), tuple(devices), tuple(dtypes), head_dims, block_sizes, gpu_majors, backward,
-            priority, tuple(auto_devices), requires, description,
+            priority, tuple(auto_devices), requires, description, quant,
+            tuple(min_capability) if min_capability is not None else None,
         )
         return fn
 
@@ -173,29 +204,54 @@ def backend_names() -> list[str]:
     return [Backend.AUTO.value, *_registry()]
 
 
-def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: bool = False) -> BackendSpec:
+def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: bool = False,
+                    quant: str | None = None) -> BackendSpec:
     """The backend that runs ``q`` with ``plan``: the named one, or ``auto``'s choice (``needs_grad``:
-    q, k or v requires grad).
+    q, k or v requires grad; ``quant``: ``None`` for exact attention, or ``"int8"`` / ``"fp8"``).
+
+    ``auto`` considers only backends whose declared ``quant`` equals ``quant``. A named backend must
+    compute the ``quant`` asked for; ``quant=None`` with a named quantized backend runs that backend
+    (its name says what it computes).
 
     Raises:
-        ValueError / TypeError: an unknown name, or a named backend that cannot run these inputs
-            (the message names what is missing). ``auto`` always finds one (``reference`` runs anything).
+        ValueError / TypeError: an unknown name or ``quant``, or a named backend that cannot run these
+            inputs (the message names what is missing). Exact ``auto`` always finds one (``reference``
+            runs anything); quantized ``auto`` raises the refusal of the best quantized backend.
     """
     registry = _registry()
     name = check_backend_name(backend)
+    quant = check_quant(quant)
     if name == Backend.AUTO.value:
-        candidates = sorted((s for s in registry.values() if q.device.type in s.auto_devices),
+        candidates = sorted((s for s in registry.values() if q.device.type in s.auto_devices and s.quant == quant),
                             key=lambda s: -s.priority)
         for spec in candidates:
             if spec.refusal(q, plan, needs_grad) is None:
                 return spec
-        name = Backend.REFERENCE.value
+        if quant is None:
+            name = Backend.REFERENCE.value
+        elif candidates:
+            exc, message = candidates[0].refusal(q, plan, needs_grad)
+            raise exc(f"quant={quant!r}: {message}")
+        else:
+            raise ValueError(f"Expect a device with a quant={quant!r} backend (cuda, cpu) but got {q.device}; "
+                             "use quant=None")
     spec = registry[name]
+    if quant is not None and spec.quant != quant:
+        fitting = [s.name for s in registry.values() if s.quant == quant]
+        raise ValueError(f"Expect a backend computing quant={quant!r} ({', '.join(fitting)} or 'auto') but got "
+                         f"backend {name!r}, which computes {spec.quant or 'exact attention'}; use backend='auto'")
     refusal = spec.refusal(q, plan, needs_grad)
     if refusal is not None:
         exc, message = refusal
         raise exc(message)
     return spec
+
+
+def check_quant(quant) -> str | None:
+    """Validate a ``quant=`` value: ``None`` (exact attention), ``"int8"`` or ``"fp8"``; returns it."""
+    if quant is not None and (not isinstance(quant, str) or quant not in QUANT_MODES):
+        raise ValueError(f"Expect quant in (None, {', '.join(repr(m) for m in QUANT_MODES)}) but got {quant!r}")
+    return quant
 
 
 def backend_spec(name: str) -> BackendSpec:
@@ -220,7 +276,8 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
     """Every registered backend with its declared capabilities and whether it is usable on ``device``.
 
     Each entry: ``name``, ``plans``, ``devices``, ``dtypes``, ``head_dims``, ``block_sizes``,
-    ``gpu_majors``, ``backward``, ``priority``, ``auto`` (device types where ``auto`` may pick it),
+    ``gpu_majors``, ``min_capability``, ``quant``, ``backward``, ``priority``, ``auto`` (device types
+    where ``auto`` may pick it),
     ``usable`` (bool), ``reason`` (why not, or ``None``) and ``description``.
     """
     device = torch.device(device)
@@ -232,7 +289,9 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
             dtypes=[str(d).removeprefix("torch.") for d in spec.dtypes],
             head_dims=list(spec.head_dims) if spec.head_dims else "any",
             block_sizes=list(spec.block_sizes) if spec.block_sizes else "any",
-            gpu_majors=list(spec.gpu_majors) if spec.gpu_majors else "any", backward=spec.backward,
+            gpu_majors=list(spec.gpu_majors) if spec.gpu_majors else "any",
+            min_capability=".".join(map(str, spec.min_capability)) if spec.min_capability else "any",
+            quant=spec.quant, backward=spec.backward,
             priority=spec.priority, auto=list(spec.auto_devices), usable=reason is None, reason=reason,
             description=spec.description,
         ))

@@ -14,6 +14,10 @@ Method (speed claims live in benchmarks, never in tests):
   to cuDNN in the same run. Planning time is reported separately (``plan ms``, one call after a
   warm-up one) and is in neither. On the CPU, times are '-' (the reference backend is an oracle,
   not a contender) and the plot shows error vs density.
+* 8-bit points (``--quant int8 fp8``): every ``BlockPlan`` point again through
+  ``sparse_attention(..., quant=...)`` (the Triton 8-bit kernel on CUDA, the quantization reference
+  on the CPU), as method ``"<method>+<quant>"``: its error (vs the same dense SDPA) and speed beside
+  the exact point of the same plan.
 * Equal-error comparison: for each ``finegrained`` point, the ``draft`` speedup (or density, on the
   CPU) that reaches the same error, interpolated log-linearly between ``draft``'s points.
 
@@ -61,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--benchmarks-md", default="BENCHMARKS.md")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quant", nargs="*", default=[], choices=["int8", "fp8"],
+                        help="also run each block-sparse point 8-bit (quant='int8' / 'fp8'), as '<method>+<quant>'")
 
 
 def _inputs(args, layout, batch, heads, head_dim, dtype, device):
@@ -130,6 +136,12 @@ def run(args) -> int:
         ms = time_ms(attend, reps=max(10, args.reps), warmup=3) if cuda else float("nan")
         rows.append(dict(method=method, density=density, achieved=plan.density, err=err, plan_ms=plan_ms, ms=ms,
                          speedup=t_dense / ms if cuda else float("nan")))
+        for quant in args.quant if isinstance(plan, sv.BlockPlan) else []:
+            attend = lambda: sv.sparse_attention(q, k, v, plan, quant=quant)  # noqa: E731
+            err = rel_error(attend(), dense)
+            ms = time_ms(attend, reps=max(10, args.reps), warmup=3) if cuda else float("nan")
+            rows.append(dict(method=f"{method}+{quant}", density=density, achieved=plan.density, err=err,
+                             plan_ms=plan_ms, ms=ms, speedup=t_dense / ms if cuda else float("nan")))
 
     table = _table(rows, cuda)
     summary = _equal_error(rows, "finegrained", "draft", cuda)

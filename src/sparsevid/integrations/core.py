@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import sparse_attention
-from ..backends import backend_spec, check_backend_name
+from ..backends import _registry, backend_spec, check_backend_name, check_quant
 from ..layout import VideoLayout
 from ..models import ModelSpec
 from ..planners import _check_fraction, available_planners, check_options
@@ -53,6 +53,10 @@ class SparseVidConfig:
         tile_order (bool | None): keep the video tokens in tile order from the patch embedding to the
             output projection, so attention calls gather nothing (models whose registry entry allows
             it, see :class:`sparsevid.models.TileOrderPoints`). ``None``: wherever the model allows it.
+        quant (str | None): 8-bit attention for the calls sparsevid computes (``"int8"``, ``"fp8"``;
+            see ``sparse_attention``). Dense layers and steps keep the user's own attention backend;
+            with ``method="dense"`` the layers past ``dense_layers``/``dense_steps`` run the full plan
+            through the quantized kernel (``dense_layers=0, dense_steps=0`` quantizes every layer).
     """
 
     method: str | None = "draft"
@@ -64,6 +68,7 @@ class SparseVidConfig:
     backend: str = "auto"
     planner_options: dict = field(default_factory=dict)
     tile_order: bool | None = None
+    quant: str | None = None
 
     @property
     def layout_options(self) -> dict:
@@ -110,6 +115,10 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
                 f"{steps}; pass the pipeline to sparsevid.apply, or an int"
             )
     backend = check_backend_name(config.backend)
+    quant = check_quant(config.quant)
+    if quant is not None and config.method is None:
+        raise ValueError(f"Expect a method with quant={quant!r} (it quantizes the attention sparsevid computes) but "
+                         "got method=None; pass method='dense' for quantized dense attention")
     if config.tile_order is not None and not isinstance(config.tile_order, bool):
         raise TypeError(f"Expect tile_order to be a bool or None but got {config.tile_order!r}")
     if config.method is None:
@@ -121,6 +130,8 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
     layout = VideoLayout(2, 4, 4, **tiling) if tiling else VideoLayout(2, 4, 4, tile=(4, 4), block_size=16)
     q = torch.randn(1, 1, layout.num_tokens, 16, generator=torch.Generator().manual_seed(0))
     plan = make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
+    if quant is not None:
+        _check_quant_backend(quant, backend, plan, config.method, device)
     if backend != "auto":
         spec = backend_spec(backend)
         if not isinstance(plan, spec.plans):
@@ -129,6 +140,30 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
         reason = spec.unusable(torch.device(device)) if device is not None else spec.installed()
         if reason is not None:
             raise ValueError(f"Expect backend {backend!r} to be usable but {reason}; use backend='auto'")
+
+
+def _check_quant_backend(quant: str, backend: str, plan, method: str, device) -> None:
+    """A ``quant`` setting must have a backend computing it that takes the planner's plans and runs on
+    ``device`` (``auto``: any such backend that auto may pick there)."""
+    device = torch.device(device) if device is not None else None
+    if backend != "auto":
+        spec = backend_spec(backend)
+        if spec.quant != quant:
+            raise ValueError(f"Expect a backend computing quant={quant!r} (or 'auto') but got backend {backend!r}, "
+                             f"which computes {spec.quant or 'exact attention'}")
+        return
+    fitting = [s for s in _registry().values() if s.quant == quant and isinstance(plan, s.plans)]
+    if not fitting:
+        raise TypeError(f"Expect a method whose plans a quant={quant!r} backend runs (BlockPlan) but {method!r} "
+                        f"makes a {type(plan).__name__}; use quant=None with it")
+    if device is None:
+        return
+    candidates = sorted((s for s in fitting if device.type in s.auto_devices), key=lambda s: -s.priority)
+    reasons = [f"{s.name}: {s.unusable(device)}" for s in candidates if s.unusable(device) is not None]
+    if len(reasons) == len(candidates):
+        raise ValueError(f"Expect a quant={quant!r} backend usable on {device} but "
+                         + ("; ".join(reasons) if reasons else f"none runs on {device.type}") + "; use quant=None"
+                         + (" or quant='int8'" if quant == "fp8" else ""))
 
 
 class SparseSession:
@@ -272,7 +307,7 @@ class SparseSession:
                 density = plan.density_per_head().mean()
                 self._density_sum = density if self._density_sum is None else self._density_sum + density
         self.sparse_calls += 1
-        return sparse_attention(query, key, value, cached[1], scale=scale, backend=config.backend)
+        return sparse_attention(query, key, value, cached[1], scale=scale, backend=config.backend, quant=config.quant)
 
     def _with_key_padding(self, query, key, value, lengths: list[int], scale, tag) -> torch.Tensor:
         """Joint attention whose padded text keys are masked (text after the video, padded at its end).

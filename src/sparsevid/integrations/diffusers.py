@@ -347,6 +347,7 @@ def apply(
     backend: str = "auto",
     reuse=None,
     tile_order: bool | None = None,
+    quant: str | None = None,
     **planner_options,
 ) -> SparseVidHandle:
     """Make ``target``'s video self-attention sparse. See :class:`SparseVidConfig` for the options.
@@ -362,6 +363,10 @@ def apply(
         tile_order (bool | None): keep the video tokens in tile order through the transformer so that
             attention calls gather nothing (``None``: where the model's registry entry allows it,
             without token replay, which needs raster order). Outputs are the same either way.
+        quant (str | None): 8-bit attention (``"int8"``, ``"fp8"``) for the layers and steps that run
+            sparse; dense layers and steps keep the user's attention backend. ``method="dense",
+            quant="int8"`` asks for quantized dense attention (a full plan through the 8-bit kernel;
+            add ``dense_layers=0, dense_steps=0`` for every layer and step). Forward only.
 
     Returns:
         SparseVidHandle; ``handle.remove()`` (or :func:`remove`) restores native behaviour exactly.
@@ -374,7 +379,7 @@ def apply(
 
     transformers, scheduler = _transformers_of(target)
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
-                             dict(planner_options), tile_order)
+                             dict(planner_options), tile_order, quant)
     device = next((p.device for p in transformers[0].parameters()), None) if transformers else None
     validate_config(config, has_schedule=scheduler is not None, device=device)
     token_replay, step_cache = split_reuse(reuse)  # TypeError / ValueError naming reuse, before any hook

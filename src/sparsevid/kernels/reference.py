@@ -31,6 +31,7 @@ def sparse_attention_reference(
     kv_indices: torch.Tensor,
     block_size: int,
     scale: float,
+    probs_fn=None,
 ) -> torch.Tensor:
     """Attention of q over the kept key blocks, computed in float32, returned in q's dtype.
 
@@ -41,6 +42,8 @@ def sparse_attention_reference(
         kv_indices (Tensor): int32 ``(B or 1, H or 1, NB, max_kept)``.
         block_size (int): slots per block.
         scale (float): softmax scale.
+        probs_fn (callable | None): ``scores -> probabilities`` (default ``softmax``); the
+            quantization reference rounds P with it.
 
     Returns:
         Tensor ``(B, H, L, D)`` contiguous, original token order.
@@ -58,7 +61,9 @@ def sparse_attention_reference(
         valid = valid_block[..., None] & (k_tok >= 0)
         return k_tok.flatten(-2), valid.flatten(-2)
 
-    return _attend(q, k, v, slots, counts, keys, block_size, scale)
+    if probs_fn is None:
+        return _attend(q, k, v, slots, counts, keys, block_size, scale)
+    return _attend(q, k, v, slots, counts, keys, block_size, scale, probs_fn=probs_fn)
 
 
 def sparse_attention_reference_tokens(
@@ -99,12 +104,14 @@ def sparse_attention_reference_tokens(
     return _attend(q, k, v, perm.view(nb, block_size), counts, keys, 1, scale)
 
 
-def _attend(q, k, v, slots, counts, keys, key_unit, scale):
-    """Chunks of query blocks against their gathered keys: the one computation of both twins.
+def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None):
+    """Chunks of query blocks against their gathered keys: the one computation of all twins.
 
     ``counts`` ``(B, H, NB)``: kept keys of each query block, in units of ``key_unit`` tokens.
     ``keys(blocks, n)`` gives, for the query blocks ``blocks``, the original key tokens
     ``(B, H, c, n * key_unit)`` (any value where invalid) and their validity.
+    ``probs_fn(scores)``: the probabilities multiplied with v (default ``softmax``; the quantization
+    reference rounds them as its kernel does).
     """
     B, H, L, D = q.shape
     nb, block_size = slots.shape
@@ -135,7 +142,7 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale):
 
         scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # (B, H, c, bs, n)
         scores = scores.masked_fill(~valid.view(B, H, c, 1, n), float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1) if probs_fn is None else probs_fn(scores)
         og = torch.matmul(probs, vg).view(B, H, c * block_size, D)
         out[:, :, q_tok[q_real]] = og[:, :, q_real].to(q.dtype)
         m0 = m1
