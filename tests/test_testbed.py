@@ -105,7 +105,7 @@ def test_training_smoke(tmp_path):
     code = train.main(["--steps", "2", "--batch", "1", "--frames", "4", "--size", "32", "--device", "cpu",
                        "--no-samples", "--out", str(tmp_path)])
     assert code == 0
-    for name in ("testbed.safetensors", "testbed.json", "loss.json", "testbed_loss.png"):
+    for name in ("testbed.safetensors", "testbed.json", "testbed_loss.json", "testbed_loss.png"):
         assert (tmp_path / name).is_file(), name
     info = json.loads((tmp_path / "testbed.json").read_text())
     assert info["steps"] == 2 and info["device"].startswith("CPU")

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .model import LABELS, SAMPLE, WEIGHTS, load_weights
+from .model import LABELS, SPECS, TestbedSpec, get_spec, load_weights
+from .motion import Motion
 
 __all__ = ["TestbedPipeline", "load_pipeline"]
 
@@ -32,7 +33,7 @@ class TestbedPipeline:
 
     __test__ = False  # not a pytest class despite the name
 
-    def __init__(self, transformer, label_embedding, scheduler, device, dtype, info=None):
+    def __init__(self, transformer, label_embedding, scheduler, device, dtype, info=None, spec: TestbedSpec = SPECS["small"]):
         self.transformer = transformer
         self.label_embedding = label_embedding
         self.scheduler = scheduler
@@ -40,18 +41,25 @@ class TestbedPipeline:
         self.dtype = dtype
         self.labels: tuple[str, ...] = LABELS
         self.info = info or {}
+        self.spec = spec
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.transformer.parameters())
-        return f"TestbedPipeline(labels={list(self.labels)}, params={n / 1e6:.2f}M, device={self.device}, dtype={self.dtype})"
+        return f"TestbedPipeline({self.spec.name!r}, labels={list(self.labels)}, params={n / 1e6:.2f}M, device={self.device}, dtype={self.dtype})"
 
-    def encode_label(self, label: str, batch: int = 1) -> torch.Tensor:
-        """``encoder_hidden_states`` ``(batch, T, text_dim)`` for ``label``."""
+    def encode_label(self, label: str, batch: int = 1, motion: Motion | None = None) -> torch.Tensor:
+        """``encoder_hidden_states`` ``(batch, T, text_dim)`` for ``label`` (and, on testbed-l, ``motion``)."""
         if label not in self.labels:
             raise ValueError(f"Expect label to be one of {list(self.labels)} but got {label!r}")
         index = torch.full((batch,), self.labels.index(label), dtype=torch.long, device=self.device)
+        vector = None
+        if self.label_embedding.motion is not None:
+            motion = (motion or Motion()).check(len(self.labels))
+            vector = motion.vector(len(self.labels)).to(self.device).expand(batch, -1)
+        elif motion is not None:
+            raise ValueError(f"Expect motion=None: the {self.spec.name} testbed is conditioned on the label only")
         with torch.no_grad():
-            return self.label_embedding(index).to(self.dtype)
+            return self.label_embedding(index, vector).to(self.dtype)
 
     @staticmethod
     def initial_noise(seed: int, frames: int, height: int, width: int) -> torch.Tensor:
@@ -65,10 +73,11 @@ class TestbedPipeline:
         label: str,
         seed: int = 0,
         steps: int = 20,
-        frames: int = SAMPLE["frames"],
-        height: int = SAMPLE["height"],
-        width: int = SAMPLE["width"],
+        frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         progress: bool = True,
+        motion: Motion | None = None,
         callback=None,
     ) -> torch.Tensor:
         """Sample one video.
@@ -78,13 +87,18 @@ class TestbedPipeline:
             seed (int): seed of the initial noise (CPU generator: the same noise on every device).
             steps (int): Euler steps of the flow-matching sampler.
             frames, height, width (int): output size; height and width multiples of 4 (the patch).
-                The model was trained on 16 x 64 x 64; fewer frames / smaller frames work (tests).
+                Default: the native size (small: 16 x 64 x 64, large: 16 x 128 x 128); fewer frames /
+                smaller frames work (tests).
             progress (bool): show a tqdm bar over the steps.
             callback: optional ``callback(step, timestep, latents)`` after every step.
+            motion (Motion): testbed-l only: how the content moves (default: a still centred view).
 
         Returns:
             torch.Tensor: float32 ``(F, 3, H, W)`` in [0, 1] on the CPU.
         """
+        frames = self.spec.sample["frames"] if frames is None else frames
+        height = self.spec.sample["height"] if height is None else height
+        width = self.spec.sample["width"] if width is None else width
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"Expect seed to be an int in [0, 2**63) but got {seed!r}")
         for name, value in (("steps", steps), ("frames", frames), ("height", height), ("width", width)):
@@ -93,7 +107,7 @@ class TestbedPipeline:
         for name, value in (("height", height), ("width", width)):
             if value % 4:
                 raise ValueError(f"Expect {name} to be a multiple of 4 (the patch size) but got {value}")
-        cond = self.encode_label(label)
+        cond = self.encode_label(label, motion=motion)
         latents = self.initial_noise(seed, frames, height, width).to(self.device, self.dtype)
         self.scheduler.set_timesteps(steps, device=self.device)
         self._reset_hooks()
@@ -149,13 +163,16 @@ def cast_transformer(transformer, device, dtype):
     return transformer
 
 
-def load_pipeline(device=None, dtype: torch.dtype | None = None, weights: str | Path | None = None) -> TestbedPipeline:
+def load_pipeline(device=None, dtype: torch.dtype | None = None, weights: str | Path | None = None,
+                  name: str = "small") -> TestbedPipeline:
     """The trained testbed, ready to sample.
 
     Args:
         device: ``None`` = CUDA when available, else CPU.
         dtype: ``None`` = bfloat16 on CUDA (what the Triton kernels take), float32 elsewhere.
         weights: a safetensors file from the training script (default: the committed weights).
+        name: ``"small"`` (the CPU-friendly model of the demo and tests) or ``"large"`` (testbed-l:
+            16,384 video tokens, conditioned on label and :class:`Motion`; meant for a GPU).
 
     Returns:
         TestbedPipeline
@@ -165,8 +182,9 @@ def load_pipeline(device=None, dtype: torch.dtype | None = None, weights: str | 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer, labels, metadata = load_weights(weights or WEIGHTS)
+    spec = get_spec(name)
+    transformer, labels, metadata = load_weights(weights, spec)
     transformer = cast_transformer(transformer, device, dtype).eval().requires_grad_(False)
     labels = labels.to(device).eval().requires_grad_(False)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=SAMPLE["shift"])
-    return TestbedPipeline(transformer, labels, scheduler, device, dtype, info=metadata.get("info"))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=spec.sample["shift"])
+    return TestbedPipeline(transformer, labels, scheduler, device, dtype, info=metadata.get("info"), spec=spec)
