@@ -5,8 +5,9 @@
 #   bash scripts/gpu_session.sh install        # flash-attn-4 + diffusers from wheels carried in .whl/ (see below)
 #   bash scripts/gpu_session.sh tests kernel480 kernel720 e2e13 loop13 e2e14 comfy
 #
-# Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry, so it arrives split
-# (`split -b 46000000`) in two earlier calls that copy .whl/p1 and .whl/p2 to /tmp/p1 and /tmp/p2.
+# Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry (64 MiB with the working
+# tree, 28 MB since the testbed-l weights), so it arrives split (`split -b 31000000 -d`) in three earlier
+# calls that copy .whl/p1, .whl/p2 and .whl/p3 to /tmp/p1, /tmp/p2 and /tmp/p3.
 # Results (logs, BENCHMARKS.md sections, JSON, profiles) are tarred into $OUT/<stages>.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ for s in "$@"; do
     case $s in
     install)
         mkdir -p /tmp/w
-        cat /tmp/p1/libs_part_* /tmp/p2/libs_part_* > /tmp/w/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
+        cat /tmp/p1/libs_part_* /tmp/p2/libs_part_* /tmp/p3/libs_part_* > /tmp/w/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
         cp .whl/rest/*.whl /tmp/w/
         stage install python3 -m pip install --no-index --find-links /tmp/w "flash-attn-4==4.0.0b36"
         # diffusers' importlib_metadata requirement is for Pythons before 3.8; its other needs are on the image
@@ -68,6 +69,19 @@ for s in "$@"; do
         ;;
     comfy)  # ComfyUI's own Wan at the 1.3B shape, one step dense vs through the node (COMFYUI_PATH or .comfy)
         COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy}" stage comfy python3 scripts/comfyui_step_time.py "${BENCH[@]}"
+        ;;
+    quant)  # issue 15: 8-bit kernels vs their reference on the GPU, then kernel rows beside bf16 / FA4 / cuDNN
+        stage quant-tests timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_gpu.py -k quant
+        stage quant480 timeout 150 python3 -m sparsevid bench kernel --preset wan1.3b-480p --methods draft \
+            --densities 1.0 0.1 --reps 20 --out "$RES/quant480" "${BENCH[@]}"
+        ;;
+    fastcar)  # issue 17: graph-captured decode baseline vs FastCar with the decision on the device
+        stage fastcar-probe python3 -c "import torch; print(torch.__version__, 'IF nodes:', hasattr(torch.cuda.CUDAGraph, 'begin_capture_to_if_node'))"
+        stage fastcar-tests timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fastcar_graph.py
+        stage fastcar-1b timeout 100 python3 -m sparsevid bench decode --no-test-model --speed-model llama3.2-1b --no-eager \
+            --rates 0.2 0.3 --batches 1 8 --frames 1 --calib 4 --reps 5 --frame-batches 8 16 --out "$RES/fastcar_1b" "${BENCH[@]}"
+        stage fastcar-test timeout 130 python3 -m sparsevid bench decode --rates 0.1 0.2 0.3 --agreement 0.97 \
+            --frontier "$RES/fastcar_frontier.png" --batches 1 8 --calib 16 --reps 2 --out "$RES/fastcar_test" "${BENCH[@]}"
         ;;
     *)
         echo "unknown stage $s" >&2

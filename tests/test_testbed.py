@@ -110,3 +110,79 @@ def test_training_smoke(tmp_path):
     info = json.loads((tmp_path / "testbed.json").read_text())
     assert info["steps"] == 2 and info["device"].startswith("CPU")
     testbed.load_pipeline(device="cpu", weights=tmp_path / "testbed.safetensors")
+
+
+# ----------------------------------------------------------------------------------- testbed-l
+@pytest.fixture(scope="module")
+def tbl():
+    return testbed.load_pipeline(device="cpu", name="large")
+
+
+def test_large_weights_committed_and_sized():
+    spec = testbed.SPECS["large"]
+    assert spec.weights.is_file() and spec.weights.stat().st_size <= 16_000_000  # fp16, <= 16 MB
+    cfg = spec.transformer
+    assert cfg["num_layers"] >= 8 and cfg["attention_head_dim"] in (64, 96, 128)
+    f, h, w = (spec.sample[k] // p for k, p in zip(("frames", "height", "width"), cfg["patch_size"]))
+    assert f * h * w >= 16384
+    info = json.loads((spec.weights.parent / "testbed_large.json").read_text())
+    assert info["testbed"] == "large" and info["total_steps"] > info["steps"]  # trained in resumed chunks
+
+
+def test_large_runs_one_step_deterministic(tbl):
+    from sparsevid.testbed import Motion
+
+    kwargs = dict(steps=1, frames=4, height=32, width=32, progress=False)
+    motion = Motion(pan_x=0.2, speed=2, sprite=1)
+    a = tbl(label="bikes", seed=0, motion=motion, **kwargs)
+    b = tbl(label="bikes", seed=0, motion=motion, **kwargs)
+    c = tbl(label="bikes", seed=0, **kwargs)  # default motion: a still centred view
+    assert a.shape == (4, 3, 32, 32) and torch.isfinite(a).all() and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the motion conditions the output
+    assert repr(tbl).startswith("TestbedPipeline('large'")
+
+
+def test_motion_checks(tbl, tb):
+    from sparsevid.testbed import Motion
+
+    with pytest.raises(ValueError, match="motion.zoom"):
+        tbl(label="bikes", motion=Motion(zoom=3.0), steps=1, frames=4, height=32, width=32, progress=False)
+    with pytest.raises(ValueError, match="motion.speed"):
+        tbl(label="bikes", motion=Motion(speed=5), steps=1, frames=4, height=32, width=32, progress=False)
+    with pytest.raises(ValueError, match="motion=None"):
+        tb(label="bikes", motion=Motion(), **SMALL)  # the small testbed has no motion condition
+    with pytest.raises(ValueError, match="name"):
+        testbed.load_pipeline(device="cpu", name="huge")
+
+
+def test_training_draws_never_held_out():
+    from sparsevid.testbed import Motion
+
+    g = torch.Generator().manual_seed(0)
+    draws = [Motion.random(g, 4) for _ in range(2000)]
+    assert not any(m.held_out for m in draws)
+    assert any(m.reverse and m.speed == 2 for m in draws) and any(m.cx > 0.6 for m in draws)  # each part alone is seen
+    held = [Motion.random(g, 4, held_out=True) for _ in range(50)]
+    assert all(m.held_out for m in held)
+    assert all(m.check(4).vector(4).abs().max() <= 1.0 + 1e-6 for m in draws[:200] + held)
+
+
+def test_render_moves_as_asked():
+    from sparsevid.testbed.motion import Motion, render
+
+    # a horizontal ramp: a pan to the right shows larger values frame by frame; reversed speed-2 frames go backwards
+    h, w, n = 48, 96, 20
+    ramp = torch.linspace(0, 255, w).round().to(torch.uint8).view(1, 1, 1, w).expand(n, 3, h, w).contiguous()
+    time = (torch.arange(n) * 10).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, h, w).contiguous()
+    pan = render(ramp, Motion(pan_x=0.3), frames=4, size=16, native=16)
+    assert pan.shape == (3, 4, 16, 16) and -1 <= pan.min() and pan.max() <= 1
+    means = pan.mean(dim=(0, 2, 3))
+    assert (means[1:] > means[:-1]).all()
+    rev = render(time, Motion(speed=2, reverse=True), frames=4, size=16, native=16, start=2)
+    assert torch.allclose(rev[0, :, 0, 0], (torch.tensor([8, 6, 4, 2]) * 10 / 127.5 - 1), atol=1e-5)
+    low = render(ramp, Motion(cx=0.3, zoom=1.2), frames=2, size=8, native=16)  # the same view at half resolution
+    high = render(ramp, Motion(cx=0.3, zoom=1.2), frames=2, size=16, native=16)
+    assert torch.allclose(low.mean(), high.mean(), atol=0.02)
+    with pytest.raises(ValueError, match="start"):
+        render(time, Motion(speed=3), frames=8, size=16, native=16, start=0)
