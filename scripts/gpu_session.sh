@@ -70,17 +70,35 @@ for s in "$@"; do
     comfy)  # ComfyUI's own Wan at the 1.3B shape, one step dense vs through the node (COMFYUI_PATH or .comfy)
         COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy}" stage comfy python3 scripts/comfyui_step_time.py "${BENCH[@]}"
         ;;
+    diffusers)  # diffusers alone (no flash-attn-4): carry .whl/min (diffusers + scikit-video wheels)
+        stage install-diffusers python3 -m pip install --no-index --no-deps .whl/min/*.whl
+        ;;
+    frontier14)  # issue 14: the fidelity frontier on testbed-l, 16 held-out videos at the target densities + mass budgets
+        stage frontier14 timeout 200 python3 -m sparsevid eval --testbed large --held-out 16 --steps 20 \
+            --methods draft xattn window random finegrained --densities 0.1 0.15 --masses 0.8 0.9 0.95 \
+            --videos 2 --quiet --out "$RES/frontier14"
+        ;;
+    frontier14b)  # the rest of the density range, 8 held-out videos
+        stage frontier14b timeout 200 python3 -m sparsevid eval --testbed large --held-out 8 --steps 20 \
+            --methods draft xattn window random finegrained --densities 0.05 0.25 0.5 --videos 0 --quiet \
+            --no-noise-floor --out "$RES/frontier14b"
+        ;;
+    quantdense)  # issue 15: quantized dense attention on the small testbed vs bf16 dense (PSNR target 35 dB)
+        stage quantdense timeout 120 python3 -m sparsevid eval --methods dense --quant int8 fp8 --densities 1.0 \
+            --seeds 0 1 --videos 0 --quiet --no-noise-floor --out "$RES/quantdense"
+        ;;
     quant)  # issue 15: 8-bit kernels vs their reference on the GPU, then kernel rows beside bf16 / FA4 / cuDNN
         stage quant-tests timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_gpu.py -k quant
         stage quant480 timeout 150 python3 -m sparsevid bench kernel --preset wan1.3b-480p --methods draft \
-            --densities 1.0 0.1 --reps 20 --out "$RES/quant480" "${BENCH[@]}"
+            --densities 1.0 0.1 --reps 20 --no-flex --backends ${QUANT_BACKENDS:-fa4 triton triton-int8 triton-fp8} \
+            --out "$RES/quant480" "${BENCH[@]}"
         ;;
     fastcar)  # issue 17: graph-captured decode baseline vs FastCar with the decision on the device
         stage fastcar-probe python3 -c "import torch; print(torch.__version__, 'IF nodes:', hasattr(torch.cuda.CUDAGraph, 'begin_capture_to_if_node'))"
         stage fastcar-tests timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fastcar_graph.py
         stage fastcar-1b timeout 100 python3 -m sparsevid bench decode --no-test-model --speed-model llama3.2-1b --no-eager \
             --rates 0.2 0.3 --batches 1 8 --frames 1 --calib 4 --reps 5 --frame-batches 8 16 --out "$RES/fastcar_1b" "${BENCH[@]}"
-        stage fastcar-test timeout 130 python3 -m sparsevid bench decode --rates 0.1 0.2 0.3 --agreement 0.97 \
+        stage fastcar-test timeout 100 python3 -m sparsevid bench decode --rates 0.1 0.2 0.3 --agreement 0.97 \
             --frontier "$RES/fastcar_frontier.png" --batches 1 8 --calib 16 --reps 2 --out "$RES/fastcar_test" "${BENCH[@]}"
         ;;
     *)

@@ -138,3 +138,38 @@ def test_planner_options_reach_every_sparse_config(results, tmp_path):
     assert all(r["psnr"] != default[r["case"]] for r in res["videos"])  # 32-token blocks: another plan
     with pytest.raises(SystemExit):  # argparse names the bad --option
         cli.main(["eval", "--option", "block_size"])
+
+
+def test_mass_quant_configs_and_motion_metric():
+    from sparsevid.eval import Config, make_configs, video_metrics
+
+    configs = make_configs(["draft", "window", "dense"], [0.1], masses=[0.9], quants=["int8"])
+    names = [c.name for c in configs]
+    assert "draft mass=0.9" in names and "window mass=0.9" not in names  # window takes no mass budget
+    assert "draft@0.1 int8" in names and "draft mass=0.9 int8" in names
+    dense_q = next(c for c in configs if c.method == "dense" and c.quant == "int8")
+    assert dense_q.dense_layers == 0 and dense_q.dense_steps == 0  # quantized dense: every layer and step
+    with pytest.raises(ValueError, match="quant"):
+        Config("draft", 0.1, quant="int4").check()
+    # tdiff_err: a video with its reference's motion reversed is all error; a constant offset moves nothing
+    ref = torch.rand(5, 3, 8, 8)
+    assert video_metrics(ref.clamp(0, 0.9) + 0.1, ref.clamp(0, 0.9))["tdiff_err"] < 1e-6
+    assert video_metrics(ref.flip(0), ref)["tdiff_err"] > 0.5
+
+
+def test_held_out_cases(tmp_path):
+    from sparsevid.testbed import Motion
+
+    with pytest.raises(SystemExit):  # the small testbed has no motion condition: a clear CLI error
+        cli.main(["eval", *REDUCED, "--held-out", "2", "--methods", "draft", "--out", str(tmp_path)])
+    out = tmp_path / "large"
+    code = cli.main(["eval", "--testbed", "large", "--held-out", "2", "--seeds", "0", "--steps", "2", "--frames", "2",
+                     "--height", "32", "--width", "32", "--device", "cpu", "--quiet", "--methods", "draft",
+                     "--densities", "0.5", "--masses", "0.9", "--videos", "0", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["videos"]
+    assert {r["config"] for r in rows} == {"draft@0.5", "draft mass=0.9"}
+    assert all("reverse=True" in r["motion"] and "speed=2" in r["motion"] for r in rows)  # held-out motions
+    assert all(r["tdiff_err"] is not None for r in rows)
+    g = torch.Generator().manual_seed(1000)
+    assert Motion.random(g, 4, held_out=True).held_out

@@ -96,20 +96,34 @@ class TestbedTarget(EvalTarget):
     def load(self, args, device):
         from . import testbed
 
-        size = {"name": "large"} if getattr(args, "testbed", "small") == "large" else {}  # small: the default
-        return testbed.load_pipeline(device=device, weights=getattr(args, "weights", None), **size)
+        large = getattr(args, "testbed", "small") == "large"
+        if getattr(args, "held_out", 0) and not large:
+            raise ValueError("Expect --held-out with --testbed large (the small testbed has no motion condition)")
+        size = {"name": "large"} if large else {}  # small: the default
+        pipe = testbed.load_pipeline(device=device, weights=getattr(args, "weights", None), **size)
+        for key in ("frames", "height", "width"):  # unset: the testbed's native size
+            if getattr(args, key, None) is None:
+                setattr(args, key, pipe.spec.sample[key])
+        return pipe
 
     def cases(self, pipe, args) -> list[dict]:
+        from .testbed import Motion
+
         labels = args.labels or list(pipe.labels)
         for label in labels:
             if label not in pipe.labels:
                 raise ValueError(f"Expect --labels from {list(pipe.labels)} but got {label!r}")
+        if getattr(args, "held_out", 0):  # conditions the training never drew (testbed-l's held-out motions)
+            return [dict(label=labels[i % len(labels)], seed=args.seeds[i % len(args.seeds)] + i,
+                         motion=Motion.random(torch.Generator().manual_seed(1000 + i), len(pipe.labels), held_out=True))
+                    for i in range(args.held_out)]
         return [dict(label=label, seed=seed) for seed in args.seeds for label in labels]
 
     def generate(self, pipe, case, args, progress):
+        motion = {"motion": case["motion"]} if "motion" in case else {}
         return pipe(
             label=case["label"], seed=case["seed"], steps=args.steps, frames=args.frames,
-            height=args.height, width=args.width, progress=progress,
+            height=args.height, width=args.width, progress=progress, **motion,
         )
 
 
@@ -127,6 +141,8 @@ class Config:
     dense_layers: int = 1
     reuse: str | None = None  # a --reuse SPEC; None: no reuse
     options: dict = field(default_factory=dict, compare=False, hash=False)
+    mass: float | None = None  # a mass budget instead of a density (draft, xattn)
+    quant: str | None = None  # 8-bit attention (sparsevid.apply(quant=...))
 
     @property
     def name(self) -> str:
@@ -135,9 +151,10 @@ class Config:
             warm.append(f"ds={self.dense_steps:g}")
         if self.dense_layers != 1:
             warm.append(f"dl={self.dense_layers}")
-        density = "" if self.method in ("dense", "none") else f"@{self.density:g}"
-        return (f"{self.method}{density}" + (f" ({', '.join(warm)})" if warm else "")
-                + (f" + {self.reuse}" if self.reuse else ""))
+        density = "" if self.method in ("dense", "none") else (
+            f" mass={self.mass:g}" if self.mass is not None else f"@{self.density:g}")
+        return (f"{self.method}{density}" + (f" {self.quant}" if self.quant else "")
+                + (f" ({', '.join(warm)})" if warm else "") + (f" + {self.reuse}" if self.reuse else ""))
 
     @property
     def attention(self) -> Config:
@@ -149,15 +166,15 @@ class Config:
         from .integrations.core import SparseVidConfig, validate_config
 
         if self.method != "none":
-            validate_config(SparseVidConfig(self.method, self.density, None, self.dense_steps, self.dense_layers,
-                                            planner_options=dict(self.options)), has_schedule=True)
+            validate_config(SparseVidConfig(self.method, self.density, self.mass, self.dense_steps, self.dense_layers,
+                                            planner_options=dict(self.options), quant=self.quant), has_schedule=True)
 
     def apply(self, pipe):
         import sparsevid as sv
 
         return sv.apply(
-            pipe, method=None if self.method == "none" else self.method, density=self.density,
-            dense_steps=self.dense_steps, dense_layers=self.dense_layers,
+            pipe, method=None if self.method == "none" else self.method, density=self.density, mass=self.mass,
+            quant=self.quant, dense_steps=self.dense_steps, dense_layers=self.dense_layers,
             reuse=parse_reuse(self.reuse) if self.reuse else None, **self.options,
         )
 
@@ -169,10 +186,13 @@ def _parse_dense_steps(text: str):
     return value if ("." in text or "e" in text.lower()) else int(value)
 
 
-def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=(), options=None) -> list[Config]:
+def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=(), options=None,
+                 masses=(), quants=()) -> list[Config]:
     """Every method x density x warm-up, each without reuse and with every ``reuse`` SPEC;
     ``none`` (native attention) with every SPEC only. ``options`` (planner keyword arguments, e.g.
-    ``block_size``) go to every sparse config.
+    ``block_size``) go to every sparse config. ``masses``: also a config per mass budget for the
+    methods that take one (``draft``, ``xattn``). ``quants``: every sparse config again with each
+    8-bit mode, and ``dense`` with it becomes quantized dense attention on every layer and step.
 
     Raises:
         ValueError: a bad SPEC (named), or ``none`` without any SPEC.
@@ -198,21 +218,35 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
         if config not in seen:
             seen.add(config)
             configs.append(config)
+    for method, mass, ds, dl in itertools.product(methods, masses, dense_steps, dense_layers):
+        if method in _MASS_METHODS:
+            configs.append(Config(method, None, ds, dl, None, dict(options or {}), mass=mass))
+    for config, quant in itertools.product(list(configs), quants):
+        if config.method == "dense":
+            configs.append(replace(config, quant=quant, dense_steps=0, dense_layers=0))
+        elif config.method != "none" and config.reuse is None:
+            configs.append(replace(config, quant=quant))
     for config in configs:  # every setting checked before any generation (as sparsevid.apply would)
         config.check()
     return configs
 
 
+_MASS_METHODS = ("draft", "xattn")
+
+
 # ---------------------------------------------------------------------------------------- metrics
 def video_metrics(video: torch.Tensor, reference: torch.Tensor) -> dict:
-    """PSNR (dB, capped at 100), SSIM and max abs difference of ``(F, 3, H, W)`` videos in [0, 1]."""
+    """PSNR (dB, capped at 100), SSIM and max abs difference of ``(F, 3, H, W)`` videos in [0, 1], and
+    ``tdiff_err``: the relative L2 error of the frame-to-frame differences (motion) vs the reference's."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     video, reference = video.float(), reference.float()
     mse = float(F.mse_loss(video, reference))
     psnr = _PSNR_CAP if mse == 0 else min(_PSNR_CAP, float(peak_signal_noise_ratio(video, reference, data_range=1.0)))
     ssim = float(structural_similarity_index_measure(video, reference, data_range=1.0))
-    return dict(psnr=psnr, ssim=ssim, max_abs_diff=float((video - reference).abs().max()))
+    motion, ref_motion = video.diff(dim=0), reference.diff(dim=0)
+    tdiff = float((motion - ref_motion).norm() / ref_motion.norm().clamp_min(1e-12)) if len(video) > 1 else None
+    return dict(psnr=psnr, ssim=ssim, max_abs_diff=float((video - reference).abs().max()), tdiff_err=tdiff)
 
 
 # ---------------------------------------------------------------------------------------- capture
@@ -286,12 +320,31 @@ def layer_errors(layers, grid, text_first: bool, configs: list[Config]) -> list[
         frames, height, width = grid
         layout = VideoLayout(frames, height, width, text_tokens=q.shape[-2] - frames * height * width, text_first=text_first)
         reference = F.scaled_dot_product_attention(q, k, v, scale=scale).float()
+        timed = q.is_cuda  # kernel times beside the errors (GPU only)
+        dense_ms = _gpu_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)) if timed else None
         for config in configs:
-            p = make_plan(q, k, layout, config.method, density=config.density, **config.options)
-            out = sparse_attention(q, k, v, p, scale=scale).float()
+            p = make_plan(q, k, layout, config.method, density=config.density, mass=config.mass, **config.options)
+            out = sparse_attention(q, k, v, p, scale=scale, quant=config.quant).float()
             rows.append(dict(config=config.name, layer=index, density=float(p.density),
-                             rel_err=float((out - reference).norm() / reference.norm())))
+                             rel_err=float((out - reference).norm() / reference.norm()), dense_ms=dense_ms,
+                             attn_ms=_gpu_ms(lambda: sparse_attention(q, k, v, p, scale=scale, quant=config.quant))
+                             if timed else None))
     return rows
+
+
+def _gpu_ms(fn, warmup: int = 2, reps: int = 5) -> float:
+    """Median CUDA-event time of ``fn`` in ms (the kernel with its plan made: planning not included)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 # ---------------------------------------------------------------------------------------- harness
@@ -310,7 +363,29 @@ def _timed_generate(target, pipe, case, args, progress):
 
 def _case_name(case: dict) -> str:
     label = case.get("label") or case.get("prompt", "case")[:24]
-    return f"{label} seed {case['seed']}"
+    return f"{label} seed {case['seed']}" + (" held-out" if "motion" in case else "")
+
+
+def _case_fields(case: dict) -> dict:
+    """The case as row fields (a Motion as its rounded fields)."""
+    fields = dict(case)
+    if "motion" in fields:
+        m = fields["motion"]
+        fields["motion"] = " ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in asdict(m).items())
+    return fields
+
+
+def _noise_floor(target, pipe, case, args, dense) -> dict | None:
+    """PSNR/SSIM of the dense video in the pipeline's low precision vs float32 from the same seed."""
+    if getattr(pipe, "dtype", torch.float32) == torch.float32 or not hasattr(pipe, "to"):
+        return None
+    dtype = pipe.dtype
+    pipe.to(dtype=torch.float32)
+    try:
+        video = target.generate(pipe, case, args, False)
+    finally:
+        pipe.to(dtype=dtype)
+    return video_metrics(dense, video)
 
 
 def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos: int = 0, progress: bool = True) -> dict:
@@ -334,7 +409,11 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
         if capture is not None and capture.layers:
             attention = list(dict.fromkeys(c.attention for c in configs if c.method != "none"))
             for row in layer_errors(capture.layers, capture.grid, capture.text_first, attention):
-                layer_rows.append(dict(case=name, **{k: v for k, v in case.items()}, step=capture_step, **row))
+                layer_rows.append(dict(case=name, **_case_fields(case), step=capture_step, **row))
+        floor = _noise_floor(target, pipe, case, args, dense) if getattr(args, "noise_floor", False) else None
+        if floor is not None:
+            video_rows.append(dict(case=name, **_case_fields(case), config=NOISE_FLOOR, method="dense", density=1.0,
+                                   achieved=1.0, seconds=None, dense_seconds=dense_s, **floor))
         for config in configs:
             handle = config.apply(pipe)
             try:
@@ -344,7 +423,7 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
                 handle.remove()
             metrics = video_metrics(video, dense)
             video_rows.append(dict(
-                case=name, **case, config=config.name, method=config.method, density=config.density,
+                case=name, **_case_fields(case), config=config.name, method=config.method, density=config.density,
                 dense_steps=config.dense_steps, dense_layers=config.dense_layers, reuse=config.reuse,
                 achieved=stats["mean_density"], replay_rate=_replay_rate(stats), seconds=seconds,
                 dense_seconds=dense_s, **metrics,
@@ -353,6 +432,9 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
         if i < keep_videos:
             kept[name] = videos
     return dict(videos=video_rows, layers=layer_rows, kept=kept, capture_step=capture_step)
+
+
+NOISE_FLOOR = "dense fp32 (noise floor)"
 
 
 def _replay_rate(stats: dict) -> float | None:
@@ -370,19 +452,26 @@ def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Conf
     """Mean over cases per config (PSNR/SSIM/time/achieved density/replay rate) and mean per-layer
     error (of the config's attention plans: a reuse config reports its no-reuse twin's)."""
     summary = []
-    for config in configs:
-        rows = [r for r in video_rows if r["config"] == config.name]
+    floor = Config("dense", 1.0)  # the noise-floor rows, if any, summarised like a config
+    for config in [floor, *configs]:
+        name = NOISE_FLOOR if config is floor else config.name
+        rows = [r for r in video_rows if r["config"] == name]
         if not rows:
             continue
         attention = config.attention.name
-        errs = [r["rel_err"] for r in layer_rows if r["config"] == attention and r["layer"] >= config.dense_layers]
-        mean = lambda key: _mean(r[key] for r in rows)  # noqa: E731
+        layers = [r for r in layer_rows if r["config"] == attention and r["layer"] >= config.dense_layers]
+        errs = [r["rel_err"] for r in layers] if config is not floor else []
+        mean = lambda key: _mean(r.get(key) for r in rows)  # noqa: E731
+        attn_ms = _mean(r["attn_ms"] for r in layers)
+        dense_ms = _mean(r["dense_ms"] for r in layers)
         summary.append(dict(
-            config=config.name, method=config.method, density=config.density, dense_steps=config.dense_steps,
-            dense_layers=config.dense_layers, reuse=config.reuse, videos=len(rows), achieved=mean("achieved"),
-            replay_rate=mean("replay_rate"), psnr=mean("psnr"), psnr_min=min(r["psnr"] for r in rows),
-            ssim=mean("ssim"), ssim_min=min(r["ssim"] for r in rows), seconds=mean("seconds"),
-            dense_seconds=mean("dense_seconds"), layer_err=_mean(errs),
+            config=name, method=config.method, density=config.density, mass=config.mass, quant=config.quant,
+            dense_steps=config.dense_steps, dense_layers=config.dense_layers, reuse=config.reuse, videos=len(rows),
+            achieved=mean("achieved"), replay_rate=mean("replay_rate"), psnr=mean("psnr"),
+            psnr_min=min(r["psnr"] for r in rows), ssim=mean("ssim"), ssim_min=min(r["ssim"] for r in rows),
+            tdiff_err=mean("tdiff_err"), seconds=mean("seconds"), dense_seconds=mean("dense_seconds"),
+            layer_err=_mean(errs), attn_ms=attn_ms, dense_attn_ms=dense_ms,
+            attn_speedup=dense_ms / attn_ms if attn_ms and dense_ms else None,
         ))
     return summary
 
@@ -391,15 +480,18 @@ def format_table(summary: list[dict]) -> str:
     width = max([26] + [len(r["config"]) for r in summary])
     replay = any(r["replay_rate"] is not None for r in summary)
     head = (f"{'config':<{width}} {'videos':>6} {'achieved':>8}" + (f" {'replayed':>8}" if replay else "")
-            + f" {'PSNR dB':>8} {'min':>6} {'SSIM':>7} {'min':>7} {'layer err':>9} {'time s':>7} {'dense s':>7}")
+            + f" {'PSNR dB':>8} {'min':>6} {'SSIM':>7} {'min':>7} {'tdiff':>6} {'layer err':>9} {'attn x':>6}"
+            + f" {'time s':>7} {'dense s':>7}")
     lines = [head, "-" * len(head)]
     for r in summary:
         achieved = f"{r['achieved']:.3f}" if r["achieved"] is not None else "-"
         rate = (f" {r['replay_rate']:>8.3f}" if r["replay_rate"] is not None else f" {'-':>8}") if replay else ""
         err = f"{r['layer_err']:.4f}" if r["layer_err"] is not None else "-"
+        fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
         lines.append(
             f"{r['config']:<{width}} {r['videos']:>6} {achieved:>8}{rate} {r['psnr']:>8.2f} {r['psnr_min']:>6.1f} "
-            f"{r['ssim']:>7.4f} {r['ssim_min']:>7.4f} {err:>9} {r['seconds']:>7.1f} {r['dense_seconds']:>7.1f}"
+            f"{r['ssim']:>7.4f} {r['ssim_min']:>7.4f} {fmt(r['tdiff_err'], '.3f'):>6} {err:>9} "
+            f"{fmt(r['attn_speedup'], '.2f'):>6} {fmt(r['seconds'], '.1f'):>7} {r['dense_seconds']:>7.1f}"
         )
     return "\n".join(lines)
 
@@ -439,13 +531,38 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
         achieved = 1.0 if r["method"] == "none" else r["achieved"]  # reuse alone: full attention
         if r["method"] == "dense" or achieved is None:
             continue
-        key = r["method"] + (f" ds={r['dense_steps']}" if r["dense_steps"] is not None else "") + (
+        key = r["method"] + (" mass" if r.get("mass") is not None else "") + (f" {r['quant']}" if r.get("quant") else "") + (
+            f" ds={r['dense_steps']}" if r["dense_steps"] is not None else "") + (
             f" dl={r['dense_layers']}" if r["dense_layers"] != 1 else "") + (f" + {r['reuse']}" if r["reuse"] else "")
         curves.setdefault(key, []).append((achieved, min(r["psnr"], 60.0), r["ssim"]))
     if curves:
         files.append(viz.save_quality_curves(curves, out_dir / "quality_vs_density.png",
                                              title=f"{settings['pipeline']}: sparse vs dense, mean over {settings['cases']} videos"))
+    timed = [r for r in summary if r["attn_speedup"] is not None and r["method"] != "none"]
+    if timed:
+        files.append(_save_quality_vs_speed(timed, out_dir / "quality_vs_speed.png",
+                                            f"{settings['pipeline']}: quality vs attention speed, {settings['cases']} videos"))
     return files
+
+
+def _save_quality_vs_speed(summary: list[dict], path: Path, title: str) -> Path:
+    """PSNR vs the attention kernels' speedup over dense SDPA (mean over the sparse layers), one series
+    per method (mass budgets and 8-bit modes their own), the noise floor as a line."""
+    from .viz import _pyplot, save_figure
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    series: dict[str, list] = {}
+    for r in summary:
+        key = r["method"] + (" mass" if r["mass"] is not None else "") + (f" {r['quant']}" if r["quant"] else "")
+        series.setdefault(key, []).append((r["attn_speedup"], min(r["psnr"], 60.0)))
+    for key, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="s" if "mass" in key else "o", label=key)
+    ax.set(xlabel="attention speedup over dense SDPA (kernel time, same GPU)", ylabel="PSNR vs dense (dB)", xscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path, title)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -457,9 +574,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", nargs="+", default=None, help="labels (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=16, help="frames (default: %(default)s)")
-    parser.add_argument("--height", type=int, default=64, help="height in px (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=64, help="width in px (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=None, help="frames (default: the testbed's native)")
+    parser.add_argument("--height", type=int, default=None, help="height in px (default: the testbed's native)")
+    parser.add_argument("--width", type=int, default=None, help="width in px (default: the testbed's native)")
+    parser.add_argument("--held-out", type=int, default=0, metavar="N",
+                        help="testbed large: N cases with held-out motions (never drawn in training) instead of labels x seeds")
+    parser.add_argument("--masses", type=float, nargs="+", default=[],
+                        help="also a config per mass budget for draft/xattn (e.g. 0.8 0.9 0.95)")
+    parser.add_argument("--quant", nargs="+", choices=["int8", "fp8"], default=[],
+                        help="also every sparse config with 8-bit attention; with --methods dense: quantized dense attention")
+    parser.add_argument("--noise-floor", action=argparse.BooleanOptionalAction, default=None,
+                        help="also dense in float32 vs the pipeline's dtype (default: on where that is not float32)")
     parser.add_argument("--methods", nargs="+", default=["draft", "xattn", "window", "random"],
                         help="planners, or 'none': native attention, run only with each --reuse (default: %(default)s)")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.25], help="densities (default: %(default)s)")
@@ -496,8 +621,11 @@ def run(args) -> int:
     target = TARGETS[args.pipeline]
     if args.stats:
         return run_stats(target, args, device)
-    configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option))
+    configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option),
+                           masses=args.masses, quants=args.quant)
     pipe = target.load(args, device)
+    if args.noise_floor is None:
+        args.noise_floor = getattr(pipe, "dtype", torch.float32) != torch.float32
     cases = target.cases(pipe, args)
     print(f"[eval] {args.pipeline} on {_environment(device)}: {len(cases)} cases x ({len(configs)} configs + dense), "
           f"{args.steps} steps, {args.frames}x{args.height}x{args.width}"
