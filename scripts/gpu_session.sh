@@ -11,7 +11,7 @@
 # Results (logs, BENCHMARKS.md sections, JSON, profiles) are tarred into $OUT/<stages>.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RES=/tmp/sparsevid-results
+RES=${RES:-/tmp/sparsevid-results}  # RES=$OUT/... returns results even if the call is cut off
 mkdir -p "$RES"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # FlashAttention-4's compiled kernels persist on disk across the stages' processes; the first stage to
@@ -88,8 +88,8 @@ for s in "$@"; do
             --seeds 0 1 --videos 0 --quiet --no-noise-floor --out "$RES/quantdense"
         ;;
     quant)  # issue 15: 8-bit kernels vs their reference on the GPU, then kernel rows beside bf16 / FA4 / cuDNN
-        stage quant-tests timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_gpu.py -k quant
-        stage quant480 timeout 150 python3 -m sparsevid bench kernel --preset wan1.3b-480p --methods draft \
+        stage quant-tests timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_gpu.py -k quant
+        stage quant480 timeout 120 python3 -m sparsevid bench kernel --preset wan1.3b-480p --methods draft \
             --densities 1.0 0.1 --reps 20 --no-flex --backends ${QUANT_BACKENDS:-fa4 triton triton-int8 triton-fp8} \
             --out "$RES/quant480" "${BENCH[@]}"
         ;;
