@@ -173,3 +173,88 @@ def test_held_out_cases(tmp_path):
     assert all(r["tdiff_err"] is not None for r in rows)
     g = torch.Generator().manual_seed(1000)
     assert Motion.random(g, 4, held_out=True).held_out
+
+
+def test_held_out_case_builder_seeds_and_motions():
+    import argparse
+
+    from sparsevid.eval import TestbedTarget
+    from sparsevid.testbed import Motion
+
+    pipe = argparse.Namespace(labels=("bikes", "carphone", "coastguard"))
+    args = argparse.Namespace(labels=None, seeds=None, held_out=5)
+    cases = TestbedTarget().cases(pipe, args)
+    assert [c["seed"] for c in cases] == [0, 1, 2, 3, 4]  # seed i: no repeats
+    assert [c["label"] for c in cases] == ["bikes", "carphone", "coastguard", "bikes", "carphone"]
+    assert all(isinstance(c["motion"], Motion) and c["motion"].held_out for c in cases)
+    assert cases[3]["motion"] == Motion.random(torch.Generator().manual_seed(1003), 3, held_out=True)
+    assert len({c["motion"] for c in cases}) == 5
+    args.seeds = [7, 9]  # --seeds cycled
+    assert [c["seed"] for c in TestbedTarget().cases(pipe, args)] == [7, 9, 7, 9, 7]
+    args.held_out = 0  # labels x seeds as before; default seeds 0..3
+    assert len(TestbedTarget().cases(pipe, args)) == 6
+    args.seeds = None
+    assert [c["seed"] for c in TestbedTarget().cases(pipe, args)][::3] == [0, 1, 2, 3]
+
+
+def test_held_out_motion_reaches_the_pipeline():
+    from sparsevid.eval import TestbedTarget
+    from sparsevid.testbed import Motion
+
+    seen = {}
+
+    def pipe(**kwargs):
+        seen.update(kwargs)
+        return torch.zeros(2, 3, 8, 8)
+
+    import argparse
+
+    args = argparse.Namespace(steps=2, frames=2, height=8, width=8)
+    motion = Motion(reverse=True, speed=2, cx=0.8)
+    TestbedTarget().generate(pipe, dict(label="bikes", seed=3, motion=motion), args, False)
+    assert seen["motion"] is motion and seen["seed"] == 3
+    seen.clear()
+    TestbedTarget().generate(pipe, dict(label="bikes", seed=3), args, False)
+    assert "motion" not in seen
+
+
+def test_quant_configs_skip_token_plans_and_run_on_cpu(capsys):
+    from sparsevid.eval import make_configs
+
+    names = [c.name for c in make_configs(["draft", "finegrained", "dense"], [0.1], masses=[0.9], quants=["int8"],
+                                          device="cpu")]
+    assert "finegrained@0.1" in names and "finegrained@0.1 int8" not in names  # token plans: no 8-bit backend
+    assert {"draft@0.1 int8", "draft mass=0.9 int8", "dense int8 (ds=0, dl=0)"} <= set(names)
+    assert "finegrained" in capsys.readouterr().out
+
+
+def test_small_testbed_masses_tdiff_quant_dense(tmp_path, capsys):
+    """4 frames 32x32 on the small testbed: mass configs land at a measured density, tdiff_err everywhere,
+    quantized dense (reference-int8 on CPU) close to dense, --noise-floor skipped with a note on CPU."""
+    out = tmp_path / "small"
+    code = cli.main(["eval", "--seeds", "0", "--labels", "bikes", "--steps", "3", "--frames", "4", "--height", "32",
+                     "--width", "32", "--device", "cpu", "--quiet", "--methods", "dense", "draft", "--densities", "0.5",
+                     "--masses", "0.9", "--quant", "int8", "--noise-floor", "--videos", "0", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "--noise-floor skipped" in printed and "tdiff" in printed and "attn ms" in printed
+    res = json.loads((out / "results.json").read_text())
+    summary = {r["config"]: r for r in res["summary"]}
+    assert set(summary) == {"dense", "draft@0.5", "draft mass=0.9", "dense int8 (ds=0, dl=0)", "draft@0.5 int8",
+                            "draft mass=0.9 int8"}
+    assert 0 < summary["draft mass=0.9"]["achieved"] <= 1 and summary["draft mass=0.9"]["mass"] == 0.9
+    assert all(r["tdiff_err"] is not None for r in res["summary"])
+    assert all(r["attn_ms"] is None for r in res["summary"])  # kernel times on CUDA only
+    assert summary["dense int8 (ds=0, dl=0)"]["psnr"] > 25
+    assert res["settings"]["frames"] == 4 and res["settings"]["noise_floor"] is False
+    assert (out / "summary.csv").read_text().count("mass=0.9") >= 2
+
+
+def test_native_size_by_default():
+    import argparse
+
+    from sparsevid.eval import TestbedTarget
+
+    args = argparse.Namespace(testbed="small", held_out=0, weights=None, frames=None, height=48, width=None)
+    pipe = TestbedTarget().load(args, "cpu")
+    assert (args.frames, args.height, args.width) == (pipe.spec.sample["frames"], 48, pipe.spec.sample["width"])

@@ -74,8 +74,9 @@ class EvalTarget:
 
     name = "base"
 
-    def load(self, args, device):
-        """A pipeline-like object with ``.transformer`` and ``.scheduler`` (what ``sv.apply`` takes)."""
+    def load(self, args, device, dtype=None):
+        """A pipeline-like object with ``.transformer`` and ``.scheduler`` (what ``sv.apply`` takes);
+        ``dtype``: None = the pipeline's own (``--noise-floor`` loads a second one in float32)."""
         raise NotImplementedError
 
     def cases(self, pipe, args) -> list[dict]:
@@ -93,14 +94,14 @@ class TestbedTarget(EvalTarget):
     __test__ = False
     name = "testbed"
 
-    def load(self, args, device):
+    def load(self, args, device, dtype=None):
         from . import testbed
 
         large = getattr(args, "testbed", "small") == "large"
         if getattr(args, "held_out", 0) and not large:
             raise ValueError("Expect --held-out with --testbed large (the small testbed has no motion condition)")
         size = {"name": "large"} if large else {}  # small: the default
-        pipe = testbed.load_pipeline(device=device, weights=getattr(args, "weights", None), **size)
+        pipe = testbed.load_pipeline(device=device, dtype=dtype, weights=getattr(args, "weights", None), **size)
         for key in ("frames", "height", "width"):  # unset: the testbed's native size
             if getattr(args, key, None) is None:
                 setattr(args, key, pipe.spec.sample[key])
@@ -114,10 +115,11 @@ class TestbedTarget(EvalTarget):
             if label not in pipe.labels:
                 raise ValueError(f"Expect --labels from {list(pipe.labels)} but got {label!r}")
         if getattr(args, "held_out", 0):  # conditions the training never drew (testbed-l's held-out motions)
-            return [dict(label=labels[i % len(labels)], seed=args.seeds[i % len(args.seeds)] + i,
+            seeds = args.seeds or range(args.held_out)  # seed i, or --seeds cycled
+            return [dict(label=labels[i % len(labels)], seed=seeds[i % len(seeds)],
                          motion=Motion.random(torch.Generator().manual_seed(1000 + i), len(pipe.labels), held_out=True))
                     for i in range(args.held_out)]
-        return [dict(label=label, seed=seed) for seed in args.seeds for label in labels]
+        return [dict(label=label, seed=seed) for seed in (args.seeds or DEFAULT_SEEDS) for label in labels]
 
     def generate(self, pipe, case, args, progress):
         motion = {"motion": case["motion"]} if "motion" in case else {}
@@ -128,6 +130,7 @@ class TestbedTarget(EvalTarget):
 
 
 TARGETS: dict[str, EvalTarget] = {"testbed": TestbedTarget()}
+DEFAULT_SEEDS = (0, 1, 2, 3)  # --seeds unset (with --held-out N: seed i for case i)
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -161,13 +164,14 @@ class Config:
         """This configuration without reuse (whose plans the per-layer error measures)."""
         return replace(self, reuse=None)
 
-    def check(self) -> None:
+    def check(self, device=None) -> None:
         """Raise the error :func:`sparsevid.apply` would raise for this configuration, before any work."""
         from .integrations.core import SparseVidConfig, validate_config
 
         if self.method != "none":
             validate_config(SparseVidConfig(self.method, self.density, self.mass, self.dense_steps, self.dense_layers,
-                                            planner_options=dict(self.options), quant=self.quant), has_schedule=True)
+                                            planner_options=dict(self.options), quant=self.quant), has_schedule=True,
+                            device=device)
 
     def apply(self, pipe):
         import sparsevid as sv
@@ -187,12 +191,13 @@ def _parse_dense_steps(text: str):
 
 
 def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=(), options=None,
-                 masses=(), quants=()) -> list[Config]:
+                 masses=(), quants=(), device=None) -> list[Config]:
     """Every method x density x warm-up, each without reuse and with every ``reuse`` SPEC;
     ``none`` (native attention) with every SPEC only. ``options`` (planner keyword arguments, e.g.
     ``block_size``) go to every sparse config. ``masses``: also a config per mass budget for the
     methods that take one (``draft``, ``xattn``). ``quants``: every sparse config again with each
     8-bit mode, and ``dense`` with it becomes quantized dense attention on every layer and step.
+    ``device``: where they will run (an 8-bit mode no backend runs there is refused now).
 
     Raises:
         ValueError: a bad SPEC (named), or ``none`` without any SPEC.
@@ -221,13 +226,22 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
     for method, mass, ds, dl in itertools.product(methods, masses, dense_steps, dense_layers):
         if method in _MASS_METHODS:
             configs.append(Config(method, None, ds, dl, None, dict(options or {}), mass=mass))
+    skipped = {}
     for config, quant in itertools.product(list(configs), quants):
         if config.method == "dense":
             configs.append(replace(config, quant=quant, dense_steps=0, dense_layers=0))
         elif config.method != "none" and config.reuse is None:
-            configs.append(replace(config, quant=quant))
+            quantized = replace(config, quant=quant)
+            try:
+                quantized.check(device)
+            except TypeError:  # token plans (finegrained): no 8-bit backend runs them
+                skipped.setdefault(config.method, set()).add(quant)
+                continue
+            configs.append(quantized)
+    for method, modes in skipped.items():
+        print(f"[eval] no {'/'.join(sorted(modes))} configs for {method}: no 8-bit backend runs its plans")
     for config in configs:  # every setting checked before any generation (as sparsevid.apply would)
-        config.check()
+        config.check(device)
     return configs
 
 
@@ -332,7 +346,7 @@ def layer_errors(layers, grid, text_first: bool, configs: list[Config]) -> list[
     return rows
 
 
-def _gpu_ms(fn, warmup: int = 2, reps: int = 5) -> float:
+def _gpu_ms(fn, warmup: int = 3, reps: int = 10) -> float:
     """Median CUDA-event time of ``fn`` in ms (the kernel with its plan made: planning not included)."""
     for _ in range(warmup):
         fn()
@@ -375,8 +389,11 @@ def _case_fields(case: dict) -> dict:
     return fields
 
 
-def _noise_floor(target, pipe, case, args, dense) -> dict | None:
-    """PSNR/SSIM of the dense video in the pipeline's low precision vs float32 from the same seed."""
+def _noise_floor(target, pipe, case, args, dense, reference=None) -> dict | None:
+    """PSNR/SSIM of the dense video in the pipeline's low precision vs float32 from the same seed
+    (``reference``: a float32 pipeline with the same weights; None: ``pipe`` cast to float32 and back)."""
+    if reference is not None:
+        return video_metrics(dense, target.generate(reference, case, args, False))
     if getattr(pipe, "dtype", torch.float32) == torch.float32 or not hasattr(pipe, "to"):
         return None
     dtype = pipe.dtype
@@ -388,9 +405,11 @@ def _noise_floor(target, pipe, case, args, dense) -> dict | None:
     return video_metrics(dense, video)
 
 
-def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos: int = 0, progress: bool = True) -> dict:
+def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos: int = 0, progress: bool = True,
+             reference=None) -> dict:
     """Run every case dense and under every config. Returns per-video rows, per-layer rows and, for
-    the first ``keep_videos`` cases, the videos themselves (``{case name: {config name: video}}``)."""
+    the first ``keep_videos`` cases, the videos themselves (``{case name: {config name: video}}``).
+    ``reference``: a float32 copy of the pipeline for ``args.noise_floor`` (None: ``pipe`` cast to float32 and back)."""
     cases = target.cases(pipe, args)
     capture_step = args.capture_step if args.capture_step is not None else math.ceil(0.2 * args.steps)
     capture_step = min(capture_step, args.steps - 1)
@@ -410,7 +429,7 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
             attention = list(dict.fromkeys(c.attention for c in configs if c.method != "none"))
             for row in layer_errors(capture.layers, capture.grid, capture.text_first, attention):
                 layer_rows.append(dict(case=name, **_case_fields(case), step=capture_step, **row))
-        floor = _noise_floor(target, pipe, case, args, dense) if getattr(args, "noise_floor", False) else None
+        floor = _noise_floor(target, pipe, case, args, dense, reference) if getattr(args, "noise_floor", False) else None
         if floor is not None:
             video_rows.append(dict(case=name, **_case_fields(case), config=NOISE_FLOOR, method="dense", density=1.0,
                                    achieved=1.0, seconds=None, dense_seconds=dense_s, **floor))
@@ -424,7 +443,7 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
             metrics = video_metrics(video, dense)
             video_rows.append(dict(
                 case=name, **_case_fields(case), config=config.name, method=config.method, density=config.density,
-                dense_steps=config.dense_steps, dense_layers=config.dense_layers, reuse=config.reuse,
+                mass=config.mass, quant=config.quant, dense_steps=config.dense_steps, dense_layers=config.dense_layers, reuse=config.reuse,
                 achieved=stats["mean_density"], replay_rate=_replay_rate(stats), seconds=seconds,
                 dense_seconds=dense_s, **metrics,
             ))
@@ -480,7 +499,7 @@ def format_table(summary: list[dict]) -> str:
     width = max([26] + [len(r["config"]) for r in summary])
     replay = any(r["replay_rate"] is not None for r in summary)
     head = (f"{'config':<{width}} {'videos':>6} {'achieved':>8}" + (f" {'replayed':>8}" if replay else "")
-            + f" {'PSNR dB':>8} {'min':>6} {'SSIM':>7} {'min':>7} {'tdiff':>6} {'layer err':>9} {'attn x':>6}"
+            + f" {'PSNR dB':>8} {'min':>6} {'SSIM':>7} {'min':>7} {'tdiff':>6} {'layer err':>9} {'attn ms':>8} {'attn x':>6}"
             + f" {'time s':>7} {'dense s':>7}")
     lines = [head, "-" * len(head)]
     for r in summary:
@@ -491,7 +510,7 @@ def format_table(summary: list[dict]) -> str:
         lines.append(
             f"{r['config']:<{width}} {r['videos']:>6} {achieved:>8}{rate} {r['psnr']:>8.2f} {r['psnr_min']:>6.1f} "
             f"{r['ssim']:>7.4f} {r['ssim_min']:>7.4f} {fmt(r['tdiff_err'], '.3f'):>6} {err:>9} "
-            f"{fmt(r['attn_speedup'], '.2f'):>6} {fmt(r['seconds'], '.1f'):>7} {r['dense_seconds']:>7.1f}"
+            f"{fmt(r['attn_ms'], '.3f'):>8} {fmt(r['attn_speedup'], '.2f'):>6} {fmt(r['seconds'], '.1f'):>7} {r['dense_seconds']:>7.1f}"
         )
     return "\n".join(lines)
 
@@ -572,7 +591,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which testbed with --pipeline testbed (default: %(default)s)")
     parser.add_argument("--weights", default=None, help="testbed weights file (default: the committed ones)")
     parser.add_argument("--labels", nargs="+", default=None, help="labels (default: all)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seeds (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds (default: 0 1 2 3; with --held-out N: case i gets seed i, or --seeds cycled)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=None, help="frames (default: the testbed's native)")
     parser.add_argument("--height", type=int, default=None, help="height in px (default: the testbed's native)")
@@ -622,20 +642,32 @@ def run(args) -> int:
     if args.stats:
         return run_stats(target, args, device)
     configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option),
-                           masses=args.masses, quants=args.quant)
+                           masses=args.masses, quants=args.quant, device=device)
     pipe = target.load(args, device)
+    low_precision = getattr(pipe, "dtype", torch.float32) != torch.float32
     if args.noise_floor is None:
-        args.noise_floor = getattr(pipe, "dtype", torch.float32) != torch.float32
+        args.noise_floor = low_precision
+    elif args.noise_floor and not low_precision:
+        print(f"[eval] --noise-floor skipped: the pipeline already runs in float32 on {device}")
+        args.noise_floor = False
+    reference = None
+    if args.noise_floor:  # the same weights loaded in float32 (not the low-precision ones cast up)
+        try:
+            reference = target.load(args, device, dtype=torch.float32)
+        except (NotImplementedError, TypeError):
+            reference = None  # _noise_floor casts the pipeline to float32 and back
     cases = target.cases(pipe, args)
     print(f"[eval] {args.pipeline} on {_environment(device)}: {len(cases)} cases x ({len(configs)} configs + dense), "
           f"{args.steps} steps, {args.frames}x{args.height}x{args.width}"
           + (f", planner options {dict(args.option)}" if args.option else ""))
     start = time.perf_counter()
-    result = evaluate(target, pipe, args, configs, keep_videos=args.videos, progress=not args.quiet)
+    result = evaluate(target, pipe, args, configs, keep_videos=args.videos, progress=not args.quiet, reference=reference)
     summary = summarize(result["videos"], result["layers"], configs)
     settings = dict(
         pipeline=args.pipeline, device=_environment(device), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        cases=len(cases), seeds=args.seeds, labels=args.labels or list(getattr(pipe, "labels", [])), steps=args.steps,
+        cases=len(cases), seeds=list(dict.fromkeys(c["seed"] for c in cases)),
+        labels=args.labels or list(getattr(pipe, "labels", [])), steps=args.steps, testbed=getattr(args, "testbed", None),
+        held_out=getattr(args, "held_out", 0), masses=args.masses, quant=args.quant, noise_floor=args.noise_floor,
         frames=args.frames, height=args.height, width=args.width, capture_step=result["capture_step"],
         configs=[dict(asdict(c), name=c.name) for c in configs], seconds=time.perf_counter() - start,
         weights_info=getattr(pipe, "info", None),
@@ -682,7 +714,7 @@ def run_stats(target: EvalTarget, args, device) -> int:
         for row in stats.layer_stats(capture.layers, grid, capture.text_first, tiling=tiling):
             rows.append(dict(case=_case_name(case), **row))
     settings = dict(pipeline=args.pipeline, testbed=getattr(args, "testbed", None), device=_environment(device),
-                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cases=len(cases), seeds=args.seeds,
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cases=len(cases), seeds=list(dict.fromkeys(c["seed"] for c in cases)),
                     labels=args.labels or list(getattr(pipe, "labels", [])), steps=args.steps, capture_step=step,
                     frames=args.frames, height=args.height, width=args.width, grid=list(grid), tiling=tiling,
                     fractions=list(stats.FRACTIONS), seconds=time.perf_counter() - start)
