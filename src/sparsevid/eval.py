@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .bench.common import option_pair
+from .bench.common import option_pair, time_ms
 from .reuse.spec import parse_reuse
 
 __all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "generate_comparison", "video_metrics"]
@@ -346,19 +346,9 @@ def layer_errors(layers, grid, text_first: bool, configs: list[Config]) -> list[
     return rows
 
 
-def _gpu_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+def _gpu_ms(fn) -> float:
     """Median CUDA-event time of ``fn`` in ms (the kernel with its plan made: planning not included)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return time_ms(fn, reps=10, warmup=3)
 
 
 # ---------------------------------------------------------------------------------------- harness
