@@ -37,7 +37,7 @@ import triton.language as tl
 from ..backends import register_backend
 from ..plan import BlockPlan
 from .reference_quant import TINY
-from .triton_blocksparse import _explicit, _prune, launch_tables
+from .triton_blocksparse import _configs, _explicit, _prune, launch_tables  # the bf16 kernel's config space
 
 __all__ = ["quant_block_sparse_attn", "quant_sparse_attention_triton", "quantize_triton"]
 
@@ -175,17 +175,6 @@ def _quant_attn_inner(
 
 
 # --------------------------------------------------------------------------------------- autotune
-def _configs():
-    if _INTERPRET:  # the CPU interpreter runs every config: one small one (BLOCK_N=16 splits blocks > 16)
-        return [triton.Config({"BLOCK_N": 16, "NUM_STAGES": 2}, num_warps=4, num_stages=2)]
-    return [
-        triton.Config({"BLOCK_N": bn, "NUM_STAGES": s}, num_warps=w, num_stages=s)
-        for bn in [64, 128]
-        for s in [2, 3, 4]
-        for w in [4, 8]
-    ]
-
-
 def keep(conf):
     """Configs worth timing on Hopper: 8 warps (two warpgroups over the 128-row query tile) at 2-4
     stages, and 4 warps at 2-3 stages (8-bit tiles take half the shared memory of bf16 ones, so
