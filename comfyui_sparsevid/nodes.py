@@ -19,6 +19,7 @@ class SparseVidAttention:
     def INPUT_TYPES(cls):
         import sparsevid
         from sparsevid.backends import backend_names
+        from sparsevid.tail import TAIL_METHODS
 
         return {
             "required": {
@@ -36,17 +37,22 @@ class SparseVidAttention:
                 "replan_every": ("INT", {"default": 1, "min": 1, "max": 100,
                                          "tooltip": "recompute each layer's plan every this many steps"}),
                 "backend": (backend_names(), {"default": "auto"}),
-            }
+            },
+            "optional": {
+                "tail": (["none", *TAIL_METHODS], {"default": "none",
+                                                   "tooltip": "none: skipped blocks dropped; pooled: kept in the "
+                                                              "softmax as one summary each (mean key and value)"}),
+            },
         }
 
-    def patch(self, model, method, budget, amount, dense_steps, dense_layers, replan_every, backend):
+    def patch(self, model, method, budget, amount, dense_steps, dense_layers, replan_every, backend, tail="none"):
         from sparsevid.integrations.comfyui import apply
 
         density, mass = (amount, None) if budget == "density" else (None, amount)
         if method == "dense":
             density = mass = None
         return (apply(model, method, density, mass=mass, dense_steps=dense_steps, dense_layers=dense_layers,
-                      replan_every=replan_every, backend=backend),)
+                      replan_every=replan_every, backend=backend, tail=None if tail == "none" else tail),)
 
 
 NODE_CLASS_MAPPINGS = {"SparseVidAttention": SparseVidAttention}

@@ -101,6 +101,11 @@ for s in "$@"; do
         stage fastcar-test timeout 100 python3 -m sparsevid bench decode --rates 0.1 0.2 0.3 --agreement 0.97 \
             --frontier "$RES/fastcar_frontier.png" --batches 1 8 --calib 16 --reps 2 --out "$RES/fastcar_test" "${BENCH[@]}"
         ;;
+    tailsweep)  # issue 22: tail variants on testbed-l, 8 held-out cases, every density, per-step errors
+        stage tailsweep timeout "${SWEEP_S:-420}" python3 -m sparsevid eval --testbed large --held-out 8 --steps 20 \
+            --methods draft --densities ${SWEEP_DENSITIES:-0.05 0.1 0.25 0.5} --tail ${SWEEP_TAILS:-none pooled} \
+            --no-layer-error --videos 0 --quiet --out "$RES/tailsweep"
+        ;;
     *)
         echo "unknown stage $s" >&2
         ;;

@@ -16,6 +16,7 @@ import torch
 
 from .backends import Backend, available_backends, check_quant, describe_backends, resolve_backend
 from .plan import BlockPlan
+from .tail import check_tail
 from .token_plan import TokenPlan
 
 __all__ = ["Backend", "available_backends", "describe_backends", "sparse_attention"]
@@ -78,6 +79,7 @@ def sparse_attention(
     scale: float | None = None,
     backend: str | Backend = "auto",
     quant: str | None = None,
+    tail: str | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention ``softmax(q kᵀ · scale + plan mask) v``, in the original token order.
 
@@ -99,10 +101,15 @@ def sparse_attention(
             sm89+). Forward only. ``auto`` picks a quantized backend only when ``quant`` asks for one;
             a named quantized backend (``backend="triton-int8"``) runs its own quantization. The
             quantization and its error bounds: :mod:`sparsevid.kernels.reference_quant`.
+        tail (str | None): what the key blocks the plan skips contribute. ``None`` (default): nothing,
+            the kept probabilities are renormalised. A summary method of :mod:`sparsevid.tail`
+            (``"pooled"``, ...) keeps each skipped block in the same softmax as summary terms of this
+            call's k and v. A ``BlockPlan`` only; exact attention only (``quant=None``); backends
+            ``reference``, ``triton``, ``fa4`` (``auto`` picks among them).
 
     Returns:
-        Tensor ``(batch, heads, L, head_dim)`` in q's dtype. Entries outside the plan get zero weight,
-        exactly like ``scaled_dot_product_attention(q, k, v, attn_mask=plan.to_mask())``.
+        Tensor ``(batch, heads, L, head_dim)`` in q's dtype. With ``tail=None``, entries outside the plan
+        get zero weight, exactly like ``scaled_dot_product_attention(q, k, v, attn_mask=plan.to_mask())``.
 
     Raises:
         TypeError / ValueError: naming the argument, before any kernel launch; a named backend that
@@ -113,9 +120,25 @@ def sparse_attention(
     _check_inputs(q, k, v, plan)
     scale = check_scale(scale, q.shape[-1])
     quant = check_quant(quant)
+    method = check_tail(tail)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if quant is not None and needs_grad:
         raise ValueError(f"Expect inputs without requires_grad with quant={quant!r} (8-bit attention is forward "
                          "only) but q, k or v requires grad; use quant=None to train, or torch.no_grad()")
-    spec = resolve_backend(backend, q, plan, needs_grad, quant)
-    return spec.fn(q, k, v, plan, scale)
+    if method is not None:
+        check_tail_plan(method, plan, quant)
+    spec = resolve_backend(backend, q, plan, needs_grad, quant, method)
+    if method is None:
+        return spec.fn(q, k, v, plan, scale)
+    return spec.fn(q, k, v, plan, scale, tail=method)
+
+
+def check_tail_plan(method, plan, quant) -> None:
+    """A tail needs a ``BlockPlan`` whose blocks its groups divide, and exact attention."""
+    if quant is not None:
+        raise ValueError(f"Expect quant=None with tail={method.name!r} (the 8-bit kernels have no tail pass) but got "
+                         f"quant={quant!r}; use one of them")
+    if not isinstance(plan, BlockPlan):
+        raise TypeError(f"Expect a BlockPlan with tail={method.name!r} but got a {type(plan).__name__} (NYI: summaries "
+                        "of a token plan's skipped keys); use tail=None with it")
+    method.group_size(plan.layout)

@@ -66,6 +66,7 @@ class BackendSpec:
     description: str
     quant: str | None = None
     min_capability: tuple[int, int] | None = None
+    tail: bool = False
 
     def installed(self) -> str | None:
         """``None`` when the backend's software is importable, else the reason (checked once)."""
@@ -93,9 +94,9 @@ class BackendSpec:
                           f"and {device} is {major}.{minor}")
         return reason
 
-    def refusal(self, q: torch.Tensor, plan, needs_grad: bool = False) -> tuple[type[Exception], str] | None:
+    def refusal(self, q: torch.Tensor, plan, needs_grad: bool = False, tail=None) -> tuple[type[Exception], str] | None:
         """Why this backend cannot run ``q`` with ``plan`` (exception type and message), or None.
-        ``needs_grad``: q, k or v requires grad (and grad is enabled)."""
+        ``needs_grad``: q, k or v requires grad (and grad is enabled); ``tail``: a summary method is asked."""
         name, device = self.name, q.device
         if device.type not in self.devices:
             return ValueError, (f"Expect tensors on {' or '.join(self.devices)} for backend {name!r} but got "
@@ -117,6 +118,8 @@ class BackendSpec:
         if not self.backward and needs_grad:
             return ValueError, (f"Expect inputs without requires_grad for backend {name!r} (forward only) but "
                                 "q, k or v requires grad; use backend='reference' to train, or torch.no_grad()")
+        if tail is not None and not self.tail:
+            return ValueError, tail_refusal(name, tail)
         return None
 
 
@@ -140,6 +143,7 @@ def register_backend(
     description: str = "",
     quant: str | None = None,
     min_capability: tuple[int, int] | None = None,
+    tail: bool = False,
 ):
     """Decorator: register ``fn(q, k, v, plan, scale) -> out`` (inputs already validated).
 
@@ -159,6 +163,8 @@ def register_backend(
             ``auto`` picks it only for that ``quant=``.
         min_capability (tuple[int, int] | None): lowest CUDA compute capability it runs on, e.g.
             ``(8, 9)`` for FP8 tensor cores.
+        tail (bool): it keeps the skipped blocks as summaries (:mod:`sparsevid.tail`): it is then called
+            ``fn(q, k, v, plan, scale, tail=method)`` when ``tail=`` asks; ``auto`` skips it otherwise.
     """
 
     def wrap(fn):
@@ -169,7 +175,7 @@ def register_backend(
         _REGISTRY[name] = BackendSpec(
             name, fn, tuple(plans), tuple(devices), tuple(dtypes), head_dims, block_sizes, gpu_majors, backward,
             priority, tuple(auto_devices), requires, description, quant,
-            tuple(min_capability) if min_capability is not None else None,
+            tuple(min_capability) if min_capability is not None else None, tail,
         )
         return fn
 
@@ -205,9 +211,10 @@ def backend_names() -> list[str]:
 
 
 def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: bool = False,
-                    quant: str | None = None) -> BackendSpec:
+                    quant: str | None = None, tail=None) -> BackendSpec:
     """The backend that runs ``q`` with ``plan``: the named one, or ``auto``'s choice (``needs_grad``:
-    q, k or v requires grad; ``quant``: ``None`` for exact attention, or ``"int8"`` / ``"fp8"``).
+    q, k or v requires grad; ``quant``: ``None`` for exact attention, or ``"int8"`` / ``"fp8"``; ``tail``:
+    a :class:`~sparsevid.tail.TailMethod`, which ``auto`` gives only to backends that run it).
 
     ``auto`` considers only backends whose declared ``quant`` equals ``quant``. A named backend must
     compute the ``quant`` asked for; ``quant=None`` with a named quantized backend runs that backend
@@ -225,12 +232,12 @@ def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: b
         candidates = sorted((s for s in registry.values() if q.device.type in s.auto_devices and s.quant == quant),
                             key=lambda s: -s.priority)
         for spec in candidates:
-            if spec.refusal(q, plan, needs_grad) is None:
+            if spec.refusal(q, plan, needs_grad, tail) is None:
                 return spec
         if quant is None:
             name = Backend.REFERENCE.value
         elif candidates:
-            exc, message = candidates[0].refusal(q, plan, needs_grad)
+            exc, message = candidates[0].refusal(q, plan, needs_grad, tail)
             raise exc(f"quant={quant!r}: {message}")
         else:
             raise ValueError(f"Expect a device with a quant={quant!r} backend (cuda, cpu) but got {q.device}; "
@@ -240,7 +247,7 @@ def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: b
         fitting = [s.name for s in registry.values() if s.quant == quant]
         raise ValueError(f"Expect a backend computing quant={quant!r} ({', '.join(fitting)} or 'auto') but got "
                          f"backend {name!r}, which computes {spec.quant or 'exact attention'}; use backend='auto'")
-    refusal = spec.refusal(q, plan, needs_grad)
+    refusal = spec.refusal(q, plan, needs_grad, tail)
     if refusal is not None:
         exc, message = refusal
         raise exc(message)
@@ -252,6 +259,18 @@ def check_quant(quant) -> str | None:
     if quant is not None and (not isinstance(quant, str) or quant not in QUANT_MODES):
         raise ValueError(f"Expect quant in (None, {', '.join(repr(m) for m in QUANT_MODES)}) but got {quant!r}")
     return quant
+
+
+def tail_backends() -> list[str]:
+    """The registered backends that run ``tail=`` (keep the skipped blocks as summaries)."""
+    return [s.name for s in _registry().values() if s.tail]
+
+
+def tail_refusal(name: str, tail) -> str:
+    """Why backend ``name`` refuses ``tail=`` (one message for the call and for ``apply``)."""
+    return (f"Expect a backend that runs tail={getattr(tail, 'name', tail)!r} ({', '.join(tail_backends())} or 'auto') "
+            f"but got backend {name!r} ({_registry()[name].description}), which has no tail pass; "
+            "use tail=None with it")
 
 
 def backend_spec(name: str) -> BackendSpec:
@@ -276,7 +295,7 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
     """Every registered backend with its declared capabilities and whether it is usable on ``device``.
 
     Each entry: ``name``, ``plans``, ``devices``, ``dtypes``, ``head_dims``, ``block_sizes``,
-    ``gpu_majors``, ``min_capability``, ``quant``, ``backward``, ``priority``, ``auto`` (device types
+    ``gpu_majors``, ``min_capability``, ``quant``, ``tail``, ``backward``, ``priority``, ``auto`` (device types
     where ``auto`` may pick it),
     ``usable`` (bool), ``reason`` (why not, or ``None``) and ``description``.
     """
@@ -291,7 +310,7 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
             block_sizes=list(spec.block_sizes) if spec.block_sizes else "any",
             gpu_majors=list(spec.gpu_majors) if spec.gpu_majors else "any",
             min_capability=".".join(map(str, spec.min_capability)) if spec.min_capability else "any",
-            quant=spec.quant, backward=spec.backward,
+            quant=spec.quant, tail=spec.tail, backward=spec.backward,
             priority=spec.priority, auto=list(spec.auto_devices), usable=reason is None, reason=reason,
             description=spec.description,
         ))

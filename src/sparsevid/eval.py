@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from .bench.common import option_pair, time_ms
 from .reuse.spec import parse_reuse
+from .tail import TAIL_METHODS
 
 __all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "generate_comparison", "video_metrics"]
 
@@ -146,6 +147,7 @@ class Config:
     options: dict = field(default_factory=dict, compare=False, hash=False)
     mass: float | None = None  # a mass budget instead of a density (draft, xattn)
     quant: str | None = None  # 8-bit attention (sparsevid.apply(quant=...))
+    tail: str | None = None  # summaries of the skipped blocks (sparsevid.apply(tail=...))
 
     @property
     def name(self) -> str:
@@ -157,6 +159,7 @@ class Config:
         density = "" if self.method in ("dense", "none") else (
             f" mass={self.mass:g}" if self.mass is not None else f"@{self.density:g}")
         return (f"{self.method}{density}" + (f" {self.quant}" if self.quant else "")
+                + (f" tail={self.tail}" if self.tail else "")
                 + (f" ({', '.join(warm)})" if warm else "") + (f" + {self.reuse}" if self.reuse else ""))
 
     @property
@@ -170,15 +173,15 @@ class Config:
 
         if self.method != "none":
             validate_config(SparseVidConfig(self.method, self.density, self.mass, self.dense_steps, self.dense_layers,
-                                            planner_options=dict(self.options), quant=self.quant), has_schedule=True,
-                            device=device)
+                                            planner_options=dict(self.options), quant=self.quant, tail=self.tail),
+                            has_schedule=True, device=device)
 
     def apply(self, pipe):
         import sparsevid as sv
 
         return sv.apply(
             pipe, method=None if self.method == "none" else self.method, density=self.density, mass=self.mass,
-            quant=self.quant, dense_steps=self.dense_steps, dense_layers=self.dense_layers,
+            quant=self.quant, tail=self.tail, dense_steps=self.dense_steps, dense_layers=self.dense_layers,
             reuse=parse_reuse(self.reuse) if self.reuse else None, **self.options,
         )
 
@@ -191,12 +194,14 @@ def _parse_dense_steps(text: str):
 
 
 def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=(), options=None,
-                 masses=(), quants=(), device=None) -> list[Config]:
+                 masses=(), quants=(), device=None, tails=(None,)) -> list[Config]:
     """Every method x density x warm-up, each without reuse and with every ``reuse`` SPEC;
     ``none`` (native attention) with every SPEC only. ``options`` (planner keyword arguments, e.g.
     ``block_size``) go to every sparse config. ``masses``: also a config per mass budget for the
     methods that take one (``draft``, ``xattn``). ``quants``: every sparse config again with each
     8-bit mode, and ``dense`` with it becomes quantized dense attention on every layer and step.
+    ``tails``: every exact sparse config (not ``dense``, reuse or 8-bit ones) once per ``tail=`` value
+    (``None``: skipped blocks dropped), the same plans with and without summaries in one run.
     ``device``: where they will run (an 8-bit mode no backend runs there is refused now).
 
     Raises:
@@ -240,6 +245,21 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
             configs.append(quantized)
     for method, modes in skipped.items():
         print(f"[eval] no {'/'.join(sorted(modes))} configs for {method}: no 8-bit backend runs its plans")
+    with_tail = []
+    for config in configs:
+        if config.method in ("dense", "none") or config.quant is not None or config.reuse is not None:
+            with_tail.append(config)  # nothing skipped to summarise, or no tail pass (8-bit)
+            continue
+        for tail in tails:
+            tailed = replace(config, tail=tail)
+            if tail is not None:
+                try:
+                    tailed.check(device)
+                except TypeError:  # token plans (finegrained): no backend runs a tail on them
+                    print(f"[eval] no tail={tail} config for {config.method}: its plans are not block plans")
+                    continue
+            with_tail.append(tailed)
+    configs = with_tail
     for config in configs:  # every setting checked before any generation (as sparsevid.apply would)
         config.check(device)
     return configs
@@ -338,12 +358,35 @@ def layer_errors(layers, grid, text_first: bool, configs: list[Config]) -> list[
         dense_ms = _gpu_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)) if timed else None
         for config in configs:
             p = make_plan(q, k, layout, config.method, density=config.density, mass=config.mass, **config.options)
-            out = sparse_attention(q, k, v, p, scale=scale, quant=config.quant).float()
+            call = lambda: sparse_attention(q, k, v, p, scale=scale, quant=config.quant, tail=config.tail)  # noqa: E731
+            out = call().float()
             rows.append(dict(config=config.name, layer=index, density=float(p.density),
                              rel_err=float((out - reference).norm() / reference.norm()), dense_ms=dense_ms,
-                             attn_ms=_gpu_ms(lambda: sparse_attention(q, k, v, p, scale=scale, quant=config.quant))
-                             if timed else None))
+                             attn_ms=_gpu_ms(call) if timed else None))
     return rows
+
+
+class StepErrors:
+    """Per-layer error at every sparse step of a generation, on its own trajectory: each sparse attention
+    call's output against dense SDPA on the same q, k, v (a session observer; one host read per call,
+    measurement only). Rows: ``step``, ``layer``, ``rel_err``."""
+
+    def __init__(self, handle, **fields):
+        self.rows: list[dict] = []
+        self.fields = fields
+        self.sessions = list(handle.sessions)
+        for session in self.sessions:
+            session.observers.append(self)
+
+    @torch.no_grad()
+    def __call__(self, layer, step, query, key, value, out, scale):
+        reference = F.scaled_dot_product_attention(query, key, value, scale=scale).float()
+        err = float((out.float() - reference).norm() / reference.norm().clamp_min(1e-30))
+        self.rows.append(dict(self.fields, step=step, layer=layer, rel_err=err))
+
+    def remove(self) -> None:
+        for session in self.sessions:
+            session.observers.remove(self)
 
 
 def _gpu_ms(fn) -> float:
@@ -396,14 +439,18 @@ def _noise_floor(target, pipe, case, args, dense, reference=None) -> dict | None
 
 
 def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos: int = 0, progress: bool = True,
-             reference=None) -> dict:
-    """Run every case dense and under every config. Returns per-video rows, per-layer rows and, for
-    the first ``keep_videos`` cases, the videos themselves (``{case name: {config name: video}}``).
-    ``reference``: a float32 copy of the pipeline for ``args.noise_floor`` (None: ``pipe`` cast to float32 and back)."""
+             reference=None, checkpoint=None) -> dict:
+    """Run every case dense and under every config. Returns per-video rows, per-layer rows (at the capture
+    step, on the dense run's q/k/v), per-step rows (every sparse call of every generation against dense
+    attention on its own inputs, when ``args.step_error``) and, for the first ``keep_videos`` cases, the
+    videos themselves (``{case name: {config name: video}}``). ``reference``: a float32 copy of the
+    pipeline for ``args.noise_floor`` (None: ``pipe`` cast to float32 and back). ``checkpoint(result)``:
+    called after every configuration's video with the rows so far (so a cut-off run keeps them)."""
     cases = target.cases(pipe, args)
     capture_step = args.capture_step if args.capture_step is not None else math.ceil(0.2 * args.steps)
     capture_step = min(capture_step, args.steps - 1)
-    video_rows, layer_rows, kept = [], [], {}
+    video_rows, layer_rows, step_rows, kept = [], [], [], {}
+    result = dict(videos=video_rows, layers=layer_rows, steps=step_rows, kept=kept, capture_step=capture_step)
     bar = tqdm(cases, desc="cases", unit="case", disable=not progress)
     for i, case in enumerate(bar):
         name = _case_name(case)
@@ -425,10 +472,14 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
                                    achieved=1.0, seconds=None, dense_seconds=dense_s, **floor))
         for config in configs:
             handle = config.apply(pipe)
+            errors = StepErrors(handle, case=name, config=config.name) if getattr(args, "step_error", False) else None
             try:
                 video, seconds = _timed_generate(target, pipe, case, args, progress)
                 stats = handle.stats()
             finally:
+                if errors is not None:
+                    errors.remove()
+                    step_rows.extend(errors.rows)
                 handle.remove()
             metrics = video_metrics(video, dense)
             video_rows.append(dict(
@@ -438,9 +489,11 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
                 dense_seconds=dense_s, **metrics,
             ))
             videos[config.name] = video
+            if checkpoint is not None:
+                checkpoint(result)
         if i < keep_videos:
             kept[name] = videos
-    return dict(videos=video_rows, layers=layer_rows, kept=kept, capture_step=capture_step)
+    return result
 
 
 NOISE_FLOOR = "dense fp32 (noise floor)"
@@ -457,9 +510,14 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Config]) -> list[dict]:
-    """Mean over cases per config (PSNR/SSIM/time/achieved density/replay rate) and mean per-layer
-    error (of the config's attention plans: a reuse config reports its no-reuse twin's)."""
+def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Config],
+              step_rows: list[dict] = ()) -> list[dict]:
+    """Mean over cases per config (PSNR/SSIM/time/achieved density/replay rate), mean per-layer
+    error (of the config's attention plans: a reuse config reports its no-reuse twin's), the per-step
+    error over the generation (``step_err``: mean over every sparse call; ``step_err_max``: the worst
+    (step, layer) cell's mean over cases) and, for a config with a tail, ``vs_no_tail``: the mean
+    paired PSNR difference against the same config without one (same cases)."""
+    psnr = {(r["case"], r["config"]): r["psnr"] for r in video_rows}
     summary = []
     floor = Config("dense", 1.0)  # the noise-floor rows, if any, summarised like a config
     for config in [floor, *configs]:
@@ -473,6 +531,15 @@ def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Conf
         mean = lambda key: _mean(r.get(key) for r in rows)  # noqa: E731
         attn_ms = _mean(r["attn_ms"] for r in layers)
         dense_ms = _mean(r["dense_ms"] for r in layers)
+        cells: dict[tuple, list] = {}
+        for r in step_rows:
+            if r["config"] == name:
+                cells.setdefault((r["step"], r["layer"]), []).append(r["rel_err"])
+        paired = None
+        if config.tail is not None:
+            twin = replace(config, tail=None).name
+            diffs = [r["psnr"] - psnr[(r["case"], twin)] for r in rows if (r["case"], twin) in psnr]
+            paired = _mean(diffs)
         summary.append(dict(
             config=name, method=config.method, density=config.density, mass=config.mass, quant=config.quant,
             dense_steps=config.dense_steps, dense_layers=config.dense_layers, reuse=config.reuse, videos=len(rows),
@@ -480,7 +547,9 @@ def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Conf
             psnr_min=min(r["psnr"] for r in rows), ssim=mean("ssim"), ssim_min=min(r["ssim"] for r in rows),
             tdiff_err=mean("tdiff_err"), seconds=mean("seconds"), dense_seconds=mean("dense_seconds"),
             layer_err=_mean(errs), attn_ms=attn_ms, dense_attn_ms=dense_ms,
-            attn_speedup=dense_ms / attn_ms if attn_ms and dense_ms else None,
+            attn_speedup=dense_ms / attn_ms if attn_ms and dense_ms else None, tail=config.tail,
+            step_err=_mean(e for errs_ in cells.values() for e in errs_),
+            step_err_max=max((_mean(e) for e in cells.values()), default=None), vs_no_tail=paired,
         ))
     return summary
 
@@ -488,9 +557,12 @@ def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Conf
 def format_table(summary: list[dict]) -> str:
     width = max([26] + [len(r["config"]) for r in summary])
     replay = any(r["replay_rate"] is not None for r in summary)
+    steps = any(r.get("step_err") is not None for r in summary)
+    tails = any(r.get("tail") for r in summary)
     head = (f"{'config':<{width}} {'videos':>6} {'achieved':>8}" + (f" {'replayed':>8}" if replay else "")
-            + f" {'PSNR dB':>8} {'min':>6} {'SSIM':>7} {'min':>7} {'tdiff':>6} {'layer err':>9} {'attn ms':>8} {'attn x':>6}"
-            + f" {'time s':>7} {'dense s':>7}")
+            + f" {'PSNR dB':>8} {'min':>6} {'SSIM':>7} {'min':>7} {'tdiff':>6} {'layer err':>9}"
+            + (f" {'step err':>8} {'max':>6}" if steps else "") + (f" {'vs none':>7}" if tails else "")
+            + f" {'attn ms':>8} {'attn x':>6} {'time s':>7} {'dense s':>7}")
     lines = [head, "-" * len(head)]
     for r in summary:
         achieved = f"{r['achieved']:.3f}" if r["achieved"] is not None else "-"
@@ -500,7 +572,9 @@ def format_table(summary: list[dict]) -> str:
         lines.append(
             f"{r['config']:<{width}} {r['videos']:>6} {achieved:>8}{rate} {r['psnr']:>8.2f} {r['psnr_min']:>6.1f} "
             f"{r['ssim']:>7.4f} {r['ssim_min']:>7.4f} {fmt(r['tdiff_err'], '.3f'):>6} {err:>9} "
-            f"{fmt(r['attn_ms'], '.3f'):>8} {fmt(r['attn_speedup'], '.2f'):>6} {fmt(r['seconds'], '.1f'):>7} {r['dense_seconds']:>7.1f}"
+            + (f"{fmt(r.get('step_err'), '.4f'):>8} {fmt(r.get('step_err_max'), '.3f'):>6} " if steps else "")
+            + (f"{fmt(r.get('vs_no_tail'), '+.2f'):>7} " if tails else "")
+            + f"{fmt(r['attn_ms'], '.3f'):>8} {fmt(r['attn_speedup'], '.2f'):>6} {fmt(r['seconds'], '.1f'):>7} {r['dense_seconds']:>7.1f}"
         )
     return "\n".join(lines)
 
@@ -519,18 +593,41 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: dict, fps: int = 8) -> list[Path]:
-    from . import viz
-
+def write_tables(out_dir: Path, result: dict, summary: list[dict], settings: dict) -> list[Path]:
+    """The numbers: ``results.json``, ``table.txt`` and the CSVs (also written after every configuration)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
     (out_dir / "results.json").write_text(json.dumps(
-        dict(settings=settings, summary=summary, videos=result["videos"], layers=result["layers"]), indent=1, default=str))
-    files.append(out_dir / "results.json")
-    for name, rows in (("videos.csv", result["videos"]), ("layers.csv", result["layers"]), ("summary.csv", summary)):
+        dict(settings=settings, summary=summary, videos=result["videos"], layers=result["layers"],
+             steps=step_table(result.get("steps", []))), indent=1, default=str))
+    (out_dir / "table.txt").write_text(format_table(summary) + "\n")
+    files = [out_dir / "results.json", out_dir / "table.txt"]
+    for name, rows in (("videos.csv", result["videos"]), ("layers.csv", result["layers"]),
+                       ("steps.csv", step_table(result.get("steps", []))), ("summary.csv", summary)):
         if rows:
             _write_csv(out_dir / name, rows)
             files.append(out_dir / name)
+    return files
+
+
+def step_table(step_rows: list[dict]) -> list[dict]:
+    """Per (config, step, layer): the mean and max over cases of the per-call error (the per-layer x
+    step table that shows where an approximation breaks)."""
+    cells: dict[tuple, list] = {}
+    for r in step_rows:
+        cells.setdefault((r["config"], r["step"], r["layer"]), []).append(r["rel_err"])
+    return [dict(config=c, step=st, layer=la, rel_err=_mean(e), rel_err_max=max(e), cases=len(e))
+            for (c, st, la), e in cells.items()]
+
+
+def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: dict, fps: int = 8) -> list[Path]:
+    from . import viz
+
+    files = write_tables(out_dir, result, summary, settings)
+    steps = step_table(result.get("steps", []))
+    if steps:
+        files.append(_save_step_errors(steps, out_dir / "step_errors.png",
+                                       f"{settings['pipeline']}: relative error of each sparse layer's attention vs "
+                                       f"dense on the same inputs, every step (mean over {settings['cases']} videos)"))
     for case, videos in result["kept"].items():
         stem = _slug(case.replace(" seed ", "_s"))
         files.append(viz.write_video(viz.side_by_side(videos), out_dir / f"side_by_side_{stem}.mp4", fps=fps))
@@ -540,7 +637,7 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
         achieved = 1.0 if r["method"] == "none" else r["achieved"]  # reuse alone: full attention
         if r["method"] == "dense" or achieved is None:
             continue
-        key = r["method"] + (" mass" if r.get("mass") is not None else "") + (f" {r['quant']}" if r.get("quant") else "") + (
+        key = _series(r) + (
             f" ds={r['dense_steps']}" if r["dense_steps"] is not None else "") + (
             f" dl={r['dense_layers']}" if r["dense_layers"] != 1 else "") + (f" + {r['reuse']}" if r["reuse"] else "")
         curves.setdefault(key, []).append((achieved, min(r["psnr"], 60.0), r["ssim"]))
@@ -554,6 +651,44 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
     return files
 
 
+def _series(r: dict) -> str:
+    """The curve a summary row belongs to: its method, budget kind, 8-bit mode and tail."""
+    return (r["method"] + (" mass" if r.get("mass") is not None else "") + (f" {r['quant']}" if r.get("quant") else "")
+            + (f" tail={r['tail']}" if r.get("tail") else ""))
+
+
+def _save_step_errors(cells: list[dict], path: Path, title: str) -> Path:
+    """One layer x step heatmap of the mean per-call error per config, on one colour scale (a cell that
+    stands out is where an approximation breaks)."""
+    from .viz import _pyplot, save_figure
+
+    plt = _pyplot()
+    configs = list(dict.fromkeys(c["config"] for c in cells))
+    steps = sorted({c["step"] for c in cells})
+    layers = sorted({c["layer"] for c in cells})
+    top = max(c["rel_err"] for c in cells)
+    cols = min(4, len(configs))
+    rows = math.ceil(len(configs) / cols)
+    fig, grid_axes = plt.subplots(rows, cols + 1, figsize=(3.2 * cols + 0.8, 0.3 * len(layers) * rows + 1.4 * rows),
+                                  squeeze=False, gridspec_kw={"width_ratios": [1] * cols + [0.06]})
+    axes = grid_axes[:, :cols]
+    for ax in grid_axes[1:, cols]:
+        ax.axis("off")
+    for ax, config in zip(axes.flat, configs):
+        grid = torch.full((len(layers), len(steps)), float("nan"))
+        for c in cells:
+            if c["config"] == config:
+                grid[layers.index(c["layer"]), steps.index(c["step"])] = c["rel_err"]
+        image = ax.imshow(grid.numpy(), aspect="auto", vmin=0, vmax=top, cmap="magma",
+                          extent=(steps[0] - 0.5, steps[-1] + 0.5, layers[-1] + 0.5, layers[0] - 0.5))
+        ax.set_title(config, fontsize=8)
+        ax.set(xlabel="step", ylabel="layer")
+    for ax in list(axes.flat)[len(configs):]:
+        ax.axis("off")
+    fig.colorbar(image, cax=grid_axes[0, cols], label="rel. L2 error vs dense")
+    return save_figure(fig, path, title)
+
+
 def _save_quality_vs_speed(summary: list[dict], path: Path, title: str) -> Path:
     """PSNR vs the attention kernels' speedup over dense SDPA (mean over the sparse layers), one series
     per method (mass budgets and 8-bit modes their own), the noise floor as a line."""
@@ -563,8 +698,7 @@ def _save_quality_vs_speed(summary: list[dict], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7.2, 4.4))
     series: dict[str, list] = {}
     for r in summary:
-        key = r["method"] + (" mass" if r["mass"] is not None else "") + (f" {r['quant']}" if r["quant"] else "")
-        series.setdefault(key, []).append((r["attn_speedup"], min(r["psnr"], 60.0)))
+        series.setdefault(_series(r), []).append((r["attn_speedup"], min(r["psnr"], 60.0)))
     for key, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="s" if "mass" in key else "o", label=key)
@@ -593,6 +727,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also a config per mass budget for draft/xattn (e.g. 0.8 0.9 0.95)")
     parser.add_argument("--quant", nargs="+", choices=["int8", "fp8"], default=[],
                         help="also every sparse config with 8-bit attention; with --methods dense: quantized dense attention")
+    parser.add_argument("--tail", nargs="+", choices=["none", *TAIL_METHODS], default=["none"],
+                        help="what the skipped blocks contribute, one config per value for every exact sparse config: "
+                             "none (dropped) or a summary method of sparsevid.tail (default: %(default)s)")
+    parser.add_argument("--step-error", action=argparse.BooleanOptionalAction, default=True,
+                        help="per-layer error at every sparse step of every generation, on its own trajectory "
+                             "(steps.csv, step_errors.png; one dense attention per sparse call) (default: on)")
     parser.add_argument("--noise-floor", action=argparse.BooleanOptionalAction, default=None,
                         help="also dense in float32 vs the pipeline's dtype (default: on where that is not float32)")
     parser.add_argument("--methods", nargs="+", default=["draft", "xattn", "window", "random"],
@@ -632,7 +772,8 @@ def run(args) -> int:
     if args.stats:
         return run_stats(target, args, device)
     configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option),
-                           masses=args.masses, quants=args.quant, device=device)
+                           masses=args.masses, quants=args.quant, device=device,
+                           tails=[None if t == "none" else t for t in args.tail])
     pipe = target.load(args, device)
     low_precision = getattr(pipe, "dtype", torch.float32) != torch.float32
     if args.noise_floor is None:
@@ -651,20 +792,27 @@ def run(args) -> int:
           f"{args.steps} steps, {args.frames}x{args.height}x{args.width}"
           + (f", planner options {dict(args.option)}" if args.option else ""))
     start = time.perf_counter()
-    result = evaluate(target, pipe, args, configs, keep_videos=args.videos, progress=not args.quiet, reference=reference)
-    summary = summarize(result["videos"], result["layers"], configs)
-    settings = dict(
+    settings = lambda result: dict(  # noqa: E731
         pipeline=args.pipeline, device=_environment(device), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         cases=len(cases), seeds=list(dict.fromkeys(c["seed"] for c in cases)),
         labels=args.labels or list(getattr(pipe, "labels", [])), steps=args.steps, testbed=getattr(args, "testbed", None),
         held_out=getattr(args, "held_out", 0), masses=args.masses, quant=args.quant, noise_floor=args.noise_floor,
         frames=args.frames, height=args.height, width=args.width, capture_step=result["capture_step"],
         configs=[dict(asdict(c), name=c.name) for c in configs], seconds=time.perf_counter() - start,
-        weights_info=getattr(pipe, "info", None),
+        weights_info=getattr(pipe, "info", None), tails=args.tail, step_error=args.step_error,
     )
+
+    def checkpoint(result):  # the tables so far, after every configuration's video
+        write_tables(Path(args.out), result, summarize(result["videos"], result["layers"], configs, result["steps"]),
+                     settings(result))
+
+    result = evaluate(target, pipe, args, configs, keep_videos=args.videos, progress=not args.quiet, reference=reference,
+                      checkpoint=checkpoint)
+    summary = summarize(result["videos"], result["layers"], configs, result["steps"])
     print(format_table(summary))
-    files = write_outputs(Path(args.out), result, summary, settings)
-    print(f"[eval] {settings['seconds']:.0f} s; wrote " + ", ".join(str(f) for f in files))
+    done = settings(result)
+    files = write_outputs(Path(args.out), result, summary, done)
+    print(f"[eval] {done['seconds']:.0f} s; wrote " + ", ".join(str(f) for f in files))
     return 0
 
 

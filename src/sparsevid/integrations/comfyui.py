@@ -127,13 +127,14 @@ def apply(
     replan_every: int = 1,
     backend: str = "auto",
     quant: str | None = None,
+    tail: str | None = None,
     **planner_options,
 ):
     """A clone of ComfyUI ``ModelPatcher`` ``model`` whose video self-attention runs sparse.
 
     Args:
         model: ComfyUI's ``MODEL`` (a ``comfy.model_patcher.ModelPatcher``); it is not changed.
-        method, density, mass, dense_layers, replan_every, backend, quant, planner_options: as
+        method, density, mass, dense_layers, replan_every, backend, quant, tail, planner_options: as
             :func:`sparsevid.apply` (:class:`~sparsevid.integrations.core.SparseVidConfig`).
         dense_steps (int | float): leading sampling steps run dense: a fraction of the sampler's
             steps (default 0.2), or an int count.
@@ -149,7 +150,7 @@ def apply(
     diffusion_model = model.model.diffusion_model
     spec = model_spec(diffusion_model, framework="comfyui")
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
-                             dict(planner_options), quant=quant)
+                             dict(planner_options), quant=quant, tail=tail)
     validate_config(config, has_schedule=True, device=model.load_device)
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})

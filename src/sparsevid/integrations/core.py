@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import sparse_attention
-from ..backends import _registry, backend_spec, check_backend_name, check_quant
+from ..attention import check_tail_plan, sparse_attention
+from ..backends import _registry, backend_spec, check_backend_name, check_quant, tail_refusal
 from ..layout import VideoLayout
 from ..models import ModelSpec
 from ..planners import _check_fraction, available_planners, check_options
 from ..planners import plan as make_plan
+from ..tail import check_tail
 
 __all__ = ["DEFAULT_DENSE_STEP_FRACTION", "SparseSession", "SparseVidConfig", "validate_config"]
 
@@ -57,6 +58,8 @@ class SparseVidConfig:
             see ``sparse_attention``). Dense layers and steps keep the user's own attention backend;
             with ``method="dense"`` the layers past ``dense_layers``/``dense_steps`` run the full plan
             through the quantized kernel (``dense_layers=0, dense_steps=0`` quantizes every layer).
+        tail (str | None): what the key blocks a plan skips contribute (see ``sparse_attention`` and
+            :mod:`sparsevid.tail`): ``None`` drops them; ``"pooled"`` keeps them as summary terms.
     """
 
     method: str | None = "draft"
@@ -69,6 +72,7 @@ class SparseVidConfig:
     planner_options: dict = field(default_factory=dict)
     tile_order: bool | None = None
     quant: str | None = None
+    tail: str | None = None
 
     @property
     def layout_options(self) -> dict:
@@ -116,6 +120,10 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
             )
     backend = check_backend_name(config.backend)
     quant = check_quant(config.quant)
+    tail = check_tail(config.tail)
+    if tail is not None and config.method is None:
+        raise ValueError(f"Expect a method with tail={tail.name!r} (it completes the plans sparsevid computes) but got "
+                         "method=None")
     if quant is not None and config.method is None:
         raise ValueError(f"Expect a method with quant={quant!r} (it quantizes the attention sparsevid computes) but "
                          "got method=None; pass method='dense' for quantized dense attention")
@@ -132,6 +140,10 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
     plan = make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
     if quant is not None:
         _check_quant_backend(quant, backend, plan, config.method, device)
+    if tail is not None:
+        check_tail_plan(tail, plan, quant)
+        if backend != "auto" and not backend_spec(backend).tail:
+            raise ValueError(tail_refusal(backend, tail))
     if backend != "auto":
         spec = backend_spec(backend)
         if not isinstance(plan, spec.plans):
@@ -191,6 +203,9 @@ class SparseSession:
         self.dense_calls = 0  # attention calls of hooked layers left native (dense layers and steps)
         self.plans_made = 0
         self._density_sum: torch.Tensor | None = None  # on the device: no sync per plan
+        # called as ``observe(layer, step, query, key, value, out, scale)`` after each sparse call (measurement
+        # harnesses, e.g. eval's per-step error; empty in normal use)
+        self.observers: list = []
 
     # ------------------------------------------------------------------ schedule
     def reset(self) -> None:
@@ -307,7 +322,11 @@ class SparseSession:
                 density = plan.density_per_head().mean()
                 self._density_sum = density if self._density_sum is None else self._density_sum + density
         self.sparse_calls += 1
-        return sparse_attention(query, key, value, cached[1], scale=scale, backend=config.backend, quant=config.quant)
+        out = sparse_attention(query, key, value, cached[1], scale=scale, backend=config.backend, quant=config.quant,
+                               tail=config.tail)
+        for observe in self.observers:
+            observe(tag[0], self.step, query, key, value, out, scale)
+        return out
 
     def _with_key_padding(self, query, key, value, lengths: list[int], scale, tag) -> torch.Tensor:
         """Joint attention whose padded text keys are masked (text after the video, padded at its end).

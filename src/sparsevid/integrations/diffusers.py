@@ -348,6 +348,7 @@ def apply(
     reuse=None,
     tile_order: bool | None = None,
     quant: str | None = None,
+    tail: str | None = None,
     **planner_options,
 ) -> SparseVidHandle:
     """Make ``target``'s video self-attention sparse. See :class:`SparseVidConfig` for the options.
@@ -367,6 +368,9 @@ def apply(
             sparse; dense layers and steps keep the user's attention backend. ``method="dense",
             quant="int8"`` asks for quantized dense attention (a full plan through the 8-bit kernel;
             add ``dense_layers=0, dense_steps=0`` for every layer and step). Forward only.
+        tail (str | None): what the key blocks a plan skips contribute: ``None`` (default) drops them;
+            ``"pooled"`` keeps each as a summary term in the same softmax (:mod:`sparsevid.tail`).
+            Backends ``fa4``, ``triton``, ``reference``; refused with ``quant=`` and token plans.
 
     Returns:
         SparseVidHandle; ``handle.remove()`` (or :func:`remove`) restores native behaviour exactly.
@@ -379,7 +383,7 @@ def apply(
 
     transformers, scheduler = _transformers_of(target)
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
-                             dict(planner_options), tile_order, quant)
+                             dict(planner_options), tile_order, quant, tail)
     device = next((p.device for p in transformers[0].parameters()), None) if transformers else None
     validate_config(config, has_schedule=scheduler is not None, device=device)
     token_replay, step_cache = split_reuse(reuse)  # TypeError / ValueError naming reuse, before any hook

@@ -16,6 +16,7 @@ import torch
 
 from ..backends import register_backend
 from ..plan import BlockPlan
+from ..tail import TailSummaries, summarize_reference, tail_logits
 from ..token_plan import TokenPlan
 
 # Gathered key/value elements per chunk (float32): about 64 MiB each for k and v.
@@ -32,6 +33,8 @@ def sparse_attention_reference(
     block_size: int,
     scale: float,
     probs_fn=None,
+    tail: TailSummaries | None = None,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q over the kept key blocks, computed in float32, returned in q's dtype.
 
@@ -44,6 +47,10 @@ def sparse_attention_reference(
         scale (float): softmax scale.
         probs_fn (callable | None): ``scores -> probabilities`` (default ``softmax``); the
             quantization reference rounds P with it.
+        tail (TailSummaries | None): summaries of k and v (:mod:`sparsevid.tail`): each query row's
+            skipped key groups join its softmax as one term each; ``None`` drops them.
+        kept (Tensor | None): with ``tail``, bool ``(B or 1, H or 1, NB, NB)``, the plan as a block mask
+            (``plan.to_dense()``): which key blocks' groups are computed exactly, not summarised.
 
     Returns:
         Tensor ``(B, H, L, D)`` contiguous, original token order.
@@ -61,9 +68,30 @@ def sparse_attention_reference(
         valid = valid_block[..., None] & (k_tok >= 0)
         return k_tok.flatten(-2), valid.flatten(-2)
 
+    if tail is not None:
+        return _attend(q, k, v, slots, counts, keys, block_size, scale,
+                       tail=_tail_terms(tail, kept.expand(B, H, nb, nb), scale))
     if probs_fn is None:
         return _attend(q, k, v, slots, counts, keys, block_size, scale)
     return _attend(q, k, v, slots, counts, keys, block_size, scale, probs_fn=probs_fn)
+
+
+def kept_blocks(plan: BlockPlan) -> torch.Tensor:
+    """bool ``(B or 1, H or 1, NB, NB)``: the plan as a block mask (``plan.to_dense()``), kept with the plan."""
+    return plan.derived("kept_blocks", plan.to_dense)
+
+
+def _tail_terms(tail: TailSummaries, kept: torch.Tensor, scale: float):
+    """``terms(qg, blocks) -> (logits, values)`` for :func:`_attend`: the summary groups of the key blocks
+    that query blocks ``blocks`` skip, as extra softmax columns (kept blocks' groups masked out)."""
+    values = tail.values.float().unsqueeze(2)  # (B, H, 1, NS, D)
+
+    def terms(qg, blocks):
+        logits = tail_logits(qg, tail, scale)  # (B, H, c, bs, NS)
+        skipped = ~kept[:, :, blocks].repeat_interleave(tail.per_block, dim=-1)  # (B, H, c, NS)
+        return logits.masked_fill(~skipped.unsqueeze(-2), float("-inf")), values
+
+    return terms
 
 
 def sparse_attention_reference_tokens(
@@ -104,7 +132,7 @@ def sparse_attention_reference_tokens(
     return _attend(q, k, v, perm.view(nb, block_size), counts, keys, 1, scale)
 
 
-def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None):
+def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None, tail=None):
     """Chunks of query blocks against their gathered keys: the one computation of all twins.
 
     ``counts`` ``(B, H, NB)``: kept keys of each query block, in units of ``key_unit`` tokens.
@@ -112,6 +140,8 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None):
     ``(B, H, c, n * key_unit)`` (any value where invalid) and their validity.
     ``probs_fn(scores)``: the probabilities multiplied with v (default ``softmax``; the quantization
     reference rounds them as its kernel does).
+    ``tail(qg, blocks) -> (logits (B, H, c, bs, NS), values (B, H, 1, NS, D))``: summary terms that join
+    the same softmax (:func:`_tail_terms`); ``None`` drops the skipped keys.
     """
     B, H, L, D = q.shape
     nb, block_size = slots.shape
@@ -142,8 +172,13 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None):
 
         scores = torch.matmul(qg, kg.transpose(-1, -2)) * scale  # (B, H, c, bs, n)
         scores = scores.masked_fill(~valid.view(B, H, c, 1, n), float("-inf"))
-        probs = torch.softmax(scores, dim=-1) if probs_fn is None else probs_fn(scores)
-        og = torch.matmul(probs, vg).view(B, H, c * block_size, D)
+        if tail is not None:  # one softmax over the exact keys and the summary terms
+            tail_scores, tail_values = tail(qg, blocks)
+            probs = torch.softmax(torch.cat([scores, tail_scores], dim=-1), dim=-1)
+            og = (torch.matmul(probs[..., :n], vg) + torch.matmul(probs[..., n:], tail_values)).view(B, H, c * block_size, D)
+        else:
+            probs = torch.softmax(scores, dim=-1) if probs_fn is None else probs_fn(scores)
+            og = torch.matmul(probs, vg).view(B, H, c * block_size, D)
         out[:, :, q_tok[q_real]] = og[:, :, q_real].to(q.dtype)
         m0 = m1
     return out
@@ -151,12 +186,14 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None):
 
 @register_backend(
     "reference", plans=(BlockPlan, TokenPlan), devices=("cpu", "cuda", "mps", "xpu"), backward=True, priority=0,
-    auto_devices=("cpu", "cuda", "mps", "xpu"),
+    auto_devices=("cpu", "cuda", "mps", "xpu"), tail=True,
     description="pure PyTorch, float32 math, chunked: any device, autograd, the oracle of the kernels",
 )
-def _reference_backend(q, k, v, plan, scale):
+def _reference_backend(q, k, v, plan, scale, tail=None):
     if isinstance(plan, TokenPlan):
         return sparse_attention_reference_tokens(
             q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale
         )
-    return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size, scale)
+    summaries = None if tail is None else summarize_reference(k, v, plan.layout, tail)
+    return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size, scale,
+                                      tail=summaries, kept=None if tail is None else kept_blocks(plan))

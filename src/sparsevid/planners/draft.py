@@ -10,39 +10,15 @@ over the whole map by default, as in the paper, or per query block.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 
 from ..layout import VideoLayout
 from ..plan import BlockPlan
+from ..pooling import pool_blocks
 from . import register_planner
 from ._select import keep_by_budget
-
-
-def pool_blocks(x: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
-    """Mean of each block's real tokens: ``(B, H, L, D)`` -> float32 ``(B, H, NB, D)``.
-
-    On CUDA a Triton kernel reads ``x`` once through the permutation; elsewhere
-    :func:`pool_blocks_reference`.
-    """
-    tables = layout.on(x.device)
-    if x.is_cuda and importlib.util.find_spec("triton") is not None:
-        from ..kernels.triton_pool import pool_blocks_triton
-
-        return pool_blocks_triton(x, tables.perm, tables.block_tokens, layout.block_size)
-    return pool_blocks_reference(x, layout)
-
-
-def pool_blocks_reference(x: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
-    """PyTorch twin of the pooling kernel: one head at a time in float32 (never a float32 copy of x)."""
-    B, H, L, D = x.shape
-    tables = layout.on(x.device)
-    pooled = torch.zeros(B, H, layout.num_blocks, D, dtype=torch.float32, device=x.device)
-    for h in range(H):
-        pooled[:, h].index_add_(1, tables.block_of_token, x[:, h].float())
-    return pooled / tables.block_tokens.float()[:, None]
 
 
 def draft_scores(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> torch.Tensor:

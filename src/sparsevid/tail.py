@@ -1,0 +1,154 @@
+"""The tail: what happens to the key blocks a plan skips (execution, not planning).
+
+A plan says which (query block, key block) pairs are computed exactly; everything else is the
+*tail*. ``tail=None`` drops it: the kept probabilities are renormalised to 1 (the plain block-sparse
+result, bit for bit). A summary method keeps it in the same softmax: every skipped key block (or
+every ``group`` consecutive tile-order tokens of it) contributes one term, built from the k and v
+of the current call, so a query row's probability mass outside its kept blocks is no longer thrown
+away. The plan stays data; which terms are summaries follows from it (the groups of its skipped
+blocks), and backends compute them beside the exact pass.
+
+For a summary group ``g`` of ``n_g`` key tokens (mean key ``k̄_g``, mean value ``v̄_g``) and a query
+row ``q_i`` (scale ``s``), the group enters the softmax of row ``i`` as one key with logit and value
+
+    ``z_ig = s q_i·k̄_g + log n_g``                                    (``"pooled"``)
+    ``z_ig += min(½ s² Σ_d q_id² σ²_gd,  s |q_i| r_g)``               (``"pooled-var"``)
+
+and value ``v̄_g``. ``n_g exp(s q_i·k̄_g)`` is the group's softmax mass when its keys are equal (then
+the summary is exact, with constant values) and a lower bound otherwise (Jensen); ``pooled-var``
+adds the second-order (Gaussian) estimate of ``log mean_t exp(s q_i·(k_t − k̄_g))`` from the keys'
+per-channel variance ``σ²_g``, clipped to the bound that term can never exceed, ``s |q_i| r_g`` with
+``r_g = max_t |k_t − k̄_g|``, so the correction stays bounded at every step and layer.
+
+Cost, per query row and skipped group: one ``D``-dot for the logit and one for the value (twice
+that for ``pooled-var``'s variance term), i.e. ``(1 − density) · block_size / group`` of one key block
+per kept key — about ``1 / (density · group)`` of the sparse pass (7.8% at density 0.1 and 128-token
+groups) — plus one pass over k and v for the summaries.
+
+Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blocks, ``NS`` summary
+groups (``NB * block_size // group``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from .layout import VideoLayout
+from .pooling import group_mean_reference, group_tables
+
+__all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "summarize", "tail_logits"]
+
+
+@dataclass(frozen=True)
+class TailMethod:
+    """One way to summarise the skipped blocks.
+
+    Attributes:
+        name (str): the ``tail=`` value.
+        variance (bool): add the clipped key-variance term to the logit (``pooled-var``).
+        group (int | None): key tokens per summary (consecutive tile-order slots); ``None``: one
+            summary per key block.
+        description (str): one line for docs and ``describe``.
+    """
+
+    name: str
+    variance: bool
+    group: int | None
+    description: str
+
+    def group_size(self, layout: VideoLayout) -> int:
+        """Tokens per summary on ``layout`` (its block size, or the method's group where that divides it)."""
+        group = self.group or layout.block_size
+        if layout.block_size % group:
+            raise ValueError(f"Expect tail={self.name!r}'s group of {group} tokens to divide block_size="
+                             f"{layout.block_size}; use a block size that is a multiple of {group}")
+        return group
+
+
+TAIL_METHODS: dict[str, TailMethod] = {m.name: m for m in (
+    TailMethod("pooled", False, None, "one summary per skipped key block: mean key + log n bias, mean value"),
+    TailMethod("pooled-var", True, None, "as pooled, plus the keys' clipped per-channel variance in the logit"),
+    TailMethod("pooled-32", False, 32, "as pooled, one summary per 32 consecutive tile-order keys"),
+    TailMethod("pooled-var-32", True, 32, "as pooled-var, one summary per 32 consecutive tile-order keys"),
+)}
+
+
+def check_tail(tail) -> TailMethod | None:
+    """Validate a ``tail=`` value: ``None`` (drop the skipped blocks) or a name in :data:`TAIL_METHODS`."""
+    if tail is None:
+        return None
+    if isinstance(tail, TailMethod):
+        return tail
+    if not isinstance(tail, str) or tail not in TAIL_METHODS:
+        raise ValueError(f"Expect tail in (None, {', '.join(repr(n) for n in TAIL_METHODS)}) but got {tail!r}")
+    return TAIL_METHODS[tail]
+
+
+@dataclass(frozen=True)
+class TailSummaries:
+    """The summary terms of one call's k and v (see the module docstring for their meaning).
+
+    Attributes:
+        keys (Tensor): ``(B, H, NS, D)`` mean key of each group.
+        values (Tensor): ``(B, H, NS, D)`` mean value of each group.
+        log_count (Tensor): float32 ``(NS,)``: ``log n_g`` (``-inf`` for empty groups of a short last block).
+        key_var (Tensor | None): float32 ``(B, H, NS, D)`` per-channel key variance (``pooled-var``).
+        key_radius (Tensor | None): float32 ``(B, H, NS)`` ``max_t |k_t − k̄_g|`` (``pooled-var``).
+        per_block (int): groups per key block (``block_size // group``): group ``j`` lies in block ``j // per_block``.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    log_count: torch.Tensor
+    key_var: torch.Tensor | None
+    key_radius: torch.Tensor | None
+    per_block: int
+
+
+def summarize(k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, method: TailMethod) -> TailSummaries:
+    """The summaries of ``k``, ``v`` ``(B, H, L, D)`` over ``layout``'s groups: one Triton pass over k and v
+    on CUDA (keys and values in k's dtype), :func:`summarize_reference` elsewhere (float32)."""
+    group = method.group_size(layout)
+    if k.is_cuda and importlib.util.find_spec("triton") is not None:
+        from .kernels.triton_tail import summarize_triton
+
+        return summarize_triton(k, v, layout, group, method.variance)
+    return summarize_reference(k, v, layout, method)
+
+
+def summarize_reference(k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, method: TailMethod) -> TailSummaries:
+    """PyTorch twin of the summary kernel, float32 (differentiable: the reference backend trains with it)."""
+    group = method.group_size(layout)
+    group_of_token, group_tokens = group_tables(layout, group, k.device)
+    keys = group_mean_reference(k, group_of_token, group_tokens)
+    values = group_mean_reference(v, group_of_token, group_tokens)
+    log_count = group_tokens.float().log()
+    key_var = key_radius = None
+    if method.variance:
+        centred = k.float() - keys[:, :, group_of_token]
+        key_var = group_mean_reference(centred.square(), group_of_token, group_tokens)
+        distance = centred.norm(dim=-1)  # (B, H, L)
+        key_radius = distance.new_zeros(*distance.shape[:2], group_tokens.numel()).scatter_reduce_(
+            2, group_of_token.expand_as(distance), distance, "amax")
+    return TailSummaries(keys, values, log_count, key_var, key_radius, layout.block_size // group)
+
+
+def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> torch.Tensor:
+    """The logits ``z`` of query rows ``q`` (float ``(B, H, *, M, D)``) against every summary group ->
+    float32 ``(B, H, *, M, NS)`` (before the kept groups are masked out): the reference definition."""
+    q = q.float()
+    extra = q.dim() - 4  # dims between heads and rows (the reference's chunk of query blocks)
+    expand = (slice(None), slice(None)) + (None,) * extra
+
+    def against(x):  # (B, H, NS, ...) -> broadcast over the extra dims
+        return x.float()[expand]
+
+    z = torch.matmul(q, against(summaries.keys).transpose(-1, -2)) * scale + summaries.log_count.float()
+    if summaries.key_var is not None:
+        gauss = torch.matmul(q.square(), against(summaries.key_var).transpose(-1, -2)) * (0.5 * scale * scale)
+        bound = q.norm(dim=-1, keepdim=True) * against(summaries.key_radius).unsqueeze(-2) * scale
+        z = z + torch.minimum(gauss, bound)
+    return z
