@@ -127,6 +127,7 @@ def sparse_attention(
                          "only) but q, k or v requires grad; use quant=None to train, or torch.no_grad()")
     if method is not None:
         check_tail_plan(method, plan, quant)
+        method.group_size(plan.layout)
     spec = resolve_backend(backend, q, plan, needs_grad, quant, method)
     if method is None:
         return spec.fn(q, k, v, plan, scale)
@@ -134,11 +135,10 @@ def sparse_attention(
 
 
 def check_tail_plan(method, plan, quant) -> None:
-    """A tail needs a ``BlockPlan`` whose blocks its groups divide, and exact attention."""
+    """A tail needs a ``BlockPlan`` and exact attention."""
     if quant is not None:
         raise ValueError(f"Expect quant=None with tail={method.name!r} (the 8-bit kernels have no tail pass) but got "
                          f"quant={quant!r}; use one of them")
     if not isinstance(plan, BlockPlan):
         raise TypeError(f"Expect a BlockPlan with tail={method.name!r} but got a {type(plan).__name__} (NYI: summaries "
                         "of a token plan's skipped keys); use tail=None with it")
-    method.group_size(plan.layout)

@@ -142,6 +142,7 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
         _check_quant_backend(quant, backend, plan, config.method, device)
     if tail is not None:
         check_tail_plan(tail, plan, quant)
+        tail.group_size(VideoLayout(2, 4, 4, **tiling))  # the block size the model's layouts will have
         if backend != "auto" and not backend_spec(backend).tail:
             raise ValueError(tail_refusal(backend, tail))
     if backend != "auto":
