@@ -9,21 +9,25 @@ away. The plan stays data; which terms are summaries follows from it (the groups
 blocks), and backends compute them beside the exact pass.
 
 For a summary group ``g`` of ``n_g`` key tokens (mean key ``k̄_g``, mean value ``v̄_g``) and a query
-row ``q_i`` (scale ``s``), the group enters the softmax of row ``i`` as one key with logit and value
+row ``q_i`` (scale ``s``), the group enters the softmax of row ``i`` as one key with logit
 
-    ``z_ig = s q_i·k̄_g + log n_g``                                    (``"pooled"``)
-    ``z_ig += min(½ s² Σ_d q_id² σ²_gd,  s |q_i| r_g)``               (``"pooled-var"``)
+    ``z_ig = s q_i·k̄_g + log n_g + min(½ s² Σ_d q_id² σ²_gd,  s |q_i| r_g)``
 
-and value ``v̄_g``. ``n_g exp(s q_i·k̄_g)`` is the group's softmax mass when its keys are equal (then
-the summary is exact, with constant values) and a lower bound otherwise (Jensen); ``pooled-var``
-adds the second-order (Gaussian) estimate of ``log mean_t exp(s q_i·(k_t − k̄_g))`` from the keys'
+and value ``v̄_g``. ``n_g exp(s q_i·k̄_g)`` alone is the group's softmax mass when its keys are equal
+(then the summary is exact, with constant values) and a lower bound otherwise (Jensen); the last
+term is the second-order (Gaussian) estimate of ``log mean_t exp(s q_i·(k_t − k̄_g))`` from the keys'
 per-channel variance ``σ²_g``, clipped to the bound that term can never exceed, ``s |q_i| r_g`` with
 ``r_g = max_t |k_t − k̄_g|``, so the correction stays bounded at every step and layer.
 
-Cost, per query row and skipped group: one ``D``-dot for the logit and one for the value (twice
-that for ``pooled-var``'s variance term), i.e. ``(1 − density) · block_size / group`` of one key block
-per kept key — about ``1 / (density · group)`` of the sparse pass (7.8% at density 0.1 and 128-token
-groups) — plus one pass over k and v for the summaries.
+Methods: ``"pooled-var"`` (one summary per skipped key block) and ``"pooled-var-32"`` (one per 32
+consecutive tile-order keys of it: a tighter estimate, four times the terms at 128-token blocks).
+Measured on testbed-l (8 held-out cases, 20 steps, default warm-up, H200; README "The tail"): the
+mean-key term alone (no variance) lost PSNR to dropping at densities 0.25 and 0.5 (−0.67, −0.39 dB);
+with the variance term both methods gained at every density tried.
+
+Cost, per query row and skipped group: three ``D``-dots (mean key, variance, value) against two per
+exact key, so about ``1.5 / (density · group)`` of the sparse pass's arithmetic (11.7% at density
+0.1 and 128-token groups, 47% with 32-token groups), plus one pass over k and v for the summaries.
 
 Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blocks, ``NS`` summary
 groups (``NB * block_size // group``).
@@ -39,7 +43,7 @@ import torch
 from .layout import VideoLayout
 from .pooling import group_mean_reference, group_tables
 
-__all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "summarize", "tail_logits"]
+__all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks", "summarize", "tail_logits"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,12 @@ class TailMethod:
 
     Attributes:
         name (str): the ``tail=`` value.
-        variance (bool): add the clipped key-variance term to the logit (``pooled-var``).
         group (int | None): key tokens per summary (consecutive tile-order slots); ``None``: one
             summary per key block.
-        description (str): one line for docs and ``describe``.
+        description (str): one line for docs.
     """
 
     name: str
-    variance: bool
     group: int | None
     description: str
 
@@ -69,10 +71,9 @@ class TailMethod:
 
 
 TAIL_METHODS: dict[str, TailMethod] = {m.name: m for m in (
-    TailMethod("pooled", False, None, "one summary per skipped key block: mean key + log n bias, mean value"),
-    TailMethod("pooled-var", True, None, "as pooled, plus the keys' clipped per-channel variance in the logit"),
-    TailMethod("pooled-32", False, 32, "as pooled, one summary per 32 consecutive tile-order keys"),
-    TailMethod("pooled-var-32", True, 32, "as pooled-var, one summary per 32 consecutive tile-order keys"),
+    TailMethod("pooled-var", None, "one summary per skipped key block: mean key + log n + clipped key "
+                                   "variance in the logit, mean value"),
+    TailMethod("pooled-var-32", 32, "as pooled-var, one summary per 32 consecutive tile-order keys"),
 )}
 
 
@@ -95,16 +96,16 @@ class TailSummaries:
         keys (Tensor): ``(B, H, NS, D)`` mean key of each group.
         values (Tensor): ``(B, H, NS, D)`` mean value of each group.
         log_count (Tensor): float32 ``(NS,)``: ``log n_g`` (``-inf`` for empty groups of a short last block).
-        key_var (Tensor | None): float32 ``(B, H, NS, D)`` per-channel key variance (``pooled-var``).
-        key_radius (Tensor | None): float32 ``(B, H, NS)`` ``max_t |k_t − k̄_g|`` (``pooled-var``).
+        key_var (Tensor): float32 ``(B, H, NS, D)`` per-channel key variance.
+        key_radius (Tensor): float32 ``(B, H, NS)`` ``max_t |k_t − k̄_g|``.
         per_block (int): groups per key block (``block_size // group``): group ``j`` lies in block ``j // per_block``.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     log_count: torch.Tensor
-    key_var: torch.Tensor | None
-    key_radius: torch.Tensor | None
+    key_var: torch.Tensor
+    key_radius: torch.Tensor
     per_block: int
 
 
@@ -115,7 +116,7 @@ def summarize(k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, method: Tai
     if k.is_cuda and importlib.util.find_spec("triton") is not None:
         from .kernels.triton_tail import summarize_triton
 
-        return summarize_triton(k, v, layout, group, method.variance)
+        return summarize_triton(k, v, layout, group)
     return summarize_reference(k, v, layout, method)
 
 
@@ -125,15 +126,18 @@ def summarize_reference(k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, m
     group_of_token, group_tokens = group_tables(layout, group, k.device)
     keys = group_mean_reference(k, group_of_token, group_tokens)
     values = group_mean_reference(v, group_of_token, group_tokens)
-    log_count = group_tokens.float().log()
-    key_var = key_radius = None
-    if method.variance:
-        centred = k.float() - keys[:, :, group_of_token]
-        key_var = group_mean_reference(centred.square(), group_of_token, group_tokens)
-        distance = centred.norm(dim=-1)  # (B, H, L)
-        key_radius = distance.new_zeros(*distance.shape[:2], group_tokens.numel()).scatter_reduce_(
-            2, group_of_token.expand_as(distance), distance, "amax")
-    return TailSummaries(keys, values, log_count, key_var, key_radius, layout.block_size // group)
+    centred = k.float() - keys[:, :, group_of_token]
+    key_var = group_mean_reference(centred.square(), group_of_token, group_tokens)
+    distance = centred.norm(dim=-1)  # (B, H, L)
+    key_radius = distance.new_zeros(*distance.shape[:2], group_tokens.numel()).scatter_reduce_(
+        2, group_of_token.expand_as(distance), distance, "amax")
+    return TailSummaries(keys, values, group_tokens.float().log(), key_var, key_radius, layout.block_size // group)
+
+
+def kept_blocks(plan) -> torch.Tensor:
+    """bool ``(B or 1, H or 1, NB, NB)``: a ``BlockPlan`` as a block mask (``plan.to_dense()``): the key
+    blocks whose groups are computed exactly, not summarised. Kept with the plan (a reused plan pays once)."""
+    return plan.derived("kept_blocks", plan.to_dense)
 
 
 def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> torch.Tensor:
@@ -147,8 +151,6 @@ def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> torc
         return x.float()[expand]
 
     z = torch.matmul(q, against(summaries.keys).transpose(-1, -2)) * scale + summaries.log_count.float()
-    if summaries.key_var is not None:
-        gauss = torch.matmul(q.square(), against(summaries.key_var).transpose(-1, -2)) * (0.5 * scale * scale)
-        bound = q.norm(dim=-1, keepdim=True) * against(summaries.key_radius).unsqueeze(-2) * scale
-        z = z + torch.minimum(gauss, bound)
-    return z
+    gauss = torch.matmul(q.square(), against(summaries.key_var).transpose(-1, -2)) * (0.5 * scale * scale)
+    bound = q.norm(dim=-1, keepdim=True) * against(summaries.key_radius).unsqueeze(-2) * scale
+    return z + torch.minimum(gauss, bound)

@@ -29,6 +29,7 @@ import torch
 
 from ..backends import register_backend
 from ..plan import BlockPlan
+from ..tail import kept_blocks
 
 __all__ = ["fa4_attention"]
 
@@ -93,6 +94,38 @@ def _(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, block_size, scale):
     return q.new_empty(B, L, H, D).transpose(1, 2)
 
 
+@torch.library.custom_op("sparsevid::fa4_block_sparse_attn_lse", mutates_args=())
+def _fa4_block_sparse_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    full_cnt: torch.Tensor,
+    full_idx: torch.Tensor,
+    mask_cnt: torch.Tensor,
+    mask_idx: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``fa4_block_sparse_attn``, with FlashAttention-4's log-sum-exp of each row over its kept entries
+    (natural log, float32 ``(B, H, L)``): the exact partial that the tail merges with."""
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    sparse = BlockSparseTensorsTorch(
+        mask_block_cnt=mask_cnt, mask_block_idx=mask_idx, full_block_cnt=full_cnt, full_block_idx=full_idx,
+        block_size=(block_size, block_size),
+    )
+    out, lse = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale,
+                               block_sparse_tensors=sparse, return_lse=True)
+    return out.transpose(1, 2), lse
+
+
+@_fa4_block_sparse_lse.register_fake
+def _(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, block_size, scale):
+    B, H, L, D = q.shape
+    return q.new_empty(B, L, H, D).transpose(1, 2), q.new_empty(B, H, L, dtype=torch.float32)
+
+
 @torch.library.custom_op("sparsevid::fa4_dense_attn", mutates_args=())
 def _fa4_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """FlashAttention-4 dense on ``(B, H, L, D)`` (read as ``(B, L, H, D)`` views); same return layout."""
@@ -111,20 +144,30 @@ def _(q, k, v, scale):
 
 @register_backend(
     "fa4", plans=(BlockPlan,), devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 96, 128),
-    block_sizes=(64, 128), gpu_majors=(9, 10), priority=30, auto_devices=("cuda",), requires=_requires,
+    block_sizes=(64, 128), gpu_majors=(9, 10), priority=30, auto_devices=("cuda",), requires=_requires, tail=True,
     description="FlashAttention-4 block-sparse (CuTe DSL, Hopper/Blackwell) on gathered tile-order tensors",
 )
-def fa4_attention(q, k, v, plan, scale):
-    """``sparse_attention`` on FlashAttention-4 (validated inputs)."""
-    if plan.keeps_everything:
+def fa4_attention(q, k, v, plan, scale, tail=None):
+    """``sparse_attention`` on FlashAttention-4 (validated inputs). With ``tail``, FlashAttention-4 runs
+    as it is and returns its log-sum-exp; one Triton pass adds the skipped blocks' summary terms to each
+    row (``triton_tail``), writing the merged rows to their original positions."""
+    if plan.keeps_everything:  # nothing is skipped, so nothing to summarise
         return _fa4_dense(q, k, v, scale)
     layout = plan.layout
     tables = layout.on(q.device)
-    full_cnt, full_idx, mask_cnt, mask_idx = split_last_block(plan)
-    if layout.tiled:  # the model keeps its tokens in tile order: nothing to gather
-        return _fa4_block_sparse(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, plan.block_size, scale)
-    # one row copy each into (B, L, H, D) tile order, and one back
-    order = tables.perm[: layout.num_tokens]
-    q, k, v = (t.transpose(1, 2).index_select(1, order).transpose(1, 2) for t in (q, k, v))
-    out = _fa4_block_sparse(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, plan.block_size, scale)
-    return out.transpose(1, 2).index_select(1, tables.inverse_perm).transpose(1, 2)
+    split = split_last_block(plan)
+    tiles = (q, k, v)
+    if not layout.tiled:  # one row copy each into (B, L, H, D) tile order (the model's order otherwise)
+        order = tables.perm[: layout.num_tokens]
+        tiles = tuple(t.transpose(1, 2).index_select(1, order).transpose(1, 2) for t in (q, k, v))
+    if tail is None:
+        out = _fa4_block_sparse(*tiles, *split, plan.block_size, scale)
+        return out if layout.tiled else out.transpose(1, 2).index_select(1, tables.inverse_perm).transpose(1, 2)
+    from .triton_tail import summarize_triton, tail_merge
+
+    partial, lse = _fa4_block_sparse_lse(*tiles, *split, plan.block_size, scale)
+    s = summarize_triton(k, v, layout, tail.group_size(layout))
+    B, H = q.shape[:2]
+    kept = kept_blocks(plan).expand(B, H, -1, -1)
+    return tail_merge(tiles[0], partial, lse, tables.perm, s.keys, s.values, s.key_var, s.key_radius, s.log_count,
+                      kept, s.per_block, plan.block_size, scale, q)

@@ -16,7 +16,7 @@ import torch
 
 from ..backends import register_backend
 from ..plan import BlockPlan
-from ..tail import TailSummaries, summarize_reference, tail_logits
+from ..tail import TailSummaries, kept_blocks, summarize_reference, tail_logits
 from ..token_plan import TokenPlan
 
 # Gathered key/value elements per chunk (float32): about 64 MiB each for k and v.
@@ -74,11 +74,6 @@ def sparse_attention_reference(
     if probs_fn is None:
         return _attend(q, k, v, slots, counts, keys, block_size, scale)
     return _attend(q, k, v, slots, counts, keys, block_size, scale, probs_fn=probs_fn)
-
-
-def kept_blocks(plan: BlockPlan) -> torch.Tensor:
-    """bool ``(B or 1, H or 1, NB, NB)``: the plan as a block mask (``plan.to_dense()``), kept with the plan."""
-    return plan.derived("kept_blocks", plan.to_dense)
 
 
 def _tail_terms(tail: TailSummaries, kept: torch.Tensor, scale: float):

@@ -12,6 +12,7 @@ import torch
 
 from ..backends import register_backend
 from ..plan import BlockPlan
+from ..tail import kept_blocks
 from ..token_plan import TokenPlan
 
 
@@ -25,10 +26,10 @@ def _requires() -> str | None:
     "triton", plans=(BlockPlan, TokenPlan),
     devices=("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
     dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 96, 128), priority=20, auto_devices=("cuda",),
-    requires=_requires,
+    requires=_requires, tail=True,
     description="sparsevid's Triton kernels (FlashAttention-2 class), permutation fused; BlockPlan and TokenPlan",
 )
-def _triton_backend(q, k, v, plan, scale):
+def _triton_backend(q, k, v, plan, scale, tail=None):
     B, H = q.shape[:2]
     if isinstance(plan, TokenPlan):
         from .triton_gather import token_sparse_attn
@@ -44,4 +45,13 @@ def _triton_backend(q, k, v, plan, scale):
     kv_indices = plan.kv_indices.expand(B, H, -1, -1)
     block_real, order = plan.derived(f"triton_launch_{B}x{H}", lambda: launch_tables(
         plan.perm, kv_num_blocks, plan.block_size, B, H))
-    return block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, block_real, order)
+    if tail is None:
+        return block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, block_real,
+                                 order)
+    from .triton_blocksparse import block_sparse_attn_tail
+    from .triton_tail import summarize_triton
+
+    s = summarize_triton(k, v, plan.layout, tail.group_size(plan.layout))
+    kept = kept_blocks(plan).expand(B, H, -1, -1)
+    return block_sparse_attn_tail(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, block_real,
+                                  order, s.keys, s.values, s.key_var, s.key_radius, s.log_count, kept, s.per_block)

@@ -31,12 +31,16 @@ Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blo
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..tail import TailSummaries
+from .triton_common import (LOG2E, head_dim_padded, init_state, kept_tile, load_keys, load_rows, query_rows,
+                            softmax_update, store_rows)
+from .triton_tail import BLOCK_T, tail_inner
 
 __all__ = ["sparse_attention_triton", "block_sparse_attn"]
 
@@ -55,49 +59,18 @@ def _attn_fwd_inner(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
     MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
-    """Online softmax over the sub-tiles ``lo..hi`` of one CSR row (``SPLIT`` sub-tiles per kept block)."""
-    SPLIT: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    d_mask = offs_d < HEAD_DIM
+    """Online softmax over the sub-tiles ``lo..hi`` of one CSR row (``BLOCK_SIZE // BLOCK_N`` per kept block)."""
     for t in tl.range(lo, hi, num_stages=NUM_STAGES):
-        if SPLIT == 1:
-            n = tl.load(kvi_ptr + t * stride_kik)
-            slot = n * BLOCK_SIZE + offs_n
-        else:
-            n = tl.load(kvi_ptr + (t // SPLIT) * stride_kik)
-            slot = n * BLOCK_SIZE + (t % SPLIT) * BLOCK_N + offs_n
-        tok = tl.load(perm_ptr + slot)  # int64 (BLOCK_N,), -1 = padding slot
+        n, slot0, bias = kept_tile(kvi_ptr, real_ptr, t, stride_kik, offs_n, BLOCK_SIZE, BLOCK_N, MASK_PADDING)
+        tok = tl.load(perm_ptr + slot0 + offs_n)  # int64 (BLOCK_N,), -1 = padding slot
         tok = tl.maximum(tok, 0)  # padding rows read token 0; their probabilities are 0
-        # -- scores: K rows gathered through perm
-        if HEAD_DIM == HEAD_DIM_P:
-            k = tl.load(k_base + tok[:, None] * stride_kn + offs_d[None, :] * stride_kk)
-        else:
-            k = tl.load(k_base + tok[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=d_mask[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k))
-        if MASK_PADDING:
-            # padding slots are the tail of a block: real iff slot offset < the block's real count
-            # (a scalar, so the bias is built in the accumulator's layout with no shuffle)
-            if SPLIT == 1:
-                n_real = tl.load(real_ptr + n)
-            else:
-                n_real = tl.load(real_ptr + n) - (t % SPLIT) * BLOCK_N
-            bias = tl.where(offs_n < n_real, 0.0, float("-inf"))
-            qk = qk * qk_scale + bias[None, :]
-        else:
-            qk = qk * qk_scale
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        qk = qk - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        l_ij = tl.sum(p, 1)
-        alpha = tl.math.exp2(m_i - m_ij)
-        acc = acc * alpha[:, None]
+        # -- scores: K rows gathered through perm; the padding bias rides the scale's multiply-add
+        k = load_keys(k_base, tok, stride_kn, stride_kk, offs_d, HEAD_DIM, HEAD_DIM_P)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
+        p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, qk)
         # -- values
-        if HEAD_DIM == HEAD_DIM_P:
-            v = tl.load(v_base + tok[:, None] * stride_vn + offs_d[None, :] * stride_vk)
-        else:
-            v = tl.load(v_base + tok[:, None] * stride_vn + offs_d[None, :] * stride_vk, mask=d_mask[None, :], other=0.0)
+        v = load_keys(v_base, tok, stride_vn, stride_vk, offs_d, HEAD_DIM, HEAD_DIM_P)
         acc = tl.dot(p.to(v.dtype), v, acc)
-        l_i = l_i * alpha + l_ij
-        m_i = m_ij
     return acc, l_i, m_i
 
 
@@ -139,22 +112,25 @@ def _prune(configs, named_args, **kwargs):
 # --------------------------------------------------------------------------------------- kernel
 @triton.autotune(
     configs=list(filter(keep, _configs())),
-    key=["HEAD_DIM", "BLOCK_SIZE"],
+    key=["HEAD_DIM", "BLOCK_SIZE", "TAIL"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _sparse_attn_fwd(
     Q, K, V, Out, Perm, BlockReal, KVNum, KVIdx, Order, sm_scale,  #
+    KS, VS, KVar, KRad, LogN, Kept,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
     stride_vz, stride_vh, stride_vn, stride_vk,  #
     stride_oz, stride_oh, stride_om, stride_ok,  #
     stride_nbz, stride_nbh, stride_nbm,  #
     stride_kiz, stride_kih, stride_kim, stride_kik,  #
-    H, NB,  #
+    stride_kpz, stride_kph, stride_kpm, stride_kpn,  #
+    H, NB, NS,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,  #
     MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+    TAIL: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr,  #
 ):
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
     tl.static_assert(HEAD_DIM_P >= HEAD_DIM)
@@ -164,45 +140,42 @@ def _sparse_attn_fwd(
     # longest-row-first order, so a heavy row never starts last and runs alone.
     off_hz = tl.program_id(1)
     start_m = tl.load(Order + off_hz.to(tl.int64) * NB + tl.program_id(0))
-    off_z = off_hz // H
-    off_h = off_hz % H
+    off_z = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+    m64 = start_m.to(tl.int64)
 
-    q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_z.to(tl.int64) * stride_kz + off_h.to(tl.int64) * stride_kh
-    v_base = V + off_z.to(tl.int64) * stride_vz + off_h.to(tl.int64) * stride_vh
-    o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-    kvi_ptr = KVIdx + off_z.to(tl.int64) * stride_kiz + off_h.to(tl.int64) * stride_kih + start_m.to(tl.int64) * stride_kim
-    num = tl.load(KVNum + off_z.to(tl.int64) * stride_nbz + off_h.to(tl.int64) * stride_nbh + start_m.to(tl.int64) * stride_nbm)
+    kvi_ptr = KVIdx + off_z * stride_kiz + off_h * stride_kih + m64 * stride_kim
+    num = tl.load(KVNum + off_z * stride_nbz + off_h * stride_nbh + m64 * stride_nbm)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_P)
-    d_mask = offs_d < HEAD_DIM
+    q_tok, q_real = query_rows(Perm, start_m, offs_m, BLOCK_SIZE)
+    q = load_rows(Q + off_z * stride_qz + off_h * stride_qh, q_tok, q_real, stride_qm, stride_qk, offs_d, HEAD_DIM)
 
-    q_tok = tl.load(Perm + start_m.to(tl.int64) * BLOCK_SIZE + offs_m)  # int64 (BLOCK_M,)
-    q_real = q_tok >= 0
-    q_tok = tl.where(q_real, q_tok, 0)
-    q_mask = q_real[:, None] & d_mask[None, :]
-    q = tl.load(q_base + q_tok[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=q_mask, other=0.0)
-
-    # m_i starts finite so that a sub-tile made only of padding slots yields p = 0, never NaN.
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
-    qk_scale = sm_scale * 1.44269504  # 1/ln(2)
-
+    acc, l_i, m_i = init_state(BLOCK_M, HEAD_DIM_P)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q,  #
-        k_base, v_base, Perm, kvi_ptr, BlockReal,  #
+        K + off_z * stride_kz + off_h * stride_kh, V + off_z * stride_vz + off_h * stride_vh, Perm, kvi_ptr,  #
+        BlockReal,  #
         stride_kn, stride_kk, stride_vn, stride_vk, stride_kik,  #
-        0, num * SPLIT, qk_scale,  #
+        0, num * SPLIT, sm_scale * LOG2E,  #
         offs_n, offs_d,  #
         BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_P,  #
         MASK_PADDING, NUM_STAGES,  #
     )
-
-    acc = acc / l_i[:, None]
-    tl.store(o_base + q_tok[:, None] * stride_om + offs_d[None, :] * stride_ok, acc.to(Out.dtype.element_ty), mask=q_mask)
+    if TAIL:  # the skipped blocks' summary terms join the same softmax
+        bh = off_hz.to(tl.int64)
+        summary = bh * NS * HEAD_DIM
+        acc, l_i, m_i = tail_inner(
+            acc, l_i, m_i, q,  #
+            KS + summary, VS + summary, KVar + summary, KRad + bh * NS, LogN,  #
+            Kept + off_z * stride_kpz + off_h * stride_kph + m64 * stride_kpm, stride_kpn,  #
+            NS, sm_scale, offs_d,  #
+            PER_BLOCK, BLOCK_T, HEAD_DIM, HEAD_DIM_P,  #
+        )
+    store_rows(Out + off_z * stride_oz + off_h * stride_oh, q_tok, q_real, acc, l_i, stride_om, stride_ok, offs_d,
+               HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------- launcher
@@ -221,6 +194,8 @@ def sparse_attention_triton(
     mask_padding: bool = True,
     block_real: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
+    tail: TailSummaries | None = None,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch ``_sparse_attn_fwd``. Assumes validated inputs (``sparsevid.sparse_attention`` checks them).
 
@@ -240,6 +215,9 @@ def sparse_attention_triton(
             padding (experiments).
         block_real, order (Tensor | None): :func:`launch_tables` of this plan, when the caller keeps
             them with the plan (then a reused plan launches with no preparatory kernels).
+        tail (TailSummaries | None): summaries from :func:`sparsevid.kernels.triton_tail.summarize_triton`:
+            each query block's skipped key groups join its softmax (after its kept blocks);
+            ``kept`` is then the plan as a bool block mask ``(B, H, NB, NB)`` (expanded views welcome).
 
     Returns:
         Tensor: ``(B, H, L, D)`` in the ORIGINAL token order, dtype of ``q``; strides like ``q``'s
@@ -250,7 +228,7 @@ def sparse_attention_triton(
     if block_real is None or order is None:
         block_real, order = launch_tables(perm, kv_num_blocks, block_size, q.shape[0], q.shape[1])
     grid, args, meta = _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, block_real,
-                                    order, mask_padding)
+                                    order, mask_padding, tail, kept)
     if config is None:
         _sparse_attn_fwd[grid](*args, **meta)
     else:
@@ -269,20 +247,27 @@ def launch_tables(perm, kv_num_blocks, block_size: int, B: int, H: int) -> tuple
 
 
 def _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, block_real, order,
-                 mask_padding=True):
+                 mask_padding=True, tail=None, kept=None):
     """``(grid, positional args, constexpr kwargs)`` of one launch; the grid uses shapes only."""
     B, H, L, D = q.shape
     NB = kv_num_blocks.shape[-1]
     grid = (NB, B * H)
+    if tail is None:  # the tail's pointers are never read: any tensor stands in
+        summaries, kept_strides, ns, per_block = (q,) * 6, (0, 0, 0, 0), 0, 1
+    else:
+        kept_u8 = kept.view(torch.uint8)
+        summaries = (tail.keys, tail.values, tail.key_var, tail.key_radius, tail.log_count, kept_u8)
+        kept_strides, ns, per_block = kept_u8.stride(), tail.keys.shape[2], tail.per_block
     args = (
         q, k, v, out, perm, block_real, kv_num_blocks, kv_indices, order, float(scale),  #
+        *summaries,  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
         *kv_num_blocks.stride(), *kv_indices.stride(),  #
-        H, NB,  #
+        *kept_strides,  #
+        H, NB, ns,  #
     )
-    meta = dict(
-        HEAD_DIM=D, HEAD_DIM_P=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size, MASK_PADDING=mask_padding
-    )
+    meta = dict(HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), BLOCK_SIZE=block_size, MASK_PADDING=mask_padding,
+                TAIL=tail is not None, PER_BLOCK=per_block, BLOCK_T=BLOCK_T)
     return grid, args, meta
 
 
@@ -325,5 +310,36 @@ def _(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, block_real=No
     return torch.empty_like(q)
 
 
-def _default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
+@torch.library.custom_op("sparsevid::block_sparse_attn_tail", mutates_args=())
+def block_sparse_attn_tail(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    perm: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+    block_real: torch.Tensor,
+    order: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_var: torch.Tensor,
+    key_radius: torch.Tensor,
+    log_count: torch.Tensor,
+    kept: torch.Tensor,
+    per_block: int,
+) -> torch.Tensor:
+    """``torch.ops.sparsevid.block_sparse_attn_tail``: the same kernel with the tail's summary terms in its
+    softmax (the summaries' tensors of :class:`~sparsevid.tail.TailSummaries`; ``kept`` the plan as a
+    bool block mask)."""
+    tail = TailSummaries(keys, values, log_count, key_var, key_radius, per_block)
+    return sparse_attention_triton(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale,
+                                   block_real=block_real, order=order, tail=tail, kept=kept)
+
+
+@block_sparse_attn_tail.register_fake
+def _(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, block_real, order, keys, values, key_var,
+      key_radius, log_count, kept, per_block):
+    return torch.empty_like(q)
+
