@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 from sparsevid.reuse import fastcar, fastcar_graph  # noqa: E402
+from sparsevid.reuse._llama import quantile_threshold  # noqa: E402
 from sparsevid.reuse.fastcar_graph import StaticDecoder  # noqa: E402
 
 P = 8
@@ -98,7 +99,7 @@ def test_frame_parallel_compaction_equals_masked_path():
     cal = StaticDecoder(model, 3, 3 * P, P, None)
     cal.tas_log = [[], []]
     cal.teacher_forced_frames(tokens)
-    thresholds = [fastcar_graph._quantile_threshold(torch.cat(v), 0.5) for v in cal.tas_log]
+    thresholds = [quantile_threshold(torch.cat(v), 0.5) for v in cal.tas_log]
     results = {}
     for decision, capacity in (("host", None), ("device", None), ("device", 24), ("device", 8)):
         engine = StaticDecoder(model, 3, 3 * P, P, thresholds, decision=decision, capacity=capacity)
@@ -153,6 +154,19 @@ def test_bad_arguments_and_shares():
     m = fastcar_graph.mlp_weight_share(model)
     f = fastcar_graph.mlp_flop_share(model, 64, 128)
     assert 0 < m < 1 and 0 < f < 1
+
+
+def test_no_import_circle_between_the_two_decoders():
+    """fastcar (hooks) may use fastcar_graph (calibration for agreement); fastcar_graph never imports fastcar."""
+    import ast
+    import inspect
+
+    def imported(module):
+        tree = ast.parse(inspect.getsource(module))
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert "fastcar_graph" in imported(fastcar) and "fastcar" not in imported(fastcar_graph)
+    assert fastcar.decoder_layers is fastcar_graph.decoder_layers  # one anatomy, in reuse/_llama.py
 
 
 def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):

@@ -86,6 +86,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(args) -> int:
     from ..reuse import fastcar, fastcar_graph
+    from ..reuse._llama import decoder_layers, quantile_threshold
     from ..reuse.train import FRAME_HW, FRAMES_PER_SEQUENCE, TOKENS_PER_FRAME, WEIGHTS, clip_sequences, load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,7 +225,7 @@ def run(args) -> int:
     def measure_frames(model, name) -> list[dict]:
         """Frame-parallel: one teacher-forced frame of B sequences (B*P rows) per forward, compacted MLP."""
         graph = use_graph and device == "cuda"
-        L = len(fastcar.decoder_layers(model))
+        L = len(decoder_layers(model))
         out = []
         for fb in args.frame_batches:
             g = torch.Generator().manual_seed(fb)
@@ -246,7 +247,7 @@ def run(args) -> int:
             out.append(dict(model=name, batch=fb, rows=N, target=0.0, achieved=0.0, capacity=N, ms=base_ms, speedup=1.0,
                             mlp_ms=mlp_ms, f=f))
             for rate in args.rates:
-                th = [fastcar_graph._quantile_threshold(t, rate) for t in tas]
+                th = [quantile_threshold(t, rate) for t in tas]
                 kept = max(int((t < th[i]).sum()) for i, t in enumerate(tas))
                 cap = min(N, max(16, -(-kept // 16) * 16))
                 eng = fastcar_graph.StaticDecoder(model, fb, 2 * P, P, th, decision="device", capacity=cap, fuse=args.fuse)
@@ -398,8 +399,9 @@ def write_frontier(args, agree, graph_rows, model, prompts, P, new_tokens) -> No
     """PNG: the greedy per-layer search (calibration prompts), uniform per-layer rates (calibration
     prompts), and the held-out graph rows of the largest batch."""
     from ..reuse import fastcar_graph
+    from ..reuse._llama import decoder_layers, quantile_threshold
 
-    n = len(fastcar_graph.decoder_layers(model))
+    n = len(decoder_layers(model))
     engine = fastcar_graph.StaticDecoder(model, prompts.shape[0], prompts.shape[1] + new_tokens, P, None, fuse=args.fuse)
     engine.tas_log = [[] for _ in range(n)]
     reference = engine.generate(prompts, new_tokens, graph=False)
@@ -407,7 +409,7 @@ def write_frontier(args, agree, graph_rows, model, prompts, P, new_tokens) -> No
     engine.tas_log = None
     uniform = [(0.0, 1.0)]
     for rate in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8):
-        engine.set_thresholds([fastcar_graph._quantile_threshold(t, rate) for t in tas])
+        engine.set_thresholds([quantile_threshold(t, rate) for t in tas])
         engine.reset_stats()
         tokens = engine.generate(prompts, new_tokens)
         uniform.append((engine.stats()["replay_rate"], float((tokens == reference).float().mean())))

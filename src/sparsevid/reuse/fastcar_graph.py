@@ -48,7 +48,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fastcar import _rotate_half, _thresholds, decoder_layers
+from ._llama import decoder_layers, parse_thresholds, quantile_threshold, rotate_half
 
 __all__ = ["StaticDecoder", "calibrate_agreement", "conditional_nodes_available", "mlp_flop_share", "mlp_weight_share",
            "plot_frontier"]
@@ -70,7 +70,7 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x`` (B, heads, T, D), ``cos``/``sin`` (T, D)."""
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -210,7 +210,7 @@ class StaticDecoder:
     # ------------------------------------------------------------------------------------ settings and report
     def set_thresholds(self, thresholds) -> None:
         """One float, or one per decoder layer; written into the device tensor the graph reads."""
-        self.thr.copy_(torch.tensor(_thresholds(thresholds, len(self.layers)), dtype=torch.float32))
+        self.thr.copy_(torch.tensor(parse_thresholds(thresholds, len(self.layers)), dtype=torch.float32))
 
     def reset_stats(self) -> None:
         self.replayed.zero_()
@@ -479,14 +479,6 @@ class StaticDecoder:
 
 
 # ---------------------------------------------------------------------------------------- calibration for agreement
-def _quantile_threshold(values: torch.Tensor, rate: float) -> float:
-    if rate <= 0:
-        return math.inf
-    if rate >= 1:
-        return -math.inf
-    return float(torch.quantile(values.double(), 1.0 - rate))
-
-
 @torch.no_grad()
 def calibrate_agreement(model, prompts: torch.Tensor, tokens_per_frame: int, target_agreement: float, new_tokens: int, *,
                         step: float = 0.1, max_rate: float = 0.9, layers=None, floor: float | None = None,
@@ -521,7 +513,7 @@ def calibrate_agreement(model, prompts: torch.Tensor, tokens_per_frame: int, tar
                          f"(prompt length + new_tokens > tokens_per_frame={tokens_per_frame})")
 
     def evaluate(rates):
-        engine.set_thresholds([_quantile_threshold(tas[i], rates[i]) if i in hooked else math.inf for i in range(n)])
+        engine.set_thresholds([quantile_threshold(tas[i], rates[i]) if i in hooked else math.inf for i in range(n)])
         engine.reset_stats()
         tokens = engine.generate(prompts, new_tokens, graph=graph)
         return float((tokens == reference).float().mean()), engine.stats()["replay_rate"] or 0.0
@@ -545,7 +537,7 @@ def calibrate_agreement(model, prompts: torch.Tensor, tokens_per_frame: int, tar
             best = point
         if agreement < floor:
             break
-    thresholds = [_quantile_threshold(tas[i], best["rates"][i]) if i in hooked else math.inf for i in range(n)]
+    thresholds = [quantile_threshold(tas[i], best["rates"][i]) if i in hooked else math.inf for i in range(n)]
     return dict(thresholds=thresholds, rates=best["rates"], agreement=best["agreement"], replay=best["replay"],
                 frontier=frontier)
 
