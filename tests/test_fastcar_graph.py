@@ -81,14 +81,69 @@ def test_device_decision_equals_host_reference_and_hooks():
     assert hook_stats["rows"] == ref_stats["rows"]
 
 
-def test_replay_takes_the_mlp_output_one_frame_earlier():
+def test_triton_mlp_decoder_equals_host_reference():
+    """The predicated Triton MLP (interpreter) decides and computes like the host reference with the same
+    kernels, bit for bit: decode at batch 4 (rows in place, one tile) and a frame-parallel forward of
+    3 x 8 rows (kept rows sorted first, tiles past the device-side count skipped). Against cuBLAS only
+    the last bits of the MLP outputs differ: same tokens and decisions here."""
+    model, prompt = tiny_llama(layers=3), prompts(batch=4)
+    thresholds = fastcar.calibrate(model, prompt, P, 0.4, 3 * P)
+    ref_tokens, ref_log, ref_stats = decode(model, prompt, 3 * P, thresholds, decision="host", mlp="triton")
+    assert 0 < ref_stats["replay_rate"] < 1
+    tokens, log, stats = decode(model, prompt, 3 * P, thresholds, decision="device", mlp="triton")
+    assert torch.equal(tokens, ref_tokens) and stats["replayed"] == ref_stats["replayed"]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(log, ref_log))
+    cublas_tokens, cublas_log, _ = decode(model, prompt, 3 * P, thresholds, decision="host")
+    assert torch.equal(cublas_tokens, ref_tokens)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(cublas_log, ref_log))
+
+    model = tiny_llama(layers=2)
+    frames = prompts(batch=3, frames=3, seed=4)
+    cal = StaticDecoder(model, 3, 3 * P, P, None)
+    cal.tas_log = [[], []]
+    cal.teacher_forced_frames(frames)
+    thresholds = [quantile_threshold(torch.cat(v), 0.5) for v in cal.tas_log]
+    results = []
+    for decision in ("host", "device"):
+        engine = StaticDecoder(model, 3, 3 * P, P, thresholds, decision=decision, mlp="triton")
+        engine.log = []
+        results.append((engine.teacher_forced_frames(frames), engine.ring.clone(), engine.log, engine.stats()))
+    (ref_preds, ref_ring, ref_log, ref_stats), (preds, ring, log, stats) = results
+    assert 0 < ref_stats["replay_rate"] < 1
+    assert torch.equal(preds, ref_preds) and torch.equal(ring, ref_ring) and stats["replayed"] == ref_stats["replayed"]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(log, ref_log))
+
+
+def test_capture_warm_up_counts_no_replays():
+    """The H200 mismatch (graph path 119 replayed rows, eager 111, same tokens), reproduced on the CPU:
+    capture() warms up with two decode steps on a fresh decoder, whose zero key cache gives TAS = 0, so a
+    layer whose threshold is <= 0 replays every row there, and the device counter used to keep them
+    (2 steps x batch 4 x 1 such layer = the 8 extra rows). The decisions themselves are the same code
+    with and without a graph; the warm-up now restores the counter."""
+    model, prompt = tiny_llama(layers=3), prompts(batch=4)
+    thresholds = [math.inf, -0.01, math.inf]  # layer 1 replays TAS >= -0.01, the warm-up's TAS = 0 too
+    eager = StaticDecoder(model, 4, 4 * P, P, thresholds)
+    expected = eager.generate(prompt, 3 * P, graph=False)
+    with torch.no_grad():
+        for warm_up, extra in ((lambda e: [e._step() for _ in range(2)], 2 * 4), (lambda e: e._warm_up(e._step), 0)):
+            engine = StaticDecoder(model, 4, 4 * P, P, thresholds)
+            engine.pos.fill_(P)  # what capture() sets before warming up
+            warm_up(engine)
+            assert engine.stats()["replayed"] == extra
+            assert torch.equal(engine.generate(prompt, 3 * P, graph=False), expected)
+            assert engine.stats()["replayed"] == eager.stats()["replayed"] + extra
+
+
+@pytest.mark.parametrize("mlp", ["cublas", "triton"])
+def test_replay_takes_the_mlp_output_one_frame_earlier(mlp):
     model, prompt = tiny_llama(layers=2), prompts(batch=2)
-    engine = StaticDecoder(model, 2, 3 * P, P, [math.inf, -math.inf])  # layer 1 replays every eligible row
+    engine = StaticDecoder(model, 2, 3 * P, P, [math.inf, -math.inf], mlp=mlp)  # layer 1 replays every eligible row
     engine.generate(prompt, 2 * P, graph=False)
     stats = engine.stats()
     assert stats["per_layer"][1]["rate"] == 1.0 and stats["per_layer"][0]["replayed"] == 0
     # the ring of layer 1 holds the prefill's MLP outputs still: every decoded row replayed them
-    native = StaticDecoder(model, 2, 3 * P, P, None)
+    # (with the predicated kernels: no replayed row was ever written)
+    native = StaticDecoder(model, 2, 3 * P, P, None, mlp=mlp)
     native.prefill(prompt)
     torch.testing.assert_close(engine.ring[1], native.ring[1], rtol=0, atol=0)
 
@@ -142,6 +197,10 @@ def test_bad_arguments_and_shares():
         StaticDecoder(model, 1, 16, None, decision="device")
     with pytest.raises(ValueError, match="capacity"):
         StaticDecoder(model, 1, 16, P, capacity=2, decision="host")
+    with pytest.raises(ValueError, match="mlp"):
+        StaticDecoder(model, 1, 16, P, mlp="cutlass")
+    with pytest.raises(ValueError, match="capacity=None with mlp='triton'"):
+        StaticDecoder(model, 1, 16, P, mlp="triton", capacity=2)
     engine = StaticDecoder(model, 1, 16, P)
     with pytest.raises(ValueError, match="max_len"):
         engine.generate(prompts(batch=1), 64, graph=False)
@@ -194,26 +253,49 @@ def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------- CUDA only
 @needs_cuda
-@pytest.mark.parametrize("capacity", [None, 2])
-def test_cuda_graph_replay_equals_eager_decoder(capacity):
-    model, prompt = tiny_llama(layers=3, device="cuda"), prompts(batch=4, device="cuda")
+@pytest.mark.parametrize("mlp,capacity", [("cublas", None), ("cublas", 2), ("triton", None)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_replay_equals_eager_decoder(mlp, capacity, batch):
+    """Graph replay equals the eager decoder: tokens, per-layer replay counts (every decode step's
+    decisions summed), and the same again on a second replay of the captured graph."""
+    model, prompt = tiny_llama(layers=3, device="cuda"), prompts(batch=batch, device="cuda")
     thresholds = fastcar.calibrate(model, prompt, P, 0.4, 3 * P)
-    eager = StaticDecoder(model, 4, 4 * P, P, thresholds, capacity=capacity)
+    eager = StaticDecoder(model, batch, 4 * P, P, thresholds, mlp=mlp, capacity=capacity)
     expected = eager.generate(prompt, 3 * P, graph=False)
+    per_layer = [l["replayed"] for l in eager.stats()["per_layer"]]
+    assert 0 < eager.stats()["replay_rate"] < 1
     for conditional in (False, fastcar_graph.conditional_nodes_available()):
-        engine = StaticDecoder(model, 4, 4 * P, P, thresholds, capacity=capacity, conditional=conditional)
+        engine = StaticDecoder(model, batch, 4 * P, P, thresholds, mlp=mlp, capacity=capacity, conditional=conditional)
         assert torch.equal(engine.generate(prompt, 3 * P, graph=True), expected)
-        assert engine.stats()["replayed"] == eager.stats()["replayed"]
+        assert [l["replayed"] for l in engine.stats()["per_layer"]] == per_layer
+        engine.reset_stats()
         assert torch.equal(engine.generate(prompt, 3 * P, graph=True), expected)  # replayed again, same tokens
-    base = StaticDecoder(model, 4, 4 * P, decision="none")
-    assert torch.equal(base.generate(prompt, 3 * P, graph=True), StaticDecoder(model, 4, 4 * P, decision="none")
+        assert [l["replayed"] for l in engine.stats()["per_layer"]] == per_layer
+    base = StaticDecoder(model, batch, 4 * P, decision="none", mlp=mlp)
+    assert torch.equal(base.generate(prompt, 3 * P, graph=True), StaticDecoder(model, batch, 4 * P, decision="none", mlp=mlp)
                        .generate(prompt, 3 * P, graph=False))
 
 
 @needs_cuda
-def test_cuda_graph_frame_parallel_compaction():
+@pytest.mark.parametrize("mlp,capacity", [("cublas", 16), ("triton", None)])
+def test_cuda_graph_frame_parallel_compaction(mlp, capacity):
     model, tokens = tiny_llama(layers=2, device="cuda"), prompts(batch=4, frames=3, seed=4, device="cuda")
     thresholds = [0.0, 0.0]
-    masked = StaticDecoder(model, 4, 3 * P, P, thresholds).teacher_forced_frames(tokens)
-    compact = StaticDecoder(model, 4, 3 * P, P, thresholds, capacity=16).teacher_forced_frames(tokens, graph=True)
-    assert torch.equal(masked, compact)
+    masked = StaticDecoder(model, 4, 3 * P, P, thresholds, mlp=mlp)
+    expected = masked.teacher_forced_frames(tokens)
+    compact = StaticDecoder(model, 4, 3 * P, P, thresholds, mlp=mlp, capacity=capacity)
+    assert torch.equal(compact.teacher_forced_frames(tokens, graph=True), expected)
+    assert compact.stats()["replayed"] == masked.stats()["replayed"] > 0
+
+
+@needs_cuda
+def test_cuda_predicated_mlp_skips_in_the_graph():
+    """At batch 1 with every eligible row replayed, the captured step's MLP outputs are the ring's: the
+    kernels returned before computing (a wrong skip would write computed rows over them)."""
+    model, prompt = tiny_llama(layers=2, device="cuda"), prompts(batch=1, device="cuda")
+    engine = StaticDecoder(model, 1, 3 * P, P, [-math.inf, -math.inf], mlp="triton")
+    engine.generate(prompt, 2 * P, graph=True)
+    assert engine.stats()["replay_rate"] == 1.0
+    native = StaticDecoder(model, 1, 3 * P, P, None, mlp="triton")
+    native.prefill(prompt)
+    assert torch.equal(engine.ring, native.ring)

@@ -32,17 +32,18 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["predicated_mlp", "predicated_mlp_reference"]
+__all__ = ["GEMV_ROWS", "INTERPRET", "predicated_mlp", "predicated_mlp_reference"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GEMV_ROWS = 16  # up to this many rows one 16-row tile (the smallest dot) holds them all
 
 
 # --------------------------------------------------------------------------------------- autotune
 def _configs():
-    if _INTERPRET:  # the CPU interpreter runs every config: one small tile of each kind
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2) for m in (16, 32)]
+    if INTERPRET:  # the CPU interpreter runs every config: one small tile of each kind
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2) for m in (GEMV_ROWS, 32)]
     decode = [  # a GEMV padded to the 16-row dot: weight bandwidth, so many narrow column tiles and deep K steps
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
+        triton.Config({"BLOCK_M": GEMV_ROWS, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
         for n in (16, 32, 64, 128)
         for k, s in ((128, 4), (256, 3))
     ]
@@ -61,7 +62,7 @@ _SHARED_BYTES = 200 * 1024  # below the 227 KiB of an H100/H200 block, leaving r
 def _prune(configs, named_args, **kwargs):
     """16-row tiles for up to 16 rows (one tile holds them all), wider ones above; only configs whose
     pipelined x and weight tiles fit in shared memory (the autotuner would compile the others to fail)."""
-    small = named_args["N"] <= 16
+    small = named_args["N"] <= GEMV_ROWS
     matrices = 2 if kwargs.get("GATED", named_args.get("GATED")) else 1
     size = named_args["X"].element_size()
 
@@ -69,7 +70,7 @@ def _prune(configs, named_args, **kwargs):
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         return c.num_stages * (m * k + matrices * k * n) * size <= _SHARED_BYTES
 
-    return [c for c in configs if (c.kwargs["BLOCK_M"] == 16) == small and fits(c)] or configs[:1]
+    return [c for c in configs if (c.kwargs["BLOCK_M"] == GEMV_ROWS) == small and fits(c)] or configs[:1]
 
 
 # --------------------------------------------------------------------------------------- kernel
@@ -135,7 +136,7 @@ def _linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, skip: torch.Ten
         )
 
     key = (N, in_f, out_f, gated, x.dtype, x.device)
-    if key not in _TUNED and not _INTERPRET:  # tune on rows that all run, into scratch outputs
+    if key not in _TUNED and not INTERPRET:  # tune on rows that all run, into scratch outputs
         launch(torch.zeros_like(skip), torch.empty_like(out))
         _TUNED.add(key)
     launch(skip, out)
