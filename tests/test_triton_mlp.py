@@ -34,7 +34,11 @@ def patterns(n):
 CASES = [(n, name) for n in (1, 6, N_TILES) for name in patterns(n)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# the interpreter's dot is wrong in bfloat16; on the GPU the decoder's dtype (one dtype: autotuning compiles per dtype)
+DTYPES = [torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,pattern", CASES, ids=[f"{n}-{p}" for n, p in CASES])
 def test_predicated_mlp_runs_kept_rows_and_leaves_replayed_rows(dtype, n, pattern):
     wg, wu, wd = weights(dtype)
@@ -46,7 +50,8 @@ def test_predicated_mlp_runs_kept_rows_and_leaves_replayed_rows(dtype, n, patter
     got = predicated_mlp(x, skip, wg, wu, wd, cached.clone())
     want = predicated_mlp_reference(x, skip, wg, wu, wd, cached.clone())
     assert torch.equal(got[skip], cached[skip])  # replayed rows: untouched, bit for bit
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+           torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}[dtype]
     torch.testing.assert_close(got[~skip], want[~skip], **tol)
     # the uint8 mask the decoder may pass is the same mask
     assert torch.equal(predicated_mlp(x, skip.to(torch.uint8), wg, wu, wd, cached.clone()), got)

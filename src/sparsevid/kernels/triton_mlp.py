@@ -60,21 +60,36 @@ _SHARED_BYTES = 200 * 1024  # below the 227 KiB of an H100/H200 block, leaving r
 
 
 def _prune(configs, named_args, **kwargs):
-    """16-row tiles for up to 16 rows (one tile holds them all), wider ones above; only configs whose
-    pipelined x and weight tiles fit in shared memory (the autotuner would compile the others to fail)."""
-    small = named_args["N"] <= GEMV_ROWS
+    """16-row tiles for up to 16 rows (one tile holds them all), wider ones above; tiles no larger than
+    the problem (deduplicated: small models tune a few configs); only configs whose pipelined x and
+    weight tiles fit in shared memory (the autotuner would compile the others to fail)."""
+    N, in_f, out_f = named_args["N"], named_args["IN_F"], named_args["OUT_F"]
     matrices = 2 if kwargs.get("GATED", named_args.get("GATED")) else 1
     size = named_args["X"].element_size()
+    out, seen = [], set()
+    for c in configs:
+        if (c.kwargs["BLOCK_M"] == GEMV_ROWS) != (N <= GEMV_ROWS):
+            continue
+        m = min(c.kwargs["BLOCK_M"], max(GEMV_ROWS, triton.next_power_of_2(N)))
+        n = min(c.kwargs["BLOCK_N"], max(16, triton.next_power_of_2(out_f)))
+        k = min(c.kwargs["BLOCK_K"], max(16, triton.next_power_of_2(in_f)))
+        stages = min(c.num_stages, triton.cdiv(in_f, k) + 1)  # no deeper than the K loop
+        key = (m, n, k, c.num_warps, stages)
+        if key in seen or stages * (m * k + matrices * k * n) * size > _SHARED_BYTES:
+            continue
+        seen.add(key)
+        out.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=c.num_warps, num_stages=stages))
+    return out or configs[:1]
 
-    def fits(c):
-        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        return c.num_stages * (m * k + matrices * k * n) * size <= _SHARED_BYTES
 
-    return [c for c in configs if (c.kwargs["BLOCK_M"] == GEMV_ROWS) == small and fits(c)] or configs[:1]
+def _bench(kernel_call, quantiles):
+    """Shorter than the autotuner's default (25 + 100 ms per config): these kernels run for microseconds."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
 # --------------------------------------------------------------------------------------- kernel
-@triton.autotune(configs=_configs(), key=["N", "IN_F", "OUT_F", "GATED"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["N", "IN_F", "OUT_F", "GATED"], prune_configs_by={"early_config_prune": _prune},
+                 do_bench=_bench)
 @triton.jit
 def _predicated_linear(
     X, W1, W2, Skip, Out,  #
