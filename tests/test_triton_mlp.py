@@ -9,7 +9,7 @@ from sparsevid.kernels.triton_mlp import predicated_mlp, predicated_mlp_referenc
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)
 C, I = 48, 80  # neither a multiple of the column nor of the K tile: the edge masks run too
-N_TILES = 70  # three 32-row tiles under the interpreter (16-row tiles from 16 rows down)
+N_TILES = 70  # three 32-row tiles under the interpreter (one 16-row tile up to 16 rows)
 
 
 def weights(dtype, seed=0):

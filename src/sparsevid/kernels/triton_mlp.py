@@ -40,8 +40,8 @@ GEMV_ROWS = 16  # up to this many rows one 16-row tile (the smallest dot) holds 
 
 # --------------------------------------------------------------------------------------- autotune
 def _configs():
-    if INTERPRET:  # the CPU interpreter runs every config: one small tile of each kind
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=2) for m in (GEMV_ROWS, 32)]
+    if INTERPRET:  # the CPU interpreter: one config of each kind, few programs (each costs milliseconds there)
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2) for m in (GEMV_ROWS, 32)]
     decode = [  # a GEMV padded to the 16-row dot: weight bandwidth, so many narrow column tiles and deep K steps
         triton.Config({"BLOCK_M": GEMV_ROWS, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
         for n in (16, 32, 64, 128)

@@ -504,6 +504,17 @@ class StaticDecoder:
         self._count(T0, new_tokens - 1)
         return self.out[:, :new_tokens].clone()
 
+    @torch.no_grad()
+    def decode_tas(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Greedy tokens (B, new_tokens) of one uncaptured decode and, per layer, the TAS of its eligible
+        rows (float32, CPU): what per-layer quantile thresholds are taken from."""
+        self.tas_log = [[] for _ in self.layers]
+        try:
+            tokens = self.generate(prompt, new_tokens, graph=False)
+        finally:
+            tas, self.tas_log = self.tas_log, None
+        return tokens, [torch.cat(v) if v else torch.empty(0) for v in tas]
+
     # ------------------------------------------------------------------------------------ frame-parallel
     @torch.no_grad()
     def forward_frame(self, frame: torch.Tensor, start: int, graph: bool = False) -> torch.Tensor:
@@ -573,10 +584,7 @@ def calibrate_agreement(model, prompts: torch.Tensor, tokens_per_frame: int, tar
     floor = target_agreement - 0.15 if floor is None else floor
     B, T0 = prompts.shape
     engine = StaticDecoder(model, B, T0 + new_tokens, tokens_per_frame, None, decision="device", fuse=fuse)
-    engine.tas_log = [[] for _ in range(n)]
-    reference = engine.generate(prompts, new_tokens, graph=False)
-    tas = [torch.cat(v) if v else torch.empty(0) for v in engine.tas_log]
-    engine.tas_log = None
+    reference, tas = engine.decode_tas(prompts, new_tokens)
     if any(not len(tas[i]) for i in hooked):
         raise ValueError(f"Expect prompts and new_tokens that decode tokens with a previous frame "
                          f"(prompt length + new_tokens > tokens_per_frame={tokens_per_frame})")
