@@ -42,10 +42,11 @@ GEMV_ROWS = 16  # up to this many rows one 16-row tile (the smallest dot) holds 
 def _configs():
     if INTERPRET:  # the CPU interpreter: one config of each kind, few programs (each costs milliseconds there)
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2) for m in (GEMV_ROWS, 32)]
-    decode = [  # a GEMV padded to the 16-row dot: weight bandwidth, so many narrow column tiles and deep K steps
+    decode = [  # a GEMV padded to the 16-row dot: weight bandwidth, so many narrow column tiles and many
+        # loads in flight (deep K steps or deep pipelines: a down projection has only C / BLOCK_N programs)
         triton.Config({"BLOCK_M": GEMV_ROWS, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
         for n in (16, 32, 64, 128)
-        for k, s in ((128, 4), (256, 3))
+        for k, s in ((128, 4), (256, 3), (128, 6))
     ]
     gemm = [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64}, num_warps=w, num_stages=s)
