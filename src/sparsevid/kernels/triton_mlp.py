@@ -41,7 +41,8 @@ GEMV_ROWS = 16  # up to this many rows one 16-row tile (the smallest dot) holds 
 # --------------------------------------------------------------------------------------- autotune
 def _configs():
     if INTERPRET:  # the CPU interpreter: one config of each kind, few programs (each costs milliseconds there)
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2) for m in (GEMV_ROWS, 32)]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2)
+                for m in (GEMV_ROWS, 32)]
     decode = [  # a GEMV padded to the 16-row dot: weight bandwidth, so many narrow column tiles and many
         # loads in flight (deep K steps or deep pipelines: a down projection has only C / BLOCK_N programs)
         triton.Config({"BLOCK_M": GEMV_ROWS, "BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=s)
@@ -89,8 +90,8 @@ def _bench(kernel_call, quantiles):
 
 
 # --------------------------------------------------------------------------------------- kernel
-@triton.autotune(configs=_configs(), key=["N", "IN_F", "OUT_F", "GATED"], prune_configs_by={"early_config_prune": _prune},
-                 do_bench=_bench)
+@triton.autotune(configs=_configs(), key=["N", "IN_F", "OUT_F", "GATED"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=_bench)
 @triton.jit
 def _predicated_linear(
     X, W1, W2, Skip, Out,  #
@@ -148,7 +149,7 @@ def _linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, skip: torch.Ten
             x, w1, w2, skip, out,  #
             *x.stride(), *w1.stride(), *w2.stride(), *out.stride(),  #
             N, in_f, out_f,  #
-            GATED=gated, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 like torch's default matmul
+            GATED=gated, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: torch's default matmul
         )
 
     key = (N, in_f, out_f, gated, x.dtype, x.device)

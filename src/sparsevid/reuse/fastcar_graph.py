@@ -10,11 +10,10 @@ module runs the same Llama-family weights through its own decode step, written f
   whole greedy loop (argmax, next input, position) with no host work but the replay call.
 - **Explicit capture, not ``torch.compile(mode="reduce-overhead")``.** The step must contain the
   data-dependent skip (a CUDA graph *conditional node*, or kernels that read the decision) and must
-  never sync; an explicit capture
-  fails loudly on any host sync, keeps one graph per (batch, mode), and does not depend on how a
-  ``transformers`` version builds its masks and caches. ``fuse=True`` still lets ``torch.compile``
-  fuse the element-wise pieces (RMSNorm, RoPE, the decision, the select) into Triton kernels that
-  the explicit capture records.
+  never sync; an explicit capture fails loudly on any host sync, keeps one graph per (batch, mode),
+  and does not depend on how a ``transformers`` version builds its masks and caches. ``fuse=True``
+  still lets ``torch.compile`` fuse the element-wise pieces (RMSNorm, RoPE, the decision, the
+  select) into Triton kernels that the explicit capture records.
 - **The decision on the device.** Per layer and row at position ``p >= P``:
   ``TAS = mean_h q_h(p) . k_h(p - P) / sqrt(head_dim)`` (``k(p - P)`` read from the KV cache, which
   holds post-RoPE keys), ``replay = TAS >= threshold[l]`` with the thresholds a device tensor
@@ -197,7 +196,8 @@ class StaticDecoder:
             from ..kernels import triton_mlp
 
             if self.device.type != "cuda" and not triton_mlp.INTERPRET:
-                raise ValueError(f"Expect a CUDA model (or TRITON_INTERPRET=1) for mlp='triton' but it is on {self.device}")
+                raise ValueError(f"Expect a CUDA model (or TRITON_INTERPRET=1) for mlp='triton' but it is on "
+                                 f"{self.device}")
             self._predicated = triton_mlp.predicated_mlp
             self._in_place_rows = triton_mlp.GEMV_ROWS
         dev = self.device
@@ -532,15 +532,13 @@ class StaticDecoder:
             self.frame_pos = torch.zeros(1, dtype=torch.long, device=self.device)
             self.frame_out = torch.zeros(self.B, P, dtype=torch.long, device=self.device)
         self.frame_ids.copy_(frame)
+        self.frame_pos.fill_(start)
         self._count(start, P)
         if graph:
             if self.frame_graph is None:  # warmed up on this very frame: repeating it rewrites the same values
-                self.frame_pos.fill_(start)
                 self.frame_graph = self._capture(self._frame_step)
-            self.frame_pos.fill_(start)
             self.frame_graph.replay()
         else:
-            self.frame_pos.fill_(start)
             self._frame_step()
         return self.frame_out.clone()
 
