@@ -106,6 +106,13 @@ for s in "$@"; do
             --methods draft --densities ${SWEEP_DENSITIES:-0.05 0.1 0.25 0.5} --tail ${SWEEP_TAILS:-none pooled} \
             --no-layer-error --videos 0 --quiet --out "$RES/tailsweep"
         ;;
+    fastcar2)  # issue 25: the predicated Triton MLP inside the captured decode graph (no IF node needed) vs the graph
+        # baseline and the cuBLAS select path; frame-parallel on the device-side count; < 5 min on one H200
+        stage fastcar2-tests timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_mlp.py tests/test_fastcar_graph.py
+        stage fastcar2-bench timeout 170 python3 -m sparsevid bench decode --no-eager --graph --speed-model llama3.2-1b \
+            --rates 0.2 0.3 --agreement 0.95 --batches 1 --frames 2 --calib 4 --reps 3 --frame-batches 8 16 \
+            --out "$RES/fastcar2" "${BENCH[@]}"
+        ;;
     *)
         echo "unknown stage $s" >&2
         ;;

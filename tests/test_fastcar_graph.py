@@ -1,6 +1,7 @@
 """sparsevid.reuse.fastcar_graph: the static-cache decoder, FastCar decided on the device, compaction, CUDA graphs."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -8,11 +9,16 @@ import torch
 pytest.importorskip("transformers")
 
 from sparsevid.reuse import fastcar, fastcar_graph  # noqa: E402
+from sparsevid.reuse._llama import quantile_threshold  # noqa: E402
 from sparsevid.reuse.fastcar_graph import StaticDecoder  # noqa: E402
 
 P = 8
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs a CUDA device (the CPU has no graphs)")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the CPU-path tests of the Triton MLP: bit-equal host and device paths hold where every row count runs the same
+# tile config, as under the interpreter; on a GPU the CUDA tests below compare graph and eager with the same kernels
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="the Triton MLP on CPU tensors needs TRITON_INTERPRET=1")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,14 +86,70 @@ def test_device_decision_equals_host_reference_and_hooks():
     assert hook_stats["rows"] == ref_stats["rows"]
 
 
-def test_replay_takes_the_mlp_output_one_frame_earlier():
+@needs_interpreter
+def test_triton_mlp_decoder_equals_host_reference():
+    """The predicated Triton MLP (interpreter) decides and computes like the host reference with the same
+    kernels, bit for bit: decode at batch 4 (rows in place, one tile) and a frame-parallel forward of
+    3 x 8 rows (kept rows sorted first, tiles past the device-side count skipped). Against cuBLAS only
+    the last bits of the MLP outputs differ: same tokens and decisions here."""
+    model, prompt = tiny_llama(layers=3), prompts(batch=4)
+    thresholds = fastcar.calibrate(model, prompt, P, 0.4, 3 * P)
+    ref_tokens, ref_log, ref_stats = decode(model, prompt, 3 * P, thresholds, decision="host", mlp="triton")
+    assert 0 < ref_stats["replay_rate"] < 1
+    tokens, log, stats = decode(model, prompt, 3 * P, thresholds, decision="device", mlp="triton")
+    assert torch.equal(tokens, ref_tokens) and stats["replayed"] == ref_stats["replayed"]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(log, ref_log))
+    cublas_tokens, cublas_log, _ = decode(model, prompt, 3 * P, thresholds, decision="host")
+    assert torch.equal(cublas_tokens, ref_tokens)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(cublas_log, ref_log))
+
+    model = tiny_llama(layers=2)
+    frames = prompts(batch=3, frames=3, seed=4)
+    cal = StaticDecoder(model, 3, 3 * P, P, None)
+    cal.tas_log = [[], []]
+    cal.teacher_forced_frames(frames)
+    thresholds = [quantile_threshold(torch.cat(v), 0.5) for v in cal.tas_log]
+    results = []
+    for decision in ("host", "device"):
+        engine = StaticDecoder(model, 3, 3 * P, P, thresholds, decision=decision, mlp="triton")
+        engine.log = []
+        results.append((engine.teacher_forced_frames(frames), engine.ring.clone(), engine.log, engine.stats()))
+    (ref_preds, ref_ring, ref_log, ref_stats), (preds, ring, log, stats) = results
+    assert 0 < ref_stats["replay_rate"] < 1
+    assert torch.equal(preds, ref_preds) and torch.equal(ring, ref_ring) and stats["replayed"] == ref_stats["replayed"]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(log, ref_log))
+
+
+def test_capture_warm_up_counts_no_replays():
+    """The H200 mismatch (graph path 119 replayed rows, eager 111, same tokens), reproduced on the CPU:
+    capture() warms up with two decode steps on a fresh decoder, whose zero key cache gives TAS = 0, so a
+    layer whose threshold is <= 0 replays every row there, and the device counter used to keep them
+    (2 steps x batch 4 x 1 such layer = the 8 extra rows). The decisions themselves are the same code
+    with and without a graph; the warm-up now restores the counter."""
+    model, prompt = tiny_llama(layers=3), prompts(batch=4)
+    thresholds = [math.inf, -0.01, math.inf]  # layer 1 replays TAS >= -0.01, the warm-up's TAS = 0 too
+    eager = StaticDecoder(model, 4, 4 * P, P, thresholds)
+    expected = eager.generate(prompt, 3 * P, graph=False)
+    with torch.no_grad():
+        for warm_up, extra in ((lambda e: [e._step() for _ in range(2)], 2 * 4), (lambda e: e._warm_up(e._step), 0)):
+            engine = StaticDecoder(model, 4, 4 * P, P, thresholds)
+            engine.pos.fill_(P)  # what capture() sets before warming up
+            warm_up(engine)
+            assert engine.stats()["replayed"] == extra
+            assert torch.equal(engine.generate(prompt, 3 * P, graph=False), expected)
+            assert engine.stats()["replayed"] == eager.stats()["replayed"] + extra
+
+
+@pytest.mark.parametrize("mlp", ["cublas", pytest.param("triton", marks=needs_interpreter)])
+def test_replay_takes_the_mlp_output_one_frame_earlier(mlp):
     model, prompt = tiny_llama(layers=2), prompts(batch=2)
-    engine = StaticDecoder(model, 2, 3 * P, P, [math.inf, -math.inf])  # layer 1 replays every eligible row
+    engine = StaticDecoder(model, 2, 3 * P, P, [math.inf, -math.inf], mlp=mlp)  # layer 1 replays every eligible row
     engine.generate(prompt, 2 * P, graph=False)
     stats = engine.stats()
     assert stats["per_layer"][1]["rate"] == 1.0 and stats["per_layer"][0]["replayed"] == 0
     # the ring of layer 1 holds the prefill's MLP outputs still: every decoded row replayed them
-    native = StaticDecoder(model, 2, 3 * P, P, None)
+    # (with the predicated kernels: no replayed row was ever written)
+    native = StaticDecoder(model, 2, 3 * P, P, None, mlp=mlp)
     native.prefill(prompt)
     torch.testing.assert_close(engine.ring[1], native.ring[1], rtol=0, atol=0)
 
@@ -98,7 +160,7 @@ def test_frame_parallel_compaction_equals_masked_path():
     cal = StaticDecoder(model, 3, 3 * P, P, None)
     cal.tas_log = [[], []]
     cal.teacher_forced_frames(tokens)
-    thresholds = [fastcar_graph._quantile_threshold(torch.cat(v), 0.5) for v in cal.tas_log]
+    thresholds = [quantile_threshold(torch.cat(v), 0.5) for v in cal.tas_log]
     results = {}
     for decision, capacity in (("host", None), ("device", None), ("device", 24), ("device", 8)):
         engine = StaticDecoder(model, 3, 3 * P, P, thresholds, decision=decision, capacity=capacity)
@@ -141,6 +203,10 @@ def test_bad_arguments_and_shares():
         StaticDecoder(model, 1, 16, None, decision="device")
     with pytest.raises(ValueError, match="capacity"):
         StaticDecoder(model, 1, 16, P, capacity=2, decision="host")
+    with pytest.raises(ValueError, match="mlp"):
+        StaticDecoder(model, 1, 16, P, mlp="cutlass")
+    with pytest.raises(ValueError, match="capacity=None with mlp='triton'"):
+        StaticDecoder(model, 1, 16, P, mlp="triton", capacity=2)
     engine = StaticDecoder(model, 1, 16, P)
     with pytest.raises(ValueError, match="max_len"):
         engine.generate(prompts(batch=1), 64, graph=False)
@@ -155,12 +221,28 @@ def test_bad_arguments_and_shares():
     assert 0 < m < 1 and 0 < f < 1
 
 
+def test_no_import_circle_between_the_two_decoders():
+    """fastcar (hooks) may use fastcar_graph (calibration for agreement); fastcar_graph never imports fastcar."""
+    import ast
+    import inspect
+
+    def imported(module):
+        tree = ast.parse(inspect.getsource(module))
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert "fastcar_graph" in imported(fastcar) and "fastcar" not in imported(fastcar_graph)
+    assert fastcar.decoder_layers is fastcar_graph.decoder_layers  # one anatomy, in reuse/_llama.py
+
+
 def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):
     import json
 
     from sparsevid import cli
     from sparsevid.bench import decode
+    from sparsevid.kernels import triton_mlp
 
+    if INTERPRET:  # the kernels have their own tests (and the decoder with them); interpreted, this would take minutes
+        monkeypatch.setattr(triton_mlp, "predicated_mlp", triton_mlp.predicated_mlp_reference)
     monkeypatch.setitem(decode.SPEED_MODELS, "llama3.2-1b", dict(hidden_size=64, intermediate_size=128,
                                                                   num_hidden_layers=2, num_attention_heads=4,
                                                                   num_key_value_heads=2))
@@ -169,37 +251,67 @@ def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):
                      "--reps", "1", "--speed-model", "llama3.2-1b", "--no-test-model", "--no-eager", "--graph",
                      "--frame-batches", "1", "--out", str(tmp_path), "--benchmarks-md", str(md)]) == 0
     data = json.loads((tmp_path / "decode.json").read_text())
-    assert [(r["target"], r["variant"].split()[0]) for r in data["graph_rows"]] == [
-        ("none (graph baseline)", "-"), (0.3, "cond"), (0.3, "select")]
-    assert data["graph_rows"][1]["achieved"] > 0 and data["graph_rows"][1]["bound"] > 1
+    # cond only where torch has IF nodes; the two baselines, then rates and the breakdown x variants
+    variants = ["cond"] * fastcar_graph.conditional_nodes_available() + ["select", "predicated"]
+    assert [(r["target"], r["variant"]) for r in data["graph_rows"]] == [
+        ("none (graph baseline)", "- (cuBLAS MLP)"), ("none (graph baseline)", "- (Triton MLP)"),
+        *[(t, v) for t in (0.3, "r=0: decision only", "r=1: all replayed") for v in variants]]
+    rows = {(r["target"], r["variant"]): r for r in data["graph_rows"]}
+    assert rows[(0.3, "predicated")]["achieved"] > 0 and rows[(0.3, "predicated")]["bound"] > 1
+    assert rows[("r=0: decision only", "select")]["achieved"] == 0
+    assert rows[("r=1: all replayed", "predicated")]["achieved"] == 1
     frames = data["frame_rows"]
-    assert [r["target"] for r in frames] == [0.0, 0.3] and frames[1]["capacity"] < frames[1]["rows"]
+    assert [(r["target"], r["mlp"]) for r in frames] == [(0.0, "cuBLAS"), (0.0, "Triton"), (0.3, "cuBLAS"), (0.3, "Triton")]
+    assert frames[2]["capacity"] < frames[2]["rows"] and frames[3]["capacity"] == "device count"
     text = md.read_text()
-    assert "FastCar under CUDA graphs" in text and "frame-parallel" in text
+    assert "FastCar under CUDA graphs" in text and "frame-parallel" in text and "predicated" in text
 
 
 # ---------------------------------------------------------------------------------------- CUDA only
 @needs_cuda
-@pytest.mark.parametrize("capacity", [None, 2])
-def test_cuda_graph_replay_equals_eager_decoder(capacity):
-    model, prompt = tiny_llama(layers=3, device="cuda"), prompts(batch=4, device="cuda")
+@pytest.mark.parametrize("mlp,capacity", [("cublas", None), ("cublas", 2), ("triton", None)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_cuda_graph_replay_equals_eager_decoder(mlp, capacity, batch):
+    """Graph replay equals the eager decoder: tokens, per-layer replay counts (every decode step's
+    decisions summed), and the same again on a second replay of the captured graph."""
+    model, prompt = tiny_llama(layers=3, device="cuda"), prompts(batch=batch, device="cuda")
     thresholds = fastcar.calibrate(model, prompt, P, 0.4, 3 * P)
-    eager = StaticDecoder(model, 4, 4 * P, P, thresholds, capacity=capacity)
+    eager = StaticDecoder(model, batch, 4 * P, P, thresholds, mlp=mlp, capacity=capacity)
     expected = eager.generate(prompt, 3 * P, graph=False)
+    per_layer = [l["replayed"] for l in eager.stats()["per_layer"]]
+    assert 0 < eager.stats()["replay_rate"] < 1
     for conditional in (False, fastcar_graph.conditional_nodes_available()):
-        engine = StaticDecoder(model, 4, 4 * P, P, thresholds, capacity=capacity, conditional=conditional)
+        engine = StaticDecoder(model, batch, 4 * P, P, thresholds, mlp=mlp, capacity=capacity, conditional=conditional)
         assert torch.equal(engine.generate(prompt, 3 * P, graph=True), expected)
-        assert engine.stats()["replayed"] == eager.stats()["replayed"]
+        assert [l["replayed"] for l in engine.stats()["per_layer"]] == per_layer
+        engine.reset_stats()
         assert torch.equal(engine.generate(prompt, 3 * P, graph=True), expected)  # replayed again, same tokens
-    base = StaticDecoder(model, 4, 4 * P, decision="none")
-    assert torch.equal(base.generate(prompt, 3 * P, graph=True), StaticDecoder(model, 4, 4 * P, decision="none")
+        assert [l["replayed"] for l in engine.stats()["per_layer"]] == per_layer
+    base = StaticDecoder(model, batch, 4 * P, decision="none", mlp=mlp)
+    assert torch.equal(base.generate(prompt, 3 * P, graph=True), StaticDecoder(model, batch, 4 * P, decision="none", mlp=mlp)
                        .generate(prompt, 3 * P, graph=False))
 
 
 @needs_cuda
-def test_cuda_graph_frame_parallel_compaction():
+@pytest.mark.parametrize("mlp,capacity", [("cublas", 16), ("triton", None)])
+def test_cuda_graph_frame_parallel_compaction(mlp, capacity):
     model, tokens = tiny_llama(layers=2, device="cuda"), prompts(batch=4, frames=3, seed=4, device="cuda")
     thresholds = [0.0, 0.0]
-    masked = StaticDecoder(model, 4, 3 * P, P, thresholds).teacher_forced_frames(tokens)
-    compact = StaticDecoder(model, 4, 3 * P, P, thresholds, capacity=16).teacher_forced_frames(tokens, graph=True)
-    assert torch.equal(masked, compact)
+    masked = StaticDecoder(model, 4, 3 * P, P, thresholds, mlp=mlp)
+    expected = masked.teacher_forced_frames(tokens)
+    compact = StaticDecoder(model, 4, 3 * P, P, thresholds, mlp=mlp, capacity=capacity)
+    assert torch.equal(compact.teacher_forced_frames(tokens, graph=True), expected)
+    assert compact.stats()["replayed"] == masked.stats()["replayed"] > 0
+
+
+@needs_cuda
+def test_cuda_predicated_mlp_skips_in_the_graph():
+    """At batch 1 with every eligible row replayed, the captured step's MLP outputs are the ring's: the
+    kernels returned before computing (a wrong skip would write computed rows over them)."""
+    model, prompt = tiny_llama(layers=2, device="cuda"), prompts(batch=1, device="cuda")
+    engine = StaticDecoder(model, 1, 3 * P, P, [-math.inf, -math.inf], mlp="triton")
+    engine.generate(prompt, 2 * P, graph=True)
+    assert engine.stats()["replay_rate"] == 1.0
+    native = StaticDecoder(model, 1, 3 * P, P, None, mlp="triton")
+    native.prefill(prompt)
+    assert torch.equal(engine.ring, native.ring)

@@ -23,6 +23,16 @@ same run:
    rows for a random-weight Llama with the published Llama-3.2-1B shape (16 layers, hidden 2048,
    MLP 8192, GQA 32/8) over the same 256-code vocabulary, its thresholds calibrated on its own TAS
    for the same target rates; its fidelity columns are empty (random weights generate nothing).
+6. **Graph rows** (``--graph``): the static-cache decoder of :mod:`sparsevid.reuse.fastcar_graph`,
+   one decode step captured as a CUDA graph, the decision on the device; ms per decode step against
+   the same graph without FastCar (cuBLAS MLP), for the variants cond (IF node), select (MLP always
+   run) and predicated (Triton MLP kernels that skip replayed rows themselves), beside the bound
+   ``1/(1 - r*m)``. ``--breakdown`` adds replay 0 and 1 (the decision's cost, and what is left when
+   everything replays); with ``--speed-model`` and ``--agreement`` the speed model also runs at the
+   replay the test model reached at that agreement.
+7. **Frame-parallel rows** (``--frame-batches``): one teacher-forced frame of B sequences per forward,
+   the MLP only on the kept rows (cuBLAS on a compacted buffer, or the Triton kernels on the
+   device-side count), against the dense forward.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ import os
 import torch
 
 from .common import append_benchmarks, environment, fmt, markdown_table, time_ms
+
+_MLP_NAMES = {"cublas": "cuBLAS", "triton": "Triton"}
 
 # Published decoder shapes for the speed-only rows (random weights, the test model's vocabulary).
 SPEED_MODELS = {
@@ -61,9 +73,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: on CUDA; on the CPU the same decoder runs without a graph)")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="the transformers-hook rows (eager decode, host-side decision) (default: on)")
-    parser.add_argument("--variants", nargs="+", choices=["cond", "select"], default=["cond", "select"],
-                        help="graph FastCar variants: cond = MLP in a CUDA graph IF node (skipped when every row "
-                             "replays), select = MLP always run, replayed rows selected on the device")
+    parser.add_argument("--variants", nargs="+", choices=["cond", "select", "predicated"],
+                        default=["cond", "select", "predicated"],
+                        help="graph FastCar variants: cond = cuBLAS MLP in a CUDA graph IF node (skipped when every "
+                             "row replays; not measured where torch has no IF nodes), select = cuBLAS MLP always run, "
+                             "replayed rows selected on the device, predicated = Triton MLP kernels that read the "
+                             "replay mask and skip replayed rows themselves (also adds the Triton-MLP baseline and "
+                             "frame-parallel rows) (default: %(default)s)")
+    parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                        help="graph rows at replay 0 (the decision's cost, every MLP row run) and 1 (every eligible "
+                             "row replayed: what the skip leaves) (default: on)")
     parser.add_argument("--agreement", type=float, default=None,
                         help="also calibrate per-layer thresholds for this free-running token agreement on the "
                              "calibration prompts (test model), greedy search over per-layer rates")
@@ -86,6 +105,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(args) -> int:
     from ..reuse import fastcar, fastcar_graph
+    from ..reuse._llama import decoder_layers, quantile_threshold
     from ..reuse.train import FRAME_HW, FRAMES_PER_SEQUENCE, TOKENS_PER_FRAME, WEIGHTS, clip_sequences, load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,33 +190,50 @@ def run(args) -> int:
         return sorted(times)[len(times) // 2]
 
     cond_ok = fastcar_graph.conditional_nodes_available()
+    variants = [v for v in args.variants if v != "cond" or cond_ok]  # without IF nodes cond would be select again
+    if variants != args.variants:
+        print("[decode] no CUDA graph IF nodes here: the cond variant is not measured (it would run as select)")
+    kernels = ["cublas"] + (["triton"] if "predicated" in variants else [])
+
+    def graph_engine(model, batch, thresholds, mlp, decision="device", **kw):
+        return fastcar_graph.StaticDecoder(model, batch, P + new_tokens, P, thresholds, decision=decision, mlp=mlp,
+                                           fuse=args.fuse, **kw)
 
     def measure_graph(model, targets, batch, name, eager_rows, fidelity=True) -> list[dict]:
-        """Static-cache decoder: the graph baseline, then every target x variant, against that baseline."""
+        """Static-cache decoder: the graph baseline (cuBLAS MLP), the Triton MLP with nothing skipped, then
+        every target x variant, against the cuBLAS baseline."""
         prompt = test[:batch, :P]
         m = fastcar_graph.mlp_weight_share(model)
         graph = use_graph and device == "cuda"
-        base = fastcar_graph.StaticDecoder(model, batch, P + new_tokens, P, decision="none", fuse=args.fuse)
-        reference = base.generate(prompt, new_tokens, graph=graph)
-        base_ms = decode_ms(base, prompt)
-        del base
         eager = {r["target"]: r["ms"] / new_tokens for r in eager_rows if r["model"] == name and r["batch"] == batch}
-        out = [dict(model=name, batch=batch, target="none (graph baseline)", variant="-", achieved=0.0, ms=base_ms,
-                    eager_ms=eager.get(0.0), speedup=1.0, m=m)]
-        if fidelity:
-            out[0].update(agreement=1.0, forced_agreement=1.0)
+        out, reference, base_ms = [], None, None
+        for mlp in kernels:  # the same graph without FastCar: cuBLAS (the baseline), then the Triton kernels
+            base = graph_engine(model, batch, None, mlp, decision="none")
+            tokens = base.generate(prompt, new_tokens, graph=graph)
+            ms = decode_ms(base, prompt)
+            del base
+            reference = tokens if reference is None else reference
+            base_ms = ms if base_ms is None else base_ms
+            row = dict(model=name, batch=batch, target="none (graph baseline)", variant=f"- ({_MLP_NAMES[mlp]} MLP)",
+                       mlp=_MLP_NAMES[mlp], achieved=0.0, ms=ms, eager_ms=eager.get(0.0) if mlp == "cublas" else None, speedup=base_ms / ms, m=m)
+            if fidelity:
+                row.update(agreement=float((tokens == reference).float().mean()), forced_agreement=None)
+            out.append(row)
+            print(f"[decode] graph {name} batch {batch} baseline, {_MLP_NAMES[mlp]} MLP: {ms:.3f} ms/token")
         for label, th in targets.items():
-            tracked = fastcar_graph.StaticDecoder(model, batch, P + new_tokens, P, th, decision="device",
-                                                  conditional=False, fuse=args.fuse)  # same decisions, no IF node
-            tokens = tracked.generate(prompt, new_tokens, graph=graph)
-            stats = tracked.stats()
-            forced = tracked.generate(prompt, new_tokens, teacher=reference, graph=graph) if fidelity else None
-            del tracked
-            r = stats["replay_rate"] or 0.0
-            for variant in args.variants:
-                cond = variant == "cond" and cond_ok
-                eng = fastcar_graph.StaticDecoder(model, batch, P + new_tokens, P, th, decision="device",
-                                                  conditional=cond, track=False, fuse=args.fuse)
+            tracked = {}  # per MLP kernels: the decisions and tokens (counted on the device, no IF node)
+            for mlp in kernels:
+                eng = graph_engine(model, batch, th, mlp, conditional=False)
+                tokens = eng.generate(prompt, new_tokens, graph=graph)
+                stats = eng.stats()  # of the free-running decode
+                forced = eng.generate(prompt, new_tokens, teacher=reference, graph=graph) if fidelity else None
+                tracked[mlp] = (tokens, forced, stats)
+                del eng
+            for variant in variants:
+                mlp = "triton" if variant == "predicated" else "cublas"
+                tokens, forced, stats = tracked[mlp]
+                r = stats["replay_rate"] or 0.0
+                eng = graph_engine(model, batch, th, mlp, conditional=variant == "cond", track=False)
                 try:
                     ms = decode_ms(eng, prompt)
                 except RuntimeError as error:  # e.g. a torch whose IF nodes do not capture these ops: say so, go on
@@ -206,66 +243,92 @@ def run(args) -> int:
                     continue
                 finally:
                     del eng
-                row = dict(model=name, batch=batch, target=label, variant=variant + ("" if cond or variant != "cond"
-                                                                                     else " (no IF nodes: select)"),
-                           achieved=r, per_layer=[l["rate"] for l in stats["per_layer"]], ms=ms,
-                           eager_ms=eager.get(label), speedup=base_ms / ms, m=m,
-                           bound=1 / (1 - r * m), allowed=(1 - ms / base_ms) / (r * m) if r else None)
+                row = dict(model=name, batch=batch, target=label, variant=variant, mlp=_MLP_NAMES[mlp], achieved=r,
+                           per_layer=[l["rate"] for l in stats["per_layer"]], ms=ms, eager_ms=eager.get(label),
+                           speedup=base_ms / ms, m=m, bound=1 / (1 - r * m) if r * m < 1 else math.inf,
+                           allowed=(1 - ms / base_ms) / (r * m) if r else None)
                 if fidelity:
                     row.update(agreement=float((tokens == reference).float().mean()),
                                forced_agreement=float((forced == reference).float().mean()),
                                psnr_vs_ref=psnr(frames_of(tokens), frames_of(reference)))
                 out.append(row)
-                print(f"[decode] graph {name} batch {batch} {label} {row['variant']}: replay {r:.3f}, {ms:.3f} ms/token "
+                print(f"[decode] graph {name} batch {batch} {label} {variant}: replay {r:.3f}, {ms:.3f} ms/token "
                       f"({row['speedup']:.2f}x vs graph baseline {base_ms:.3f} ms; bound {row['bound']:.2f}x)"
                       + (f", agreement {row['agreement']:.3f}" if fidelity else ""))
         return out
 
     def measure_frames(model, name) -> list[dict]:
-        """Frame-parallel: one teacher-forced frame of B sequences (B*P rows) per forward, compacted MLP."""
+        """Frame-parallel: one teacher-forced frame of B sequences (B*P rows) per forward; the MLP on the kept
+        rows only: cuBLAS on a compacted buffer of fixed capacity, or the Triton kernels launched on all rows
+        that skip the tiles past the device-side count."""
+        from ..kernels.triton_mlp import predicated_mlp
+
         graph = use_graph and device == "cuda"
-        L = len(fastcar.decoder_layers(model))
+        L = len(decoder_layers(model))
+        weights = [(l.mlp.gate_proj.weight, l.mlp.up_proj.weight, l.mlp.down_proj.weight) for l in decoder_layers(model)]
         out = []
+
+        def frame_engine(fb, th, mlp, **kw):
+            return fastcar_graph.StaticDecoder(model, fb, 2 * P, P, th, mlp=mlp, fuse=args.fuse, **kw)
+
         for fb in args.frame_batches:
             g = torch.Generator().manual_seed(fb)
             tokens = torch.randint(0, model.config.vocab_size, (fb, 2 * P), generator=g).to(device)
             frame, N = tokens[:, P:], fb * P
             f = fastcar_graph.mlp_flop_share(model, N, 2 * P)
-            base = fastcar_graph.StaticDecoder(model, fb, 2 * P, P, decision="none", fuse=args.fuse)
-            reference = base.teacher_forced_frames(tokens, graph=graph)
-            base_ms = time_ms(lambda: base.forward_frame(frame, P, graph=graph), reps=args.reps, warmup=1, device=device)
             x = torch.randn(N, model.config.hidden_size, device=device, dtype=dtype)
-            with torch.no_grad():
-                mlp_ms = time_ms(lambda: [base._mlp(i, x) for i in range(L)], reps=args.reps, warmup=1, device=device)
-            del base
-            cal = fastcar_graph.StaticDecoder(model, fb, 2 * P, P, decision="device", fuse=args.fuse)
+            rows_run = torch.arange(N, device=device)
+
+            def mlp_ms(eng, kept):
+                """All layers' MLPs alone on ``kept`` rows: cuBLAS on the capacity, Triton on N rows with a count."""
+                with torch.no_grad():
+                    if eng.mlp == "cublas":
+                        return time_ms(lambda: [eng._mlp(i, x[:kept]) for i in range(L)], reps=args.reps, warmup=1,
+                                       device=device)
+                    skip, y = rows_run >= kept, torch.empty_like(x)
+                    return time_ms(lambda: [predicated_mlp(x, skip, *weights[i], y) for i in range(L)], reps=args.reps,
+                                   warmup=1, device=device)
+
+            reference, base_ms, dense_mlp_ms = None, None, None
+            for mlp in kernels:
+                base = frame_engine(fb, None, mlp, decision="none")
+                preds = base.teacher_forced_frames(tokens, graph=graph)
+                ms = time_ms(lambda: base.forward_frame(frame, P, graph=graph), reps=args.reps, warmup=1, device=device)
+                full_ms = mlp_ms(base, N)
+                del base
+                reference = preds if reference is None else reference
+                base_ms, dense_mlp_ms = (ms, full_ms) if base_ms is None else (base_ms, dense_mlp_ms)
+                out.append(dict(model=name, batch=fb, rows=N, target=0.0, mlp=_MLP_NAMES[mlp], achieved=0.0, capacity=N,
+                                ms=ms, speedup=base_ms / ms, mlp_ms=full_ms, f=f,
+                                forced_agreement=float((preds == reference).float().mean())))
+            cal = frame_engine(fb, None, "cublas", decision="device")
             cal.tas_log = [[] for _ in range(L)]
             cal.teacher_forced_frames(tokens)
             tas = [torch.cat(v) for v in cal.tas_log]
             del cal
-            out.append(dict(model=name, batch=fb, rows=N, target=0.0, achieved=0.0, capacity=N, ms=base_ms, speedup=1.0,
-                            mlp_ms=mlp_ms, f=f))
             for rate in args.rates:
-                th = [fastcar_graph._quantile_threshold(t, rate) for t in tas]
+                th = [quantile_threshold(t, rate) for t in tas]
                 kept = max(int((t < th[i]).sum()) for i, t in enumerate(tas))
                 cap = min(N, max(16, -(-kept // 16) * 16))
-                eng = fastcar_graph.StaticDecoder(model, fb, 2 * P, P, th, decision="device", capacity=cap, fuse=args.fuse)
-                preds = eng.teacher_forced_frames(tokens, graph=graph)
-                r = eng.stats()["replay_rate"] or 0.0
-                ms = time_ms(lambda: eng.forward_frame(frame, P, graph=graph), reps=args.reps, warmup=1, device=device)
-                with torch.no_grad():
-                    cap_ms = time_ms(lambda: [eng._mlp(i, x[:cap]) for i in range(L)], reps=args.reps, warmup=1, device=device)
-                del eng
-                row = dict(model=name, batch=fb, rows=N, target=rate, achieved=r, capacity=cap, ms=ms,
-                           speedup=base_ms / ms, mlp_ms=cap_ms, mlp_saved_ms=mlp_ms - cap_ms, f=f,
-                           bound=1 / (1 - r * f), allowed=(1 - ms / base_ms) / (r * f) if r else None,
-                           forced_agreement=float((preds == reference).float().mean()))
-                out.append(row)
-                print(f"[decode] frame-parallel {name} {fb}x{P}={N} rows, rate {rate}: replay {r:.3f}, capacity {cap}, "
-                      f"{ms:.3f} ms ({row['speedup']:.2f}x vs {base_ms:.3f} ms; bound {row['bound']:.2f}x), "
-                      f"MLP {mlp_ms:.3f} -> {cap_ms:.3f} ms")
+                for mlp in kernels:
+                    eng = frame_engine(fb, th, mlp, decision="device", capacity=cap if mlp == "cublas" else None)
+                    preds = eng.teacher_forced_frames(tokens, graph=graph)
+                    r = eng.stats()["replay_rate"] or 0.0
+                    ms = time_ms(lambda: eng.forward_frame(frame, P, graph=graph), reps=args.reps, warmup=1, device=device)
+                    kept_ms = mlp_ms(eng, cap if mlp == "cublas" else kept)
+                    del eng
+                    row = dict(model=name, batch=fb, rows=N, target=rate, mlp=_MLP_NAMES[mlp], achieved=r,
+                               capacity=cap if mlp == "cublas" else "device count", ms=ms, speedup=base_ms / ms,
+                               mlp_ms=kept_ms, mlp_saved_ms=dense_mlp_ms - kept_ms, f=f, bound=1 / (1 - r * f),
+                               allowed=(1 - ms / base_ms) / (r * f) if r else None,
+                               forced_agreement=float((preds == reference).float().mean()))
+                    out.append(row)
+                    print(f"[decode] frame-parallel {name} {fb}x{P}={N} rows, rate {rate}, {row['mlp']} MLP: replay {r:.3f}, "
+                          f"capacity {row['capacity']}, {ms:.3f} ms ({row['speedup']:.2f}x vs {base_ms:.3f} ms; bound "
+                          f"{row['bound']:.2f}x), MLP {dense_mlp_ms:.3f} -> {kept_ms:.3f} ms")
         return out
 
+    breakdown = {"r=0: decision only": math.inf, "r=1: all replayed": -math.inf} if args.breakdown else {}
     rows = []
     if not args.no_test_model:
         if args.eager:
@@ -274,6 +337,7 @@ def run(args) -> int:
             targets = dict(thresholds)
             if agree is not None:
                 targets[f"agreement>={agree_target(args)}"] = agree["thresholds"]
+            targets.update(breakdown)
             graph_rows += [r for batch in args.batches for r in measure_graph(model, targets, batch, "test model", rows)]
         if args.frontier:
             write_frontier(args, agree, graph_rows, model, calib[:, :P], P, new_tokens)
@@ -291,12 +355,19 @@ def run(args) -> int:
             big = LlamaForCausalLM(config)
         big = big.to(dtype=dtype).eval().requires_grad_(False)
         big_name = f"{args.speed_model} (random weights)"
-        big_thresholds = {rate: fastcar.calibrate(big, calib[:, :P], P, rate, new_tokens) for rate in args.rates}
+        # speed only: per-layer quantiles of one no-replay decode's TAS (no refine pass; the replay reached is reported)
+        _, big_tas = fastcar_graph.StaticDecoder(big, len(calib), P + new_tokens, P, None).decode_tas(calib[:, :P], new_tokens)
+        big_thresholds = {rate: [quantile_threshold(t, rate) for t in big_tas] for rate in args.rates}
         if args.eager:
             rows += [r for batch in args.batches for r in measure(big, big_thresholds, batch, big_name, fidelity=False)]
         if use_graph:
+            big_targets = dict(big_thresholds)
+            if agree is not None and agree["replay"] > 0:  # the test model's replay at its agreement, on this shape
+                big_targets[f"{agree['replay']:.3f} (test model at agreement>={agree_target(args)})"] = [
+                    quantile_threshold(t, agree["replay"]) for t in big_tas]
+            big_targets.update(breakdown)
             graph_rows += [r for batch in args.batches
-                           for r in measure_graph(big, big_thresholds, batch, big_name, rows, fidelity=False)]
+                           for r in measure_graph(big, big_targets, batch, big_name, rows, fidelity=False)]
         if args.frame_batches:
             frame_rows += measure_frames(big, big_name)
         del big
@@ -308,8 +379,8 @@ def run(args) -> int:
         f"{args.frames} frames ({new_tokens} tokens) decoded greedily with a KV cache; thresholds calibrated per layer "
         f"on {args.calib} training-split prompts; fidelity vs the no-replay decode of the same prompts; "
         f"time: whole generate call, median of {args.reps} after warm-up"
-        + (f"; {args.speed_model} rows: random weights of that shape, speed only, thresholds calibrated on its own "
-           f"TAS" if args.speed_model else "")
+        + (f"; {args.speed_model} rows: random weights of that shape, speed only, thresholds: per-layer quantiles "
+           f"of its own TAS in one no-replay decode of the calibration prompts" if args.speed_model else "")
         + ("" if device == "cuda" else " — CPU numbers, not the GPU target")
     )
     columns = ["model", "batch", "target replay", "achieved replay (per layer)", "ms", "tokens/s", "speedup", "token agreement",
@@ -347,9 +418,14 @@ def run(args) -> int:
             f"(sparsevid.reuse.fastcar_graph.StaticDecoder{', fuse' if args.fuse else ''}), {graph_word}; "
             f"FastCar decided on the device (TAS and per-layer thresholds, no host sync); prompt = 1 frame, "
             f"{new_tokens} tokens; ms/token: median of {args.reps} runs of {new_tokens - 1} decode steps after an eager "
-            f"prefill; eager = the transformers-hook decode (whole generate / tokens); variants: cond = MLP in a CUDA "
-            f"graph IF node (conditional nodes {'available' if cond_ok else 'NOT available: runs as select'}), "
-            f"select = MLP always run, replayed rows selected; bound = 1/(1 - r*m), m = MLP share of weight bytes; "
+            f"prefill; eager = the transformers-hook decode (whole generate / tokens); baselines: the same graph without "
+            f"FastCar with the cuBLAS MLP (every 'vs graph baseline' is against it) and with the Triton MLP kernels "
+            f"(nothing skipped: their cost against cuBLAS); variants: cond = cuBLAS MLP in a CUDA graph IF node "
+            f"(conditional nodes {'available' if cond_ok else 'NOT available here: not measured'}), select = cuBLAS "
+            f"MLP always run, replayed rows selected, predicated = Triton MLP kernels that read the replay mask and "
+            f"return before loading weights when every row of a tile replays (batch 1: the row); r=0/r=1 rows: "
+            f"thresholds inf/-inf (the decision's cost / what is left when everything replays); agreement per MLP "
+            f"kernels, vs the cuBLAS baseline's tokens; bound = 1/(1 - r*m), m = MLP share of weight bytes; "
             f"allowed = share of the bound's saving achieved, (1 - t/t0)/(r*m) (target >= 0.8 at batch 1)"
         )
         g_columns = ["model", "batch", "target", "variant", "achieved replay r", "eager ms/token", "graph ms/token",
@@ -369,22 +445,24 @@ def run(args) -> int:
         f_header = (
             f"{environment()}; {str(dtype).replace('torch.', '')} on {dev_name}; frame-parallel teacher-forced forward: "
             f"B sequences x one frame of {P} tokens (B*{P} rows per layer) at positions {P}..{2 * P - 1}, random tokens, "
-            f"{graph_word}; thresholds: per-layer TAS quantiles of this forward; compacted MLP with capacity = kept rows "
-            f"rounded up to 16 (overflow in an IF node); ms: median of {args.reps}; MLP ms: all "
-            f"layers' MLPs alone on all rows vs on the capacity; bound = 1/(1 - r*f), f = MLP share of the FLOPs; "
+            f"{graph_word}; thresholds: per-layer TAS quantiles of this forward; cuBLAS: kept rows compacted into a "
+            f"buffer of capacity = kept rows rounded up to 16 (overflow in an IF node); Triton: kept rows sorted first, "
+            f"kernels launched on all rows skip the tiles past the device-side count; 'vs dense' against the cuBLAS "
+            f"dense forward; ms: median of {args.reps}; MLP ms: all layers' MLPs alone on all rows (dense rows) vs on "
+            f"the capacity / the kept count; bound = 1/(1 - r*f), f = MLP share of the FLOPs; "
             f"allowed = (1 - t/t0)/(r*f) (target >= 0.8)"
         )
-        f_columns = ["model", "rows", "target", "achieved replay r", "capacity", "forward ms", "vs dense",
+        f_columns = ["model", "rows", "target", "MLP", "achieved replay r", "capacity", "forward ms", "vs dense",
                      "bound 1/(1-r·f)", "allowed saving achieved", "MLP ms", "MLP ms saved", "teacher-forced agreement"]
         f_table = markdown_table(f_columns, [[
             r["model"], f"{r['batch']}x{P}={r['rows']}", f"{r['target']:g}" if r["target"] else "none (dense)",
-            f"{r['achieved']:.3f}", r["capacity"], f"{r['ms']:.3f}", f"{r['speedup']:.2f}x", fmt(r.get("bound"), ".2f"),
+            r["mlp"], f"{r['achieved']:.3f}", r["capacity"], f"{r['ms']:.3f}", f"{r['speedup']:.2f}x", fmt(r.get("bound"), ".2f"),
             fmt(r.get("allowed"), ".2f"), f"{r['mlp_ms']:.3f}", fmt(r.get("mlp_saved_ms"), ".3f"),
             fmt(r.get("forced_agreement"), ".3f")] for r in frame_rows])
         print(f_header)
         print(f_table)
         if not args.no_record:
-            append_benchmarks(args.benchmarks_md, "bench decode — FastCar frame-parallel, compacted MLP", f_header, f_table,
+            append_benchmarks(args.benchmarks_md, "bench decode — FastCar frame-parallel, MLP on the kept rows", f_header, f_table,
                               extra=f"f (MLP share of FLOPs): " + ", ".join(sorted({f"{r['model']} {r['f']:.3f}"
                                                                                     for r in frame_rows})))
     return 0
@@ -398,16 +476,13 @@ def write_frontier(args, agree, graph_rows, model, prompts, P, new_tokens) -> No
     """PNG: the greedy per-layer search (calibration prompts), uniform per-layer rates (calibration
     prompts), and the held-out graph rows of the largest batch."""
     from ..reuse import fastcar_graph
+    from ..reuse._llama import quantile_threshold
 
-    n = len(fastcar_graph.decoder_layers(model))
     engine = fastcar_graph.StaticDecoder(model, prompts.shape[0], prompts.shape[1] + new_tokens, P, None, fuse=args.fuse)
-    engine.tas_log = [[] for _ in range(n)]
-    reference = engine.generate(prompts, new_tokens, graph=False)
-    tas = [torch.cat(v) for v in engine.tas_log]
-    engine.tas_log = None
+    reference, tas = engine.decode_tas(prompts, new_tokens)
     uniform = [(0.0, 1.0)]
     for rate in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8):
-        engine.set_thresholds([fastcar_graph._quantile_threshold(t, rate) for t in tas])
+        engine.set_thresholds([quantile_threshold(t, rate) for t in tas])
         engine.reset_stats()
         tokens = engine.generate(prompts, new_tokens)
         uniform.append((engine.stats()["replay_rate"], float((tokens == reference).float().mean())))
@@ -417,7 +492,7 @@ def write_frontier(args, agree, graph_rows, model, prompts, P, new_tokens) -> No
     if graph_rows:
         batch = max(r["batch"] for r in graph_rows if r["model"] == "test model")
         held = {(r["target"]): (r["achieved"], r["agreement"]) for r in graph_rows
-                if r["model"] == "test model" and r["batch"] == batch and "agreement" in r}
+                if r["model"] == "test model" and r["batch"] == batch and "agreement" in r and r["mlp"] == "cuBLAS"}
         curves[f"held-out prompts, batch {batch} (bench rows)"] = sorted(held.values())
     target = args.agreement if args.agreement is not None else 0.95
     fastcar_graph.plot_frontier(args.frontier, curves, target, title=f"FastCar on the AR video test model ({new_tokens} tokens)")

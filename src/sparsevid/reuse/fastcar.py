@@ -47,42 +47,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._llama import decoder_layers, parse_thresholds, quantile_threshold, rotate_half
 from ._patch import patch_forward, replay_stats
+from .fastcar_graph import calibrate_agreement
 
 __all__ = ["FastCarHandle", "apply", "calibrate", "decoder_layers", "generate"]
-
-
-# ---------------------------------------------------------------------------------------- model anatomy
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers of a Llama-family ``transformers`` model (``ForCausalLM`` or base model)."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"Expect model to be a transformers Llama-family torch.nn.Module but got {type(model).__name__}")
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
-        raise TypeError(
-            f"Expect model to be a decoder-only transformers model with .model.layers (Llama family) "
-            f"but {type(model).__name__} has none"
-        )
-    for layer in layers:
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "q_proj") or not hasattr(attn, "k_proj") or not hasattr(layer, "mlp"):
-            raise TypeError(
-                f"Expect decoder layers with self_attn.q_proj, self_attn.k_proj and mlp (Llama anatomy) "
-                f"but got {type(layer).__name__}"
-            )
-    return list(layers)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x`` (B, T, heads, D), ``cos``/``sin`` (B or 1, T, D): Llama's ``apply_rotary_pos_emb``."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -165,7 +140,7 @@ class FastCarHandle:
 
     def set_thresholds(self, thresholds) -> None:
         """One float for every hooked layer, or a sequence with one value per decoder layer."""
-        values = _thresholds(thresholds, len(decoder_layers(self.model)))
+        values = parse_thresholds(thresholds, len(decoder_layers(self.model)))
         for i, s in self.states.items():
             s.threshold = values[i]
 
@@ -210,26 +185,6 @@ class FastCarHandle:
         rate = self.stats()["replay_rate"]
         return (f"FastCarHandle(tokens_per_frame={self.tokens_per_frame}, layers={sorted(self.states)}, "
                 f"replay_rate={'-' if rate is None else f'{rate:.3f}'})")
-
-
-def _thresholds(thresholds, n_layers: int) -> list[float]:
-    if thresholds is None:
-        return [math.inf] * n_layers
-    if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
-        return [float(thresholds)] * n_layers
-    if isinstance(thresholds, torch.Tensor):
-        thresholds = thresholds.tolist()
-    if isinstance(thresholds, (str, bytes)):
-        raise TypeError(f"Expect thresholds as a float, None or a sequence of floats but got {thresholds!r}")
-    try:
-        values = [float(t) for t in thresholds]
-    except (TypeError, ValueError):
-        raise TypeError(f"Expect thresholds as a float, None or a sequence of floats but got {thresholds!r}") from None
-    if len(values) != n_layers:
-        raise ValueError(f"Expect thresholds with one value per decoder layer ({n_layers}) but got {len(values)}")
-    if any(math.isnan(v) for v in values):
-        raise ValueError(f"Expect thresholds without NaN but got {values}")
-    return values
 
 
 # ---------------------------------------------------------------------------------------- hooks
@@ -328,7 +283,7 @@ def apply(model: torch.nn.Module, tokens_per_frame: int, thresholds=None, *, lay
     all_layers = decoder_layers(model)
     if isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
         raise ValueError(f"Expect tokens_per_frame to be an int >= 1 but got {tokens_per_frame!r}")
-    values = _thresholds(thresholds, len(all_layers))
+    values = parse_thresholds(thresholds, len(all_layers))
     if layers is None:
         layers = range(len(all_layers))
     layers = sorted(set(layers))
@@ -432,8 +387,6 @@ def calibrate(
     if target_agreement is not None:
         if target_rate is not None:
             raise ValueError(f"Expect one of target_rate and target_agreement but got both ({target_rate!r}, {target_agreement!r})")
-        from .fastcar_graph import calibrate_agreement
-
         return calibrate_agreement(model, prompts, tokens_per_frame, target_agreement, new_tokens, layers=layers)["thresholds"]
     if target_rate is None:
         raise ValueError("Expect target_rate (or target_agreement) but got None")
@@ -457,14 +410,7 @@ def calibrate(
                         f"Expect prompts and new_tokens that decode tokens with a previous frame "
                         f"(prompt length + new_tokens > tokens_per_frame={tokens_per_frame}) but layer {i} saw none"
                     )
-                rate = rates[i]
-                if rate <= 0:
-                    thresholds[i] = math.inf
-                elif rate >= 1:
-                    thresholds[i] = -math.inf
-                else:
-                    # replay when TAS >= threshold: the (1 - rate) quantile, nudged to count ties as replayed
-                    thresholds[i] = float(torch.quantile(values.double(), 1.0 - rate))
+                thresholds[i] = quantile_threshold(values, rates[i])
     finally:
         handle.remove()
     return thresholds

@@ -9,32 +9,42 @@ module runs the same Llama-family weights through its own decode step, written f
   one decode step reads and advances them, so one captured ``torch.cuda.CUDAGraph`` replays the
   whole greedy loop (argmax, next input, position) with no host work but the replay call.
 - **Explicit capture, not ``torch.compile(mode="reduce-overhead")``.** The step must contain the
-  data-dependent skip (a CUDA graph *conditional node*) and must never sync; an explicit capture
-  fails loudly on any host sync, keeps one graph per (batch, mode), and does not depend on how a
-  ``transformers`` version builds its masks and caches. ``fuse=True`` still lets ``torch.compile``
-  fuse the element-wise pieces (RMSNorm, RoPE, the decision, the select) into Triton kernels that
-  the explicit capture records.
+  data-dependent skip (a CUDA graph *conditional node*, or kernels that read the decision) and must
+  never sync; an explicit capture fails loudly on any host sync, keeps one graph per (batch, mode),
+  and does not depend on how a ``transformers`` version builds its masks and caches. ``fuse=True``
+  still lets ``torch.compile`` fuse the element-wise pieces (RMSNorm, RoPE, the decision, the
+  select) into Triton kernels that the explicit capture records.
 - **The decision on the device.** Per layer and row at position ``p >= P``:
   ``TAS = mean_h q_h(p) . k_h(p - P) / sqrt(head_dim)`` (``k(p - P)`` read from the KV cache, which
   holds post-RoPE keys), ``replay = TAS >= threshold[l]`` with the thresholds a device tensor
   (changed without recapture).
 
-MLP modes (``decision``/``capacity``)::
+MLP modes (``decision``/``mlp``/``capacity``)::
 
     decision="none"    every row through the MLP (the baseline)
     decision="host"    the reference: kept rows counted on the host (one sync per layer), MLP on them
-    decision="device", capacity=None
+    decision="device", mlp="triton"
+                       the predicated Triton MLP (:mod:`sparsevid.kernels.triton_mlp`) reads the
+                       replay mask itself: a tile of rows that all replay returns before loading a
+                       weight, and replayed rows keep the previous frame's output. Up to 16 rows
+                       (decode) the rows stay in place, so at batch 1 a replayed step reads no MLP
+                       weight; above, kept rows are sorted first and the kernels, launched on all
+                       rows, skip the tiles past the device-side count (frame-parallel: fewer kept
+                       rows cost less). No conditional node, no sync, no capacity to choose
+    decision="device", mlp="cublas", capacity=None
                        MLP on all rows, replayed rows selected on the device ("both branches");
                        under a graph with conditional nodes the MLP sits in an IF node that runs
                        only when some row is kept: at batch 1 a replayed step reads no MLP weights
-    decision="device", capacity=C
+    decision="device", mlp="cublas", capacity=C
                        kept rows compacted (stable sort on the device) into a C-row buffer, MLP on
                        it, scattered back; overflow rows (more than C kept) go through a second,
                        conditional MLP call on the rest. Pays where a step is compute-bound
                        (frame-parallel: ``forward_frame`` over B x P rows)
 
-Without a graph (CPU, tests) the conditional bodies always run and their results are masked, so
-every mode gives the same values as the reference.
+``mlp`` picks the kernels for the rows that run in every mode (``"triton"`` with ``decision="none"``
+is the Triton kernels with nothing skipped, to compare them with cuBLAS). Without a graph (CPU,
+tests) the conditional bodies always run and their results are masked, so every mode gives the same
+values as the reference with the same ``mlp``.
 
 Shape legend: ``B`` batch, ``T`` tokens per sequence in one forward (1 for a decode step, ``P``
 for a frame), ``L`` decoder layers, ``H``/``KVH`` query/key heads, ``D`` head_dim, ``P`` tokens per
@@ -48,7 +58,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fastcar import _rotate_half, _thresholds, decoder_layers
+from ._llama import decoder_layers, parse_thresholds, quantile_threshold, rotate_half
 
 __all__ = ["StaticDecoder", "calibrate_agreement", "conditional_nodes_available", "mlp_flop_share", "mlp_weight_share",
            "plot_frontier"]
@@ -70,7 +80,7 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x`` (B, heads, T, D), ``cos``/``sin`` (T, D)."""
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -90,6 +100,12 @@ def _decide(q: torch.Tensor, k_prev: torch.Tensor, eligible: torch.Tensor, thres
 
 def _select(replay: torch.Tensor, prev: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
     return torch.where(replay[..., None], prev, computed)
+
+
+def _compact(replay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row order with the kept rows first, in row order (a stable sort on the device), and their count
+    (a device scalar) for the flat mask ``replay`` (N,)."""
+    return torch.argsort(replay.to(torch.int32), stable=True), replay.numel() - replay.sum()
 
 
 _FUSABLE = ("_rms", "_rope", "_silu_mul", "_decide", "_select")
@@ -134,7 +150,10 @@ class StaticDecoder:
         tokens_per_frame (int | None): ``P``; None = no FastCar (then ``decision`` must be "none").
         thresholds: TAS thresholds (one float, or one per layer; ``inf`` never replays).
         decision (str): "none", "host" (reference, one host sync per layer) or "device".
-        capacity (int | None): device decision only: rows of the compacted MLP buffer (None: no compaction).
+        mlp (str): kernels for the MLP rows that run: "cublas" (``F.linear``) or "triton" (the predicated
+            kernels; with the device decision they skip replayed rows themselves).
+        capacity (int | None): device decision with cuBLAS only: rows of the compacted MLP buffer (None:
+            no compaction).
         conditional (bool | None): put the MLP calls in CUDA graph IF nodes while capturing
             (default: where available).
         fuse (bool): ``torch.compile`` the element-wise pieces and concatenate q/k/v and gate/up weights.
@@ -142,11 +161,16 @@ class StaticDecoder:
     """
 
     def __init__(self, model, batch: int, max_len: int, tokens_per_frame: int | None = None, thresholds=None, *,
-                 decision: str = "device", capacity: int | None = None, conditional: bool | None = None,
-                 fuse: bool = False, track: bool = True):
+                 decision: str = "device", mlp: str = "cublas", capacity: int | None = None,
+                 conditional: bool | None = None, fuse: bool = False, track: bool = True):
         layers = decoder_layers(model)
         if decision not in ("none", "host", "device"):
             raise ValueError(f"Expect decision in ('none', 'host', 'device') but got {decision!r}")
+        if mlp not in ("cublas", "triton"):
+            raise ValueError(f"Expect mlp in ('cublas', 'triton') but got {mlp!r}")
+        if mlp == "triton" and capacity is not None:
+            raise ValueError(f"Expect capacity=None with mlp='triton' (it compacts on the device-side count) "
+                             f"but got {capacity!r}")
         if tokens_per_frame is None and decision != "none":
             raise ValueError("Expect tokens_per_frame for a FastCar decision; pass decision='none' for the baseline")
         if capacity is not None and (decision != "device" or not isinstance(capacity, int) or capacity < 1):
@@ -164,10 +188,18 @@ class StaticDecoder:
         self.scaling = getattr(attn, "scaling", self.D**-0.5)
         self.B, self.P = batch, tokens_per_frame
         self.max_len = -(-max_len // 64) * 64
-        self.decision, self.capacity, self.track = decision, capacity, track
+        self.decision, self.mlp, self.capacity, self.track = decision, mlp, capacity, track
         self.conditional = conditional_nodes_available() if conditional is None else conditional
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if mlp == "triton":
+            from ..kernels import triton_mlp
+
+            if self.device.type != "cuda" and not triton_mlp.INTERPRET:
+                raise ValueError(f"Expect a CUDA model (or TRITON_INTERPRET=1) for mlp='triton' but it is on "
+                                 f"{self.device}")
+            self._predicated = triton_mlp.predicated_mlp
+            self._in_place_rows = triton_mlp.GEMV_ROWS
         dev = self.device
         L = len(layers)
         self.k_cache = torch.zeros(L, batch, self.KVH, self.max_len, self.D, device=dev, dtype=self.dtype)
@@ -210,7 +242,7 @@ class StaticDecoder:
     # ------------------------------------------------------------------------------------ settings and report
     def set_thresholds(self, thresholds) -> None:
         """One float, or one per decoder layer; written into the device tensor the graph reads."""
-        self.thr.copy_(torch.tensor(_thresholds(thresholds, len(self.layers)), dtype=torch.float32))
+        self.thr.copy_(torch.tensor(parse_thresholds(thresholds, len(self.layers)), dtype=torch.float32))
 
     def reset_stats(self) -> None:
         self.replayed.zero_()
@@ -234,9 +266,16 @@ class StaticDecoder:
             self.rows[i] += eligible
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self._gate_up is None:
-            return self.layers[i].mlp(x)
+        """The MLP on every row of ``x`` (..., hidden)."""
         mlp = self.layers[i].mlp
+        if self.mlp == "triton":
+            xf = x.reshape(-1, x.shape[-1])
+            skip = torch.zeros(xf.shape[0], dtype=torch.bool, device=x.device)
+            out = self._predicated(xf, skip, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                                   torch.empty_like(xf))
+            return out.view(x.shape)
+        if self._gate_up is None:
+            return mlp(x)
         gate, up = F.linear(x, self._gate_up[i]).chunk(2, dim=-1)
         return F.linear(self._fns["_silu_mul"](gate, up), mlp.down_proj.weight)
 
@@ -274,6 +313,8 @@ class StaticDecoder:
             return out.view(B, T, C)
         if self.track:
             self.replayed[i] += replay.sum()
+        if self.mlp == "triton":
+            return self._predicated_mlp(i, x, replay, prev)
         if self.capacity is None:
             computed = torch.empty_like(x)
             with self._if((~replay).any()):
@@ -282,8 +323,7 @@ class StaticDecoder:
         B, T, C = x.shape
         N, cap = B * T, min(self.capacity, B * T)
         flat, xf, pf = replay.reshape(-1), x.reshape(-1, C), prev.reshape(-1, C)
-        order = torch.argsort(flat.to(torch.int32), stable=True)  # kept rows first, in row order
-        n_keep = N - flat.sum()
+        order, n_keep = _compact(flat)
         out = pf.clone()
         for lo, hi in ((0, cap), (cap, N)):
             if lo == hi:
@@ -295,6 +335,21 @@ class StaticDecoder:
                 computed.copy_(self._mlp(i, xf.index_select(0, rows)))
             out.index_copy_(0, rows, fns["_select"](~valid, pf.index_select(0, rows), computed))
         return out.view(B, T, C)
+
+    def _predicated_mlp(self, i: int, x: torch.Tensor, replay: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """MLP output (B, T, hidden) from the predicated Triton kernels: replayed rows keep ``prev`` (a
+        fresh gather from the ring, written in place)."""
+        mlp = self.layers[i].mlp
+        weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        B, T, C = x.shape
+        N = B * T
+        flat, xf, out = replay.reshape(-1), x.reshape(-1, C), prev.reshape(-1, C)
+        if N <= self._in_place_rows:  # one row tile holds every row: sorting could skip nothing more
+            return self._predicated(xf, flat, *weights, out).view(B, T, C)
+        order, n_keep = _compact(flat)
+        past_count = torch.arange(N, device=x.device) >= n_keep  # the device-side count as a row mask
+        done = self._predicated(xf.index_select(0, order), past_count, *weights, out.index_select(0, order))
+        return out.index_copy_(0, order, done).view(B, T, C)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab) of ``ids`` (B, T) at positions ``pos .. pos + T - 1`` (``pos`` (1,) on the device)."""
@@ -368,14 +423,28 @@ class StaticDecoder:
             self.ids.copy_(token)
         self.pos += 1
 
+    def _warm_up(self, fn) -> None:
+        """Run ``fn`` twice before a capture (cuBLAS handles, compiled and autotuned kernels, both sides of
+        every conditional) without counting its replays.
+
+        The warm-up decodes from whatever the buffers hold: a fresh decoder's key cache is zero, so every
+        TAS is 0 and a layer with a threshold <= 0 replays every row. Counting those rows made the graph
+        path report more replay than the eager one with the same tokens (H200: 119 vs 111 rows = 2 steps
+        x batch 4 x the one layer with a negative threshold). Nothing else the warm-up writes is read
+        before ``prefill`` (or the frame forward it repeats) writes it again.
+        """
+        replayed = self.replayed.clone()
+        for _ in range(2):
+            fn()
+        self.replayed.copy_(replayed)
+
     def _capture(self, fn) -> torch.cuda.CUDAGraph:
         if self.decision == "host":
             raise ValueError("Expect decision 'none' or 'device' for a CUDA graph but got 'host' (it syncs)")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: cuBLAS handles, compiled kernels, both sides of every conditional
-                fn()
+            self._warm_up(fn)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         self._capturing = True
@@ -435,6 +504,17 @@ class StaticDecoder:
         self._count(T0, new_tokens - 1)
         return self.out[:, :new_tokens].clone()
 
+    @torch.no_grad()
+    def decode_tas(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Greedy tokens (B, new_tokens) of one uncaptured decode and, per layer, the TAS of its eligible
+        rows (float32, CPU): what per-layer quantile thresholds are taken from."""
+        self.tas_log = [[] for _ in self.layers]
+        try:
+            tokens = self.generate(prompt, new_tokens, graph=False)
+        finally:
+            tas, self.tas_log = self.tas_log, None
+        return tokens, [torch.cat(v) if v else torch.empty(0) for v in tas]
+
     # ------------------------------------------------------------------------------------ frame-parallel
     @torch.no_grad()
     def forward_frame(self, frame: torch.Tensor, start: int, graph: bool = False) -> torch.Tensor:
@@ -452,15 +532,13 @@ class StaticDecoder:
             self.frame_pos = torch.zeros(1, dtype=torch.long, device=self.device)
             self.frame_out = torch.zeros(self.B, P, dtype=torch.long, device=self.device)
         self.frame_ids.copy_(frame)
+        self.frame_pos.fill_(start)
         self._count(start, P)
         if graph:
-            if self.frame_graph is None:
-                self.frame_pos.fill_(P)
+            if self.frame_graph is None:  # warmed up on this very frame: repeating it rewrites the same values
                 self.frame_graph = self._capture(self._frame_step)
-            self.frame_pos.fill_(start)
             self.frame_graph.replay()
         else:
-            self.frame_pos.fill_(start)
             self._frame_step()
         return self.frame_out.clone()
 
@@ -479,14 +557,6 @@ class StaticDecoder:
 
 
 # ---------------------------------------------------------------------------------------- calibration for agreement
-def _quantile_threshold(values: torch.Tensor, rate: float) -> float:
-    if rate <= 0:
-        return math.inf
-    if rate >= 1:
-        return -math.inf
-    return float(torch.quantile(values.double(), 1.0 - rate))
-
-
 @torch.no_grad()
 def calibrate_agreement(model, prompts: torch.Tensor, tokens_per_frame: int, target_agreement: float, new_tokens: int, *,
                         step: float = 0.1, max_rate: float = 0.9, layers=None, floor: float | None = None,
@@ -512,16 +582,13 @@ def calibrate_agreement(model, prompts: torch.Tensor, tokens_per_frame: int, tar
     floor = target_agreement - 0.15 if floor is None else floor
     B, T0 = prompts.shape
     engine = StaticDecoder(model, B, T0 + new_tokens, tokens_per_frame, None, decision="device", fuse=fuse)
-    engine.tas_log = [[] for _ in range(n)]
-    reference = engine.generate(prompts, new_tokens, graph=False)
-    tas = [torch.cat(v) if v else torch.empty(0) for v in engine.tas_log]
-    engine.tas_log = None
+    reference, tas = engine.decode_tas(prompts, new_tokens)
     if any(not len(tas[i]) for i in hooked):
         raise ValueError(f"Expect prompts and new_tokens that decode tokens with a previous frame "
                          f"(prompt length + new_tokens > tokens_per_frame={tokens_per_frame})")
 
     def evaluate(rates):
-        engine.set_thresholds([_quantile_threshold(tas[i], rates[i]) if i in hooked else math.inf for i in range(n)])
+        engine.set_thresholds([quantile_threshold(tas[i], rates[i]) if i in hooked else math.inf for i in range(n)])
         engine.reset_stats()
         tokens = engine.generate(prompts, new_tokens, graph=graph)
         return float((tokens == reference).float().mean()), engine.stats()["replay_rate"] or 0.0
@@ -545,7 +612,7 @@ def calibrate_agreement(model, prompts: torch.Tensor, tokens_per_frame: int, tar
             best = point
         if agreement < floor:
             break
-    thresholds = [_quantile_threshold(tas[i], best["rates"][i]) if i in hooked else math.inf for i in range(n)]
+    thresholds = [quantile_threshold(tas[i], best["rates"][i]) if i in hooked else math.inf for i in range(n)]
     return dict(thresholds=thresholds, rates=best["rates"], agreement=best["agreement"], replay=best["replay"],
                 frontier=frontier)
 
