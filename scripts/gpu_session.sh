@@ -6,8 +6,10 @@
 #   bash scripts/gpu_session.sh tests kernel480 kernel720 e2e13 loop13 e2e14 comfy
 #
 # Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry (64 MiB with the working
-# tree, 28 MB since the testbed-l weights), so it arrives split (`split -b 31000000 -d`) in three earlier
-# calls that copy .whl/p1, .whl/p2 and .whl/p3 to /tmp/p1, /tmp/p2 and /tmp/p3.
+# tree, 29 MB since the testbed-l weights), so it arrives split (`split -b 31000000 -d`) over three calls,
+# each carrying one part (.whl/p1, .whl/p2, .whl/p3) beside at most 6.5 MB of other wheels (.whl/d: diffusers;
+# .whl/ra, .whl/rb: flash-attn-4's other needs and scikit-video), which stage `stash` keeps in /tmp; the
+# third call runs `install`.
 # Results (logs, BENCHMARKS.md sections, JSON, profiles) are tarred into $OUT/<stages>.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,13 +31,18 @@ stage() {
 
 for s in "$@"; do
     case $s in
-    install)
+    stash)  # what this call carried, kept in /tmp for a later call on the same (warm) machine
         mkdir -p /tmp/w
+        for d in .whl/p1 .whl/p2 .whl/p3; do [ -d "$d" ] && mkdir -p "/tmp/${d#.whl/}" && cp "$d"/* "/tmp/${d#.whl/}/"; done
+        for d in .whl/d .whl/ra .whl/rb .whl/min; do [ -d "$d" ] && cp "$d"/*.whl /tmp/w/; done
+        ls /tmp/w /tmp/p1 /tmp/p2 /tmp/p3 2>/dev/null | tr '\n' ' '; echo
+        ;;
+    install)  # flash-attn-4 (+ diffusers, scikit-video) from what earlier calls stashed
         cat /tmp/p1/libs_part_* /tmp/p2/libs_part_* /tmp/p3/libs_part_* > /tmp/w/nvidia_cutlass_dsl_libs_cu12-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-        cp .whl/rest/*.whl /tmp/w/
         stage install python3 -m pip install --no-index --find-links /tmp/w "flash-attn-4==4.0.0b36"
         # diffusers' importlib_metadata requirement is for Pythons before 3.8; its other needs are on the image
-        stage install-diffusers python3 -m pip install --no-index --no-deps /tmp/w/diffusers-0.42.1-py3-none-any.whl
+        stage install-diffusers python3 -m pip install --no-index --no-deps /tmp/w/diffusers-0.42.1-py3-none-any.whl \
+            /tmp/w/scikit_video-1.1.11-py2.py3-none-any.whl
         stage versions python3 -c "import torch, triton, diffusers, sparsevid as sv; print(torch.__version__, triton.__version__, diffusers.__version__, torch.cuda.get_device_name()); [print(d['name'], d['usable'], d['reason']) for d in sv.describe_backends('cuda')]"
         ;;
     tests)
@@ -70,8 +77,35 @@ for s in "$@"; do
     comfy)  # ComfyUI's own Wan at the 1.3B shape, one step dense vs through the node (COMFYUI_PATH or .comfy)
         COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy}" stage comfy python3 scripts/comfyui_step_time.py "${BENCH[@]}"
         ;;
-    diffusers)  # diffusers alone (no flash-attn-4): carry .whl/min (diffusers + scikit-video wheels)
-        stage install-diffusers python3 -m pip install --no-index --no-deps .whl/min/*.whl
+    diffusers)  # diffusers alone (no flash-attn-4): carry .whl/min (diffusers + scikit-video) or .whl/d (diffusers)
+        stage install-diffusers python3 -m pip install --no-index --no-deps $(ls .whl/min/*.whl .whl/d/*.whl 2>/dev/null)
+        ;;
+    tailtests)  # issue 22: the tail kernels in bf16 (fused Triton, FA4 + merge when installed) and the kernels they share
+        stage tailtests timeout "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_tail.py tests/test_gpu.py \
+            tests/test_triton_kernel.py tests/test_triton_pool.py tests/test_quant.py ${TESTS_K:+-k "$TESTS_K"}
+        ;;
+    tailfrontier)  # issue 22: testbed-l, 8 held-out cases, every density, with and without the tail, on the GPU kernels
+        stage tailfrontier timeout "${FRONTIER_S:-330}" python3 -m sparsevid eval --testbed large --held-out 8 --steps 20 \
+            --methods draft --densities 0.05 0.1 0.25 0.5 --tail none pooled-var pooled-var-32 --videos 0 --quiet \
+            --no-noise-floor --out "$RES/tailfrontier"
+        ;;
+    tailkernel480)
+        stage tailkernel480 python3 -m sparsevid bench kernel --preset wan1.3b-480p --methods draft \
+            --densities 0.1 0.05 0.25 --tail none pooled-var pooled-var-32 --inputs random --reps 20 --no-flex \
+            --backends triton fa4 --out "$RES/tailkernel480" "${BENCH[@]}"
+        ;;
+    tailkernel720)
+        stage tailkernel720 python3 -m sparsevid bench kernel --preset wan14b-720p --methods draft --densities 0.1 \
+            --tail none pooled-var --inputs random --reps 10 --no-flex --backends fa4 triton --out "$RES/tailkernel720" \
+            "${BENCH[@]}"
+        ;;
+    taile2e13)
+        stage taile2e13 python3 -m sparsevid bench e2e --model wan2.1-1.3b --resolution 480p --densities 0.1 \
+            --tail none pooled-var --reps 5 --out "$RES/taile2e13" "${BENCH[@]}"
+        ;;
+    taile2e14)
+        stage taile2e14 python3 -m sparsevid bench e2e --model wan2.1-14b --resolution 720p --densities 0.1 \
+            --tail none pooled-var --reps 2 --out "$RES/taile2e14" "${BENCH[@]}"
         ;;
     frontier14)  # issue 14: the fidelity frontier on testbed-l, 16 held-out videos at the target densities + mass budgets
         stage frontier14 timeout 200 python3 -m sparsevid eval --testbed large --held-out 16 --steps 20 \

@@ -218,3 +218,70 @@ def test_apply_quant_int8_tiny_wan():
         assert handle.stats()["sparse_calls"] > 0
         handle.remove()
     assert 0 < rel_err(quant, exact) < 0.03
+
+
+# ------------------------------------------------------------------------------------------ tail= (issue 22)
+TAIL_BACKENDS = ["triton", pytest.param("fa4", marks=needs_fa4)]
+
+
+@pytest.mark.parametrize("backend", TAIL_BACKENDS)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("tail", ["pooled-var", "pooled-var-32"])
+def test_tail_backends_equal_reference_bf16(backend, name, tail):
+    """bf16 on the GPU (the interpreter's bf16 dot is wrong, so the CPU tests use fp16): the fused Triton
+    kernel and FlashAttention-4 + merge against the reference twin, strided inputs, per-head and
+    broadcast plans, and the same tokens already in tile order."""
+    layout = sv.VideoLayout(**LAYOUTS[name])
+    B, H, L, D = 2, 3, layout.num_tokens, 128
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(B, L, H, D, device="cuda", generator=g).bfloat16().transpose(1, 2) for _ in range(3))
+    for method in ("draft", "window"):
+        plan = sv.plan(q, k, layout, method=method, density=0.2)
+        out = sv.sparse_attention(q, k, v, plan, backend=backend, tail=tail)
+        ref = sv.sparse_attention(q, k, v, plan, backend="reference", tail=tail)
+        plain = sv.sparse_attention(q, k, v, plan, backend=backend)
+        assert out.shape == q.shape and torch.isfinite(out).all()
+        assert rel_err(out, ref) < 1e-2, (method, rel_err(out, ref))
+        assert rel_err(out, plain) > 1e-2  # the tail really ran
+    tiled = layout.replace(tiled=True)
+    qt, kt, vt = (layout.to_tiles(t)[:, :, :L] for t in (q, k, v))
+    plan_t = sv.plan(qt, kt, tiled, method="draft", density=0.2)
+    out_t = sv.sparse_attention(qt, kt, vt, plan_t, backend=backend, tail=tail)
+    ref = sv.sparse_attention(q, k, v, sv.plan(q, k, layout, method="draft", density=0.2), backend="reference",
+                              tail=tail)
+    assert rel_err(layout.from_tiles(out_t), ref) < 1e-2
+
+
+@pytest.mark.parametrize("backend", TAIL_BACKENDS)
+def test_tail_compiles_and_captures(backend):
+    layout = sv.VideoLayout(frames=2, height=30, width=52)
+    q, k, v = (torch.randn(1, 4, layout.num_tokens, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    plan = sv.plan(q, k, layout, method="draft", density=0.2)
+    eager = sv.sparse_attention(q, k, v, plan, backend=backend, tail="pooled-var")
+    compiled = torch.compile(lambda a, b, c: sv.sparse_attention(a, b, c, plan, backend=backend, tail="pooled-var"),
+                             fullgraph=True)
+    assert rel_err(compiled(q, k, v), eager) < 1e-3
+    static = torch.empty_like(eager)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static.copy_(sv.sparse_attention(q, k, v, plan, backend=backend, tail="pooled-var"))
+    graph.replay()
+    assert rel_err(static, eager) < 1e-3
+
+
+@pytest.mark.parametrize("tile_order", [False, True])
+def test_apply_with_tail_on_every_backend(tile_order):
+    pytest.importorskip("diffusers")
+    model, inputs = _tiny_wan_cuda()
+    outs = {}
+    for backend in ["reference", "triton"] + (["fa4"] if FA4 else []):
+        for tail in (None, "pooled-var"):
+            handle = sv.apply(model, method="draft", density=0.25, dense_layers=0, backend=backend,
+                              tile_order=tile_order, tail=tail)
+            with torch.no_grad():
+                outs[backend, tail] = model(**inputs)[0]
+            assert handle.stats()["sparse_calls"] == 3
+            handle.remove()
+    for backend in ["triton"] + (["fa4"] if FA4 else []):
+        assert rel_err(outs[backend, "pooled-var"], outs["reference", "pooled-var"]) < 2e-2
+    assert rel_err(outs["reference", "pooled-var"], outs["reference", None]) > 1e-3

@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from ..reuse.spec import parse_reuse, reuse_label
+from ..tail import TAIL_METHODS
 from .common import append_benchmarks, environment, markdown_table, option_pair, time_ms
 
 # Published transformer configs (diffusers format) and how each model's pipeline shapes its inputs.
@@ -111,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "`torchrun --nproc_per_node N -m sparsevid bench e2e --gpus N ...`")
     parser.add_argument("--backends", nargs="+", default=["auto"],
                         help="sparse_attention backends to time, one row each (default: %(default)s)")
+    parser.add_argument("--tail", nargs="+", choices=["none", *TAIL_METHODS], default=["none"],
+                        help="what the skipped blocks contribute, one config each: none, or a summary method "
+                             "(sparsevid.tail) (default: %(default)s)")
     parser.add_argument("--tile-order", nargs="+", choices=["auto", "on", "off"], default=["auto"],
                         help="keep the video tokens in tile order through the model (sparsevid.apply's tile_order): "
                              "'auto' (where the model allows it), 'on', 'off'; several: one row each")
@@ -309,12 +313,14 @@ def run(args) -> int:
     reuse_names = " + ".join(reuse_label(r) for r in reuse)
     tile_orders = {"auto": None, "on": True, "off": False}
     variants = [(b, t) for b in args.backends for t in args.tile_order]
-    jobs = [(m, d, b, t) for m in args.methods for d in (args.densities if m != "none" else [1.0]) for b, t in variants]
-    for method, density, backend, order in tqdm(jobs, desc="sparse configs", unit="cfg"):
+    tails = [None if t == "none" else t for t in args.tail]
+    jobs = [(m, d, b, t, tail) for m in args.methods for d in (args.densities if m != "none" else [1.0])
+            for b, t in variants for tail in (tails if m != "none" else [None])]
+    for method, density, backend, order, tail in tqdm(jobs, desc="sparse configs", unit="cfg"):
         sparse_method = None if method == "none" else method  # none: native attention, reuse only
         settings = dict(method=sparse_method, density=density, dense_layers=args.dense_layers,
                         replan_every=args.replan_every, backend=backend,
-                        tile_order=tile_orders[order] if sparse_method else None, **options)
+                        tile_order=tile_orders[order] if sparse_method else None, tail=tail, **options)
         # forward: every step sparse (dense_steps=0); planning included in the time
         handle = sv.apply(forward_target, dense_steps=0, reuse=forward_reuse or None, **settings)
         with best_context():
@@ -327,7 +333,7 @@ def run(args) -> int:
                                      f"tile order {'on' if tiled else 'off'}", args.out))
         handle.remove()
         label = method + (f" [{backend}, tile order {'on' if tiled else 'off'}]" if sparse_method and len(variants) > 1
-                          else "")
+                          else "") + (f" tail={tail}" if tail else "")
         row = dict(method=label + (f" + {reuse_names}" if reuse_names else "") + parallel, density=density,
                    forward_ms=ms, achieved=stats["mean_density"], finite=bool(torch.isfinite(out).all()),
                    sparse_calls=stats["sparse_calls"])

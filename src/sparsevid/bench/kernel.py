@@ -32,6 +32,9 @@ Method (written here because speed claims live in benchmarks, never in tests):
   accuracy target reads there (issue 15: <= 0.03 on clip inputs). A quantized row is WRONG only
   above ``--quant-tol`` (a broken kernel, not a missed target). ``vs fa4`` / ``vs fa4-tiled``: the
   ``sparsevid-fa4`` / ``sparsevid-fa4-tiled`` time of the same plan divided by the row's.
+* ``--tail METHOD``: every exact sparsevid row again with ``tail=METHOD`` (kernel ``name+METHOD``),
+  checked against the reference backend with the same summaries; ``tail +%`` is its time over the
+  same kernel's without the tail, minus 1 (summary pass, tail terms and, for ``fa4``, the merge).
 * ``vs Flex+gather`` charges FlexAttention its gather/scatter too (what a caller holding q, k, v in
   the original order pays per call); ``vs Flex`` does not.
 * FLOPs: dense-equivalent ``4 * B * H * L^2 * D``; "actual" multiplies by the plan's real-entry
@@ -55,6 +58,7 @@ import sys
 
 import torch
 
+from ..tail import TAIL_METHODS
 from .common import append_benchmarks, command_line, environment, fmt, rel_error, time_ms
 
 PRESETS = {
@@ -89,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=["triton", "fa4", "triton-int8", "triton-fp8"],
                         help="sparsevid backends to time (those not usable here are skipped, and said); "
                              "triton-int8 / triton-fp8 are the 8-bit kernels (quant='int8' / 'fp8')")
+    parser.add_argument("--tail", nargs="+", choices=["none", *TAIL_METHODS], default=["none"],
+                        help="also every exact sparsevid row with the skipped blocks kept as summaries "
+                             "(sparsevid.tail); 'none' = the plain rows (default: %(default)s)")
     parser.add_argument("--quant-tol", type=float, default=0.1,
                         help="max relative error of an 8-bit row vs the reference before it is marked WRONG")
     parser.add_argument("--out", default="out/bench", help="folder for speedup.png and results.json")
@@ -227,6 +234,10 @@ def run(args) -> int:
     reps = max(10, args.reps)
     device_name = torch.cuda.get_device_name()
     usable = set(sparsevid.available_backends("cuda"))
+    tails = [None if t == "none" else t for t in args.tail]
+    from sparsevid.backends import tail_backends
+
+    tail_backends = set(tail_backends())
     backends = [b for b in args.backends if b in usable]
     for b in sorted(set(args.backends) - usable):
         reason = {d["name"]: d["reason"] for d in sparsevid.describe_backends("cuda")}.get(b, "not registered")
@@ -298,16 +309,23 @@ def run(args) -> int:
         if "fa4" in backends:
             plan_tiled = sparsevid.BlockPlan(tiled, plan.kv_num_blocks, plan.kv_indices, method)
             contenders.append(("sparsevid-fa4-tiled", "fa4", (q_tiled, k_tiled, v_tiled), plan_tiled))
-        contenders += [(f"sparsevid-{b}", b, (q, k, v), plan) for b in backends if quantized.get(b) is not None]
+        tailed = [(f"{name}+{tail}", backend, inputs, p, tail) for tail in tails if tail is not None
+                  for name, backend, inputs, p in contenders if backend in tail_backends]
+        contenders = [(*c, None) for c in contenders] if None in tails else []
+        contenders += tailed
+        contenders += [(f"sparsevid-{b}", b, (q, k, v), plan, None) for b in backends if quantized.get(b) is not None]
         bf16_out = None
-        for name, backend, (a, b_, c), p in contenders:
-            call = lambda: sparsevid.sparse_attention(a, b_, c, p, scale=scale, backend=backend)  # noqa: E731
+        tail_refs = {}
+        for name, backend, (a, b_, c), p, tail in contenders:
+            call = lambda: sparsevid.sparse_attention(a, b_, c, p, scale=scale, backend=backend, tail=tail)  # noqa: E731
             if name not in first_call and backend == "fa4":
                 first_call[name] = _first_call_s(call)
             out = call()
             if p.layout.tiled:
                 out = layout.from_tiles(out)
-            err = rel_error(out, ref)
+            if tail is not None and tail not in tail_refs:  # the twin with the same summaries
+                tail_refs[tail] = sparsevid.sparse_attention(q, k, v, plan, scale=scale, backend="reference", tail=tail)
+            err = rel_error(out, ref if tail is None else tail_refs[tail])
             quant = quantized.get(backend)
             ok = bool(torch.isfinite(out).all()) and err <= (args.tol if quant is None else args.quant_tol)
             if bf16_out is None and quant is None and backend in ("triton", "fa4"):
@@ -315,7 +333,7 @@ def run(args) -> int:
             err_bf16 = rel_error(out, bf16_out if bf16_out is not None else ref)
             t = time_ms(call, reps=reps, warmup=3)
             rows.append(dict(common, kernel=name, ms=t, err=err, ok=ok, graph_ms=_graph_ms(call), quant=quant,
-                             err_bf16=err_bf16))
+                             err_bf16=err_bf16, tail=tail))
             print(f"[bench] {method} d={density}: {name} {t:.3f} ms, rel err {err:.2e} vs {ref_name}, "
                   f"{err_bf16:.2e} vs bf16 sparse{'' if ok else '  WRONG'}")
         print(f"[bench] {method} d={density}: real density {real_density:.4f}, plan {plan_ms:.3f} ms "
@@ -326,7 +344,10 @@ def run(args) -> int:
     fa4_ms = {(r["method"], r["density"]): r["ms"] for r in rows if r["kernel"] == "sparsevid-fa4" and r["ok"]}
     fa4_tiled_ms = {(r["method"], r["density"]): r["ms"] for r in rows
                     if r["kernel"] == "sparsevid-fa4-tiled" and r["ok"]}
+    untailed = {(r["method"], r["density"], r["kernel"]): r["ms"] for r in rows if r["ok"] and not r.get("tail")}
     for r in rows:
+        base = untailed.get((r["method"], r["density"], r["kernel"].split("+")[0])) if r.get("tail") else None
+        r["tail_cost"] = r["ms"] / base - 1 if base and r["ok"] else float("nan")
         r["tflops_dense_eq"] = flops / r["ms"] / 1e9
         r["tflops_actual"] = r["tflops_dense_eq"] * r["real_density"]
         r["vs_cudnn"] = t_cudnn / r["ms"]
@@ -360,8 +381,8 @@ def run(args) -> int:
 
 def _table(rows) -> str:
     cols = ["method", "density", "real dens.", "kernel", "ms", "graph ms", "TF/s dense-eq", "TF/s actual", "vs cuDNN",
-            "vs Flex", "vs Flex+gather", "vs triton", "vs fa4", "vs fa4-tiled", "rel err", "vs bf16 L2", "plan ms",
-            "plan graph ms"]
+            "vs Flex", "vs Flex+gather", "vs triton", "vs fa4", "vs fa4-tiled", "tail +%", "rel err", "vs bf16 L2",
+            "plan ms", "plan graph ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         wrong = not r["ok"]
@@ -375,6 +396,7 @@ def _table(rows) -> str:
                  "-" if wrong or math.isnan(r["vs_triton"]) else fmt(r["vs_triton"], ".2f") + "x",
                  "-" if wrong or math.isnan(r["vs_fa4"]) else fmt(r["vs_fa4"], ".2f") + "x",
                  "-" if wrong or math.isnan(r["vs_fa4_tiled"]) else fmt(r["vs_fa4_tiled"], ".2f") + "x",
+                 "-" if math.isnan(r.get("tail_cost", float("nan"))) else f"{100 * r['tail_cost']:+.1f}",
                  fmt(r["err"], ".1e"), fmt(r.get("err_bf16"), ".1e"), fmt(r["plan_ms"], ".3f"),
                  fmt(r["plan_graph_ms"], ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -386,9 +408,13 @@ def _plot(rows, path, title):
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    markers = {"sparsevid-triton": "o", "sparsevid-fa4": "^", "sparsevid-fa4-tiled": "v", "sparsevid-triton-int8": "D",
+               "sparsevid-triton-fp8": "P", "flex": "s"}
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows if r["method"] != "dense"))
     for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
-        for kernel, style in (("sparsevid-triton", "-o"), ("sparsevid-fa4", "-^"), ("sparsevid-fa4-tiled", "-v"),
-                              ("sparsevid-triton-int8", "-D"), ("sparsevid-triton-fp8", "-P"), ("flex", "--s")):
+        for kernel in kernels:
+            base, _, tail = kernel.partition("+")  # a tail row: its kernel's marker, dotted
+            style = (":" if tail else "--" if base == "flex" else "-") + markers.get(base, "o")
             pts = sorted((r["real_density"], r["vs_cudnn"]) for r in rows
                          if r["method"] == method and r["kernel"] == kernel and r["ok"])
             if pts:
