@@ -35,7 +35,6 @@ groups (``NB * block_size // group``).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,7 @@ import torch
 from .layout import VideoLayout
 from .pooling import group_mean_reference, group_tables
 
-__all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks", "summarize", "tail_logits"]
+__all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks", "summarize_reference", "tail_logits"]
 
 
 @dataclass(frozen=True)
@@ -109,19 +108,9 @@ class TailSummaries:
     per_block: int
 
 
-def summarize(k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, method: TailMethod) -> TailSummaries:
-    """The summaries of ``k``, ``v`` ``(B, H, L, D)`` over ``layout``'s groups: one Triton pass over k and v
-    on CUDA (keys and values in k's dtype), :func:`summarize_reference` elsewhere (float32)."""
-    group = method.group_size(layout)
-    if k.is_cuda and importlib.util.find_spec("triton") is not None:
-        from .kernels.triton_tail import summarize_triton
-
-        return summarize_triton(k, v, layout, group)
-    return summarize_reference(k, v, layout, method)
-
-
 def summarize_reference(k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, method: TailMethod) -> TailSummaries:
-    """PyTorch twin of the summary kernel, float32 (differentiable: the reference backend trains with it)."""
+    """The summaries of ``k``, ``v`` ``(B, H, L, D)`` over ``layout``'s groups, float32: the PyTorch twin of
+    :func:`sparsevid.kernels.triton_tail.summarize_triton` (differentiable: the reference backend trains with it)."""
     group = method.group_size(layout)
     group_of_token, group_tokens = group_tables(layout, group, k.device)
     keys = group_mean_reference(k, group_of_token, group_tokens)
