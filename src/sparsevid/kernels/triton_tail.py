@@ -228,7 +228,7 @@ def tail_merge(q_tiles: torch.Tensor, out_tiles: torch.Tensor, lse: torch.Tensor
         *q_tiles.stride(), *out_tiles.stride(), *lse.stride(), *out.stride(), *kept_u8.stride(),  #
         H, L, keys.shape[2],  #
         BLOCK_SIZE=block_size, HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), PER_BLOCK=per_block, BLOCK_T=BLOCK_T,  #
-        num_warps=4 if block_size * D <= 8192 else 8,
+        num_warps=4 if block_size * D <= 8192 else 8, num_stages=1,  # 3 stages overflow shared memory at D=128
     )
     return out
 
