@@ -72,16 +72,21 @@ class _ComfySparse:
         self.schedule.update(call.get("transformer_options") or {})
         grid = spec.grid(model, call)
         self.session.begin_forward(grid, call.get(spec.timestep))
-        self.layer = 0
-        self.video_tokens = grid[0] * grid[1] * grid[2]
-        out = executor(*args, **kwargs)
-        layers = len(spec.self_attention(model))
-        if self.layer != layers and any(self.session.runs_sparse(i) for i in range(layers)):
-            raise RuntimeError(
-                f"sparsevid: {type(model).__name__} has {layers} video self-attention layers but {self.layer} of its "
-                "attention calls in this forward came through ComfyUI's optimized_attention_override; the others "
-                "would silently stay dense (a block patch that drops transformer_options?)"
-            )
+        try:
+            self.layer = 0
+            self.video_tokens = grid[0] * grid[1] * grid[2]
+            out = executor(*args, **kwargs)
+            layers = len(spec.self_attention(model))
+            if self.layer != layers and any(self.session.runs_sparse(i) for i in range(layers)):
+                raise RuntimeError(
+                    f"sparsevid: {type(model).__name__} has {layers} video self-attention layers but {self.layer} of "
+                    "its attention calls in this forward came through ComfyUI's optimized_attention_override; the "
+                    "others would silently stay dense (a block patch that drops transformer_options?)"
+                )
+        except BaseException:
+            self.session.end_forward(failed=True)
+            raise
+        self.session.end_forward()
         return out
 
     def override(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
@@ -154,7 +159,8 @@ def apply(
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     schedule = _SigmaSchedule()
-    sparse = _ComfySparse(SparseSession(config, spec, schedule), schedule, options.get("optimized_attention_override"))
+    sparse = _ComfySparse(SparseSession(config, spec, lambda: schedule, type(diffusion_model).__name__), schedule,
+                          options.get("optimized_attention_override"))
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _KEY, sparse.wrapper)
     options["optimized_attention_override"] = sparse.override
     options[_KEY] = sparse
