@@ -275,6 +275,11 @@ def test_a_bare_transformer_called_without_a_schedule_says_so():
         run(model)  # 20% of 10: step 0 is dense
     assert handle.stats()["dense_calls"] == 2 and handle.stats()["sparse_calls"] == 0
     handle.remove()
+    handle = sv.apply(model, method=None, reuse=sv.reuse.TokenReplay(rate=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(model)  # native attention: no warm-up to speak of
+    handle.remove()
 
 
 def test_the_budget_used_is_stated():

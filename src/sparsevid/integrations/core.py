@@ -317,7 +317,10 @@ class SparseSession:
         """Drop the last generation's plans; fix this generation's dense warm-up from its schedule."""
         self._plans.clear()
         self.step, self.call_in_step, self._timesteps = -1, 0, timesteps
-        config, asked = self.config, self.config.dense_steps
+        asked = self.config.dense_steps
+        if self.config.method is None:  # native attention (reuse only): no warm-up to fix
+            self._warmup = 0
+            return
         if steps is None and isinstance(asked, float):
             raise ValueError(
                 f"Expect a schedule to take dense_steps={asked} of but this {self.name} call has none (no pipeline "
@@ -334,7 +337,7 @@ class SparseSession:
             self._warmup = math.ceil(fraction * steps)
         else:
             self._warmup = asked
-        if config.method is not None and steps is not None and self._warmup >= steps:
+        if steps is not None and self._warmup >= steps:
             warnings.warn(f"sparsevid: dense_steps={asked if asked is not None else 'default'} makes all "
                           f"{self._warmup} of this generation's {steps} steps dense: nothing runs sparse; lower "
                           "dense_steps", stacklevel=2)
