@@ -3,17 +3,18 @@ SDPA-shaped entry point.
 
 An adapter (diffusers hooks, a ComfyUI node) owns one :class:`SparseSession` per transformer and
 does three things: around each forward it calls :meth:`SparseSession.begin_forward` with the call's
-arguments (bound by name, see :func:`sparsevid.models.bind_call`) and :meth:`~SparseSession.end_forward`
-(also when the forward raised); for each video
-self-attention layer it asks :meth:`SparseSession.runs_sparse`; and it routes a sparse layer's
-attention call to :meth:`SparseSession.attend` (``scaled_dot_product_attention``'s arguments,
-``(B, heads, L, D)`` tensors). Everything else — which step this is, whether the step and layer
-run dense, the token layout, planning, plan reuse across steps, text tokens and key-padding
+arguments (bound by name, see :func:`sparsevid.models.bind_call`) and
+:meth:`~SparseSession.end_forward` (also when the forward raised); for each video self-attention
+layer it asks :meth:`SparseSession.runs_sparse`; and it routes a sparse layer's attention call to
+:meth:`SparseSession.attend` (``scaled_dot_product_attention``'s arguments, ``(B, heads, L, D)``
+tensors). Everything else — which step this is and when a generation starts, whether the step and
+layer run dense, the token layout, planning, plan reuse across steps, text tokens and key-padding
 masks, and the counts a handle reports — lives here, so every adapter behaves alike.
 
 No host sync on the sparse path once a generation runs: the step comes from the scheduler's
 ``step_index`` (a Python int; the timestep value is read once when it is not known yet), plans and
-their statistics stay on the device, and key-padding masks are read once per forward.
+their statistics stay on the device (but for one read at the first plan of each new layout, which
+compares the density landed with the one asked), and key-padding masks are read once per forward.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ class SparseSession:
         self._plans: dict[tuple, tuple[int, object]] = {}  # cache key -> (step planned, plan)
         self._mask_reads: dict[tuple, object] = {}  # what this forward's masks hold, read once each
         self._warned: set[str] = set()  # warnings given once per session
-        self._unchecked: set[VideoLayout] = set()  # new layouts whose first plan's density is not compared yet
+        self._unchecked: set[VideoLayout] = set()  # cached layouts whose first plan's density is not compared yet
         self.sparse_calls = 0  # attention calls computed by sparsevid
         self.dense_calls = 0  # attention calls of hooked layers left native (dense layers and steps)
         self.plans_made = 0
@@ -393,7 +394,7 @@ class SparseSession:
                                  tiled=tiled, **self.config.layout_options)
             self._layouts[key] = layout
             if len(self._layouts) > _MAX_LAYOUTS:
-                self._layouts.popitem(last=False)
+                self._unchecked.discard(self._layouts.popitem(last=False)[1])
             if "density" not in self._warned:
                 self._unchecked.add(layout)
         self._layouts.move_to_end(key)
@@ -424,15 +425,16 @@ class SparseSession:
         """Warn (once) when a layout's plans compute well over the density asked: a grid of few blocks
         cannot honour it (one device read, at the first plan of each new layout)."""
         kind, asked, _ = budget(self.config)
-        if kind != "density" or plan.density <= _OVERSHOOT * asked:
+        landed = plan.density if kind == "density" else None
+        if landed is None or landed <= _OVERSHOOT * asked:
             return
-        landed, bs, nb = plan.density, layout.block_size, layout.num_blocks
+        bs, nb = layout.block_size, layout.num_blocks
         forced = _forced_entries(layout) / layout.num_tokens**2
         reason = (f"every query block keeps its own block{' and the text blocks' if layout.text_tokens else ''}, "
                   f"{forced:.2f} of the entries alone" if forced > asked
                   else f"budgets are whole blocks and a row has only {nb}")
         fix = "no smaller block size honours it"
-        for smaller in (b for b in (64, 32, 16) if b < bs):  # powers of two: block sizes every backend runs
+        for smaller in (b for b in (64, 32, 16) if b < bs):  # powers of two, as the Triton kernels take
             tile = layout.tile if layout.tile[0] * layout.tile[1] <= smaller else None
             try:
                 option = make_plan(query, key, layout.replace(block_size=smaller, tile=tile), self.config.method,
@@ -442,7 +444,8 @@ class SparseSession:
             if option <= _OVERSHOOT * asked:
                 fix = f"block_size={smaller} would land {option:.2f}"
                 break
-        grid = f"{layout.frames}x{layout.height}x{layout.width} grid ({layout.num_tokens} tokens, {nb} blocks of {bs})"
+        grid = (f"{layout.frames}x{layout.height}x{layout.width} grid ({layout.num_tokens} tokens, {nb} block"
+                f"{'s' if nb > 1 else ''} of {bs})")
         self._warn_once("density", f"sparsevid: density={asked} asked but the plans of this {self.name}'s {grid} "
                         f"compute {landed:.2f} of the entries ({reason}); {fix}. Every such call still counts as "
                         "sparse in stats()")
