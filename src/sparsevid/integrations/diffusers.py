@@ -193,6 +193,7 @@ class _StateHook(ModelHook):
         self.tile_order = tile_order
         self.context = StateManager(BaseState)  # diffusers' cache_context sets its CacheContext here
 
+    # Traced under torch.compile (the transformer's forward inside it compiles); only _begin/_end run eagerly.
     def new_forward(self, module, *args, **kwargs):
         self._begin(module, args, kwargs)
         try:
