@@ -170,3 +170,44 @@ def test_a_layer_that_bypasses_the_override_is_an_error():
     patched.set_model_patch_replace(drop_options, "dit", "double_block", 1)
     with pytest.raises(RuntimeError, match="override"):
         sample(patched, steps=1)
+
+
+def test_a_text_context_as_long_as_the_video_grid_is_cross_attention():
+    """A 105-token text context beside a 3x5x7 grid was taken for self-attention (4 calls for 2 layers)."""
+    import comfy.sample
+
+    def run(model):
+        g = torch.Generator().manual_seed(0)
+        latent = torch.zeros(1, 16, 3, 10, 14)  # 3 x 5 x 7 = 105 video tokens
+        noise = torch.randn(latent.shape, generator=g)
+        cond = [[torch.randn(1, 105, 32, generator=g), {}]]
+        return comfy.sample.sample(model, noise, 2, 4.0, "euler", "simple", cond, cond, latent, disable_pbar=True,
+                                   seed=0)
+
+    model = tiny_wan()
+    dense = apply(model, "dense", dense_steps=0, dense_layers=0, **TILING)
+    torch.testing.assert_close(run(dense), run(model), rtol=1e-4, atol=1e-4)
+    assert sparse_session(dense).stats()["sparse_calls"] == 2 * 2  # 2 steps x 2 self-attention layers
+
+
+def test_two_sparsevid_nodes_in_a_row_are_refused_clearly():
+    once = apply(tiny_wan(), "dense", dense_steps=0, dense_layers=0)
+    with pytest.raises(ValueError, match="two SparseVid nodes in a row"):
+        apply(once, "draft", 0.3)
+
+
+def test_plans_live_for_one_sampling_run():
+    """replan_every=2: one-step runs kept adding cached plans (12 after 6 runs); within a run they are reused."""
+    model = apply(tiny_wan(), "draft", 0.3, dense_steps=0, dense_layers=0, replan_every=2, **TILING)
+    session = sparse_session(model)
+    for _ in range(6):
+        sample(model, steps=1)
+    assert len(session._plans) == 2  # this run's plan of each layer
+    made = session.stats()["plans"]
+    sample(model, steps=4)
+    assert session.stats()["plans"] - made == 2 * 2  # planned at steps 0 and 2, reused at 1 and 3
+
+
+def test_dense_layers_must_leave_a_layer_sparse():
+    with pytest.raises(ValueError, match="dense_layers < 2"):
+        apply(tiny_wan(), "draft", 0.3, dense_layers=2)

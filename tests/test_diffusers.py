@@ -20,10 +20,13 @@ def run(model, inputs):
 def test_dense_layers_and_steps_run_native():
     model, inputs = tiny_wan(num_layers=2), wan_inputs()
     native = run(model, inputs)
-    handle = sv.apply(model, method="draft", density=0.2, dense_layers=2, **TILING)
-    assert torch.equal(run(model, inputs), native)  # every layer dense: untouched modules
-    assert handle.stats()["plans"] == 0
+    handle = sv.apply(model, method="draft", density=0.2, dense_layers=1, **TILING)
+    run(model, inputs)
+    assert handle.stats()["dense_calls"] == 1 and handle.stats()["sparse_calls"] == 1
     handle.remove()
+    with pytest.raises(ValueError, match="dense_layers < 2"):  # every layer dense: nothing would run sparse
+        sv.apply(model, method="draft", density=0.2, dense_layers=2, **TILING)
+    assert not model._diffusers_hook.hooks
     handle = sv.apply(model, method="draft", density=0.2, dense_steps=1, dense_layers=0, **TILING)
     assert torch.equal(run(model, inputs), native)  # step 0 is dense
     sparse = run(model, {**inputs, "timestep": torch.full((2,), 400)})  # step 1

@@ -184,7 +184,6 @@ BAD_APPLY = [
     (dict(budget="everything"), ValueError, "budget"),
     (dict(block_size=24), ValueError, "block_size"),
     (dict(tile=(2.5, 4)), TypeError, "tile"),
-    (dict(dense_steps=0.2), ValueError, "dense_steps as an int"),  # a bare transformer has no schedule
     (dict(dense_steps=1.5), ValueError, "dense_steps"),
     (dict(dense_layers=-1), ValueError, "dense_layers"),
     (dict(replan_every=0), ValueError, "replan_every"),

@@ -146,10 +146,13 @@ class VideoLayout:
     # ------------------------------------------------------------------ permutation
     @cached_property
     def _tables(self) -> dict[str, torch.Tensor]:
-        # Built outside inference mode: the tables are cached and must stay usable by autograd.
-        with torch.inference_mode(False):
-            return self._build_tables()
+        return self._build_tables()
 
+    # Built eagerly even when first read inside a torch.compile region: they are cached constants,
+    # and torch 2.13's CPU inductor miscompiles their integer divisions (``arange(L) // block_size``).
+    # Outside inference mode: cached, they must stay usable by autograd.
+    @torch.compiler.disable
+    @torch.inference_mode(False)
     def _build_tables(self) -> dict[str, torch.Tensor]:
         F, H, W, T, bs = self.frames, self.height, self.width, self.text_tokens, self.block_size
         L, V = self.num_tokens, self.video_tokens
@@ -207,11 +210,15 @@ class VideoLayout:
         same names. Planners use this so that a plan on the GPU costs no host-to-device copy.
         """
         key = str(torch.device(device))
-        cache = self._device_tables
-        if key not in cache:
-            with torch.inference_mode(False):
-                cache[key] = SimpleNamespace(**{name: t.to(device) for name, t in self._tables.items()})
-        return cache[key]
+        tables = self._device_tables.get(key)
+        return tables if tables is not None else self._copy_tables(key)
+
+    @torch.compiler.disable  # filled once, eagerly (see _build_tables); a compiled graph reads the cache
+    @torch.inference_mode(False)
+    def _copy_tables(self, device: str) -> SimpleNamespace:
+        tables = SimpleNamespace(**{name: t.to(device) for name, t in self._tables.items()})
+        self._device_tables[device] = tables
+        return tables
 
     @property
     def perm(self) -> torch.Tensor:

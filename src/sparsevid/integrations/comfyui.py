@@ -9,16 +9,17 @@ changed, ComfyUI's convention):
 
 - a ``DIFFUSION_MODEL`` wrapper (``comfy.patcher_extension.WrappersMP``) that binds each forward call
   of the diffusion model, reads the token grid from ``x`` and the model's patch size (registry:
-  :mod:`sparsevid.models`, ComfyUI entries), the step from the sampler's sigmas
-  (``transformer_options["sample_sigmas"]`` and ``["sigmas"]``: one host read per forward), and
-  counts the video self-attention calls of the forward: their order is the layer index;
-- the override: a call whose keys are its queries and whose sequence holds the video grid is a
-  video self-attention call; it runs sparse (:meth:`SparseSession.attend`) when its layer and step
-  do, and everything else — dense layers, warm-up steps, cross-attention, text-only attention —
-  calls ``func`` untouched (or an override another node set before).
+  :mod:`sparsevid.models`, ComfyUI entries) and the step from the sampler's sigmas
+  (``transformer_options["sample_sigmas"]`` and ``["sigmas"]``: one host read per forward), and for
+  the length of that forward only puts forward hooks on the registry's video self-attention modules,
+  so it knows which layer runs (the model itself is left as it was);
+- the override: the first call inside a video self-attention module whose keys are its queries is
+  that layer's self-attention; it runs sparse (:meth:`SparseSession.attend`) when its layer and step
+  do, and everything else — dense layers, warm-up steps, cross-attention (whatever the text length),
+  text-only attention — calls ``func`` untouched (or an override another node set before).
 
-Never a silent no-op: a forward with sparse layers in which not every video self-attention layer
-came through the override raises, naming the model class.
+Never a silent no-op: a sparse layer whose forward made no call through the override raises, naming
+the model class. One SparseVid patch per model: a second one (two nodes in a row) is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from ..models import bind_call, model_spec
-from .core import SparseSession, SparseVidConfig, validate_config
+from .core import SparseSession, SparseVidConfig, check_layers, validate_config
 
 __all__ = ["apply", "sparse_session"]
 
@@ -36,17 +37,19 @@ _KEY = "sparsevid"  # the wrapper key, and where the session sits in transformer
 
 
 class _SigmaSchedule(SimpleNamespace):
-    """What :class:`SparseSession` reads of a scheduler, from the sampler's sigmas."""
+    """What :class:`SparseSession` reads of a scheduler, from the sampler's sigmas: ``timesteps`` is one
+    object per sampling run (the session starts a new generation when it changes)."""
 
     def __init__(self):
-        super().__init__(step_index=None, timesteps=None)
+        super().__init__(step_index=None, timesteps=None, sigmas=None)
 
     def update(self, options: dict) -> None:
         sigmas, sigma = options.get("sample_sigmas"), options.get("sigmas")
         if sigmas is None or sigma is None:  # called outside a sampler: no schedule
-            self.step_index, self.timesteps = None, None
+            self.step_index, self.timesteps, self.sigmas = None, None, None
             return
-        self.timesteps = sigmas[:-1]  # the last sigma (0) is the end, not a step
+        if sigmas is not self.sigmas:  # the sampler sets them once per run
+            self.sigmas, self.timesteps = sigmas, sigmas[:-1]  # the last sigma (0) is the end, not a step
         self.step_index = int((sigmas.float() - sigma.flatten()[0].float()).abs().argmin())
 
 
@@ -57,8 +60,9 @@ class _ComfySparse:
         self.session = session
         self.schedule = schedule
         self.previous = previous_override
-        self.layer = 0
-        self.video_tokens = None
+        self.layer: int | None = None  # the video self-attention layer whose forward runs now
+        self.routed = 0  # its calls through the override so far
+        self.calls: list[int] = []  # per layer, its forwards in this model forward (a VACE block may run twice)
 
     def __deepcopy__(self, memo):
         # ModelPatcher.clone deep-copies model_options (where the override sits) but not the wrappers:
@@ -70,19 +74,36 @@ class _ComfySparse:
         call = bind_call(model, args, kwargs)
         spec = self.session.spec
         self.schedule.update(call.get("transformer_options") or {})
-        grid = spec.grid(model, call)
-        self.session.begin_forward(grid, call.get(spec.timestep))
-        self.layer = 0
-        self.video_tokens = grid[0] * grid[1] * grid[2]
-        out = executor(*args, **kwargs)
-        layers = len(spec.self_attention(model))
-        if self.layer != layers and any(self.session.runs_sparse(i) for i in range(layers)):
-            raise RuntimeError(
-                f"sparsevid: {type(model).__name__} has {layers} video self-attention layers but {self.layer} of its "
-                "attention calls in this forward came through ComfyUI's optimized_attention_override; the others "
-                "would silently stay dense (a block patch that drops transformer_options?)"
-            )
+        modules = spec.self_attention(model)
+        self.session.begin_forward(spec.grid(model, call), call.get(spec.timestep))
+        hooks = []
+        try:
+            self.calls = [0] * len(modules)
+            for layer, module in enumerate(modules):
+                hooks.append(module.register_forward_pre_hook(lambda m, a, layer=layer: self._enter(layer)))
+                hooks.append(module.register_forward_hook(lambda m, a, o, layer=layer: self._leave(model, layer)))
+            out = executor(*args, **kwargs)
+        except BaseException:
+            self.session.end_forward(failed=True)
+            raise
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.layer = None
+        self.session.end_forward()
         return out
+
+    def _enter(self, layer: int) -> None:
+        self.layer, self.routed = layer, 0
+
+    def _leave(self, model, layer: int) -> None:
+        self.layer = None
+        if not self.routed and self.session.runs_sparse(layer):
+            raise RuntimeError(
+                f"sparsevid: video self-attention layer {layer} of {type(model).__name__} made no attention call "
+                "through ComfyUI's optimized_attention_override; it would silently stay dense (a block patch that "
+                "drops transformer_options?)"
+            )
 
     def override(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
@@ -96,10 +117,12 @@ class _ComfySparse:
                         skip_output_reshape=skip_output_reshape, **kwargs)
 
         length, keys = (q.shape[-2], k.shape[-2]) if skip_reshape else (q.shape[1], k.shape[1])
-        if self.video_tokens is None or length != keys or length < self.video_tokens:
-            return native()  # cross-attention, text-only attention, or a call outside a wrapped forward
         layer = self.layer
-        self.layer += 1
+        if layer is None or self.routed or length != keys:
+            return native()  # outside a video self-attention module, or not its self-attention call
+        self.routed += 1
+        call = self.calls[layer]
+        self.calls[layer] += 1
         if not self.session.runs_sparse(layer):
             self.session.dense_calls += 1
             return native()
@@ -110,7 +133,7 @@ class _ComfySparse:
             qh, kh, vh = (t.view(B, L, heads, C // heads).transpose(1, 2) for t in (q, k, v))
         if mask is not None and mask.dim() == 3:  # (B, 1, L) key mask
             mask = mask[:, None]
-        out = self.session.attend(qh, kh, vh, layer=layer, attn_mask=mask)
+        out = self.session.attend(qh, kh, vh, layer=layer, call=call, attn_mask=mask)
         if skip_output_reshape:
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
@@ -143,19 +166,25 @@ def apply(
         The patched clone.
 
     Raises:
-        ValueError / TypeError: an unsupported model class (with the supported ones), or any bad setting.
+        ValueError / TypeError: an unsupported model class (with the supported ones), a model another
+        SparseVid node patched already, or any bad setting.
     """
     import comfy.patcher_extension
 
     diffusion_model = model.model.diffusion_model
     spec = model_spec(diffusion_model, framework="comfyui")
+    if sparse_session(model) is not None:
+        raise ValueError("Expect a MODEL no SparseVid Attention node patched yet but got one that is (two SparseVid "
+                         "nodes in a row); keep one node and set its options there")
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
                              dict(planner_options), quant=quant, tail=tail)
     validate_config(config, has_schedule=True, device=model.load_device)
+    check_layers(config, len(spec.self_attention(diffusion_model)), type(diffusion_model).__name__)
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     schedule = _SigmaSchedule()
-    sparse = _ComfySparse(SparseSession(config, spec, schedule), schedule, options.get("optimized_attention_override"))
+    sparse = _ComfySparse(SparseSession(config, spec, lambda: schedule, type(diffusion_model).__name__), schedule,
+                          options.get("optimized_attention_override"))
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, _KEY, sparse.wrapper)
     options["optimized_attention_override"] = sparse.override
     options[_KEY] = sparse

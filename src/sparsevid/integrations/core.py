@@ -2,22 +2,27 @@
 SDPA-shaped entry point.
 
 An adapter (diffusers hooks, a ComfyUI node) owns one :class:`SparseSession` per transformer and
-does three things: at the start of each forward it calls :meth:`SparseSession.begin_forward` with
-the call's arguments (bound by name, see :func:`sparsevid.models.bind_call`); for each video
-self-attention layer it asks :meth:`SparseSession.runs_sparse`; and it routes a sparse layer's
-attention call to :meth:`SparseSession.attend` (``scaled_dot_product_attention``'s arguments,
-``(B, heads, L, D)`` tensors). Everything else — which step this is, whether the step and layer
-run dense, the token layout, planning, plan reuse across steps, text tokens and key-padding
+does three things: around each forward it calls :meth:`SparseSession.begin_forward` with the call's
+arguments (bound by name, see :func:`sparsevid.models.bind_call`) and
+:meth:`~SparseSession.end_forward` (also when the forward raised); for each video self-attention
+layer it asks :meth:`SparseSession.runs_sparse`; and it routes a sparse layer's attention call to
+:meth:`SparseSession.attend` (``scaled_dot_product_attention``'s arguments, ``(B, heads, L, D)``
+tensors). Everything else — which step this is and when a generation starts, whether the step and
+layer run dense, the token layout, planning, plan reuse across steps, text tokens and key-padding
 masks, and the counts a handle reports — lives here, so every adapter behaves alike.
 
 No host sync on the sparse path once a generation runs: the step comes from the scheduler's
 ``step_index`` (a Python int; the timestep value is read once when it is not known yet), plans and
-their statistics stay on the device, and key-padding masks are read once per forward.
+their statistics stay on the device (but for one read at the first plan of each new layout, which
+compares the density landed with the one asked), and key-padding masks are read once per forward.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -28,11 +33,19 @@ from ..layout import VideoLayout
 from ..models import ModelSpec
 from ..planners import _check_fraction, available_planners, check_options
 from ..planners import plan as make_plan
+from ..planners._select import _DEFAULT_DENSITY, _forced_entries
+from ..planners.xattn import _DEFAULT_MASS as _XATTN_MASS
 from ..tail import check_tail
 
-__all__ = ["DEFAULT_DENSE_STEP_FRACTION", "SparseSession", "SparseVidConfig", "validate_config"]
+__all__ = ["DEFAULT_DENSE_STEP_FRACTION", "SparseSession", "SparseVidConfig", "budget", "check_layers",
+           "describe_budget", "validate_config"]
 
 DEFAULT_DENSE_STEP_FRACTION = 0.2
+_MAX_LAYOUTS = 16  # a forward needs one per token order and key-padding length in its batch (a new length adds one)
+_OVERSHOOT = 1.2  # a plan computing more than this times the density asked is worth a warning
+# what the built-in planners spend when given neither density nor mass
+_DEFAULT_BUDGETS = {"dense": ("density", 1.0), "xattn": ("mass", _XATTN_MASS),
+                    **{m: ("density", _DEFAULT_DENSITY) for m in ("draft", "finegrained", "random", "window")}}
 _TILING = ("tile", "block_size")  # planner options that shape the VideoLayout, built once per grid
 
 
@@ -45,9 +58,12 @@ class SparseVidConfig:
         density (float | None): fraction of real score entries to compute (``None``: the planner's default).
         mass (float | None): alternatively, attention mass to keep (draft, xattn).
         dense_steps (int | float | None): leading denoising steps run dense: an int count, or a
-            fraction of the pipeline's steps. ``None``: 20% for a pipeline (the DraftAttention/SVG
-            practice), 0 for a bare transformer (it cannot see the schedule).
-        dense_layers (int): leading self-attention layers run dense (default 1).
+            fraction of the generation's steps. ``None``: 20% (the DraftAttention/SVG practice). The
+            steps are read when each generation starts: from the pipeline's scheduler, or, for a bare
+            transformer, from the ``cache_context`` diffusers pipelines call it in; where neither tells
+            them, ``None`` means 0 (with a warning) and a fraction raises. A value covering every
+            step of a generation warns at its first step.
+        dense_layers (int): leading self-attention layers run dense (default 1); must leave one sparse.
         replan_every (int): recompute each layer's plan every this many steps, reuse in between.
         backend (str): ``sparse_attention`` backend (``"auto"``: the fastest that supports the inputs).
         planner_options (dict): extra keyword arguments for the planner (``tile``, ``budget``, ...).
@@ -59,7 +75,7 @@ class SparseVidConfig:
             with ``method="dense"`` the layers past ``dense_layers``/``dense_steps`` run the full plan
             through the quantized kernel (``dense_layers=0, dense_steps=0`` quantizes every layer).
         tail (str | None): what the key blocks a plan skips contribute (see ``sparse_attention`` and
-            :mod:`sparsevid.tail`): ``None`` drops them; ``"pooled"`` keeps them as summary terms.
+            :mod:`sparsevid.tail`): ``None`` drops them; ``"pooled-var"`` keeps them as summary terms.
     """
 
     method: str | None = "draft"
@@ -95,7 +111,7 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
     The planner runs once on a tiny CPU input with the given options, so a misspelled option or a
     value the planner refuses is reported now, not at the first sparse step of a generation; a named
     backend must take the planner's plan type and be usable on ``device`` (the model's).
-    ``has_schedule``: whether the target has a scheduler (a fractional ``dense_steps`` needs one).
+    ``has_schedule``: whether the target's steps can be read (a fractional ``dense_steps`` needs them).
     """
     if config.method is not None and config.method not in available_planners():
         raise ValueError(f"Expect method in {available_planners()} (or None: native attention) but got {config.method!r}")
@@ -115,8 +131,8 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
             raise ValueError(f"Expect dense_steps as an int >= 0 or a fraction in [0, 1) but got {steps!r}")
         if isinstance(steps, float) and not has_schedule:
             raise ValueError(
-                f"Expect dense_steps as an int for a bare transformer (no scheduler to take a fraction of) but got "
-                f"{steps}; pass the pipeline to sparsevid.apply, or an int"
+                f"Expect dense_steps as an int for this model (no scheduler to take a fraction of, no diffusers "
+                f"cache_context to read one from) but got {steps}; pass the pipeline to sparsevid.apply, or an int"
             )
     backend = check_backend_name(config.backend)
     quant = check_quant(config.quant)
@@ -155,6 +171,13 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
             raise ValueError(f"Expect backend {backend!r} to be usable but {reason}; use backend='auto'")
 
 
+def check_layers(config: SparseVidConfig, layers: int, name: str) -> None:
+    """``dense_layers`` must leave at least one of the model's ``layers`` video self-attention layers sparse."""
+    if config.method is not None and config.dense_layers >= layers:
+        raise ValueError(f"Expect dense_layers < {layers} ({name} has {layers} video self-attention layers) but got "
+                         f"dense_layers={config.dense_layers}: nothing would run sparse; lower dense_layers")
+
+
 def _check_quant_backend(quant: str, backend: str, plan, method: str, device) -> None:
     """A ``quant`` setting must have a backend computing it that takes the planner's plans and runs on
     ``device`` (``auto``: any such backend that auto may pick there)."""
@@ -179,27 +202,45 @@ def _check_quant_backend(quant: str, backend: str, plan, method: str, device) ->
                          + (" or quant='int8'" if quant == "fp8" else ""))
 
 
+def _refuse_copy(how: str):
+    # diffusers' hook chain is closures over the original model: a copy would run the original's hooks and weights
+    raise TypeError(f"Expect a model without sparsevid applied for {how} but got one with it; call handle.remove() "
+                    "(or sparsevid.remove(model)) first, then sparsevid.apply again to the original and the copy")
+
+
 class SparseSession:
     """One transformer's sparse-attention state: schedule, layouts, plans, and counts.
 
     Args:
         config (SparseVidConfig): validated settings.
         spec (ModelSpec): the model's registry entry (grid, timestep, where other tokens sit).
-        scheduler: the pipeline's scheduler, or ``None`` for a bare transformer.
+        scheduler (callable | None): returns the scheduler the pipeline uses now (read at every forward,
+            so a scheduler swapped after ``apply`` is the one followed); ``None`` for a bare transformer.
+        name (str): the model's class name, for messages.
+
+    One forward at a time: a forward that starts while another thread is inside one of the same model
+    raises (the step count, layouts and plans are the model's). A forward that raised ends its
+    generation: the next forward plans afresh.
     """
 
-    def __init__(self, config: SparseVidConfig, spec: ModelSpec, scheduler=None):
+    def __init__(self, config: SparseVidConfig, spec: ModelSpec, scheduler=None, name: str = "model"):
         self.config = config
         self.spec = spec
         self.scheduler = scheduler
+        self.name = name
         self.grid: tuple[int, int, int] | None = None
         self.tiled = False  # this forward's video tokens travel in tile order (set by the adapter)
         self.step = -1
         self.call_in_step = 0
         self._last_t: float | None = None
-        self._layouts: dict[tuple, VideoLayout] = {}
+        self._timesteps = None  # the schedule of the generation running; another one starts a new generation
+        self._warmup = 0  # leading steps of this generation run dense
+        self._in_forward = threading.Lock()
+        self._layouts: OrderedDict[tuple, VideoLayout] = OrderedDict()  # least recently used first
         self._plans: dict[tuple, tuple[int, object]] = {}  # cache key -> (step planned, plan)
         self._mask_reads: dict[tuple, object] = {}  # what this forward's masks hold, read once each
+        self._warned: set[str] = set()  # warnings given once per session
+        self._unchecked: set[VideoLayout] = set()  # cached layouts whose first plan's density is not compared yet
         self.sparse_calls = 0  # attention calls computed by sparsevid
         self.dense_calls = 0  # attention calls of hooked layers left native (dense layers and steps)
         self.plans_made = 0
@@ -208,63 +249,124 @@ class SparseSession:
         # harnesses, e.g. eval's per-step error; empty in normal use)
         self.observers: list = []
 
+    def __deepcopy__(self, memo):
+        _refuse_copy("copy.deepcopy")
+
+    def __reduce_ex__(self, protocol):
+        _refuse_copy("pickle")
+
     # ------------------------------------------------------------------ schedule
     def reset(self) -> None:
         """Forget the step counter and cached plans (a pipeline call ended); counts survive."""
-        self.step, self.call_in_step, self._last_t = -1, 0, None
+        self.step, self.call_in_step, self._last_t, self._timesteps = -1, 0, None, None
         self._plans.clear()
 
     def release(self) -> None:
         """Drop what the session holds on the device (layouts, plans, mask reads); counts survive."""
         self.reset()
         self._layouts.clear()
+        self._unchecked.clear()
         self._mask_reads.clear()
         if self._density_sum is not None:
             self._density_sum = torch.tensor(float(self._density_sum), dtype=torch.float64)  # read once, at removal
 
-    def begin_forward(self, grid: tuple[int, int, int], timestep) -> None:
-        """Record the token grid and the denoising step of the forward that starts now (the adapter
-        then sets :attr:`tiled`, the token order of this forward).
+    def begin_forward(self, grid: tuple[int, int, int], timestep, *, step: int | None = None,
+                      steps: int | None = None) -> None:
+        """Start a forward: record the token grid and the denoising step (the adapter then sets
+        :attr:`tiled`, the token order of this forward). Pair with :meth:`end_forward`.
 
         The step is the scheduler's ``step_index`` when it has one (no device read); otherwise the
-        index of the timestep in the scheduler's ``timesteps``, or, for a bare transformer, a counter
-        of timestep changes (a larger timestep than the last starts a new generation).
+        index of the timestep in the scheduler's ``timesteps``; otherwise ``step``/``steps`` as the
+        framework tells them (diffusers' ``cache_context``); otherwise a counter of timestep changes
+        (a larger timestep than the last starts a new generation). A new generation starts with a new
+        schedule (the scheduler's ``timesteps`` object), a step below the last, or after a failed forward.
+
+        Raises:
+            RuntimeError: another thread is inside a forward of this model.
         """
+        if not self._in_forward.acquire(blocking=False):
+            raise RuntimeError(
+                f"Expect one forward at a time through a {self.name} with sparsevid applied but another thread is "
+                "inside one (its step count, layouts and plans are the model's); give each thread its own model "
+                "(load it per thread and sparsevid.apply to each)"
+            )
+        try:
+            self._begin(grid, timestep, step, steps)
+        except BaseException:
+            self._in_forward.release()
+            raise
+
+    def end_forward(self, failed: bool = False) -> None:
+        """End the forward :meth:`begin_forward` started; ``failed``: it raised (an interrupted
+        generation), so the next forward starts a new one instead of reusing this one's plans."""
+        if failed:
+            self.reset()
+        self._mask_reads.clear()
+        self._in_forward.release()
+
+    def _begin(self, grid, timestep, step, steps) -> None:
         self.grid, self.tiled = grid, False
         self._mask_reads.clear()
-        index = getattr(self.scheduler, "step_index", None) if self.scheduler is not None else None
+        scheduler = self.scheduler() if self.scheduler is not None else None
+        timesteps = getattr(scheduler, "timesteps", None)
+        timesteps = timesteps if timesteps is not None and len(timesteps) else None
+        index = getattr(scheduler, "step_index", None)
         if index is not None:
             step = int(index)
-        else:
-            t = float(torch.as_tensor(timestep).max()) if timestep is not None else None  # one read per forward
-            timesteps = getattr(self.scheduler, "timesteps", None)
-            if t is not None and timesteps is not None and len(timesteps):
-                step = int((torch.as_tensor(timesteps, dtype=torch.float64).cpu() - t).abs().argmin())
-            elif t is None or t != self._last_t:
+        elif timesteps is not None and timestep is not None:
+            t = float(torch.as_tensor(timestep).max())  # one read per forward
+            step = int((torch.as_tensor(timesteps, dtype=torch.float64).cpu() - t).abs().argmin())
+        elif step is None:
+            t = float(torch.as_tensor(timestep).max()) if timestep is not None else None
+            if t is None or t != self._last_t:
                 step = self.step + 1 if (t is None or self._last_t is None or t < self._last_t) else 0
             else:
                 step = self.step
             self._last_t = t
-        if step < self.step:  # a new generation began
-            self._plans.clear()
+        if timesteps is not None:
+            steps = len(timesteps)
+        if step < self.step or self.step < 0 or (timesteps is not None and timesteps is not self._timesteps):
+            self._new_generation(timesteps, steps)
         self.call_in_step = self.call_in_step + 1 if step == self.step else 0
         self.step = step
 
-    def num_steps(self) -> int | None:
-        timesteps = getattr(self.scheduler, "timesteps", None)
-        return len(timesteps) if timesteps is not None and len(timesteps) else None
-
-    def dense_steps(self) -> int:
-        steps = self.config.dense_steps
-        if steps is None or isinstance(steps, float):
-            total = self.num_steps()
-            fraction = DEFAULT_DENSE_STEP_FRACTION if steps is None else steps
-            return math.ceil(fraction * total) if total else 0
-        return steps
+    def _new_generation(self, timesteps, steps: int | None) -> None:
+        """Drop the last generation's plans; fix this generation's dense warm-up from its schedule."""
+        self._plans.clear()
+        self.step, self.call_in_step, self._timesteps = -1, 0, timesteps
+        asked = self.config.dense_steps
+        if self.config.method is None:  # native attention (reuse only): no warm-up to fix
+            self._warmup = 0
+            return
+        if steps is None and isinstance(asked, float):
+            raise ValueError(
+                f"Expect a schedule to take dense_steps={asked} of but this {self.name} call has none (no pipeline "
+                "scheduler, no diffusers cache_context with num_inference_steps); pass the pipeline to "
+                "sparsevid.apply, or dense_steps as an int"
+            )
+        if asked is None and steps is None:
+            self._warmup = 0
+            self._warn_once("warm-up", f"sparsevid: no schedule to read for this {self.name} (no pipeline scheduler, "
+                            "no diffusers cache_context with num_inference_steps): no leading step runs dense, where "
+                            f"a pipeline's first {DEFAULT_DENSE_STEP_FRACTION:.0%} would; pass dense_steps=N to choose")
+        elif asked is None or isinstance(asked, float):
+            fraction = DEFAULT_DENSE_STEP_FRACTION if asked is None else asked
+            self._warmup = math.ceil(fraction * steps)
+        else:
+            self._warmup = asked
+        if steps is not None and self._warmup >= steps:
+            warnings.warn(f"sparsevid: dense_steps={asked if asked is not None else 'default'} makes all "
+                          f"{self._warmup} of this generation's {steps} steps dense: nothing runs sparse; lower "
+                          "dense_steps", stacklevel=2)
 
     def runs_sparse(self, layer: int) -> bool:
         """Whether self-attention layer ``layer`` (depth index in the registry's list) runs sparse now."""
-        return self.config.method is not None and layer >= self.config.dense_layers and self.step >= self.dense_steps()
+        return self.config.method is not None and layer >= self.config.dense_layers and self.step >= self._warmup
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, stacklevel=3)
 
     # ------------------------------------------------------------------ the SDPA-shaped entry
     def attend(self, query, key, value, *, layer: int, call: int = 0, attn_mask=None, dropout_p=0.0,
@@ -302,10 +404,17 @@ class SparseSession:
                 f"{'shorter' if text < 0 else 'longer'}; the model registry's grid or module list is wrong for this model"
             )
         key = (frames, height, width, text, tiled)
-        if key not in self._layouts:
-            self._layouts[key] = VideoLayout(frames, height, width, text_tokens=text, text_first=self.spec.others == "first",
-                                             tiled=tiled, **self.config.layout_options)
-        return self._layouts[key]
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = VideoLayout(frames, height, width, text_tokens=text, text_first=self.spec.others == "first",
+                                 tiled=tiled, **self.config.layout_options)
+            self._layouts[key] = layout
+            if len(self._layouts) > _MAX_LAYOUTS:
+                self._unchecked.discard(self._layouts.popitem(last=False)[1])
+            if "density" not in self._warned:
+                self._unchecked.add(layout)
+        self._layouts.move_to_end(key)
+        return layout
 
     def _sparse(self, query, key, value, scale, tag) -> torch.Tensor:
         config = self.config
@@ -322,12 +431,45 @@ class SparseSession:
             with torch.no_grad():
                 density = plan.density_per_head().mean()
                 self._density_sum = density if self._density_sum is None else self._density_sum + density
+            if layout in self._unchecked:
+                self._unchecked.discard(layout)
+                self._check_density(plan, layout, query, key)
         self.sparse_calls += 1
         out = sparse_attention(query, key, value, cached[1], scale=scale, backend=config.backend, quant=config.quant,
                                tail=config.tail)
         for observe in self.observers:
             observe(tag[0], self.step, query, key, value, out, scale)
         return out
+
+    def _check_density(self, plan, layout: VideoLayout, query, key) -> None:
+        """Warn (once) when a layout's plans compute well over the density asked: a grid of few blocks
+        cannot honour it (one device read, at the first plan of each new layout)."""
+        kind, asked, _ = budget(self.config)
+        landed = plan.density if kind == "density" else None
+        if landed is None or landed <= _OVERSHOOT * asked:
+            return
+        bs, nb = layout.block_size, layout.num_blocks
+        forced = _forced_entries(layout) / layout.num_tokens**2
+        reason = (f"every query block keeps its own block{' and the text blocks' if layout.text_tokens else ''}, "
+                  f"{forced:.2f} of the entries alone" if forced > asked
+                  else f"budgets are whole blocks and a row has only {nb}")
+        fix = "no smaller block size honours it"
+        for smaller in (b for b in (64, 32, 16) if b < bs):  # powers of two, as the Triton kernels take
+            tile = layout.tile if layout.tile[0] * layout.tile[1] <= smaller else None
+            try:
+                option = make_plan(query, key, layout.replace(block_size=smaller, tile=tile), self.config.method,
+                                   density=asked, validate=False, **self.config.plan_options).density
+            except ValueError:  # an option the smaller block does not take (xattn's stride)
+                continue
+            if option <= _OVERSHOOT * asked:
+                fix = f"block_size={smaller} would land {option:.2f}"
+                break
+        grid = (f"{layout.frames}x{layout.height}x{layout.width} grid ({layout.num_tokens} tokens, {nb} block"
+                f"{'s' if nb > 1 else ''} of {bs})")
+        self._warn_once("density", f"sparsevid: density={asked} asked but the plans of this {self.name}'s {grid} "
+                        f"compute {landed:.2f} of the entries ({reason}); {fix}. Every such call still counts as "
+                        "sparse in stats()")
+        self._unchecked.clear()
 
     def _with_key_padding(self, query, key, value, lengths: list[int], scale, tag) -> torch.Tensor:
         """Joint attention whose padded text keys are masked (text after the video, padded at its end).
@@ -374,7 +516,34 @@ class SparseSession:
 
     # ------------------------------------------------------------------ report
     def stats(self) -> dict:
-        """Counts so far: ``sparse_calls``, ``dense_calls``, ``plans``, ``mean_density`` (one device read)."""
+        """Counts so far: ``sparse_calls``, ``dense_calls``, ``plans``, ``mean_density`` (one device read),
+        and the ``budget`` the planner spends (:func:`describe_budget`)."""
         mean = float(self._density_sum) / self.plans_made if self.plans_made else None
         return dict(sparse_calls=self.sparse_calls, dense_calls=self.dense_calls, plans=self.plans_made,
-                    mean_density=mean)
+                    mean_density=mean, budget=describe_budget(self.config))
+
+
+def budget(config: SparseVidConfig) -> tuple[str | None, object, bool]:
+    """What the planner spends: ``(kind, value, is_the_planner's_default)``, kind ``"density"``,
+    ``"mass"``, ``"radius"`` (``window``), or ``None`` (native attention, or a planner whose default
+    sparsevid does not know)."""
+    if config.method is None:
+        return None, None, False
+    if config.density is not None:
+        return "density", config.density, False
+    if config.mass is not None:
+        return "mass", config.mass, False
+    if config.method == "window" and config.plan_options.get("radius") is not None:
+        return "radius", config.plan_options["radius"], False
+    kind, value = _DEFAULT_BUDGETS.get(config.method, (None, None))
+    return kind, value, True
+
+
+def describe_budget(config: SparseVidConfig) -> str:
+    """The budget as a user reads it, e.g. ``"mass=0.9 (xattn's default)"``."""
+    kind, value, default = budget(config)
+    if config.method is None:
+        return "native attention"
+    if kind is None:
+        return f"{config.method}'s default"
+    return f"{kind}={value}" + (f" ({config.method}'s default)" if default else "")

@@ -21,6 +21,8 @@ Mechanism — diffusers' own plug-in points, never a fork of model code:
   (CogVideoX, Mochi, Allegro, ...) are routed by a ``TorchFunctionMode`` around the module.
 - Never a silent no-op: a sparse layer whose forward made no attention call sparsevid could route
   raises, and ``handle.stats()`` counts the sparse and dense calls.
+- Threads: the routing is per thread (a model in another thread keeps its own attention), and one
+  hooked model takes one forward at a time (a second thread's forward raises; see ``SparseSession``).
 
 ``remove()`` deletes the hooks (diffusers restores each ``forward``) and, with the last handle,
 the backend wrappers: the model is exactly native again.
@@ -30,16 +32,19 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 from torch.overrides import TorchFunctionMode
 
 from ..models import bind_call, model_spec, supported_models
-from .core import SparseSession, SparseVidConfig, validate_config
+from .core import (DEFAULT_DENSE_STEP_FRACTION, SparseSession, SparseVidConfig, check_layers, describe_budget,
+                   validate_config)
 
 __all__ = ["SparseVidConfig", "SparseVidHandle", "apply", "remove", "supported_models"]
 
@@ -101,7 +106,15 @@ class _SparseForward:
         )
 
 
-_ACTIVE: list[_SparseForward] = []  # the sparse layer forward running now (innermost last)
+class _Active(threading.local):
+    """Per thread, the sparse layer forwards running in it (innermost last): a model in another thread
+    is never routed to this one's session."""
+
+    def __init__(self):
+        self.stack: list[_SparseForward] = []
+
+
+_ACTIVE = _Active()
 
 
 class _SdpaToSparse(TorchFunctionMode):
@@ -155,8 +168,8 @@ class _DispatchRoutes:
 
 def _routed(native):
     def backend(*args, **kwargs):
-        if _ACTIVE:
-            return _ACTIVE[-1].attend_dispatched(*args, **kwargs)
+        if _ACTIVE.stack:
+            return _ACTIVE.stack[-1].attend_dispatched(*args, **kwargs)
         return native(*args, **kwargs)
 
     backend._sparsevid_native = native
@@ -167,8 +180,9 @@ def _routed(native):
 
 # ---------------------------------------------------------------------------------------- hooks
 class _StateHook(ModelHook):
-    """Before every transformer forward: bind the call, tell the session the grid, the timestep, and
-    whether the video tokens travel in tile order this time."""
+    """Around every transformer forward: bind the call, tell the session the grid, the timestep (and
+    the step and step count where the pipeline's ``cache_context`` gives them), and whether the video
+    tokens travel in tile order this time; then tell it the forward ended, or failed."""
 
     _is_stateful = True
 
@@ -177,15 +191,33 @@ class _StateHook(ModelHook):
         self.session = session
         self.owner = owner
         self.tile_order = tile_order
+        self.context = StateManager(BaseState)  # diffusers' cache_context sets its CacheContext here
+
+    # Traced under torch.compile (the transformer's forward inside it compiles); only _begin/_end run eagerly.
+    def new_forward(self, module, *args, **kwargs):
+        self._begin(module, args, kwargs)
+        try:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self._end(failed=True)
+            raise
+        self._end()
+        return out
 
     @torch.compiler.disable  # host-side bookkeeping; runs eagerly under torch.compile
-    def pre_forward(self, module, *args, **kwargs):
+    def _end(self, failed: bool = False) -> None:
+        self.session.end_forward(failed)
+
+    @torch.compiler.disable
+    def _begin(self, module, args, kwargs) -> None:
         session, spec = self.session, self.session.spec
         call = bind_call(module, args, kwargs)
         reason = spec.refuse_call(call) if spec.refuse_call is not None else None
         if reason is not None and session.config.method is not None:
             raise NotImplementedError(f"NYI: sparsevid on this {type(module).__name__} call: {reason}")
-        session.begin_forward(spec.grid(module, call), call.get(spec.timestep))
+        context = self.context._context  # None outside a cache_context
+        step, steps = getattr(context, "step_index", None), getattr(context, "num_inference_steps", None)
+        session.begin_forward(spec.grid(module, call), call.get(spec.timestep), step=step, steps=steps)
         # tile order only in a forward where some layer runs sparse (dense steps stay exactly native), and
         # not under context parallelism, whose hooks split the sequence (and the rotary tables) by position
         # nor with a step cache: it compares and replays activations across steps, dense and sparse alike
@@ -193,7 +225,6 @@ class _StateHook(ModelHook):
                          and getattr(module, "_parallel_config", None) is None
                          and not getattr(module, "is_cache_enabled", False)
                          and session.runs_sparse(self.tile_order.last_layer))
-        return args, kwargs
 
     def reset_state(self, module):
         self.session.reset()
@@ -218,7 +249,7 @@ class _AttentionHook(ModelHook):
             session.dense_calls += 1
             return self.fn_ref.original_forward(*args, **kwargs)
         target = _SparseForward(session, self.layer, module)
-        _ACTIVE.append(target)
+        _ACTIVE.stack.append(target)
         try:
             if _uses_dispatch(module):
                 out = self.fn_ref.original_forward(*args, **kwargs)
@@ -226,7 +257,7 @@ class _AttentionHook(ModelHook):
                 with _SdpaToSparse(target):
                     out = self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            _ACTIVE.pop()
+            _ACTIVE.stack.pop()
         if target.calls == 0:
             processor = type(getattr(module, "processor", module)).__name__
             raise RuntimeError(
@@ -255,18 +286,23 @@ class _TileOrder:
     def _tables(self, device):
         return self.session.raster_layout().on(device)
 
+    # Eager under torch.compile like the attention hooks: the tables are built on first use, and
+    # torch 2.13's CPU inductor miscompiles their integer divisions.
+    @torch.compiler.disable
     def _embed(self, module, args, out):  # (B, C, F, H, W) -> (B, C, 1, 1, L) in tile order
         if not self.session.tiled:
             return out
         order = self._tables(out.device).perm[: math.prod(out.shape[2:])]
         return out.flatten(2).index_select(2, order).view(*out.shape[:2], 1, 1, -1)
 
+    @torch.compiler.disable
     def _positions(self, module, args, out):  # per-token tables (1, L, 1, D)
         if not self.session.tiled:
             return out
         order = self._tables(out[0].device).perm[: out[0].shape[1]]
         return tuple(t.index_select(1, order) for t in out)
 
+    @torch.compiler.disable
     def _restore(self, module, args, out):  # (B, L, C) back to raster order
         if not self.session.tiled:
             return out
@@ -287,7 +323,8 @@ _OWNERS = itertools.count(1)
 
 
 class SparseVidHandle:
-    """What :func:`apply` returns: ``.remove()`` restores native behaviour; ``.stats()`` reports."""
+    """What :func:`apply` returns: ``.remove()`` restores native behaviour; ``.stats()`` reports (the
+    last counts stay readable after ``remove()``)."""
 
     def __init__(self, transformers: list[torch.nn.Module], sessions: list[SparseSession], config: SparseVidConfig,
                  owner: int, reuse_handles: list | None = None):
@@ -296,19 +333,29 @@ class SparseVidHandle:
         self.config = config
         self.owner = owner
         self.reuse_handles = reuse_handles or []
+        self._reuse_stats: list | None = None  # what reuse reported at remove()
 
     def stats(self) -> dict:
         """Counts so far: ``sparse_calls`` (attention calls sparsevid computed), ``dense_calls`` (hooked
-        layers left native: dense layers and steps), ``plans`` made and their ``mean_density``; with
-        ``reuse=``, ``"reuse"`` holds one ``ReuseHandle.stats()`` per transformer."""
+        layers left native: dense layers and steps), ``plans`` made and their ``mean_density``, and the
+        ``budget`` the planner spends (e.g. ``"mass=0.9 (xattn's default)"``); with ``reuse=``,
+        ``"reuse"`` holds one ``ReuseHandle.stats()`` per transformer."""
         per = [s.stats() for s in self.sessions]
         plans = sum(p["plans"] for p in per)
         mean = sum(p["mean_density"] * p["plans"] for p in per if p["plans"]) / plans if plans else None
         out = dict(sparse_calls=sum(p["sparse_calls"] for p in per), dense_calls=sum(p["dense_calls"] for p in per),
-                   plans=plans, mean_density=mean)
-        if self.reuse_handles:
-            out["reuse"] = [h.stats() for h in self.reuse_handles]
+                   plans=plans, mean_density=mean, budget=describe_budget(self.config))
+        reuse = self._reuse_stats if self._reuse_stats is not None else [h.stats() for h in self.reuse_handles]
+        if reuse:
+            out["reuse"] = reuse
         return out
+
+    def __repr__(self) -> str:
+        c = self.config
+        steps = c.dense_steps if c.dense_steps is not None else f"{DEFAULT_DENSE_STEP_FRACTION:.0%}"
+        where = ", ".join(s.name for s in self.sessions) + ("" if self.transformers else ", removed")
+        return (f"SparseVidHandle({where}: method={c.method!r}, budget={describe_budget(c)}, "
+                f"dense_layers={c.dense_layers}, dense_steps={steps}, backend={c.backend!r})")
 
     def reset(self) -> None:
         """Forget cached plans and the step counter (a new generation with a bare transformer)."""
@@ -318,12 +365,15 @@ class SparseVidHandle:
     def remove(self) -> None:
         """Undo :func:`apply` (a no-op where this handle's hooks are already gone, e.g. after
         ``sparsevid.remove`` and a newer ``apply``: those newer hooks stay)."""
+        if self.transformers:
+            self._reuse_stats = [h.stats() for h in self.reuse_handles]
         for transformer in self.transformers:
             _remove(transformer, owner=self.owner)
-        self.transformers, self.sessions, self.reuse_handles = [], [], []
+        self.transformers, self.reuse_handles = [], []
 
 
 def _transformers_of(target) -> tuple[list[torch.nn.Module], Any]:
+    """The target's transformers, and a callable returning its scheduler now (``None``: a bare transformer)."""
     if isinstance(target, torch.nn.Module):
         return [target], None
     found = [getattr(target, name, None) for name in ("transformer", "transformer_2")]
@@ -332,7 +382,13 @@ def _transformers_of(target) -> tuple[list[torch.nn.Module], Any]:
         raise TypeError(
             f"Expect a diffusers pipeline (with .transformer) or a transformer model but got {type(target).__name__}"
         )
-    return found, getattr(target, "scheduler", None)
+    if getattr(target, "scheduler", None) is None:
+        return found, None
+    try:  # the pipeline's attribute, read at each forward: a scheduler swapped after apply is the one followed
+        pipe = weakref.ref(target)
+    except TypeError:  # a pipeline-like object without weak references
+        pipe = lambda: target  # noqa: E731
+    return found, lambda: getattr(pipe(), "scheduler", None)
 
 
 def apply(
@@ -382,15 +438,23 @@ def apply(
     from ..reuse import split_reuse
 
     transformers, scheduler = _transformers_of(target)
+    for transformer in transformers:
+        compiled = getattr(transformer, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(compiled, torch.nn.Module):
+            raise TypeError(f"Expect the model itself but got torch.compile's wrapper of a {type(compiled).__name__}; "
+                            "call sparsevid.apply on the model first, then torch.compile it (its hooks compile too)")
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
                              dict(planner_options), tile_order, quant, tail)
     device = next((p.device for p in transformers[0].parameters()), None) if transformers else None
-    validate_config(config, has_schedule=scheduler is not None, device=device)
+    # a bare transformer's steps come from the cache_context diffusers pipelines call it in
+    has_schedule = scheduler is not None or all(hasattr(t, "cache_context") for t in transformers)
+    validate_config(config, has_schedule=has_schedule, device=device)
     token_replay, step_cache = split_reuse(reuse)  # TypeError / ValueError naming reuse, before any hook
     specs = []
     for transformer in transformers:
         spec = model_spec(transformer)
         name = type(transformer).__name__
+        check_layers(config, len(spec.self_attention(transformer)), name)
         if _state_hook(transformer) is not None:
             raise ValueError(f"Expect a model without sparsevid applied but {name} has it; call sparsevid.remove first")
         if step_cache is not None and getattr(transformer, "is_cache_enabled", False):
@@ -408,17 +472,14 @@ def apply(
     owner = next(_OWNERS)
     sessions = []
     for transformer, spec in zip(transformers, specs):
-        session = SparseSession(config, spec, scheduler)
+        session = SparseSession(config, spec, scheduler, type(transformer).__name__)
         ordered = None
         if (method is not None and tile_order is not False and spec.tile_order is not None and token_replay is None
                 and step_cache is None):
             ordered = _TileOrder(session, spec.tile_order(transformer), len(spec.self_attention(transformer)) - 1)
-        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(
-            _StateHook(session, owner, ordered), _STATE_HOOK)
+        _hook(transformer, _StateHook(session, owner, ordered), _STATE_HOOK)
         for layer, module in enumerate(spec.self_attention(transformer) if method is not None else []):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(
-                _AttentionHook(session, layer, owner), _ATTENTION_HOOK
-            )
+            _hook(module, _AttentionHook(session, layer, owner), _ATTENTION_HOOK)
         if method is not None:
             _DispatchRoutes.acquire(transformer)
         sessions.append(session)
@@ -438,6 +499,25 @@ def apply(
     return SparseVidHandle(transformers, sessions, config, owner, reuse_handles)
 
 
+def _hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    hook.installed_forward = module.forward  # what a hook added later on top of ours wraps (see _unhook)
+
+
+def _unhook(module: torch.nn.Module, name: str) -> None:
+    """Remove our hook ``name``, keeping an accelerate hook added on top of it (``enable_model_cpu_offload``
+    after ``apply``): diffusers would write the forward below ours over accelerate's wrapper."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(name) if registry is not None else None
+    if hook is None:
+        return
+    outer = module.__dict__.get("forward")
+    covered = outer is not hook.installed_forward and module.__dict__.get("_old_forward") is hook.installed_forward
+    registry.remove_hook(name, recurse=False)
+    if covered:  # accelerate's wrapper calls module._old_forward: point it at what ours wrapped
+        module._old_forward, module.forward = module.forward, outer
+
+
 def _state_hook(transformer: torch.nn.Module) -> _StateHook | None:
     registry = getattr(transformer, "_diffusers_hook", None)
     return registry.get_hook(_STATE_HOOK) if registry is not None else None
@@ -454,10 +534,8 @@ def _remove(transformer: torch.nn.Module, owner: int | None = None) -> None:
     if state.tile_order is not None:
         state.tile_order.remove()
     for module in state.session.spec.self_attention(transformer):
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            registry.remove_hook(_ATTENTION_HOOK, recurse=False)
-    transformer._diffusers_hook.remove_hook(_STATE_HOOK, recurse=False)
+        _unhook(module, _ATTENTION_HOOK)
+    _unhook(transformer, _STATE_HOOK)
     _DispatchRoutes.release(transformer)
     state.session.release()  # diffusers' removed hooks sit in reference cycles until a gc pass
 
