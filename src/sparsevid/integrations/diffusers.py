@@ -425,7 +425,7 @@ def apply(
             quant="int8"`` asks for quantized dense attention (a full plan through the 8-bit kernel;
             add ``dense_layers=0, dense_steps=0`` for every layer and step). Forward only.
         tail (str | None): what the key blocks a plan skips contribute: ``None`` (default) drops them;
-            ``"pooled"`` keeps each as a summary term in the same softmax (:mod:`sparsevid.tail`).
+            ``"pooled-var"`` keeps each as a summary term in the same softmax (:mod:`sparsevid.tail`).
             Backends ``fa4``, ``triton``, ``reference``; refused with ``quant=`` and token plans.
 
     Returns:
