@@ -103,9 +103,9 @@ def sparse_attention(
             quantization and its error bounds: :mod:`sparsevid.kernels.reference_quant`.
         tail (str | None): what the key blocks the plan skips contribute. ``None`` (default): nothing,
             the kept probabilities are renormalised. A summary method of :mod:`sparsevid.tail`
-            (``"pooled-var"``, ``"pooled-var-32"``) keeps each skipped block in the same softmax as summary terms of this
-            call's k and v. A ``BlockPlan`` only; exact attention only (``quant=None``); backends
-            ``reference``, ``triton``, ``fa4`` (``auto`` picks among them).
+            (``"pooled-var"``, ``"pooled-var-32"``) keeps each skipped block in the same softmax as
+            summary terms of this call's k and v. A ``BlockPlan`` only; exact attention only
+            (``quant=None``); backends ``reference``, ``triton``, ``fa4`` (``auto`` picks among them).
 
     Returns:
         Tensor ``(batch, heads, L, head_dim)`` in q's dtype. With ``tail=None``, entries outside the plan
