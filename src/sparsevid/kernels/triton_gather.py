@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import LOG2E, head_dim_padded, init_state, load_keys, load_rows, query_rows, softmax_update, store_rows
+
 __all__ = ["token_attention_triton", "token_sparse_attn"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -53,7 +55,6 @@ def _gather_fwd_inner(
     ``dense``: the row keeps all ``L`` tokens, whose indices are not stored (key ``j`` is token ``j``);
     ``listed`` is then 0, else the stored list's width.
     """
-    d_mask = offs_d < HEAD_DIM
     for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         cols = start + offs_n
         if MASKED:
@@ -64,31 +65,16 @@ def _gather_fwd_inner(
             tok = tl.where(col_ok, tok, 0)  # columns past the row's end read token 0 (their score is -inf)
         tok = tok.to(tl.int64)
         # -- scores: K rows gathered by original token index
-        k_ptrs = k_base + tok[:, None] * stride_kn + offs_d[None, :] * stride_kk
-        if HEAD_DIM == HEAD_DIM_P:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+        k = load_keys(k_base, tok, stride_kn, stride_kk, offs_d, HEAD_DIM, HEAD_DIM_P)
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             qk = qk * qk_scale + tl.where(col_ok, 0.0, float("-inf"))[None, :]
         else:
             qk = qk * qk_scale
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        qk = qk - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        l_ij = tl.sum(p, 1)
-        alpha = tl.math.exp2(m_i - m_ij)
-        acc = acc * alpha[:, None]
+        p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, qk)
         # -- values
-        v_ptrs = v_base + tok[:, None] * stride_vn + offs_d[None, :] * stride_vk
-        if HEAD_DIM == HEAD_DIM_P:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+        v = load_keys(v_base, tok, stride_vn, stride_vk, offs_d, HEAD_DIM, HEAD_DIM_P)
         acc = tl.dot(p.to(v.dtype), v, acc)
-        l_i = l_i * alpha + l_ij
-        m_i = m_ij
     return acc, l_i, m_i
 
 
@@ -152,18 +138,10 @@ def _gather_attn_fwd(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_P)
-    d_mask = offs_d < HEAD_DIM
-
-    q_tok = tl.load(Perm + m64 * BLOCK_SIZE + offs_m)  # int64 (BLOCK_M,)
-    q_real = q_tok >= 0
-    q_tok = tl.where(q_real, q_tok, 0)
-    q_mask = q_real[:, None] & d_mask[None, :]
-    q = tl.load(q_base + q_tok[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=q_mask, other=0.0)
-
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
-    qk_scale = sm_scale * 1.44269504  # 1/ln(2)
+    q_tok, q_real = query_rows(Perm, start_m, offs_m, BLOCK_SIZE)
+    q = load_rows(q_base, q_tok, q_real, stride_qm, stride_qk, offs_d, HEAD_DIM)
+    acc, l_i, m_i = init_state(BLOCK_M, HEAD_DIM_P)
+    qk_scale = sm_scale * LOG2E
 
     dense = num == L  # a row that keeps every token stores no indices
     listed = tl.where(dense, 0, WIDTH)
@@ -188,8 +166,7 @@ def _gather_attn_fwd(
             True, 1,  #
         )
 
-    acc = acc / l_i[:, None]
-    tl.store(o_base + q_tok[:, None] * stride_om + offs_d[None, :] * stride_ok, acc.to(Out.dtype.element_ty), mask=q_mask)
+    store_rows(o_base, q_tok, q_real, acc, l_i, stride_om, stride_ok, offs_d, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------- launcher
@@ -250,7 +227,7 @@ def _launch_args(q, k, v, out, perm, kv_num_tokens, kv_tokens, block_size, scale
         *kv_num_tokens.stride(), *kv_tokens.stride(),  #
         H, L, kv_tokens.shape[-1],  #
     )
-    meta = dict(HEAD_DIM=D, HEAD_DIM_P=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size)
+    meta = dict(HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), BLOCK_SIZE=block_size)
     return grid, args, meta
 
 

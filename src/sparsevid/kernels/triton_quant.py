@@ -38,6 +38,7 @@ from ..backends import register_backend
 from ..plan import BlockPlan
 from .reference_quant import TINY
 from .triton_blocksparse import _configs, _explicit, _prune, launch_tables  # the bf16 kernel's config space
+from .triton_common import init_state, kept_tile, query_rows, softmax_update, store_rows
 
 __all__ = ["quant_block_sparse_attn", "quant_sparse_attention_triton", "quantize_triton"]
 
@@ -133,14 +134,8 @@ def _quant_attn_inner(
     FP8: tl.constexpr, MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
     """Online softmax over the sub-tiles ``lo..hi`` of one CSR row, on 8-bit tile-order tiles."""
-    SPLIT: tl.constexpr = BLOCK_SIZE // BLOCK_N
     for t in tl.range(lo, hi, num_stages=NUM_STAGES):
-        if SPLIT == 1:
-            n = tl.load(kvi_ptr + t * stride_kik)
-            slot0 = n.to(tl.int64) * BLOCK_SIZE
-        else:
-            n = tl.load(kvi_ptr + (t // SPLIT) * stride_kik)
-            slot0 = n.to(tl.int64) * BLOCK_SIZE + (t % SPLIT) * BLOCK_N
+        n, slot0, bias = kept_tile(kvi_ptr, real_ptr, t, stride_kik, offs_n, BLOCK_SIZE, BLOCK_N, MASK_PADDING)
         slots = slot0 + offs_n
         k = tl.load(kc_base + slots[:, None] * HEAD_DIM + offs_d[None, :])
         if FP8:
@@ -148,29 +143,13 @@ def _quant_attn_inner(
         else:
             qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         s = sq * tl.load(sk_base + n)  # scale_q * scale_k * sm_scale * log2(e)
-        if MASK_PADDING:
-            if SPLIT == 1:
-                n_real = tl.load(real_ptr + n)
-            else:
-                n_real = tl.load(real_ptr + n) - (t % SPLIT) * BLOCK_N
-            bias = tl.where(offs_n < n_real, 0.0, float("-inf"))
-            qk = qk * s + bias[None, :]
-        else:
-            qk = qk * s
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        qk = qk - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        l_ij = tl.sum(p, 1)
-        alpha = tl.math.exp2(m_i - m_ij)
-        acc = acc * alpha[:, None]
+        p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, qk * s + bias[None, :])
         if FP8:
             vt = tl.load(vc_base + offs_d[:, None] * S + slots[None, :])  # (D, BLOCK_N)
             acc = tl.dot(_to_e4m3(p * 448.0), tl.trans(vt), acc)
         else:
             v = tl.load(vc_base + slots[:, None] * HEAD_DIM + offs_d[None, :])
             acc = tl.dot(p.to(tl.float16), v, acc)
-        l_i = l_i * alpha + l_ij
-        m_i = m_ij
     return acc, l_i, m_i
 
 
@@ -218,9 +197,7 @@ def _quant_attn_fwd(
     q = tl.load(QC + bh * S * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :])
     sq = tl.load(SQ + bh * NB + start_m) * qk_scale
 
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: an all-padding sub-tile gives p = 0
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = init_state(BLOCK_M, HEAD_DIM)
     if FP8:
         vc_base = VC + bh * HEAD_DIM * S
     else:
@@ -231,16 +208,11 @@ def _quant_attn_fwd(
         0, num * SPLIT, offs_n, offs_d,  #
         BLOCK_SIZE, BLOCK_N, HEAD_DIM, FP8, MASK_PADDING, NUM_STAGES,  #
     )
-    acc = acc / l_i[:, None]
     if FP8:  # V's per-channel scale and P's 448
         acc = acc * (tl.load(VMax + bh * HEAD_DIM + offs_d) * (1.0 / (448.0 * 448.0)))[None, :]
-
-    q_tok = tl.load(Perm + rows)
-    q_real = q_tok >= 0
-    q_tok = tl.where(q_real, q_tok, 0)
-    o_base = Out + off_z * stride_oz + off_h * stride_oh
-    tl.store(o_base + q_tok[:, None] * stride_om + offs_d[None, :] * stride_ok, acc.to(Out.dtype.element_ty),
-             mask=q_real[:, None])
+    q_tok, q_real = query_rows(Perm, start_m, offs_m, BLOCK_SIZE)
+    store_rows(Out + off_z * stride_oz + off_h * stride_oh, q_tok, q_real, acc, l_i, stride_om, stride_ok, offs_d,
+               HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------- launchers
