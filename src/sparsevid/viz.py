@@ -46,7 +46,7 @@ def save_block_maps(maps: dict[str, torch.Tensor], path: str | Path, columns: in
         ax.axis("off")
     for ax, (name, m) in zip(axes.flat, maps.items()):
         ax.axis("on")
-        image = ax.imshow(m.float().clamp_min(floor).log10().cpu(), cmap="magma", vmin=math.log10(floor), vmax=0,
+        image = ax.imshow(m.float().clamp_min(floor).log10().cpu().numpy(), cmap="magma", vmin=math.log10(floor), vmax=0,
                           interpolation="nearest")
         ax.set_title(name, fontsize=8)
         ax.set_xlabel(f"key block (of {m.shape[-1]})", fontsize=8)
@@ -67,7 +67,7 @@ def save_block_masks(masks: dict[str, torch.Tensor], path: str | Path, columns: 
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, mask) in zip(axes.flat, masks.items()):
-        ax.imshow(mask.float().cpu(), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+        ax.imshow(mask.float().cpu().numpy(), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
         ax.set_title(name, fontsize=8)
     return save_figure(fig, path, title, caption=caption)
 
@@ -79,7 +79,7 @@ def save_frames(frames: torch.Tensor, path: str | Path, tile_px: tuple[int, int]
     picks = torch.linspace(0, frames.shape[0] - 1, min(count, frames.shape[0])).round().long()
     fig, axes = plt.subplots(1, len(picks), figsize=(2.4 * len(picks), 2.6), squeeze=False)
     for ax, i in zip(axes[0], picks.tolist()):
-        ax.imshow(frames[i].permute(1, 2, 0).clamp(0, 1).cpu(), interpolation="nearest")
+        ax.imshow(frames[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
         if tile_px is not None:
             h, w = frames.shape[-2:]
             for y in range(0, h + 1, tile_px[0]):
