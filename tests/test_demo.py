@@ -41,7 +41,8 @@ def test_gpu_sections_on_cpu_at_small_size(tmp_path, capsys, monkeypatch):
 
     calls = []
     monkeypatch.setattr(kernel, "run", lambda args: calls.append(args) or 0)
-    argv = [*SMALL, "--testbed", "large", "--held-out", "2", "--frames", "2", "--kernel-bench", "--out", str(tmp_path)]
+    argv = [*SMALL, "--testbed", "large", "--held-out", "2", "--frames", "2", "--densities", "0.25", "--kernel-bench",
+            "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "results.json").read_text())

@@ -36,6 +36,7 @@ import math
 import sys
 import textwrap
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -45,8 +46,9 @@ from .eval import NOISE_FLOOR, TARGETS, Config, _case_name, _slug, capture_layer
 
 TABLE_METHODS = ("draft", "xattn", "window", "finegrained", "random")
 
-# The clip section's settings, one line each, labelled as their video rows are (a `tail=` setting, once
-# `sv.apply` takes it, is one more line). How "tuned" was chosen: a sweep on the CPU (fp32, small testbed,
+# The clip section's settings, one line each, labelled as their video rows are; the planner table shows
+# them too. A `tail=` setting is one more line once eval's Config carries `tail` to sv.apply and
+# sparse_attention as it carries `quant`. How "tuned" was chosen: a sweep on the CPU (fp32, small testbed,
 # 'bigbuckbunny' seed 0, 12 steps, draft at density 0.1; PSNR / SSIM vs dense; 2026-12-02):
 #   block_size 128 (default): budget "head" (default) 13.95 dB / 0.308, "layer" 16.74 / 0.471
 #   block_size 64: "layer" 23.98 / 0.806            block_size 32: "head" 22.26 / 0.775, "layer" 23.85 / 0.836
@@ -124,13 +126,14 @@ def run(args: argparse.Namespace) -> int:
         summary["kernel_bench"] = kernel_rows(out_dir / "kernel")
         files += [f for f in (out_dir / "kernel" / "speedup.png", out_dir / "kernel" / "results.json") if f.exists()]
     else:
-        print(f"\n3. speed: measured on the GPU (BENCHMARKS.md; `make demo` with CUDA runs the kernel rows). No time "
-              f"taken here is a speed result: on the {device.type} the reference backend runs plans in float32 "
-              "chunks, slower than dense attention.")
+        print("\n" + textwrap.fill(
+            "3. speed: measured on the GPU (BENCHMARKS.md; `make demo` with CUDA runs the kernel rows). No time taken "
+            f"here is a speed result: on the {device.type.upper()} the reference backend runs plans in float32 chunks, "
+            "slower than dense attention.", 110))
     summary["seconds"] = time.perf_counter() - start
     (out_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"\ndemo: {summary['seconds']:.0f} s in all; wrote " + ", ".join(str(f) for f in [*files, out_dir / "results.json"]))
-    return 0
+    return summary.get("kernel_bench", {}).get("status", 0)  # a WRONG kernel row (1) or no CUDA (2) is not a pass
 
 
 # ---------------------------------------------------------------------------------------- 1. planners
@@ -187,9 +190,9 @@ def format_planner_table(table: dict, where: str) -> str:
     rows, layout = table["rows"], table["layout"]
     width = max(len(r["config"]) for r in rows)
     head = f"{'configuration':<{width}}  {'density':>7}  {'achieved':>8}  {'kept mass':>9}  {'oracle':>7}  {'rel L2 err':>10}"
-    lines = [f"\n1. planners on the trained model's own attention: {where}; {layout.num_tokens:,} tokens in "
-             f"{layout.num_blocks} blocks of {layout.block_size}; means over those layers and their heads",
-             head, "-" * len(head)]
+    lines = ["", *textwrap.wrap(f"1. planners on the trained model's own attention: {where}; {layout.num_tokens:,} "
+                                f"tokens in {layout.num_blocks} blocks of {layout.block_size}; means over those layers "
+                                "and their heads", 110), head, "-" * len(head)]
     for r in rows:
         mark = "*" if r["oracle"] == "token" else " "
         lines.append(f"{r['config']:<{width}}  {r['density']:>7.2f}  {r['achieved']:>8.3f}  {r['kept_mass']:>9.3f}  "
@@ -307,14 +310,13 @@ def tiles_picture(video: torch.Tensor, layout, patch, density: float, out_dir: P
 
 # ---------------------------------------------------------------------------------------- 2. clips
 def _apply_call(config: Config) -> str:
-    """The ``sv.apply`` keyword arguments of a configuration, as a user would type them."""
+    """The ``sv.apply`` keyword arguments of a configuration (each field that differs from the defaults,
+    then the planner options; ``reuse`` as its eval SPEC)."""
     plain = Config(config.method, config.density)
     kwargs = {"method": config.method, **({"mass": config.mass} if config.mass is not None else {"density": config.density})}
-    for name in ("dense_steps", "dense_layers", "quant"):
-        if getattr(config, name) != getattr(plain, name):
-            kwargs[name] = getattr(config, name)
-    if config.reuse:
-        kwargs["reuse"] = f"parse_reuse({config.reuse!r})"
+    for f in fields(Config):
+        if f.name not in ("method", "density", "mass", "options", "label") and getattr(config, f.name) != getattr(plain, f.name):
+            kwargs[f.name] = getattr(config, f.name)
     return ", ".join(f"{k}={v!r}" for k, v in {**kwargs, **config.options}.items())
 
 
@@ -365,14 +367,15 @@ def format_clip_table(summary: list[dict], configs, cases: list[str], settings) 
     cw = max(len(v) for v in calls.values())
     several = len(cases) > 1
     psnr, ssim = ("PSNR dB (min)", "SSIM (min)") if several else ("PSNR dB", "SSIM")
-    head = f"{'setting':<{width}}  {'sv.apply(pipe, ...)':<{cw}}  {'achieved':>8}  {psnr:>13}  {ssim:>13}"
-    lines = [f"\n2. the same clip, dense and sparse: {'; '.join(cases)}; {settings.steps} steps, "
-             f"{settings.frames}x{settings.height}x{settings.width} px; PSNR/SSIM against the dense generation",
-             head, "-" * len(head)]
+    pw, sw = (13, 11) if several else (7, 5)
+    head = f"{'setting':<{width}}  {'sv.apply(pipe, ...)':<{cw}}  {'achieved':>8}  {psnr:>{pw}}  {ssim:>{sw}}"
+    lines = ["", *textwrap.wrap(f"2. the same clip, dense and sparse: {'; '.join(cases)}; {settings.steps} steps, "
+                                f"{settings.frames}x{settings.height}x{settings.width} px; PSNR/SSIM against the dense "
+                                "generation", 110), head, "-" * len(head)]
     for r in summary:
         p = f"{r['psnr']:.2f}" + (f" ({r['psnr_min']:.1f})" if several else "")
         s = f"{r['ssim']:.3f}" + (f" ({r['ssim_min']:.2f})" if several else "")
-        lines.append(f"{r['config']:<{width}}  {calls[r['config']]:<{cw}}  {r['achieved']:>8.3f}  {p:>13}  {s:>13}")
+        lines.append(f"{r['config']:<{width}}  {calls[r['config']]:<{cw}}  {r['achieved']:>8.3f}  {p:>{pw}}  {s:>{sw}}")
     if any(r["config"] == NOISE_FLOOR for r in summary):
         lines.append("noise floor: the dense generation in bf16 against fp32 from the same seed; below it is rounding.")
     return "\n".join(lines)
