@@ -348,8 +348,8 @@ def clip_section(target, pipe, settings, out_dir: Path, device, progress: bool) 
                     "|difference from dense| x4 below it: black is identical, bright is what the setting changed. "
                     f"The settings compute {_span(by[c.name]['achieved'] for c in configs)} of the attention entries "
                     f"of their sparse calls; here '{best.name}' is closest to dense ({by[best.name]['psnr']:.1f} dB)."))
-        movies.append((viz.side_by_side({"dense": videos["dense"], **{c.name: videos[c.name] for c in configs}}, scale=3),
-                       out_dir / f"clip_{stem}.mp4"))
+        short = {f"{c.name.split(':')[0]} {by[c.name]['psnr']:.1f} dB": videos[c.name] for c in configs}  # title strips are narrow
+        movies.append((viz.side_by_side({"dense": videos["dense"], **short}, scale=3), out_dir / f"clip_{stem}.mp4"))
     first_dense = next(iter(result["kept"].values()))["dense"]
     files += [viz.write_video(frames, path) for frames, path in movies]  # last: an encoder may be missing
     return dict(summary=summary, videos=result["videos"], files=files, first_dense=first_dense)

@@ -67,7 +67,9 @@ def save_block_masks(masks: dict[str, torch.Tensor], path: str | Path, columns: 
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, mask) in zip(axes.flat, masks.items()):
-        ax.imshow(mask.float().cpu().numpy(), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+        # nearest keeps block edges sharp; past ~256 blocks a panel has fewer pixels than blocks: filter instead
+        ax.imshow(mask.float().cpu().numpy(), cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest" if mask.shape[-1] <= 256 else "antialiased")
         ax.set_title(name, fontsize=8)
     return save_figure(fig, path, title, caption=caption)
 
@@ -150,17 +152,15 @@ def save_video_rows(videos: dict[str, torch.Tensor], path: str | Path, count: in
     """One row per video ``(N, 3, H, W)`` (its key on the left), ``count`` evenly spaced frames each."""
     plt = _pyplot()
     rows = len(videos)
+    count = min(count, min(v.shape[0] for v in videos.values()))  # no empty columns for short videos
     fig, axes = plt.subplots(rows, count, figsize=(1.5 * count + 1.4, 1.5 * rows + (0.4 if title else 0)), squeeze=False)
     for r, (name, video) in enumerate(videos.items()):
-        picks = torch.linspace(0, video.shape[0] - 1, min(count, video.shape[0])).round().long().tolist()
+        picks = torch.linspace(0, video.shape[0] - 1, count).round().long().tolist()
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([]), ax.set_yticks([])
-            if c >= len(picks):
-                ax.axis("off")
-            if c < len(picks):
-                ax.imshow(video[picks[c]].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
-                if r == 0:
-                    ax.set_title(f"frame {picks[c]}", fontsize=8)
+            ax.imshow(video[picks[c]].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+            if r == 0:
+                ax.set_title(f"frame {picks[c]}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
     return save_figure(fig, path, title, caption=caption)
