@@ -289,8 +289,8 @@ def planner_pictures(table, layers, grid, text_first, first: int, densities, out
         title=f"what each plan computes on layer {top['layer'] + first}, head {h} (block_maps.png, top row)",
         caption="White: the (query block, key block) pairs a plan computes, query blocks down, key blocks across; gray: "
                 "the share of a key block's tokens a token plan (finegrained) computes. A plan that covers the bright "
-                "pixels of the true map keeps the mass (in each title: the true mass it keeps on this head). The tuned "
-                "plan cuts the sequence into 32-token blocks, hence its finer grid."))
+                "pixels of the true map keeps the mass (in each title: the true mass it keeps on this head). A plan with "
+                "a smaller block_size (the tuned one) has more, smaller blocks: a finer grid."))
     return files
 
 
