@@ -14,8 +14,9 @@ through :func:`sparsevid.apply` exactly as a user would run it. Reported per vid
 v of every video self-attention layer are captured at one step (``--capture-step``; default the
 first step that runs sparse under the warm-up, i.e. ``ceil(0.2 * steps)``), and each configuration's
 plan is applied to them with :func:`sparsevid.plan` + :func:`sparsevid.sparse_attention`:
-``||sparse - dense|| / ||dense||`` per layer (layers inside ``--dense-layers`` are reported too:
-the error they *would* have).
+``||sparse - dense|| / ||dense||`` per layer, and ``kept_mass``, the true attention mass the plan
+computes (:func:`sparsevid.stats.plan_mass`; layers inside ``--dense-layers`` are reported too: the
+error they *would* have).
 
 **Temporal reuse** (``--reuse SPEC``, repeatable; SPEC as in ``bench e2e``, :mod:`sparsevid.reuse.spec`):
 each ``--reuse`` value is one reuse setting (``replay:rate=0.3``; several joined by ``+`` act together,
