@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
                                       f"generation of {_case_name(cases[0])}"))
     clips = clip_section(target, pipe, settings, out_dir, device, progress=not args.quiet)
     files = planner_pictures(table, layers, capture.grid, capture.text_first, first, args.densities, out_dir)
-    files.append(tiles_picture(clips.pop("first_dense"), table["layout"], pipe.transformer.config.patch_size, min(args.densities), out_dir))
+    files.append(tiles_picture(clips.pop("first_dense"), table["layout"], pipe.transformer.config.patch_size,
+                               min(args.densities), out_dir))
     files += clips.pop("files")
     summary = dict(device=str(device), testbed=testbed, steps=args.steps, capture_step=step, grid=list(capture.grid),
                    planner_table=table["rows"], clips=clips)
