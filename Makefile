@@ -1,11 +1,14 @@
 # Two commands on a fresh machine:
-#   make demo   -- create .venv, install sparsevid, run the demo on a real clip (CPU, or GPU when present)
+#   make demo   -- create .venv, install sparsevid, run the demo on the trained testbed (CPU, or GPU when present)
 #   make test   -- same set-up if needed, then the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch==2.13.0 is pinned first so pip takes the local CPU wheel and never resolves a CUDA build.
-TORCH  ?= torch==2.13.0
+# torch is installed first, pinned, so the rest of the install never swaps it. Which build that is depends
+# on where pip looks: here a local CPU wheel (pip's find-links); on an ordinary Linux machine PyPI's torch,
+# which is the CUDA build (several GB). For the CPU build there: make TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
 
 # ComfyUI (tests/test_comfyui.py) needs torchvision, whose wheels here need torch 2.14.1: its tests run in an
 # environment of their own, set up only where a ComfyUI is present (CI: the snapshot at ../shared).
@@ -19,7 +22,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH)"
 	touch $@
 

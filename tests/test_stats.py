@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sparsevid as sv
-from sparsevid.stats import attention_stats, stat_names, summarize_stats
+from sparsevid.stats import attention_stats, block_mass, plan_mass, stat_names, summarize_stats
 
 FRACTIONS = (0.1, 0.25, 0.5)
 
@@ -77,6 +77,27 @@ def test_stats_match_full_probability_matrix(text):
     for f in FRACTIONS:  # a block plan never beats token selection at the same fraction
         assert (got[f"block@{f:g}"] <= got[f"token@{f:g}"] + 1e-6).all()
     assert (got["text"] > 0).all() == bool(text[0])
+
+
+@pytest.mark.parametrize("text", [(0, False), (7, False), (5, True)], ids=["no-text", "text-last", "text-first"])
+@pytest.mark.parametrize("method", ["draft", "window", "finegrained"])  # head plans, a broadcast plan, a TokenPlan
+def test_plan_mass_and_block_mass_match_full_probability_matrix(text, method):
+    layout = sv.VideoLayout(4, 6, 9, text_tokens=text[0], text_first=text[1], tile=(2, 3), block_size=16)
+    g = torch.Generator().manual_seed(0)
+    q, k = (3 * torch.randn(2, 2, layout.num_tokens, 8, generator=g) for _ in range(2))
+    P = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(8), -1)
+    video = torch.tensor([not (i < text[0] if text[1] else i >= layout.video_tokens) for i in range(layout.num_tokens)])
+    plan = sv.plan(q, k, layout, method=method, density=0.3)
+    want = (P * plan.to_mask()).sum(-1)[:, :, video].mean(-1).mean(0)
+    for chunk in (16, 1024):
+        torch.testing.assert_close(plan_mass(q, k, plan, chunk_rows=chunk), want, rtol=0, atol=1e-6)
+    blocks = layout.on("cpu").block_of_token
+    per_block = torch.zeros(2, 2, layout.num_tokens, layout.num_blocks, dtype=torch.float64).index_add_(-1, blocks, P)
+    want_map = torch.stack([per_block[:, :, video & (blocks == m)].mean(2) for m in range(layout.num_blocks)], 2)
+    got_map = block_mass(q, k, layout, chunk_rows=16).double()
+    has_video = torch.tensor([bool((video & (blocks == m)).any()) for m in range(layout.num_blocks)])
+    torch.testing.assert_close(got_map[:, :, has_video], want_map[:, :, has_video], rtol=0, atol=1e-6)
+    assert (got_map[:, :, ~has_video] == 0).all()
 
 
 def test_chunked_equals_unchunked_and_errors():
@@ -147,7 +168,7 @@ def test_draft_mass_budget_beats_fixed_density_on_planted_structure():
     P = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), -1)
 
     def kept(plan):  # true mass kept per head, mean over rows
-        return (P * plan.to_mask()).sum(-1).mean(-1)[0]
+        return plan_mass(q, k, plan)
 
     by_mass = sv.plan(q, k, layout, method="draft", mass=0.9)
     assert (kept(by_mass) >= 0.9).all(), kept(by_mass)

@@ -9,7 +9,7 @@ import sys
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 _COMMANDS = {
-    "demo": ("sparsevid.demo", "run every planner on attention inputs built from a real clip"),
+    "demo": ("sparsevid.demo", "what each planner keeps of the trained testbed's attention, and the clip it generates"),
     "eval": ("sparsevid.eval", "generate dense and sparse videos with the testbed; PSNR/SSIM, per-layer error"),
 }
 _BENCHMARKS = {

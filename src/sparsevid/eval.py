@@ -14,8 +14,9 @@ through :func:`sparsevid.apply` exactly as a user would run it. Reported per vid
 v of every video self-attention layer are captured at one step (``--capture-step``; default the
 first step that runs sparse under the warm-up, i.e. ``ceil(0.2 * steps)``), and each configuration's
 plan is applied to them with :func:`sparsevid.plan` + :func:`sparsevid.sparse_attention`:
-``||sparse - dense|| / ||dense||`` per layer (layers inside ``--dense-layers`` are reported too:
-the error they *would* have).
+``||sparse - dense|| / ||dense||`` per layer, and ``kept_mass``, the true attention mass the plan
+computes (:func:`sparsevid.stats.plan_mass`; layers inside ``--dense-layers`` are reported too: the
+error they *would* have).
 
 **Temporal reuse** (``--reuse SPEC``, repeatable; SPEC as in ``bench e2e``, :mod:`sparsevid.reuse.spec`):
 each ``--reuse`` value is one reuse setting (``replay:rate=0.3``; several joined by ``+`` act together,
@@ -64,7 +65,7 @@ from .bench.common import option_pair, time_ms
 from .reuse.spec import parse_reuse
 from .tail import TAIL_METHODS
 
-__all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "generate_comparison", "video_metrics"]
+__all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "capture_layers", "video_metrics"]
 
 _PSNR_CAP = 100.0
 
@@ -148,9 +149,12 @@ class Config:
     mass: float | None = None  # a mass budget instead of a density (draft, xattn)
     quant: str | None = None  # 8-bit attention (sparsevid.apply(quant=...))
     tail: str | None = None  # summaries of the skipped blocks (sparsevid.apply(tail=...))
+    label: str | None = None  # shown instead of the generated name (which does not show ``options``)
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         warm = []
         if self.dense_steps is not None:
             warm.append(f"ds={self.dense_steps:g}")
@@ -345,9 +349,12 @@ class LayerCapture:
 
 
 def layer_errors(layers, grid, text_first: bool, configs: list[Config]) -> list[dict]:
-    """Relative L2 error of each config's plan on each captured layer vs dense SDPA on the same q/k/v."""
+    """Relative L2 error of each config's plan on each captured layer vs dense SDPA on the same q/k/v,
+    and ``kept_mass``: the true attention mass the plan computes (:func:`sparsevid.stats.plan_mass`,
+    mean over heads)."""
     from . import VideoLayout, sparse_attention
     from .planners import plan as make_plan
+    from .stats import plan_mass
 
     rows = []
     for index, (q, k, v, scale) in enumerate(layers):
@@ -361,7 +368,8 @@ def layer_errors(layers, grid, text_first: bool, configs: list[Config]) -> list[
             call = lambda: sparse_attention(q, k, v, p, scale=scale, quant=config.quant, tail=config.tail)  # noqa: E731
             out = call().float()
             rows.append(dict(config=config.name, layer=index, density=float(p.density),
-                             rel_err=float((out - reference).norm() / reference.norm()), dense_ms=dense_ms,
+                             rel_err=float((out - reference).norm() / reference.norm()),
+                             kept_mass=float(plan_mass(q, k, p, scale=scale).mean()), dense_ms=dense_ms,
                              attn_ms=_gpu_ms(call) if timed else None))
     return rows
 
@@ -820,6 +828,28 @@ class _Captured(Exception):
     """Raised after the capture step's forward: the rest of the generation is not needed."""
 
 
+def capture_layers(target: EvalTarget, pipe, case: dict, args, step: int) -> LayerCapture:
+    """Generate ``case`` densely up to forward ``step`` and stop there: the capture holds q/k/v of every
+    video self-attention layer at that step (later steps would change nothing in it)."""
+
+    def stop(module, args_, output):
+        if capture.calls > capture.step:
+            raise _Captured
+
+    capture = LayerCapture(pipe.transformer, step)
+    handle = pipe.transformer.register_forward_hook(stop)
+    try:
+        target.generate(pipe, case, args, progress=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+        capture.remove()
+    if not capture.layers:
+        raise ValueError(f"Expect a capture step below the transformer calls of a generation but got {step}")
+    return capture
+
+
 def run_stats(target: EvalTarget, args, device) -> int:
     """``eval --stats``: capture every case's dense run at the capture step, report :mod:`sparsevid.stats`."""
     from . import stats
@@ -831,23 +861,8 @@ def run_stats(target: EvalTarget, args, device) -> int:
     print(f"[eval --stats] {args.pipeline} on {_environment(device)}: {len(cases)} cases, step {step} of {args.steps}, "
           f"{args.frames}x{args.height}x{args.width}" + (f", {tiling}" if tiling else ""))
     start, rows, grid = time.perf_counter(), [], None
-
-    def stop(module, args_, output):
-        if capture.calls > capture.step:
-            raise _Captured
-
     for case in tqdm(cases, desc="cases", unit="case", disable=args.quiet):
-        capture = LayerCapture(pipe.transformer, step)
-        handle = pipe.transformer.register_forward_hook(stop)
-        try:
-            target.generate(pipe, case, args, progress=False)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-            capture.remove()
-        if not capture.layers:
-            raise ValueError(f"Expect --capture-step below the transformer calls of a generation but got {step}")
+        capture = capture_layers(target, pipe, case, args, step)
         grid = capture.grid
         for row in stats.layer_stats(capture.layers, grid, capture.text_first, tiling=tiling):
             rows.append(dict(case=_case_name(case), **row))
@@ -860,45 +875,3 @@ def run_stats(target: EvalTarget, args, device) -> int:
     files = stats.write_stats(Path(args.out), rows, settings)
     print(f"[eval --stats] {settings['seconds']:.0f} s; wrote " + ", ".join(str(f) for f in files))
     return 0
-
-
-# ---------------------------------------------------------------------------------------- demo hook
-def generate_comparison(out_dir, device=None, steps: int = 20, density: float = 0.1, label: str | None = None,
-                        seed: int = 0, method: str = "draft", progress: bool = True) -> dict:
-    """Dense vs ``method`` at ``density`` on one testbed clip: side-by-side mp4 and frame PNG.
-
-    For ``python -m sparsevid demo`` (about 20-40 s on two CPU cores at the defaults).
-
-    Returns:
-        dict: ``label``, ``seed``, ``steps``, ``method``, ``density``, ``achieved``, ``psnr``, ``ssim``,
-        ``dense_s``, ``sparse_s``, ``video`` (mp4 path), ``png`` (frames path).
-    """
-    from . import testbed, viz
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = testbed.load_pipeline(device=device)
-    label = label or pipe.labels[0]
-    args = argparse.Namespace(steps=steps, frames=16, height=64, width=64)
-    target = TARGETS["testbed"]
-    case = dict(label=label, seed=seed)
-    dense, dense_s = _timed_generate(target, pipe, case, args, progress)
-    config = Config(method, density)
-    handle = config.apply(pipe)
-    try:
-        sparse, sparse_s = _timed_generate(target, pipe, case, args, progress)
-        achieved = handle.stats()["mean_density"]
-    finally:
-        handle.remove()
-    metrics = video_metrics(sparse, dense)
-    title = f"{method} @ {density:g}"
-    videos = {"dense": dense, title: sparse, "|diff| x4": (sparse - dense).abs().mul(4).clamp(0, 1)}
-    video_path = viz.write_video(viz.side_by_side(videos, scale=3), out_dir / "testbed_dense_vs_sparse.mp4")
-    png_path = viz.save_video_rows(
-        videos, out_dir / "testbed_dense_vs_sparse.png",
-        title=f"testbed '{label}' seed {seed}, {steps} steps: PSNR {metrics['psnr']:.1f} dB, SSIM {metrics['ssim']:.3f}, "
-              f"achieved density {achieved:.3f}",
-    )
-    return dict(label=label, seed=seed, steps=steps, method=method, density=density, achieved=achieved,
-                psnr=metrics["psnr"], ssim=metrics["ssim"], dense_s=dense_s, sparse_s=sparse_s,
-                video=str(video_path), png=str(png_path))

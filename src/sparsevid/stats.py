@@ -25,6 +25,11 @@ rows of all batch elements.
   ``radius=(1, 1, 1)`` keeps about this.
 - ``text``: mass on text keys (0 without text).
 
+What a given plan keeps, on the same rows: :func:`plan_mass` (the true mass on the keys a
+``BlockPlan``/``TokenPlan`` computes; at equal density it is at most ``block@f``/``token@f`` up to
+the planners' forced own/text blocks) and :func:`block_mass` (the true map at block resolution, what
+``draft``'s pooled map estimates).
+
 Text tokens (``layout.text_tokens``, joint-attention models): every plan attends them densely in both
 directions (DESIGN.md), so (1) text *query* rows are left out — they are always computed in full and
 have no frame or tile; (2) mass on text *keys* stays in each row's softmax, belongs to no frame or
@@ -49,7 +54,7 @@ import torch
 
 from .layout import VideoLayout
 
-__all__ = ["FRACTIONS", "attention_stats", "layer_stats", "summarize_stats", "format_stats_table", "write_stats"]
+__all__ = ["FRACTIONS", "attention_stats", "plan_mass", "block_mass", "layer_stats", "summarize_stats", "format_stats_table", "write_stats"]
 
 FRACTIONS = (0.05, 0.1, 0.25)
 _LOCALITY = ("own_frame", "near_frames", "neighbourhood", "text")
@@ -60,7 +65,7 @@ def stat_names(fractions=FRACTIONS) -> list[str]:
     return ["entropy", *(f"block@{f:g}" for f in fractions), *(f"token@{f:g}" for f in fractions), *_LOCALITY]
 
 
-def _check(q, k, layout, fractions, chunk_rows) -> None:
+def _check(q, k, layout, chunk_rows, fractions=FRACTIONS) -> None:
     if not isinstance(layout, VideoLayout):
         raise TypeError(f"Expect layout to be a VideoLayout but got {type(layout).__name__}")
     for name, x in (("q", q), ("k", k)):
@@ -121,35 +126,43 @@ def attention_stats(
     Raises:
         ValueError: a bad shape, ``fractions`` or ``chunk_rows`` (named); TypeError: ``layout``.
     """
-    _check(q, k, layout, fractions, chunk_rows)
-    B, H, L, D = q.shape
+    _check(q, k, layout, chunk_rows, fractions)
+    B, H = q.shape[:2]
     device = q.device
-    scale = D**-0.5 if scale is None else scale
     t = _token_tables(layout, device)
     lt = layout.on(device)
-    bs, nb = layout.block_size, layout.num_blocks
     vkeys = t["video"].nonzero().squeeze(1)
     candidates = (~lt.is_text_block).nonzero().squeeze(1)  # key blocks the block oracle chooses from
     kb = [max(1, round(f * candidates.numel())) if candidates.numel() else 0 for f in fractions]
     kt = [max(1, round(f * vkeys.numel())) for f in fractions]
     names = stat_names(fractions)
     sums = torch.zeros(len(names), H, dtype=torch.float64, device=device)  # on the device: no sync per chunk
-    blocks_per_chunk = max(1, chunk_rows // bs)
-    for b, h in itertools.product(range(B), range(H)):
-        keys = k[b, h].float()
-        for start in range(0, nb, blocks_per_chunk):
-            rows = lt.perm[start * bs : min((start + blocks_per_chunk) * bs, L)]
-            rows = rows[t["video"][rows]]
-            if rows.numel():
-                sums[:, h] += _chunk_stats(q[b, h, rows].float() * scale, keys, rows, start, t, lt, vkeys, candidates, kb, kt)
+    for b, h, start, rows, logp in _row_chunks(q, k, layout, scale, chunk_rows, t["video"]):
+        sums[:, h] += _chunk_stats(logp, rows, start, t, lt, vkeys, candidates, kb, kt)
     sums = sums.cpu() / (B * vkeys.numel())
     return dict(zip(names, sums.unbind(0)))
 
 
-def _chunk_stats(qs, keys, rows, start, t, lt, vkeys, candidates, kb, kt) -> torch.Tensor:
+def _row_chunks(q, k, layout: VideoLayout, scale, chunk_rows: int, video: torch.Tensor):
+    """Yield ``(b, h, start, rows, logp)`` over whole query blocks ``start..`` of tile order: ``rows`` the
+    chunk's video query tokens (original indices), ``logp`` float32 ``(len(rows), L)`` their log-softmax
+    over all keys. The one loop every statistic here shares (memory: ``chunk_rows x L`` per temporary)."""
+    B, H, L, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    perm, bs = layout.on(q.device).perm, layout.block_size
+    blocks_per_chunk = max(1, chunk_rows // bs)
+    for b, h in itertools.product(range(B), range(H)):
+        keys = k[b, h].float()
+        for start in range(0, layout.num_blocks, blocks_per_chunk):
+            rows = perm[start * bs : min((start + blocks_per_chunk) * bs, L)]
+            rows = rows[video[rows]]
+            if rows.numel():
+                yield b, h, start, rows, (q[b, h, rows].float() * scale @ keys.T).log_softmax(-1)
+
+
+def _chunk_stats(logp, rows, start, t, lt, vkeys, candidates, kb, kt) -> torch.Tensor:
     """Sums over the chunk's rows (query blocks ``start..``) of every statistic, float64 ``(stats,)``."""
-    logp = (qs @ keys.T).log_softmax(-1)  # (n, L), as p: a few such temporaries live at once, never L x L
-    p = logp.exp()
+    p = logp.exp()  # (n, L): a few such temporaries live at once, never L x L
     entropy = -(p * logp).sum(-1) / math.log(p.shape[-1])
     del logp
     pv = p if vkeys.numel() == p.shape[-1] else p[:, vkeys]
@@ -177,6 +190,59 @@ def _chunk_stats(qs, keys, rows, start, t, lt, vkeys, candidates, kb, kt) -> tor
 def _prefix(x: torch.Tensor) -> torch.Tensor:
     """Cumulative sums along the last dim with a leading 0: ``out[..., j]`` = sum of the first ``j``."""
     return torch.nn.functional.pad(x.cumsum(-1), (1, 0))
+
+
+# ------------------------------------------------------------------------------ a given plan's view
+def plan_mass(q: torch.Tensor, k: torch.Tensor, plan, *, scale: float | None = None, chunk_rows: int = 1024) -> torch.Tensor:
+    """The true attention mass a plan computes: per head, the mean over the video rows (and batch) of
+    ``sum(p)`` over the keys the plan keeps for the row's query block — what ``block@f``/``token@f``
+    bound from above for a plan of that density (text keys, always kept, count).
+
+    Args:
+        q, k (Tensor): ``(batch, heads, L, head_dim)``, ``L == plan.layout.num_tokens``.
+        plan (BlockPlan | TokenPlan): broadcasts over batch/heads like :func:`sparsevid.sparse_attention`.
+        scale (float, optional): score scale; default ``head_dim ** -0.5``.
+
+    Returns:
+        Tensor: float64 ``(heads,)`` on the CPU.
+    """
+    from .plan import BlockPlan
+
+    layout = plan.layout
+    _check(q, k, layout, chunk_rows)
+    B, H = q.shape[:2]
+    t, lt = _token_tables(layout, q.device), layout.on(q.device)
+    keep = plan.to(q.device).to_dense()  # (B', H', NB, NB) blocks or (B', H', NB, L) tokens
+    by_block = isinstance(plan, BlockPlan)
+    sums = torch.zeros(H, dtype=torch.float64, device=q.device)
+    for b, h, _, rows, logp in _row_chunks(q, k, layout, scale, chunk_rows, t["video"]):
+        p = logp.exp()
+        if by_block:  # mass per key block first: (n, NB), not (n, L) masks
+            p = torch.zeros(p.shape[0], layout.num_blocks, device=p.device).index_add_(1, lt.block_of_token, p)
+        mask = keep[min(b, keep.shape[0] - 1), min(h, keep.shape[1] - 1), lt.block_of_token[rows]]
+        sums[h] += (p * mask).sum().double()
+    return sums.cpu() / (B * int(t["video"].sum()))
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, *, scale: float | None = None,
+               chunk_rows: int = 1024) -> torch.Tensor:
+    """The true attention map at block resolution: ``[b, h, m, n]`` = mean over query block ``m``'s video
+    rows of the mass on key block ``n`` (rows sum to 1; text query blocks are 0). What a planner's
+    estimate (``draft``'s pooled map) is an estimate of.
+
+    Returns:
+        Tensor: float32 ``(batch, heads, NB, NB)`` on the CPU.
+    """
+    _check(q, k, layout, chunk_rows)
+    B, H = q.shape[:2]
+    t, lt = _token_tables(layout, q.device), layout.on(q.device)
+    nb = layout.num_blocks
+    out = torch.zeros(B, H, nb, nb, device=q.device)
+    for b, h, _, rows, logp in _row_chunks(q, k, layout, scale, chunk_rows, t["video"]):
+        per_row = torch.zeros(rows.numel(), nb, device=q.device).index_add_(1, lt.block_of_token, logp.exp())
+        out[b, h].index_add_(0, lt.block_of_token[rows], per_row)
+    rows = torch.zeros(nb, device=q.device).index_add_(0, lt.block_of_token, t["video"].float())
+    return (out / rows.clamp_min(1)[:, None]).cpu()
 
 
 # ------------------------------------------------------------------------------ a model's layers

@@ -1,7 +1,9 @@
-"""PNG pictures people would rather look at than read: draft maps, kept-block masks, frames."""
+"""PNG pictures people would rather look at than read: block-level attention maps, kept-block masks, frames;
+each demo figure carries a caption saying what to look at."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -16,55 +18,79 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path, title: str | None = None, dpi: int = 110) -> Path:
-    """Title (if any), tight layout, write ``path``, close ``fig``."""
+def save_figure(fig, path: str | Path, title: str | None = None, dpi: int = 110, caption: str | None = None) -> Path:
+    """Title (if any), tight layout, ``caption`` (if any: what to look at) wrapped under the axes, write
+    ``path``, close ``fig``."""
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    if caption:
+        import textwrap
+
+        width = max(60, int(fig.get_figwidth() * 15))  # characters per line at fontsize 8
+        text = "\n".join(textwrap.fill(part, width) for part in caption.split("\n"))
+        fig.text(0.01, 0.0, text, ha="left", va="top", fontsize=8, transform=fig.transFigure)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if caption else None)
     _pyplot().close(fig)
     return Path(path)
 
 
-def save_draft_map(probs: torch.Tensor, path: str | Path, title: str = "draft attention map") -> Path:
-    """Heat map (log scale) of one head's draft map ``(NB, NB)``: query tiles down, key tiles across."""
+def save_block_maps(maps: dict[str, torch.Tensor], path: str | Path, columns: int = 2, title: str | None = None,
+                    caption: str | None = None, floor: float = 1e-4) -> Path:
+    """Heat maps (log scale, one colour scale for all) of attention maps at block resolution ``(NB, NB)``:
+    query blocks down, key blocks across; each row of a map sums to 1. One panel per title."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5.4))
-    image = ax.imshow(probs.float().clamp_min(1e-6).log10().cpu(), cmap="magma", interpolation="nearest")
-    ax.set(title=title, xlabel="key tile", ylabel="query tile")
-    fig.colorbar(image, ax=ax, label="log10 probability")
-    return save_figure(fig, path)
-
-
-def save_block_masks(masks: dict[str, torch.Tensor], path: str | Path, columns: int = 4) -> Path:
-    """Grid of kept-block masks ``(NB, NB)`` (white = computed), one panel per title."""
-    plt = _pyplot()
-    rows = (len(masks) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.3 * rows), squeeze=False)
+    rows = (len(maps) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns + 0.8, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (title, mask) in zip(axes.flat, masks.items()):
-        ax.imshow(mask.cpu(), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=9)
-    return save_figure(fig, path)
+    for ax, (name, m) in zip(axes.flat, maps.items()):
+        ax.axis("on")
+        image = ax.imshow(m.float().clamp_min(floor).log10().cpu().numpy(), cmap="magma", vmin=math.log10(floor), vmax=0,
+                          interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel(f"key block (of {m.shape[-1]})", fontsize=8)
+        ax.set_ylabel("query block", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(image, ax=ax, label="log10 mass", fraction=0.046, pad=0.04)
+    return save_figure(fig, path, title, caption=caption)
 
 
-def save_frames(frames: torch.Tensor, path: str | Path, tile_px: tuple[int, int] | None = None, count: int = 4) -> Path:
+def save_block_masks(masks: dict[str, torch.Tensor], path: str | Path, columns: int = 4, title: str | None = None,
+                     caption: str | None = None) -> Path:
+    """Grid of kept-block masks ``(NB, NB)``, one panel per title: white = computed. A value in (0, 1) is
+    the fraction of that key block's tokens computed (a token plan drawn at block resolution, so its
+    panel is square like the others instead of an ``NB x L`` strip)."""
+    plt = _pyplot()
+    rows = (len(masks) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, mask) in zip(axes.flat, masks.items()):
+        # nearest keeps block edges sharp; past ~256 blocks a panel has fewer pixels than blocks: filter instead
+        ax.imshow(mask.float().cpu().numpy(), cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest" if mask.shape[-1] <= 256 else "antialiased")
+        ax.set_title(name, fontsize=8)
+    return save_figure(fig, path, title, caption=caption)
+
+
+def save_frames(frames: torch.Tensor, path: str | Path, tile_px: tuple[int, int] | None = None, count: int = 4,
+                title: str | None = None, caption: str | None = None) -> Path:
     """A row of frames ``(N, 3, H, W)`` in [0, 1]; optionally the tile grid drawn over them."""
     plt = _pyplot()
     picks = torch.linspace(0, frames.shape[0] - 1, min(count, frames.shape[0])).round().long()
-    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 2.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(picks), figsize=(2.4 * len(picks), 2.6), squeeze=False)
     for ax, i in zip(axes[0], picks.tolist()):
-        ax.imshow(frames[i].permute(1, 2, 0).clamp(0, 1).cpu())
+        ax.imshow(frames[i].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
         if tile_px is not None:
             h, w = frames.shape[-2:]
-            for y in range(0, h, tile_px[0]):
-                ax.axhline(y - 0.5, color="yellow", lw=0.6)
-            for x in range(0, w, tile_px[1]):
-                ax.axvline(x - 0.5, color="yellow", lw=0.6)
+            for y in range(0, h + 1, tile_px[0]):
+                ax.axhline(y - 0.5, color="yellow", lw=0.8)
+            for x in range(0, w + 1, tile_px[1]):
+                ax.axvline(x - 0.5, color="yellow", lw=0.8)
         ax.set_title(f"frame {i}", fontsize=9)
         ax.axis("off")
-    return save_figure(fig, path)
+    return save_figure(fig, path, title, caption=caption)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -121,24 +147,23 @@ def write_video(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
     return path
 
 
-def save_video_rows(videos: dict[str, torch.Tensor], path: str | Path, count: int = 6, title: str | None = None) -> Path:
+def save_video_rows(videos: dict[str, torch.Tensor], path: str | Path, count: int = 6, title: str | None = None,
+                    caption: str | None = None) -> Path:
     """One row per video ``(N, 3, H, W)`` (its key on the left), ``count`` evenly spaced frames each."""
     plt = _pyplot()
     rows = len(videos)
+    count = min(count, min(v.shape[0] for v in videos.values()))  # no empty columns for short videos
     fig, axes = plt.subplots(rows, count, figsize=(1.5 * count + 1.4, 1.5 * rows + (0.4 if title else 0)), squeeze=False)
     for r, (name, video) in enumerate(videos.items()):
-        picks = torch.linspace(0, video.shape[0] - 1, min(count, video.shape[0])).round().long().tolist()
+        picks = torch.linspace(0, video.shape[0] - 1, count).round().long().tolist()
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([]), ax.set_yticks([])
-            if c >= len(picks):
-                ax.axis("off")
-            if c < len(picks):
-                ax.imshow(video[picks[c]].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
-                if r == 0:
-                    ax.set_title(f"frame {picks[c]}", fontsize=8)
+            ax.imshow(video[picks[c]].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+            if r == 0:
+                ax.set_title(f"frame {picks[c]}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
-    return save_figure(fig, path, title)
+    return save_figure(fig, path, title, caption=caption)
 
 
 def save_quality_curves(curves: dict[str, list[tuple[float, float, float]]], path: str | Path, title: str = "") -> Path:
