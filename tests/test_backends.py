@@ -110,3 +110,29 @@ def test_a_registered_backend_is_used_by_name_and_by_auto():
             sv.register_backend("reference", plans=(sv.BlockPlan,), devices=("cpu",))(double)
     finally:
         _REGISTRY.pop("test-double")
+
+
+def test_the_cpu_path_needs_no_triton():
+    """Registering the backends imports no Triton (the CPU torch wheel brings none): planning and the reference
+    backend, with a tail, run where ``import triton`` fails."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'triton':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "import torch, sparsevid as sv\n"
+        "lay = sv.VideoLayout(2, 8, 8, block_size=32)\n"
+        "q = torch.randn(1, 2, lay.num_tokens, 16)\n"
+        "p = sv.plan(q, q, lay, method='draft', density=0.3)\n"
+        "assert sv.sparse_attention(q, q, q, p, tail='pooled-var').shape == q.shape\n"
+        "assert sv.sparse_attention(q, q, q, p).shape == q.shape\n"
+        "assert 'triton' not in sys.modules\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr

@@ -20,14 +20,18 @@ def test_cpu_demo_tables_pictures_and_no_speed_claim(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0, name
     res = json.loads((tmp_path / "results.json").read_text())
     table = {r["config"]: r for r in res["planner_table"]}
-    assert set(table) == {f"{m}@{d:g}" for m in demo.TABLE_METHODS for d in (0.1, 0.25)} | {demo.CLIP_CONFIGS[1].name}
+    assert set(table) == {f"{m}@{d:g}" for m in demo.TABLE_METHODS for d in (0.1, 0.25)} | {
+        demo.TAIL_CLIP.name, demo.TUNED_CLIP.name}
     for r in table.values():
         assert 0 < r["kept_mass"] <= 1 + 1e-6 and 0 < r["oracle_mass"] <= 1 + 1e-6 and r["rel_err"] >= 0
     assert table["draft@0.25"]["kept_mass"] > table["random@0.25"]["kept_mass"]
     assert table["finegrained@0.25"]["oracle"] == "token" and table["draft@0.25"]["oracle"] == "block"
     clips = {r["config"]: r for r in res["clips"]["summary"]}
     assert set(clips) == {c.name for c in demo.CLIP_CONFIGS}
-    assert clips[demo.CLIP_CONFIGS[1].name]["psnr"] > clips[demo.CLIP_CONFIGS[0].name]["psnr"]
+    assert clips[demo.TUNED_CLIP.name]["psnr"] > clips[demo.DEFAULT_CLIP.name]["psnr"]
+    # the same plans with the skipped blocks as summaries: the same kept mass, a lower error
+    tail, plain = table[demo.TAIL_CLIP.name], table["draft@0.1"]
+    assert tail["kept_mass"] == pytest.approx(plain["kept_mass"]) and tail["rel_err"] < plain["rel_err"]
     assert "kept mass" in out and "oracle" in out and "block_size=32, budget='layer'" in out
     # speed: one line pointing to the GPU measurements, and no CPU time shown as a result
     assert "speed: measured on the GPU (BENCHMARKS.md" in out and "kernel_bench" not in res

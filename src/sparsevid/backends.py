@@ -124,7 +124,7 @@ class BackendSpec:
 
 
 _REGISTRY: dict[str, BackendSpec] = {}
-_BUILTIN_MODULES = ("reference", "flex", "triton_backend", "fa4", "reference_quant", "triton_quant")
+_BUILTIN_MODULES = ("reference", "flex", "triton_backend", "fa4", "reference_quant")
 
 
 def register_backend(

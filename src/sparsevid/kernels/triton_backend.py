@@ -1,7 +1,8 @@
-"""The ``triton`` backend: sparsevid's Triton kernels, with the tile permutation fused into their
-loads and stores — ``triton_blocksparse`` for a ``BlockPlan``, ``triton_gather`` for a ``TokenPlan``.
-The portable GPU path (any CUDA GPU Triton supports); on the CPU only under the Triton interpreter
-(``TRITON_INTERPRET=1``, tests)."""
+"""The Triton backends: sparsevid's Triton kernels, with the tile permutation fused into their loads and
+stores — ``triton``: ``triton_blocksparse`` for a ``BlockPlan`` (with the tail fused in), ``triton_gather``
+for a ``TokenPlan``; ``triton-int8`` / ``triton-fp8``: ``triton_quant``. The portable GPU path (any CUDA GPU
+Triton supports); on the CPU only under the Triton interpreter (``TRITON_INTERPRET=1``, tests). The kernel
+modules are imported at the first call, so registering these backends needs no Triton installed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from ..plan import BlockPlan
 from ..tail import kept_blocks
 from ..token_plan import TokenPlan
 
+_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)  # CPU: the interpreter
+
 
 def _requires() -> str | None:
     if importlib.util.find_spec("triton") is None:
@@ -24,8 +27,7 @@ def _requires() -> str | None:
 
 @register_backend(
     "triton", plans=(BlockPlan, TokenPlan),
-    devices=("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
-    dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 96, 128), priority=20, auto_devices=("cuda",),
+    devices=_DEVICES, dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 96, 128), priority=20, auto_devices=("cuda",),
     requires=_requires, tail=True,
     description="sparsevid's Triton kernels (FlashAttention-2 class), permutation fused; BlockPlan and TokenPlan",
 )
@@ -55,3 +57,27 @@ def _triton_backend(q, k, v, plan, scale, tail=None):
     kept = kept_blocks(plan).expand(B, H, -1, -1)
     return block_sparse_attn_tail(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, block_real,
                                   order, s.keys, s.values, s.key_var, s.key_radius, s.log_count, kept, s.per_block)
+
+
+@register_backend(
+    "triton-int8", plans=(BlockPlan,), devices=_DEVICES, dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128),
+    block_sizes=(16, 32, 64, 128), min_capability=(8, 0), priority=20, auto_devices=("cuda",), requires=_requires,
+    quant="int8",
+    description="8-bit Triton block-sparse: smoothed INT8 Q·Kᵀ per block (int32 acc), fp16 P·V; permutation fused",
+)
+def _triton_int8(q, k, v, plan, scale):
+    from .triton_quant import quant_attention
+
+    return quant_attention(q, k, v, plan, scale, "int8")
+
+
+@register_backend(
+    "triton-fp8", plans=(BlockPlan,), devices=_DEVICES, dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128),
+    block_sizes=(32, 64, 128), min_capability=(8, 9), priority=20, auto_devices=("cuda",), requires=_requires,
+    quant="fp8",
+    description="8-bit Triton block-sparse: smoothed FP8 e4m3 Q·Kᵀ per block, e4m3 P·V; sm89+ (Ada, Hopper)",
+)
+def _triton_fp8(q, k, v, plan, scale):
+    from .triton_quant import quant_attention
+
+    return quant_attention(q, k, v, plan, scale, "fp8")

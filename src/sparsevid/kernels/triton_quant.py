@@ -27,15 +27,12 @@ Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blo
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import register_backend
-from ..plan import BlockPlan
 from .reference_quant import TINY
 from .triton_blocksparse import _configs, _explicit, _prune, launch_tables  # the bf16 kernel's config space
 from .triton_common import init_state, kept_tile, query_rows, softmax_update, store_rows
@@ -311,14 +308,9 @@ def _(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, quant, block_
     return torch.empty_like(q)
 
 
-# --------------------------------------------------------------------------------------- backends
-def _requires() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install 'sparsevid[triton]')"
-    return None
-
-
-def _run(q, k, v, plan, scale, quant):
+# --------------------------------------------------------------------------------------- backend entry
+def quant_attention(q, k, v, plan, scale, quant):
+    """The ``triton-int8`` / ``triton-fp8`` backends (registered in :mod:`.triton_backend`)."""
     B, H = q.shape[:2]
     kv_num_blocks = plan.kv_num_blocks.expand(B, H, -1)
     kv_indices = plan.kv_indices.expand(B, H, -1, -1)
@@ -327,26 +319,3 @@ def _run(q, k, v, plan, scale, quant):
         plan.perm, kv_num_blocks, plan.block_size, B, H))
     return quant_block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, quant,
                                    block_real, order)
-
-
-_DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
-
-
-@register_backend(
-    "triton-int8", plans=(BlockPlan,), devices=_DEVICES, dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128),
-    block_sizes=(16, 32, 64, 128), min_capability=(8, 0), priority=20, auto_devices=("cuda",), requires=_requires,
-    quant="int8",
-    description="8-bit Triton block-sparse: smoothed INT8 Q·Kᵀ per block (int32 acc), fp16 P·V; permutation fused",
-)
-def _triton_int8(q, k, v, plan, scale):
-    return _run(q, k, v, plan, scale, "int8")
-
-
-@register_backend(
-    "triton-fp8", plans=(BlockPlan,), devices=_DEVICES, dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128),
-    block_sizes=(32, 64, 128), min_capability=(8, 9), priority=20, auto_devices=("cuda",), requires=_requires,
-    quant="fp8",
-    description="8-bit Triton block-sparse: smoothed FP8 e4m3 Q·Kᵀ per block, e4m3 P·V; sm89+ (Ada, Hopper)",
-)
-def _triton_fp8(q, k, v, plan, scale):
-    return _run(q, k, v, plan, scale, "fp8")
