@@ -129,6 +129,21 @@ def test_large_weights_committed_and_sized():
     assert info["testbed"] == "large" and info["total_steps"] > info["steps"]  # trained in resumed chunks
 
 
+@pytest.mark.parametrize("name", ["small", "large"])
+def test_committed_record_matches_committed_weights(name):
+    """The JSON record beside each committed weights file describes those weights: the same parameter count and
+    the same training run (the record embedded in the safetensors metadata at save time)."""
+    from sparsevid.testbed.model import load_weights
+
+    spec = testbed.SPECS[name]
+    transformer, _, metadata = load_weights(None, spec)
+    record = json.loads(spec.weights.with_suffix(".json").read_text())
+    embedded = metadata["info"]
+    assert sum(p.numel() for p in transformer.parameters()) == record["params"] == embedded["params"]
+    for key in ("date", "steps", "final_loss", "total_steps"):
+        assert record.get(key) == embedded.get(key), key
+
+
 def test_large_runs_one_step_deterministic(tbl):
     from sparsevid.testbed import Motion
 
