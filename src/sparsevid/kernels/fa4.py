@@ -76,6 +76,13 @@ def _fa4_block_sparse(
     """FlashAttention-4 block-sparse on tile-ordered ``(B, H, L, D)`` tensors, read as ``(B, L, H, D)``
     views (no copy when their memory is ``(B, L, H, D)``, as diffusers' is); returns ``(B, H, L, D)``
     (a transposed view of ``(B, L, H, D)`` memory)."""
+    out = _block_sparse_call(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, block_size, scale, return_lse=False)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.transpose(1, 2)
+
+
+def _block_sparse_call(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, block_size, scale, return_lse):
+    """``flash_attn_func`` with the plan's split CSR as FlashAttention-4's block-sparse tensors."""
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
@@ -83,9 +90,8 @@ def _fa4_block_sparse(
         mask_block_cnt=mask_cnt, mask_block_idx=mask_idx, full_block_cnt=full_cnt, full_block_idx=full_idx,
         block_size=(block_size, block_size),
     )
-    out = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale, block_sparse_tensors=sparse)
-    out = out[0] if isinstance(out, tuple) else out
-    return out.transpose(1, 2)
+    return flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale, block_sparse_tensors=sparse,
+                           return_lse=return_lse)
 
 
 @_fa4_block_sparse.register_fake
@@ -108,15 +114,7 @@ def _fa4_block_sparse_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As ``fa4_block_sparse_attn``, with FlashAttention-4's log-sum-exp of each row over its kept entries
     (natural log, float32 ``(B, H, L)``): the exact partial that the tail merges with."""
-    from flash_attn.cute import flash_attn_func
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-
-    sparse = BlockSparseTensorsTorch(
-        mask_block_cnt=mask_cnt, mask_block_idx=mask_idx, full_block_cnt=full_cnt, full_block_idx=full_idx,
-        block_size=(block_size, block_size),
-    )
-    out, lse = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale=scale,
-                               block_sparse_tensors=sparse, return_lse=True)
+    out, lse = _block_sparse_call(q, k, v, full_cnt, full_idx, mask_cnt, mask_idx, block_size, scale, return_lse=True)
     return out.transpose(1, 2), lse
 
 
