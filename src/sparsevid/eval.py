@@ -545,7 +545,7 @@ def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Conf
                 cells.setdefault((r["step"], r["layer"]), []).append(r["rel_err"])
         paired = None
         if config.tail is not None:
-            twin = replace(config, tail=None).name
+            twin = replace(config, tail=None, label=None).name  # a label would name the twin as the config itself
             diffs = [r["psnr"] - psnr[(r["case"], twin)] for r in rows if (r["case"], twin) in psnr]
             paired = _mean(diffs)
         summary.append(dict(
