@@ -37,6 +37,14 @@ def test_outputs_written(results):
     # per-layer error: every self-attention layer of the testbed, every config, every case
     layers = {r["layer"] for r in res["layers"]}
     assert layers == set(range(4))
+    # per-layer error at every sparse step of every generation: steps 2-5 (2 dense warm-up steps), layers 1-3
+    # (layer 0 dense), each cell a mean over the cases; the "dense" config runs its full plan through sparsevid
+    cells = {(r["config"], r["step"], r["layer"]) for r in res["steps"]}
+    configs = ("dense", "draft@0.25", "random@0.25")
+    assert cells == {(c, s, la) for c in configs for s in range(2, 6) for la in (1, 2, 3)}
+    assert all(r["cases"] == 2 and (r["rel_err"] < 1e-4 if r["config"] == "dense" else 1e-3 < r["rel_err"] < 2)
+               for r in res["steps"])
+    assert (out / "steps.csv").is_file() and (out / "step_errors.png").is_file() and (out / "table.txt").is_file()
 
 
 def test_density_one_reproduces_dense(results):
@@ -260,3 +268,21 @@ def test_native_size_by_default():
     args = argparse.Namespace(testbed="small", held_out=0, weights=None, frames=None, height=48, width=None)
     pipe = TestbedTarget().load(args, "cpu")
     assert (args.frames, args.height, args.width) == (pipe.spec.sample["frames"], 48, pipe.spec.sample["width"])
+
+
+def test_summary_pairs_each_tail_config_with_its_no_tail_twin():
+    """``vs_no_tail`` is the mean over cases of each case's PSNR difference to the same plan without a tail,
+    and the per-step error columns summarise the per-call rows (mean, worst cell)."""
+    from sparsevid.eval import Config, summarize
+
+    plain, tailed = Config("draft", 0.1), Config("draft", 0.1, tail="pooled-var")
+    labelled = Config("draft", 0.1, tail="pooled-var", label="mine")
+    videos = [dict(case=c, config=cfg.name, psnr=p, ssim=0.5, achieved=0.1, seconds=1.0, dense_seconds=1.0)
+              for c, cfg, p in (("a", plain, 20.0), ("b", plain, 24.0), ("a", tailed, 23.0), ("b", tailed, 25.0),
+                                ("a", labelled, 30.0))]
+    steps = [dict(case="a", config=tailed.name, step=s, layer=1, rel_err=e) for s, e in ((4, 0.1), (5, 0.3))]
+    rows = {r["config"]: r for r in summarize(videos, [], [plain, tailed, labelled], steps)}
+    assert rows[tailed.name]["vs_no_tail"] == pytest.approx(2.0)  # (+3 + +1) / 2
+    assert rows[plain.name]["vs_no_tail"] is None
+    assert rows["mine"]["vs_no_tail"] == pytest.approx(10.0)  # paired with draft@0.1, not with itself
+    assert rows[tailed.name]["step_err"] == pytest.approx(0.2) and rows[tailed.name]["step_err_max"] == pytest.approx(0.3)
