@@ -1,7 +1,7 @@
 """The ``triton`` backend: sparsevid's Triton kernels, with the tile permutation fused into their
 loads and stores — ``triton_blocksparse`` for a ``BlockPlan``, ``triton_gather`` for a ``TokenPlan``.
 The portable GPU path (any CUDA GPU Triton supports); on the CPU only under the Triton interpreter
-(``TRITON_INTERPRET=1``, tests)."""
+(``TRITON_INTERPRET=1``, tests; float16 only there)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,16 @@ def _requires() -> str | None:
     return None
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @register_backend(
     "triton", plans=(BlockPlan, TokenPlan),
-    devices=("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
-    dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 96, 128), priority=20, auto_devices=("cuda",),
+    devices=("cuda", "cpu") if _INTERPRET else ("cuda",),
+    dtypes=(torch.float16,) if _INTERPRET else (torch.float16, torch.bfloat16),
+    dtype_note="the Triton interpreter, TRITON_INTERPRET=1, computes bfloat16 wrongly" if _INTERPRET else None,
+    # the block is the query tile: tl.arange needs a power of two
+    head_dims=(64, 96, 128), block_sizes=(16, 32, 64, 128), priority=20, auto_devices=("cuda",),
     requires=_requires,
     description="sparsevid's Triton kernels (FlashAttention-2 class), permutation fused; BlockPlan and TokenPlan",
 )
