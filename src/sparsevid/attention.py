@@ -106,7 +106,9 @@ def sparse_attention(
 
     Raises:
         TypeError / ValueError: naming the argument, before any kernel launch; a named backend that
-        cannot run the inputs says what is missing. Values are not inspected: NaN in q or k
+        cannot run the inputs says what is missing. A plan not made by a planner (built by hand from
+        tensors) is validated (:meth:`BlockPlan.validate`, host syncs) before its first launch, once;
+        a planner's plan is never read on the host here. Values are not inspected: NaN in q or k
         propagates as in SDPA (planners reject it), NaN in a row of v reaches exactly the query rows
         whose plan computes that key (SDPA's dense mask would spread it to every row).
     """
@@ -118,4 +120,6 @@ def sparse_attention(
         raise ValueError(f"Expect inputs without requires_grad with quant={quant!r} (8-bit attention is forward "
                          "only) but q, k or v requires grad; use quant=None to train, or torch.no_grad()")
     spec = resolve_backend(backend, q, plan, needs_grad, quant)
+    if not plan._trusted:  # built by hand: checked once (host syncs), planner output never
+        plan.validate()
     return spec.fn(q, k, v, plan, scale)
