@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             f"density {comparison['achieved']:.3f} vs dense: PSNR {comparison['psnr']:.2f} dB, SSIM "
             f"{comparison['ssim']:.4f}; {comparison['dense_s']:.1f} s dense, {comparison['sparse_s']:.1f} s sparse"
         )
-        files += [Path(comparison["video"]), Path(comparison["png"])]
+        files += [Path(p) for p in (comparison["video"], comparison["png"]) if p is not None]
         summary["testbed"] = {k: v for k, v in comparison.items() if k not in ("video", "png")}
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     print("wrote " + ", ".join(str(f) for f in files + [out_dir / "results.json"]))

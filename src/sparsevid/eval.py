@@ -533,7 +533,6 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
             files.append(out_dir / name)
     for case, videos in result["kept"].items():
         stem = _slug(case.replace(" seed ", "_s"))
-        files.append(viz.write_video(viz.side_by_side(videos), out_dir / f"side_by_side_{stem}.mp4", fps=fps))
         files.append(viz.save_video_rows(videos, out_dir / f"frames_{stem}.png", title=f"{case}: dense vs sparse"))
     curves: dict[str, list] = {}
     for r in summary:
@@ -551,6 +550,13 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
     if timed:
         files.append(_save_quality_vs_speed(timed, out_dir / "quality_vs_speed.png",
                                             f"{settings['pipeline']}: quality vs attention speed, {settings['cases']} videos"))
+    if result["kept"] and viz.mp4_writer() is None:  # last: everything else is written whatever happens here
+        print("[eval] side-by-side videos skipped: neither PyAV (pip install av) nor OpenCV is installed; "
+              "the frames_*.png show the same cases")
+    else:
+        for case, videos in result["kept"].items():
+            stem = _slug(case.replace(" seed ", "_s"))
+            files.append(viz.write_video(viz.side_by_side(videos), out_dir / f"side_by_side_{stem}.mp4", fps=fps))
     return files
 
 
@@ -723,7 +729,7 @@ def generate_comparison(out_dir, device=None, steps: int = 20, density: float = 
 
     Returns:
         dict: ``label``, ``seed``, ``steps``, ``method``, ``density``, ``achieved``, ``psnr``, ``ssim``,
-        ``dense_s``, ``sparse_s``, ``video`` (mp4 path), ``png`` (frames path).
+        ``dense_s``, ``sparse_s``, ``video`` (mp4 path; None without an mp4 writer), ``png`` (frames path).
     """
     from . import testbed, viz
 
@@ -745,12 +751,16 @@ def generate_comparison(out_dir, device=None, steps: int = 20, density: float = 
     metrics = video_metrics(sparse, dense)
     title = f"{method} @ {density:g}"
     videos = {"dense": dense, title: sparse, "|diff| x4": (sparse - dense).abs().mul(4).clamp(0, 1)}
-    video_path = viz.write_video(viz.side_by_side(videos, scale=3), out_dir / "testbed_dense_vs_sparse.mp4")
     png_path = viz.save_video_rows(
         videos, out_dir / "testbed_dense_vs_sparse.png",
         title=f"testbed '{label}' seed {seed}, {steps} steps: PSNR {metrics['psnr']:.1f} dB, SSIM {metrics['ssim']:.3f}, "
               f"achieved density {achieved:.3f}",
     )
+    video_path = None
+    if viz.mp4_writer() is None:
+        print("[demo] mp4 skipped: neither PyAV (pip install av) nor OpenCV is installed; the PNG shows the frames")
+    else:
+        video_path = str(viz.write_video(viz.side_by_side(videos, scale=3), out_dir / "testbed_dense_vs_sparse.mp4"))
     return dict(label=label, seed=seed, steps=steps, method=method, density=density, achieved=achieved,
                 psnr=metrics["psnr"], ssim=metrics["ssim"], dense_s=dense_s, sparse_s=sparse_s,
-                video=str(video_path), png=str(png_path))
+                video=video_path, png=str(png_path))
