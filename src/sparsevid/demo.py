@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import data, viz
 from .attention import sparse_attention
+from .bench.common import fraction, local_device, output_folder, positive_int
 from .layout import VideoLayout
 from .planners import available_planners, plan
 from .planners.draft import draft_map
@@ -32,12 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=2, help="attention heads (default: %(default)s)")
     parser.add_argument("--head-dim", type=int, default=64, help="head dim D (default: %(default)s)")
     parser.add_argument("--tile", type=int, nargs=2, metavar=("TH", "TW"), help="tile height and width (default: auto)")
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.25], help="densities to plan at (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=None, help="planners to run (default: all registered)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--densities", type=fraction, nargs="+", default=[0.1, 0.25], help="densities to plan at (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", choices=available_planners(), default=None, metavar="METHOD",
+                        help="planners to run, of %(choices)s (default: all but dense)")
+    parser.add_argument("--device", type=local_device, default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the input projections and random plans")
     parser.add_argument("--out", default="out/demo", help="folder for PNGs and results.json (default: %(default)s)")
-    parser.add_argument("--testbed-steps", type=int, default=12, help="denoising steps of the testbed clip (default: %(default)s)")
+    parser.add_argument("--testbed-steps", type=positive_int, default=12, help="denoising steps of the testbed clip (default: %(default)s)")
     parser.add_argument("--no-testbed", action="store_true", help="skip the testbed generation")
 
 
@@ -54,8 +56,7 @@ def _timed(fn, device):
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.out)
     layout = VideoLayout(args.frames, args.height, args.width, tile=tuple(args.tile) if args.tile else None)
     methods = args.methods or [m for m in available_planners() if m != "dense"]
     print(f"{layout}\nclip {args.clip!r}, {args.heads} heads x {args.head_dim}, {dtype}, {device}")
