@@ -132,6 +132,13 @@ def test_a_hand_built_plan_is_validated_before_its_first_launch(backend, mutate,
         sv.sparse_attention(q, q, q, sv.BlockPlan(LAYOUT, n.to(q.device), i.to(q.device)), backend=backend)
 
 
+def test_a_hand_built_token_plan_is_validated_before_its_first_launch():
+    token = sv.plan(Q, K, LAYOUT, method="finegrained", density=0.5)
+    bad = sv.TokenPlan(LAYOUT, token.kv_num_tokens, token.kv_tokens.clone().fill_(L))
+    with pytest.raises(ValueError, match="kv_tokens in"):
+        sv.sparse_attention(Q, K, V, bad)
+
+
 def test_hand_built_plans_are_validated_once_and_planner_plans_never(monkeypatch):
     calls = []
     validate = sv.BlockPlan.validate
