@@ -120,3 +120,10 @@ def test_a_closed_pipe_ends_the_command_quietly():
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_bench_e2e_reuse_alone_runs(tmp_path):
+    """`--methods none` (reuse alone, native attention) was refused by sparsevid.apply after the native timing."""
+    pytest.importorskip("diffusers")
+    assert cli.main(["bench", "e2e", "--model", "tiny-wan", "--methods", "none", "--reuse", "replay:rate=0.3",
+                     "--option", "budget=head", "--reps", "1", "--out", str(tmp_path)]) == 0

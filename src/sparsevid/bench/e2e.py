@@ -317,9 +317,9 @@ def run(args) -> int:
     jobs = [(m, d, b, t) for m in args.methods for d in (args.densities if m != "none" else [1.0]) for b, t in variants]
     for method, density, backend, order in tqdm(jobs, desc="sparse configs", unit="cfg"):
         sparse_method = None if method == "none" else method  # none: native attention, reuse only
-        settings = dict(method=sparse_method, density=density, dense_layers=args.dense_layers,
-                        replan_every=args.replan_every, backend=backend,
-                        tile_order=tile_orders[order] if sparse_method else None, **options)
+        settings = dict(method=sparse_method, density=density if sparse_method else None,
+                        dense_layers=args.dense_layers, replan_every=args.replan_every, backend=backend,
+                        tile_order=tile_orders[order] if sparse_method else None, **(options if sparse_method else {}))
         # forward: every step sparse (dense_steps=0); planning included in the time
         handle = sv.apply(forward_target, dense_steps=0, reuse=forward_reuse or None, **settings)
         with best_context():
