@@ -9,7 +9,7 @@ image has no PyAV; make it here with ``torch.save((data.load_clip("bigbuckbunny"
 .round().to(torch.uint8), path)`` and pass ``carry=["out/fg_clip"]``). The full frontier on the GPU::
 
     PYTHONPATH=src python3 -m sparsevid bench frontier --preset wan1.3b-480p \
-        --frames-file out/fg_clip/bigbuckbunny_21x240x416.pt --out $OUT --benchmarks-md $OUT/BENCHMARKS.md
+        --frames-file out/fg_clip/bigbuckbunny_21x240x416.pt --out $OUT --record --benchmarks-md $OUT/BENCHMARKS.md
 
 1. Correctness: fp16 / bf16, head dims 64 / 128, transposed (B, L, H, D) inputs, text first/last,
    broadcast plans; gather kernel vs the float32 reference twin and vs masked SDPA.

@@ -19,7 +19,8 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # FlashAttention-4's compiled kernels persist on disk across the stages' processes; the first stage to
 # run meets a cold cache (bench kernel reports that first-call time)
 export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4-cache
-BENCH=(--benchmarks-md "$RES/BENCHMARKS.md")
+MD=(--benchmarks-md "$RES/BENCHMARKS.md")
+BENCH=(--record "${MD[@]}")  # the bench commands record only when asked
 
 stage() {
     local name=$1
@@ -75,7 +76,7 @@ for s in "$@"; do
             --gpus 4 --methods draft --densities 0.1 0.05 --reps 2 --out "$RES/e2e14x4" "${BENCH[@]}"
         ;;
     comfy)  # ComfyUI's own Wan at the 1.3B shape, one step dense vs through the node (COMFYUI_PATH or .comfy)
-        COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy}" stage comfy python3 scripts/comfyui_step_time.py "${BENCH[@]}"
+        COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy}" stage comfy python3 scripts/comfyui_step_time.py "${MD[@]}"
         ;;
     diffusers)  # diffusers alone (no flash-attn-4): carry .whl/min (diffusers + scikit-video) or .whl/d (diffusers)
         stage install-diffusers python3 -m pip install --no-index --no-deps $(ls .whl/min/*.whl .whl/d/*.whl 2>/dev/null)

@@ -136,3 +136,49 @@ def test_the_cpu_path_needs_no_triton():
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
+
+
+def test_describe_backends_on_a_missing_cuda_device_says_why():
+    """Defect (issue 23): on CPU torch the capability check called into CUDA and raised."""
+    missing = f"cuda:{torch.cuda.device_count() + 1}"  # past the GPUs here, whatever the machine
+    rows = sv.describe_backends(missing)
+    assert rows and not any(r["usable"] for r in rows if "cuda" in r["devices"])
+    assert all(r["reason"] for r in rows)  # not installed, or the device is missing
+    assert f"there is no {missing} here" in {r["name"]: r for r in rows}["reference"]["reason"]
+    assert sv.available_backends(missing) == []
+    if not torch.cuda.is_available():
+        assert "reference" not in sv.available_backends("cuda")
+    with pytest.raises(ValueError, match="Expect device to be a torch device"):
+        sv.describe_backends("foo")
+
+
+def test_triton_refuses_block_sizes_its_kernels_cannot_tile():
+    """Defect (issue 23): block_size 48 passed the layout and failed inside the kernel (tl.arange)."""
+    pytest.importorskip("triton")
+    layout = sv.VideoLayout(2, 4, 8, tile=(4, 8), block_size=48)
+    q = torch.randn(1, 2, layout.num_tokens, 64, dtype=torch.float16, device=DEVICE)
+    for method in ("draft", "finegrained"):  # both kernels
+        plan = sv.plan(q, q, layout, method=method, density=0.5)
+        with pytest.raises(ValueError, match=r"block_size in \(16, 32, 64, 128\) for backend 'triton' but got 48"):
+            sv.sparse_attention(q, q, q, plan, backend="triton")
+        assert resolve_backend("auto", q, plan).name != "triton"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter's limit (CPU)")
+def test_triton_refuses_bfloat16_under_the_interpreter():
+    """Defect (issue 23): the interpreter's bfloat16 gave errors of 8e8, and the backend accepted it."""
+    pytest.importorskip("triton")
+    q, plan = _inputs(torch.bfloat16)
+    with pytest.raises(TypeError, match="TRITON_INTERPRET=1"):
+        sv.sparse_attention(q, q, q, plan, backend="triton")
+    assert {d["name"]: d for d in sv.describe_backends("cpu")}["triton"]["dtypes"] == ["float16"]
+
+
+def test_flex_declares_its_backward_on_cuda_only():
+    """Defect (issue 23): flex declared a CPU backward and failed in FlexAttention at launch."""
+    q, plan = _inputs(torch.float32, requires_grad=True)
+    with pytest.raises(ValueError, match="backend 'flex' on cpu .*backward runs on cuda only"):
+        sv.sparse_attention(q, q, q, plan, backend="flex")
+    with torch.no_grad():
+        sv.sparse_attention(q, q, q, plan, backend="flex")
+    assert {d["name"]: d["backward"] for d in sv.describe_backends()}["flex"] == ["cuda"]

@@ -56,7 +56,7 @@ def test_gpu_sections_on_cpu_at_small_size(tmp_path, capsys, monkeypatch):
     assert len(list(tmp_path.glob("clip_*held-out.png"))) == 2
     (args,) = calls
     assert args.preset == "wan1.3b-480p" and args.methods == ["draft"] and args.densities == [1.0, 0.25, 0.1]
-    assert args.no_record and args.out == str(tmp_path / "kernel")
+    assert not args.record and args.out == str(tmp_path / "kernel")
     assert "speed: measured on the GPU" not in out and "bench kernel --preset wan1.3b-480p" in out
 
 

@@ -105,7 +105,7 @@ def test_bench_e2e_smoke_on_cpu(tmp_path):
     from sparsevid.cli import main
 
     args = ["bench", "e2e", "--model", "tiny-wan", "--steps", "2", "--reps", "1", "--densities", "0.2",
-            "--dense-layers", "0", "--out", str(tmp_path), "--benchmarks-md", str(tmp_path / "B.md")]
+            "--dense-layers", "0", "--out", str(tmp_path), "--record", "--benchmarks-md", str(tmp_path / "B.md")]
     assert main(args) == 0
     text = (tmp_path / "B.md").read_text()
     assert "bench e2e — tiny-wan" in text and "| draft | 0.2 |" in text

@@ -110,3 +110,51 @@ def test_validate_requires_dense_text():
     keep = torch.eye(nb, dtype=torch.bool)[None, None]
     with pytest.raises(ValueError, match="text"):
         sv.BlockPlan.from_block_mask(layout, keep).validate()
+
+
+BROKEN_PLANS = [
+    (lambda n, i: (n, i.fill_(99)), "range"),
+    (lambda n, i: (n, i.fill_(-1)), "range"),
+    (lambda n, i: (n.fill_(LAYOUT.num_blocks), i[..., :1].contiguous()), "max_kept"),  # counts wider than the list
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("mutate,fragment", BROKEN_PLANS, ids=["index 99", "index -1", "counts past the list"])
+def test_a_hand_built_plan_is_validated_before_its_first_launch(backend, mutate, fragment):
+    """Defect (issue 23): out-of-range indices in a BlockPlan built from tensors crashed the process in triton."""
+    n, i = mutate(PLAN.kv_num_blocks.clone(), PLAN.kv_indices.clone())
+    q = Q
+    if backend == "triton":  # CPU: the interpreter (conftest), where the bad plan crashed the process
+        pytest.importorskip("triton")
+        q = torch.randn(1, 2, L, 64, dtype=torch.float16, device="cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=fragment):
+        sv.sparse_attention(q, q, q, sv.BlockPlan(LAYOUT, n.to(q.device), i.to(q.device)), backend=backend)
+
+
+def test_a_hand_built_token_plan_is_validated_before_its_first_launch():
+    token = sv.plan(Q, K, LAYOUT, method="finegrained", density=0.5)
+    bad = sv.TokenPlan(LAYOUT, token.kv_num_tokens, token.kv_tokens.clone().fill_(L))
+    with pytest.raises(ValueError, match="kv_tokens in"):
+        sv.sparse_attention(Q, K, V, bad)
+
+
+def test_hand_built_plans_are_validated_once_and_planner_plans_never(monkeypatch):
+    calls = []
+    validate = sv.BlockPlan.validate
+    monkeypatch.setattr(sv.BlockPlan, "validate", lambda self: calls.append(self) or validate(self))
+    planned = sv.plan(Q, K, LAYOUT, method="random", density=0.5, validate=False)
+    sv.sparse_attention(Q, K, V, planned)
+    sv.sparse_attention(Q, K, V, planned[:, 1])  # a slice keeps what is known of its plan
+    assert calls == []
+    by_hand = sv.BlockPlan(LAYOUT, planned.kv_num_blocks, planned.kv_indices)
+    sv.sparse_attention(Q, K, V, by_hand)
+    sv.sparse_attention(Q, K, V, by_hand)
+    assert calls == [by_hand]
+
+
+def test_keeps_everything_survives_to_and_slicing():
+    """Defect (issue 23): plan.to() and plan[...] dropped keeps_everything (fa4's dense shortcut)."""
+    dense = sv.plan(Q, K, LAYOUT, method="dense")
+    assert dense.keeps_everything and dense.to("cpu").keeps_everything and dense[0].keeps_everything
+    assert not PLAN.to("cpu").keeps_everything

@@ -4,7 +4,10 @@
 block), 6 sampler steps (the first 2 dense: the default 20% warm-up), 2 labels x 1 seed.
 """
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +78,60 @@ def test_video_metrics():
     assert same["psnr"] == 100.0 and same["max_abs_diff"] == 0
     noisy = sv_eval.video_metrics((a + 0.01 * torch.randn_like(a)).clamp(0, 1), a)
     assert 30 < noisy["psnr"] < 50 and noisy["ssim"] < 1
+
+
+def _kept_outputs(tmp_path, capsys):
+    video = torch.rand(3, 3, 8, 8)
+    result = dict(videos=[dict(config="draft@0.25", psnr=20.0)], layers=[],
+                  kept={"bikes seed 0": {"dense": video, "draft@0.25": video}})
+    files = sv_eval.write_outputs(tmp_path, result, [], dict(pipeline="testbed", cases=1))
+    return files, capsys.readouterr().out
+
+
+def test_outputs_without_an_mp4_writer(tmp_path, monkeypatch, capsys):
+    """Defect (issue 23): without PyAV, eval finished its work and then died in viz.write_video."""
+    from sparsevid import viz
+
+    for module in ("av", "cv2"):  # neither importable (PyAV is declared, yet absent on some images)
+        monkeypatch.setitem(sys.modules, module, None)
+    assert viz.mp4_writer() is None
+    files, out = _kept_outputs(tmp_path, capsys)
+    assert {f.name for f in files} == {"results.json", "videos.csv", "frames_bikes_s0.png"}
+    assert out.count("videos skipped") == 1 and "pip install av" in out
+    with pytest.raises(ModuleNotFoundError, match="PyAV.*OpenCV"):
+        viz.write_video(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), tmp_path / "x.mp4")
+
+
+def test_mp4_through_opencv_without_pyav(tmp_path, monkeypatch, capsys):
+    """Without PyAV the side-by-side videos go through OpenCV (as sparsevid.data decodes with it)."""
+    import types
+
+    from sparsevid import viz
+
+    written = []
+
+    class VideoWriter:
+        def __init__(self, path, fourcc, fps, size):
+            self.path, self.size = path, size
+
+        def write(self, frame):  # BGR uint8 (H, W, 3)
+            assert frame.shape == (self.size[1], self.size[0], 3)
+            written.append(frame)
+
+        def release(self):
+            Path(self.path).write_bytes(b"mp4")
+
+    fake = types.SimpleNamespace(VideoWriter=VideoWriter, VideoWriter_fourcc=lambda *code: "".join(code))
+    monkeypatch.setitem(sys.modules, "av", None)
+    monkeypatch.setitem(sys.modules, "cv2", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "av" else object())
+    assert viz.mp4_writer() == "cv2"
+    rgb = torch.zeros(2, 7, 9, 3, dtype=torch.uint8)
+    rgb[..., 0] = 255  # red
+    assert viz.write_video(rgb, tmp_path / "x.mp4").read_bytes() == b"mp4"
+    assert written[0].shape == (8, 10, 3) and written[0][0, 0].tolist() == [0, 0, 255]  # even sizes, BGR
+    files, _ = _kept_outputs(tmp_path, capsys)
+    assert "side_by_side_bikes_s0.mp4" in {f.name for f in files}
 
 
 def test_configs_and_dense_steps_parsing():

@@ -249,7 +249,7 @@ def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):
     md = tmp_path / "B.md"
     assert cli.main(["bench", "decode", "--rates", "0.3", "--batches", "1", "--frames", "1", "--calib", "1",
                      "--reps", "1", "--speed-model", "llama3.2-1b", "--no-test-model", "--no-eager", "--graph",
-                     "--frame-batches", "1", "--out", str(tmp_path), "--benchmarks-md", str(md)]) == 0
+                     "--frame-batches", "1", "--out", str(tmp_path), "--record", "--benchmarks-md", str(md)]) == 0
     data = json.loads((tmp_path / "decode.json").read_text())
     # cond only where torch has IF nodes; the two baselines, then rates and the breakdown x variants
     variants = ["cond"] * fastcar_graph.conditional_nodes_available() + ["select", "predicated"]

@@ -180,3 +180,39 @@ def test_block_size_override_retiles():
     assert torch.allclose(sv.sparse_attention(q, k, v, plan, backend="reference"), ref, atol=1e-5)
     with pytest.raises(ValueError, match="tile"):
         sv.plan(q, k, layout, method="draft", density=0.5, tile=(8, 16), block_size=32)
+
+
+@pytest.mark.parametrize("kw,exc,fragment", [
+    (dict(method="random", seed=1.5), TypeError, "seed"),
+    (dict(method="random", seed=2**70), ValueError, r"seed to be an int in \[0, 2\*\*63\)"),
+    (dict(method="random", seed=-1), ValueError, "seed"),
+    (dict(method="window", frame_weight="x"), TypeError, "frame_weight"),
+    (dict(method="window", frame_weight=float("nan")), ValueError, "frame_weight"),
+    (dict(method="window", frame_weight=-1.0), ValueError, "frame_weight"),
+], ids=["seed float", "seed 2**70", "seed negative", "frame_weight str", "frame_weight nan", "frame_weight negative"])
+def test_planner_options_are_checked_when_planning(kw, exc, fragment):
+    """Defect (issue 23): torch's own errors (or, for frame_weight=nan, density 0.25 for 0.5 asked)."""
+    layout = sv.VideoLayout(2, 4, 8, tile=(4, 4), block_size=16)
+    q = torch.randn(1, 2, layout.num_tokens, 16)
+    with pytest.raises(exc, match=fragment):
+        sv.plan(q, q, layout, density=0.5, **kw)
+
+
+def test_finegrained_mass_one_keeps_every_token():
+    """Defect (issue 23): 298 of 300 cases kept less than everything (the estimate's tail underflows to 0)."""
+    layout = sv.VideoLayout(3, 4, 8, tile=(2, 4), block_size=16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, layout.num_tokens, 16, generator=g) * 3 for _ in range(3))
+    plan = sv.plan(q, k, layout, method="finegrained", mass=1.0)
+    assert plan.density == 1.0
+    torch.testing.assert_close(sv.sparse_attention(q, k, v, plan), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_finegrained_keeps_the_own_block_with_nan_inputs():
+    """Defect (issue 23): with validate=False, NaN in q ranked before the forced tokens and dropped them."""
+    layout = sv.VideoLayout(2, 4, 8, tile=(4, 4), block_size=16)
+    q = torch.randn(1, 2, layout.num_tokens, 16)
+    q[0, 0, 5] = float("nan")
+    for budget in ("row", "head"):
+        sv.plan(q, q, layout, method="finegrained", density=0.3, budget=budget, validate=False).validate()
+    sv.plan(q, q, layout, method="finegrained", mass=0.5, validate=False).validate()

@@ -113,7 +113,9 @@ def sparse_attention(
 
     Raises:
         TypeError / ValueError: naming the argument, before any kernel launch; a named backend that
-        cannot run the inputs says what is missing. Values are not inspected: NaN in q or k
+        cannot run the inputs says what is missing. A plan not made by a planner (built by hand from
+        tensors) is validated (:meth:`BlockPlan.validate`, host syncs) before its first launch, once;
+        a planner's plan is never read on the host here. Values are not inspected: NaN in q or k
         propagates as in SDPA (planners reject it), NaN in a row of v reaches exactly the query rows
         whose plan computes that key (SDPA's dense mask would spread it to every row).
     """
@@ -129,6 +131,8 @@ def sparse_attention(
         check_tail_plan(method, plan, quant)
         method.group_size(plan.layout)
     spec = resolve_backend(backend, q, plan, needs_grad, quant, method)
+    if not plan._trusted:  # built by hand: checked once (host syncs), planner output never
+        plan.validate()
     if method is None:
         return spec.fn(q, k, v, plan, scale)
     return spec.fn(q, k, v, plan, scale, tail=method)

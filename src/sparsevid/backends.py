@@ -59,7 +59,7 @@ class BackendSpec:
     head_dims: tuple[int, ...] | None
     block_sizes: tuple[int, ...] | None
     gpu_majors: tuple[int, ...] | None
-    backward: bool
+    backward: tuple[str, ...]  # device types on which it trains
     priority: int
     auto_devices: tuple[str, ...]
     requires: Callable[[], str | None]
@@ -67,6 +67,7 @@ class BackendSpec:
     quant: str | None = None
     min_capability: tuple[int, int] | None = None
     tail: bool = False
+    dtype_note: str | None = None
 
     def installed(self) -> str | None:
         """``None`` when the backend's software is importable, else the reason (checked once)."""
@@ -80,6 +81,8 @@ class BackendSpec:
         if device.type not in self.devices:
             return f"it runs on {' or '.join(self.devices)}, not {device.type}"
         reason = self.installed()
+        if reason is None and device.type == "cuda":
+            reason = device_missing(device)
         if reason is None and device.type == "cuda" and self.gpu_majors is not None:
             major, minor = _capability(device)
             if major not in self.gpu_majors:
@@ -108,16 +111,18 @@ class BackendSpec:
             kinds = " or ".join(p.__name__ for p in self.plans)
             return TypeError, f"Expect a {kinds} for backend {name!r} but got a {type(plan).__name__}"
         if q.dtype not in self.dtypes:
+            note = f" ({self.dtype_note})" if self.dtype_note else ""
             return TypeError, (f"Expect q.dtype in {[str(d) for d in self.dtypes]} for backend {name!r} but got "
-                               f"{q.dtype}; use backend='reference'")
+                               f"{q.dtype}{note}; use backend='reference'")
         if self.head_dims is not None and q.shape[-1] not in self.head_dims:
             return ValueError, f"Expect head_dim in {self.head_dims} for backend {name!r} but got {q.shape[-1]}"
         if self.block_sizes is not None and plan.block_size not in self.block_sizes:
             return ValueError, (f"Expect plan.block_size in {self.block_sizes} for backend {name!r} but got "
                                 f"{plan.block_size}")
-        if not self.backward and needs_grad:
-            return ValueError, (f"Expect inputs without requires_grad for backend {name!r} (forward only) but "
-                                "q, k or v requires grad; use backend='reference' to train, or torch.no_grad()")
+        if needs_grad and device.type not in self.backward:
+            trains = f"its backward runs on {' or '.join(self.backward)} only" if self.backward else "forward only"
+            return ValueError, (f"Expect inputs without requires_grad for backend {name!r} on {device.type} ({trains}) "
+                                "but q, k or v requires grad; use backend='reference' to train, or torch.no_grad()")
         if tail is not None and not self.tail:
             return ValueError, tail_refusal(name, tail)
         return None
@@ -136,7 +141,7 @@ def register_backend(
     head_dims: tuple[int, ...] | None = None,
     block_sizes: tuple[int, ...] | None = None,
     gpu_majors: tuple[int, ...] | None = None,
-    backward: bool = False,
+    backward: bool | tuple[str, ...] = False,
     priority: int = 0,
     auto_devices: tuple[str, ...] = (),
     requires: Callable[[], str | None] = lambda: None,
@@ -144,6 +149,7 @@ def register_backend(
     quant: str | None = None,
     min_capability: tuple[int, int] | None = None,
     tail: bool = False,
+    dtype_note: str | None = None,
 ):
     """Decorator: register ``fn(q, k, v, plan, scale) -> out`` (inputs already validated).
 
@@ -153,7 +159,8 @@ def register_backend(
         devices (tuple[str]): device types it runs on.
         dtypes, head_dims, block_sizes: what it computes (``None``: any head dim / block size).
         gpu_majors (tuple[int] | None): CUDA compute-capability majors it needs (``(9, 10)``: Hopper, Blackwell).
-        backward (bool): it supports autograd; inputs that require grad go elsewhere otherwise.
+        backward (bool | tuple[str]): the device types on which it supports autograd (``True``: all of
+            ``devices``); inputs that require grad go elsewhere otherwise.
         priority (int): ``auto`` prefers higher priorities.
         auto_devices (tuple[str]): device types on which ``auto`` may pick it (empty: only when named).
         requires (callable): returns ``None`` when its software is installed, else the reason; called
@@ -165,6 +172,7 @@ def register_backend(
             ``(8, 9)`` for FP8 tensor cores.
         tail (bool): it keeps the skipped blocks as summaries (:mod:`sparsevid.tail`): it is then called
             ``fn(q, k, v, plan, scale, tail=method)`` when ``tail=`` asks; ``auto`` skips it otherwise.
+        dtype_note (str | None): why ``dtypes`` leaves out a dtype, said when one is refused.
     """
 
     def wrap(fn):
@@ -173,9 +181,10 @@ def register_backend(
         if quant is not None and quant not in QUANT_MODES:
             raise ValueError(f"Expect quant in {QUANT_MODES} or None but got {quant!r}")
         _REGISTRY[name] = BackendSpec(
-            name, fn, tuple(plans), tuple(devices), tuple(dtypes), head_dims, block_sizes, gpu_majors, backward,
+            name, fn, tuple(plans), tuple(devices), tuple(dtypes), head_dims, block_sizes, gpu_majors,
+            tuple(devices) if backward is True else tuple(backward or ()),
             priority, tuple(auto_devices), requires, description, quant,
-            tuple(min_capability) if min_capability is not None else None, tail,
+            tuple(min_capability) if min_capability is not None else None, tail, dtype_note,
         )
         return fn
 
@@ -185,13 +194,35 @@ def register_backend(
 # Plain dicts, not functools caches: torch.compile reads them as constants once filled (a traced
 # lru_cache would run the wrapped check, e.g. an import, inside the graph).
 _INSTALLED: dict[str, str | None] = {}
-_CAPABILITY: dict[torch.device, tuple[int, int]] = {}
+_CAPABILITY: dict[torch.device, tuple[int, int] | None] = {}  # None: no such CUDA device in this process
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
+def _capability(device: torch.device) -> tuple[int, int] | None:
     if device not in _CAPABILITY:
-        _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+        present = torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
+        _CAPABILITY[device] = torch.cuda.get_device_capability(device) if present else None
     return _CAPABILITY[device]
+
+
+def device_missing(device: torch.device) -> str | None:
+    """Why CUDA ``device`` does not exist in this process (torch without CUDA, no GPU visible, an index past
+    the GPUs), or ``None`` (also for any other device type). Checked once per device."""
+    if device.type != "cuda" or _capability(device) is not None:
+        return None
+    if torch.version.cuda is None:
+        return f"there is no {device} here: this torch {torch.__version__} is built without CUDA"
+    if not torch.cuda.is_available():
+        return f"there is no {device} here: no CUDA GPU is visible to this process"
+    return f"there is no {device} here: this process sees {torch.cuda.device_count()} GPU(s)"
+
+
+def as_device(device, name: str = "device") -> torch.device:
+    """``device`` (a ``torch.device`` or its name) as a ``torch.device``; a ``ValueError`` naming ``name`` if it
+    is none."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Expect {name} to be a torch device (cpu, cuda, cuda:1, ...) but got {device!r}") from None
 
 
 _LOADED: list[bool] = []
@@ -297,9 +328,10 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
     Each entry: ``name``, ``plans``, ``devices``, ``dtypes``, ``head_dims``, ``block_sizes``,
     ``gpu_majors``, ``min_capability``, ``quant``, ``tail``, ``backward``, ``priority``, ``auto`` (device types
     where ``auto`` may pick it),
-    ``usable`` (bool), ``reason`` (why not, or ``None``) and ``description``.
+    ``usable`` (bool), ``reason`` (why not, or ``None``: a CUDA device missing here is a reason, not an
+    error) and ``description``. ``backward``: the device types on which it trains.
     """
-    device = torch.device(device)
+    device = as_device(device)
     rows = []
     for spec in _registry().values():
         reason = spec.unusable(device)
@@ -310,7 +342,7 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
             block_sizes=list(spec.block_sizes) if spec.block_sizes else "any",
             gpu_majors=list(spec.gpu_majors) if spec.gpu_majors else "any",
             min_capability=".".join(map(str, spec.min_capability)) if spec.min_capability else "any",
-            quant=spec.quant, tail=spec.tail, backward=spec.backward,
+            quant=spec.quant, tail=spec.tail, backward=list(spec.backward),
             priority=spec.priority, auto=list(spec.auto_devices), usable=reason is None, reason=reason,
             description=spec.description,
         ))

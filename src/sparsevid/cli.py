@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from .bench.common import device_name
+
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 _COMMANDS = {
     "demo": ("sparsevid.demo", "what each planner keeps of the trained testbed's attention, and the clip it generates"),
@@ -35,9 +37,11 @@ def _print_models(args) -> int:
 
 
 def _print_backends(args) -> int:
+    import torch
+
     from .backends import describe_backends
 
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = describe_backends(device)
     keys = ["name", "usable", "plans", "dtypes", "head_dims", "block_sizes", "gpu_majors", "backward", "priority"]
     print(f"backends on {device}:")
@@ -55,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="supported and refused diffusers transformer classes (markdown)")
     models.set_defaults(_run=_print_models)
     backends = commands.add_parser("backends", help="registered attention backends, their capabilities, usable here")
-    backends.add_argument("--device", default=None, help="device to check (default: cuda when present, else cpu)")
+    backends.add_argument("--device", type=device_name, default=None,
+                          help="device to check, present here or not (default: cuda when present, else cpu)")
     backends.set_defaults(_run=_print_backends)
     bench = commands.add_parser("bench", help="GPU benchmarks", description="GPU benchmarks")
     benches = bench.add_subparsers(dest="benchmark", required=True)
@@ -66,11 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a bad setting (``ValueError``/``TypeError`` raised while checking the inputs)
-    prints one line and exits with status 2, like argparse (``SPARSEVID_TRACEBACK=1`` shows the traceback)."""
+    prints one line and exits with status 2, like argparse (``SPARSEVID_TRACEBACK=1`` shows the traceback).
+    A reader that stops early (``sparsevid models | head``) ends the command quietly."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args._run(args)
+        code = args._run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
+    except BrokenPipeError:
+        # nothing more can be written: point stdout at /dev/null so that the exit flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, TypeError) as error:
         if os.environ.get("SPARSEVID_TRACEBACK") == "1":
             raise

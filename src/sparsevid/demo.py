@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from . import stats, viz
+from .bench.common import fraction, local_device, non_negative_int, output_folder, positive_int
 from .eval import NOISE_FLOOR, TARGETS, Config, _case_name, _slug, capture_layers, evaluate, layer_errors, summarize
 
 TABLE_METHODS = ("draft", "xattn", "window", "finegrained", "random")
@@ -63,22 +64,23 @@ TUNED_CLIP = Config("draft", 0.1, options=dict(block_size=32, budget="layer"),
 CLIP_CONFIGS = (DEFAULT_CLIP, TAIL_CLIP, TUNED_CLIP)
 
 KERNEL_BENCH = ["--preset", "wan1.3b-480p", "--methods", "draft", "--densities", "1.0", "0.25", "0.1",
-                "--backends", "triton", "fa4", "--no-flex", "--no-record"]
+                "--backends", "triton", "fa4", "--no-flex"]  # recording is opt-in (--record): none here
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device", type=local_device, default=None,
+                        help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--testbed", choices=["small", "large"], default=None,
                         help="which trained testbed (default: large with CUDA, small elsewhere)")
-    parser.add_argument("--held-out", type=int, default=None, metavar="N",
+    parser.add_argument("--held-out", type=non_negative_int, default=None, metavar="N",
                         help="testbed large: N of eval's held-out cases (default 2); 0: the --label/--seed clip")
     parser.add_argument("--label", default="bigbuckbunny", help="clip label without --held-out (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of that clip (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=12, help="sampler steps (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=None, help="frames (default: the testbed's native)")
-    parser.add_argument("--height", type=int, default=None, help="height in px (default: the testbed's native)")
-    parser.add_argument("--width", type=int, default=None, help="width in px (default: the testbed's native)")
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.25],
+    parser.add_argument("--steps", type=positive_int, default=12, help="sampler steps (default: %(default)s)")
+    parser.add_argument("--frames", type=positive_int, default=None, help="frames (default: the testbed's native)")
+    parser.add_argument("--height", type=positive_int, default=None, help="height in px (default: the testbed's native)")
+    parser.add_argument("--width", type=positive_int, default=None, help="width in px (default: the testbed's native)")
+    parser.add_argument("--densities", type=fraction, nargs="+", default=[0.1, 0.25],
                         help="densities of the planner table (default: %(default)s)")
     parser.add_argument("--kernel-bench", action=argparse.BooleanOptionalAction, default=None,
                         help="the kernel rows of `bench kernel --preset wan1.3b-480p` (needs CUDA; default: on with CUDA)")
@@ -96,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     testbed = args.testbed or ("large" if device.type == "cuda" else "small")
     held_out = (2 if testbed == "large" else 0) if args.held_out is None else args.held_out
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(args.out)  # made and checked before any work
     target = TARGETS["testbed"]
     settings = argparse.Namespace(  # what eval's harness reads
         testbed=testbed, weights=None, held_out=held_out, labels=None if held_out else [args.label],
@@ -353,7 +354,10 @@ def clip_section(target, pipe, settings, out_dir: Path, device, progress: bool) 
         short = {f"{c.name.split(':')[0]} {by[c.name]['psnr']:.1f} dB": videos[c.name] for c in configs}  # title strips are narrow
         movies.append((viz.side_by_side({"dense": videos["dense"], **short}, scale=3), out_dir / f"clip_{stem}.mp4"))
     first_dense = next(iter(result["kept"].values()))["dense"]
-    files += [viz.write_video(frames, path) for frames, path in movies]  # last: an encoder may be missing
+    if viz.mp4_writer() is None:  # last, and optional: PyAV or OpenCV may be missing
+        print("[demo] mp4s skipped: neither PyAV (pip install av) nor OpenCV is installed; the PNGs show the frames")
+    else:
+        files += [viz.write_video(frames, path) for frames, path in movies]
     return dict(summary=summary, videos=result["videos"], files=files, first_dense=first_dense)
 
 

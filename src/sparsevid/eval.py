@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .bench.common import option_pair, time_ms
+from .bench.common import existing_file, local_device, non_negative_int, option_pair, output_folder, positive_int, time_ms
 from .reuse.spec import parse_reuse
 from .tail import TAIL_METHODS
 
@@ -638,7 +638,6 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
                                        f"dense on the same inputs, every step (mean over {settings['cases']} videos)"))
     for case, videos in result["kept"].items():
         stem = _slug(case.replace(" seed ", "_s"))
-        files.append(viz.write_video(viz.side_by_side(videos), out_dir / f"side_by_side_{stem}.mp4", fps=fps))
         files.append(viz.save_video_rows(videos, out_dir / f"frames_{stem}.png", title=f"{case}: dense vs sparse"))
     curves: dict[str, list] = {}
     for r in summary:
@@ -656,6 +655,13 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
     if timed:
         files.append(_save_quality_vs_speed(timed, out_dir / "quality_vs_speed.png",
                                             f"{settings['pipeline']}: quality vs attention speed, {settings['cases']} videos"))
+    if result["kept"] and viz.mp4_writer() is None:  # last: everything else is written whatever happens here
+        print("[eval] side-by-side videos skipped: neither PyAV (pip install av) nor OpenCV is installed; "
+              "the frames_*.png show the same cases")
+    else:
+        for case, videos in result["kept"].items():
+            stem = _slug(case.replace(" seed ", "_s"))
+            files.append(viz.write_video(viz.side_by_side(videos), out_dir / f"side_by_side_{stem}.mp4", fps=fps))
     return files
 
 
@@ -721,15 +727,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", choices=sorted(TARGETS), default="testbed", help="what to evaluate (default: %(default)s)")
     parser.add_argument("--testbed", choices=["small", "large"], default="small",
                         help="which testbed with --pipeline testbed (default: %(default)s)")
-    parser.add_argument("--weights", default=None, help="testbed weights file (default: the committed ones)")
+    parser.add_argument("--weights", type=existing_file, default=None,
+                        help="testbed weights file (default: the committed ones)")
     parser.add_argument("--labels", nargs="+", default=None, help="labels (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds (default: 0 1 2 3; with --held-out N: case i gets seed i, or --seeds cycled)")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="sampler steps (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=None, help="frames (default: the testbed's native)")
     parser.add_argument("--height", type=int, default=None, help="height in px (default: the testbed's native)")
     parser.add_argument("--width", type=int, default=None, help="width in px (default: the testbed's native)")
-    parser.add_argument("--held-out", type=int, default=0, metavar="N",
+    parser.add_argument("--held-out", type=non_negative_int, default=0, metavar="N",
                         help="testbed large: N cases with held-out motions (never drawn in training) instead of labels x seeds")
     parser.add_argument("--masses", type=float, nargs="+", default=[],
                         help="also a config per mass budget for draft/xattn (e.g. 0.8 0.9 0.95)")
@@ -756,13 +763,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(replay:rate=0.1+fbc:threshold=0.1)")
     parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
                         help="planner option for every sparse config, repeatable (e.g. --option block_size=32)")
-    parser.add_argument("--capture-step", type=int, default=None, help="step whose q/k/v give the per-layer errors (default: first sparse step)")
+    parser.add_argument("--capture-step", type=non_negative_int, default=None, help="step whose q/k/v give the per-layer errors (default: first sparse step)")
     parser.add_argument("--stats", action="store_true",
                         help="attention statistics per layer x head at --capture-step instead of sparse generations "
                              "(stats.json, stats.csv, attention_stats.png)")
     parser.add_argument("--no-layer-error", dest="layer_error", action="store_false", help="skip the per-layer errors")
-    parser.add_argument("--videos", type=int, default=2, help="cases to write side-by-side videos and frame PNGs for (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--videos", type=non_negative_int, default=2, help="cases to write side-by-side videos and frame PNGs for (default: %(default)s)")
+    parser.add_argument("--device", type=local_device, default=None,
+                        help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--out", default="out/eval", help="output folder (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -777,6 +785,9 @@ def _environment(device) -> str:
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     target = TARGETS[args.pipeline]
+    if args.capture_step is not None and args.capture_step >= args.steps:
+        raise ValueError(f"Expect --capture-step below --steps={args.steps} but got {args.capture_step}")
+    output_folder(args.out)
     if args.stats:
         return run_stats(target, args, device)
     configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option),

@@ -52,6 +52,10 @@ class _CSRPlan:
         # set by the planner that keeps every block (``dense``): backends may then run dense attention
         # without reading the lists (a host-known fact; computing it from the lists would sync)
         self.keeps_everything = False
+        # True once validate() passed or a planner made the plan; sparse_attention validates any other
+        # plan (built by hand from user tensors) once before its first launch: a kernel reading an index
+        # out of range crashes the process
+        self._trusted = False
 
     def derived(self, key: str, build):
         """``build()``, computed once per plan and kept with it: metadata a backend derives from the
@@ -142,6 +146,7 @@ class _CSRPlan:
         text = self.layout.on(self.device).is_text_block
         if bool(text.any()) and not (bool(full[..., text].all()) and bool(full[..., text, :].all())):
             raise ValueError("Expect text tokens attended densely in both directions but some text pairs are dropped")
+        self._trusted = True
         return self
 
     # ------------------------------------------------------------------ FlexAttention-style conveniences
@@ -166,10 +171,16 @@ class _CSRPlan:
         counts, indices = self._counts[index], self._indices[index]
         if 0 in counts.shape[:2]:
             raise IndexError(f"Expect a non-empty selection but plan{list(index)} of shape {self.shape} is empty")
-        return type(self)(self.layout, counts, indices, self.method)
+        return self._like(counts, indices)
 
     def to(self, device):
-        return type(self)(self.layout, self._counts.to(device), self._indices.to(device), self.method)
+        return self._like(self._counts.to(device), self._indices.to(device))
+
+    def _like(self, counts: torch.Tensor, indices: torch.Tensor):
+        """This plan with its lists sliced or moved: what is known of it (``keeps_everything``, checked) holds."""
+        plan = type(self)(self.layout, counts, indices, self.method)
+        plan.keeps_everything, plan._trusted = self.keeps_everything, self._trusted
+        return plan
 
     def to_string(self, grid_size: int = 20, limit: int = 4) -> str:
         """ASCII picture of each (batch, head) plan over (query block, key block), shrunk to
@@ -233,7 +244,9 @@ class BlockPlan(_CSRPlan):
       text block, and text query blocks keep every block (text is attended densely both ways).
     - ``density`` counts real score entries only: padding slots are neither computed nor counted.
 
-    Build plans with a planner (:func:`sparsevid.plan`) or :meth:`from_block_mask`.
+    Build plans with a planner (:func:`sparsevid.plan`) or :meth:`from_block_mask`. A plan built from
+    tensors (``BlockPlan(layout, kv_num_blocks, kv_indices)``, :meth:`from_block_mask`) is validated
+    once, before its first :func:`sparsevid.sparse_attention`.
     """
 
     _COUNTS, _INDICES, _WIDTH = "kv_num_blocks", "kv_indices", "max_kept"

@@ -56,7 +56,8 @@ class TokenPlan(_CSRPlan):
       of block ``m``, summed, over ``L**2``.
 
     Build plans with a planner (``sparsevid.plan(..., method="finegrained")``) or
-    :meth:`from_token_mask`.
+    :meth:`from_token_mask`; one built from tensors is validated once, before its first
+    :func:`sparsevid.sparse_attention`.
     """
 
     _COUNTS, _INDICES, _WIDTH = "kv_num_tokens", "kv_tokens", "max_tokens"

@@ -121,8 +121,20 @@ def side_by_side(videos: dict[str, torch.Tensor], scale: int = 2, title_px: int 
     return out
 
 
+def mp4_writer() -> str | None:
+    """The module that writes ``.mp4`` here: ``"av"`` (PyAV, H.264), else ``"cv2"`` (OpenCV, MPEG-4 part 2), else
+    ``None`` (PyAV is a declared dependency, yet some images lack it)."""
+    import importlib.util
+
+    return next((m for m in ("av", "cv2") if importlib.util.find_spec(m) is not None), None)
+
+
 def write_video(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
-    """Write uint8 ``(N, H, W, 3)`` frames: ``.mp4`` (H.264 via PyAV; sizes padded to even) or ``.gif`` (Pillow)."""
+    """Write uint8 ``(N, H, W, 3)`` frames: ``.mp4`` (:func:`mp4_writer`; sizes padded to even) or ``.gif`` (Pillow).
+
+    Raises:
+        ModuleNotFoundError: an ``.mp4`` with neither PyAV nor OpenCV installed (check :func:`mp4_writer` first).
+    """
     path = Path(path)
     if path.suffix.lower() == ".gif":
         from PIL import Image
@@ -130,10 +142,22 @@ def write_video(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
         images = [Image.fromarray(f.numpy()) for f in frames]
         images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
         return path
-    import av
-
+    writer = mp4_writer()
+    if writer is None:
+        raise ModuleNotFoundError(f"Expect PyAV (pip install av) or OpenCV (pip install opencv-python-headless) to "
+                                  f"write {path} but neither is installed; or write a .gif")
     n, h, w, _ = frames.shape
     frames = torch.nn.functional.pad(frames, (0, 0, 0, w % 2, 0, h % 2), value=255)  # yuv420p: even sizes
+    if writer == "cv2":
+        import cv2
+
+        video = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frames.shape[2], frames.shape[1]))
+        for f in frames:
+            video.write(f.numpy()[..., ::-1].copy())  # OpenCV takes BGR
+        video.release()
+        return path
+    import av
+
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]

@@ -44,7 +44,8 @@ import os
 
 import torch
 
-from .common import append_benchmarks, environment, fmt, markdown_table, time_ms
+from .common import (add_record_arguments, append_benchmarks, check_bench_outputs, environment, existing_file, fmt,
+                     fraction, markdown_table, output_file, positive_int, time_ms)
 
 _MLP_NAMES = {"cublas": "cuBLAS", "triton": "Triton"}
 
@@ -58,14 +59,14 @@ SPEED_MODELS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 0.5, 0.7],
                         help="target replay rates, calibrated per layer (default: %(default)s)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default: %(default)s)")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8], help="decode batch sizes (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=4, help="frames decoded after the 1-frame prompt (default: %(default)s)")
-    parser.add_argument("--calib", type=int, default=8, help="training-split prompts for calibration (default: %(default)s)")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default: %(default)s)")
+    parser.add_argument("--calib", type=positive_int, default=8, help="training-split prompts for calibration (default: %(default)s)")
+    parser.add_argument("--reps", type=positive_int, default=3, help="timed repetitions (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU intra-op threads (default: %(default)s)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: bfloat16 on CUDA, float32 on the CPU")
-    parser.add_argument("--weights", default=None, help="AR video weights (default: the committed ones)")
+    parser.add_argument("--weights", type=existing_file, default=None, help="AR video weights (default: the committed ones)")
     parser.add_argument("--speed-model", choices=sorted(SPEED_MODELS), default=None,
                         help="also time a random-weight model of this published shape (speed only)")
     parser.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
@@ -83,18 +84,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="graph rows at replay 0 (the decision's cost, every MLP row run) and 1 (every eligible "
                              "row replayed: what the skip leaves) (default: on)")
-    parser.add_argument("--agreement", type=float, default=None,
+    parser.add_argument("--agreement", type=fraction, default=None,
                         help="also calibrate per-layer thresholds for this free-running token agreement on the "
                              "calibration prompts (test model), greedy search over per-layer rates")
     parser.add_argument("--frontier", default=None, help="PNG of the agreement/replay frontier (test model)")
-    parser.add_argument("--frame-batches", type=int, nargs="*", default=[],
+    parser.add_argument("--frame-batches", type=positive_int, nargs="*", default=[],
                         help="frame-parallel rows: B sequences x one frame (B*P rows) per forward, compacted MLP")
     parser.add_argument("--no-test-model", action="store_true", help="only the --speed-model rows")
     parser.add_argument("--fuse", action="store_true",
                         help="graph decoder: torch.compile the element-wise pieces, concatenated q/k/v and gate/up")
     parser.add_argument("--out", default="out/bench", help="folder for decode.json (default: %(default)s)")
-    parser.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file to append the table to")
-    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    add_record_arguments(parser)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -114,6 +114,9 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     if not 1 <= args.frames <= FRAMES_PER_SEQUENCE - 1:
         raise ValueError(f"Expect --frames in [1, {FRAMES_PER_SEQUENCE - 1}] but got {args.frames}")
+    check_bench_outputs(args)
+    if args.frontier:
+        output_file(args.frontier, "--frontier")
     model, codebook = load_model(args.weights or WEIGHTS, device=device, dtype=dtype)
     P = TOKENS_PER_FRAME
     new_tokens = args.frames * P
@@ -403,12 +406,11 @@ def run(args) -> int:
     if rows:
         print(header)
         print(table)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "decode.json"), "w") as f:
         json.dump(dict(header=header, thresholds={str(k): v for k, v in thresholds.items()}, rows=rows,
                        graph_rows=graph_rows, frame_rows=frame_rows,
                        agreement_calibration=agree), f, indent=1, default=str)
-    if not args.no_record and rows:
+    if args.record and rows:
         append_benchmarks(args.benchmarks_md, "bench decode — FastCar MLP replay, AR video model", header, table)
     graph_word = "CUDA graph (one captured decode step replayed)" if use_graph and device == "cuda" else \
         "no graph (CPU: the same static-cache decoder, uncaptured)"
@@ -437,7 +439,7 @@ def run(args) -> int:
             fmt(r.get("agreement"), ".3f"), fmt(r.get("forced_agreement"), ".3f")] for r in graph_rows])
         print(g_header)
         print(g_table)
-        if not args.no_record:
+        if args.record:
             append_benchmarks(args.benchmarks_md, "bench decode — FastCar under CUDA graphs, decision on the device",
                               g_header, g_table, extra=f"m (MLP share of weight bytes): "
                               + ", ".join(sorted({f"{r['model']} {r['m']:.3f}" for r in graph_rows})))
@@ -461,7 +463,7 @@ def run(args) -> int:
             fmt(r.get("forced_agreement"), ".3f")] for r in frame_rows])
         print(f_header)
         print(f_table)
-        if not args.no_record:
+        if args.record:
             append_benchmarks(args.benchmarks_md, "bench decode — FastCar frame-parallel, MLP on the kept rows", f_header, f_table,
                               extra=f"f (MLP share of FLOPs): " + ", ".join(sorted({f"{r['model']} {r['f']:.3f}"
                                                                                     for r in frame_rows})))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import types
@@ -36,9 +37,11 @@ import types
 import torch
 from tqdm import tqdm
 
+from ..integrations.core import SparseVidConfig, validate_config
 from ..reuse.spec import parse_reuse, reuse_label
 from ..tail import TAIL_METHODS
-from .common import append_benchmarks, environment, markdown_table, option_pair, time_ms
+from .common import (add_record_arguments, append_benchmarks, check_bench_outputs, environment, fraction,
+                     markdown_table, non_negative_int, option_pair, positive_int, time_ms)
 
 # Published transformer configs (diffusers format) and how each model's pipeline shapes its inputs.
 MODELS = {
@@ -94,9 +97,9 @@ MODELS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="wan2.1-1.3b", help="default: %(default)s")
     parser.add_argument("--resolution", default="480p", help="480p or 720p (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=None, help="video frames (default: the model's usual)")
+    parser.add_argument("--frames", type=positive_int, default=None, help="video frames (default: the model's usual)")
     parser.add_argument("--methods", nargs="+", default=["draft"], help="planners (default: %(default)s)")
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.1], help="densities (default: %(default)s)")
+    parser.add_argument("--densities", type=fraction, nargs="+", default=[0.1], help="densities (default: %(default)s)")
     parser.add_argument("--dense-layers", type=int, default=1, help="leading dense blocks (default: %(default)s)")
     parser.add_argument("--replan-every", type=int, default=1,
                         help="recompute plans every k denoising steps (default: %(default)s); with k > 1 the forward "
@@ -106,8 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
                         help="temporal reuse, repeatable: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
                              "taylorseer:cache_interval=5,use_lite_mode=True | magcache:KEY=VALUE,... (see the module docstring)")
-    parser.add_argument("--steps", type=int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
-    parser.add_argument("--gpus", type=int, default=1,
+    parser.add_argument("--steps", type=non_negative_int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
+    parser.add_argument("--gpus", type=positive_int, default=1,
                         help="Ulysses context parallelism over N GPUs (diffusers' enable_parallelism); launch with "
                              "`torchrun --nproc_per_node N -m sparsevid bench e2e --gpus N ...`")
     parser.add_argument("--backends", nargs="+", default=["auto"],
@@ -121,10 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one native and one sparse forward (torch profiler): wall time, GPU time, "
                              "host syncs, top kernels, written to --out")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per forward (default: %(default)s)")
+    parser.add_argument("--reps", type=positive_int, default=5, help="timed repetitions per forward (default: %(default)s)")
     parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
-    parser.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file to append the table to")
-    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    add_record_arguments(parser)
 
 
 def _build(spec, device) -> torch.nn.Module:
@@ -226,13 +228,12 @@ def _loop(model, inputs, steps: int, schedule, device: str, desc: str) -> float:
     return time_ms(denoise, reps=1, warmup=0, device=device) / 1e3
 
 
-def _init_distributed(gpus: int, device: str) -> tuple[int | None, int]:
-    """``(rank, world)``; rank None (after a message) when ``--gpus`` and the launch disagree."""
+def _init_distributed(gpus: int, device: str) -> tuple[int, int]:
+    """``(rank, world)``; a ``ValueError`` when ``--gpus`` and the launch disagree."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if gpus != world:
-        print(f"--gpus {gpus} needs `torchrun --nproc_per_node {gpus} -m sparsevid bench e2e --gpus {gpus} ...` "
-              f"(this process sees WORLD_SIZE={world})")
-        return None, world
+        raise ValueError(f"Expect WORLD_SIZE={gpus} for --gpus {gpus} but this process sees WORLD_SIZE={world}; launch "
+                         f"`torchrun --nproc_per_node {gpus} -m sparsevid bench e2e --gpus {gpus} ...`")
     if world == 1:
         return 0, 1
     import torch.distributed as dist
@@ -250,14 +251,20 @@ def run(args) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.model != "tiny-wan":
-        print("bench e2e needs a CUDA GPU for full-size video transformers (on the CPU only --model tiny-wan runs)")
-        return 2
-    rank, world = _init_distributed(args.gpus, device)
-    if rank is None:
-        return 2
+        raise ValueError(f"Expect a CUDA GPU for --model {args.model} (a full-size video transformer) but this process "
+                         "has none; on the CPU only --model tiny-wan runs")
     spec = MODELS[args.model]
     if args.resolution not in spec["resolutions"]:
         raise ValueError(f"Expect --resolution in {sorted(spec['resolutions'])} for {args.model} but got {args.resolution}")
+    options = dict(args.option)
+    reuse = parse_reuse(args.reuse)
+    for method, density, backend in itertools.product(args.methods, args.densities, args.backends):
+        if method != "none":  # every setting refused before any work, as sparsevid.apply refuses it
+            validate_config(SparseVidConfig(method, density, dense_layers=args.dense_layers,
+                                            replan_every=args.replan_every, backend=backend,
+                                            planner_options=options), has_schedule=True, device=torch.device(device))
+    check_bench_outputs(args)
+    rank, world = _init_distributed(args.gpus, device)
     frames = args.frames or spec["frames"]
     height, width = spec["resolutions"][args.resolution]
     model = _build(spec, device)
@@ -305,10 +312,8 @@ def run(args) -> int:
         with best_context():
             loop_native = _loop(model, inputs, args.steps, schedule, device, "native loop")
 
-    options = dict(args.option)
     from ..reuse import TokenReplay
 
-    reuse = parse_reuse(args.reuse)
     forward_reuse = [r for r in reuse if isinstance(r, TokenReplay)]  # step caches act only across steps
     reuse_names = " + ".join(reuse_label(r) for r in reuse)
     tile_orders = {"auto": None, "on": True, "off": False}
@@ -318,9 +323,9 @@ def run(args) -> int:
             for b, t in variants for tail in (tails if m != "none" else [None])]
     for method, density, backend, order, tail in tqdm(jobs, desc="sparse configs", unit="cfg"):
         sparse_method = None if method == "none" else method  # none: native attention, reuse only
-        settings = dict(method=sparse_method, density=density, dense_layers=args.dense_layers,
-                        replan_every=args.replan_every, backend=backend,
-                        tile_order=tile_orders[order] if sparse_method else None, tail=tail, **options)
+        settings = dict(method=sparse_method, density=density if sparse_method else None,
+                        dense_layers=args.dense_layers, replan_every=args.replan_every, backend=backend,
+                        tile_order=tile_orders[order] if sparse_method else None, tail=tail, **(options if sparse_method else {}))
         # forward: every step sparse (dense_steps=0); planning included in the time
         handle = sv.apply(forward_target, dense_steps=0, reuse=forward_reuse or None, **settings)
         with best_context():
@@ -391,9 +396,8 @@ def run(args) -> int:
               str(p["syncs"]), str(p["kernels"])] for p in profiles])
     print(header)
     print(table)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"e2e_{args.model}_{args.resolution}.json"), "w") as f:
         json.dump(dict(header=header, rows=rows), f, indent=1)
-    if not args.no_record:
+    if args.record:
         append_benchmarks(args.benchmarks_md, f"bench e2e — {args.model} {args.resolution}", header, table)
     return 0 if all(r.get("finite", True) for r in rows) else 1

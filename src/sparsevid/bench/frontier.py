@@ -21,8 +21,8 @@ Method (speed claims live in benchmarks, never in tests):
 * Equal-error comparison: for each ``finegrained`` point, the ``draft`` speedup (or density, on the
   CPU) that reaches the same error, interpolated log-linearly between ``draft``'s points.
 
-Output: a table on stdout, ``frontier.png`` and ``results.json`` under ``--out``, and the table appended
-to ``BENCHMARKS.md`` (date, device, versions, exact command).
+Output: a table on stdout, ``frontier.png`` and ``results.json`` under ``--out``, and with ``--record``
+the table appended to ``--benchmarks-md`` (date, device, versions, exact command).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import time
 
 import torch
 
-from .common import append_benchmarks, command_line, environment, fmt, rel_error, time_ms
+from .common import (add_record_arguments, append_benchmarks, check_bench_outputs, command_line, environment,
+                     existing_file, fmt, fraction, local_device, positive_int, rel_error, time_ms)
 from .kernel import PRESETS
 
 FRONTIER_PRESETS = {
@@ -50,20 +51,19 @@ METHODS = ["draft", "xattn", "window", "finegrained", "random"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, choices=list(FRONTIER_PRESETS),
                         help="problem size (default: wan1.3b-480p on CUDA, cpu-small elsewhere)")
-    parser.add_argument("--heads", type=int, default=None, help="override the preset's heads")
-    parser.add_argument("--frames", type=int, default=None, help="override the preset's latent frames")
+    parser.add_argument("--heads", type=positive_int, default=None, help="override the preset's heads")
+    parser.add_argument("--frames", type=positive_int, default=None, help="override the preset's latent frames")
     parser.add_argument("--methods", nargs="+", default=METHODS, help="planners (default: %(default)s)")
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5],
+    parser.add_argument("--densities", type=fraction, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5],
                         help="requested densities (default: %(default)s)")
     parser.add_argument("--clip", default="bigbuckbunny", help="bundled clip for the inputs (default: %(default)s)")
-    parser.add_argument("--frames-file", default=None,
+    parser.add_argument("--frames-file", type=existing_file, default=None,
                         help="torch.save'd frames (N, 3, h, w), uint8 or float in [0, 1], instead of decoding --clip")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--device", default=None, help="default cuda when available, else cpu")
-    parser.add_argument("--reps", type=int, default=20, help="timed calls per contender (CUDA), median reported")
+    parser.add_argument("--device", type=local_device, default=None, help="default cuda when available, else cpu")
+    parser.add_argument("--reps", type=positive_int, default=20, help="timed calls per contender (CUDA), median reported")
     parser.add_argument("--out", default="out/frontier", help="folder for frontier.png and results.json")
-    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--benchmarks-md", default="BENCHMARKS.md")
+    add_record_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quant", nargs="*", default=[], choices=["int8", "fp8"],
                         help="also run each block-sparse point 8-bit (quant='int8' / 'fp8'), as '<method>+<quant>'")
@@ -91,6 +91,10 @@ def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     preset = args.preset or ("wan1.3b-480p" if cuda else "cpu-small")
+    if not cuda and preset != "cpu-small":
+        raise ValueError(f"Expect --preset cpu-small on the CPU (the reference backend takes hours at the GPU "
+                         f"presets' sizes) but got {preset}; run it on a CUDA device")
+    check_bench_outputs(args)
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     batch, heads, frames, height, width, text, head_dim = FRONTIER_PRESETS[preset]
     heads, frames = args.heads or heads, args.frames or frames
@@ -154,12 +158,11 @@ def run(args) -> int:
     print(header)
     print(table)
     print(summary)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(header=header, command=command, rows=rows, summary=summary), f, indent=1)
     png = _plot(rows, os.path.join(args.out, "frontier.png"), f"{preset} on {device_name}", cuda)
     print(f"[frontier] wrote {png}")
-    if not args.no_record:
+    if args.record:
         append_benchmarks(args.benchmarks_md, f"bench frontier — {preset}", header, table, extra=summary)
     return 0
 

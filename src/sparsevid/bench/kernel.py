@@ -44,8 +44,8 @@ Method (written here because speed claims live in benchmarks, never in tests):
   density 1, with cuDNN SDPA); a relative error ``||a - b|| / ||b||`` above ``--tol`` marks the row
   WRONG and its speed is not reported.
 
-Output: a table on stdout, ``speedup.png`` and ``results.json`` under ``--out``, and the table appended
-to ``BENCHMARKS.md`` (date, device, versions, exact command).
+Output: a table on stdout, ``speedup.png`` and ``results.json`` under ``--out``, and with ``--record``
+the table appended to ``--benchmarks-md`` (date, device, versions, exact command).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ import sys
 import torch
 
 from ..tail import TAIL_METHODS
-from .common import append_benchmarks, command_line, environment, fmt, rel_error, time_ms
+from .common import (add_record_arguments, append_benchmarks, check_bench_outputs, command_line, environment, fmt,
+                     fraction, non_negative_int, positive_int, rel_error, time_ms)
 
 PRESETS = {
     # name: (batch, heads, frames, height, width, text_tokens, head_dim)
@@ -73,21 +74,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="wan1.3b-480p", choices=[*PRESETS, "custom"],
                         help="problem size (default wan1.3b-480p); 'custom' uses --frames/--height/...")
-    parser.add_argument("--frames", type=int, default=None)
-    parser.add_argument("--height", type=int, default=None, help="token rows per frame")
-    parser.add_argument("--width", type=int, default=None, help="token columns per frame")
-    parser.add_argument("--heads", type=int, default=None)
-    parser.add_argument("--head-dim", type=int, default=None)
-    parser.add_argument("--text-tokens", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
+    parser.add_argument("--frames", type=positive_int, default=None)
+    parser.add_argument("--height", type=positive_int, default=None, help="token rows per frame")
+    parser.add_argument("--width", type=positive_int, default=None, help="token columns per frame")
+    parser.add_argument("--heads", type=positive_int, default=None)
+    parser.add_argument("--head-dim", type=positive_int, default=None)
+    parser.add_argument("--text-tokens", type=non_negative_int, default=None)
+    parser.add_argument("--batch", type=positive_int, default=None)
+    parser.add_argument("--block-size", type=positive_int, default=128)
+    parser.add_argument("--densities", type=fraction, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
     parser.add_argument("--methods", nargs="+", default=["random", "draft"], help="planners to take plans from")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--inputs", choices=["clip", "random"], default="clip",
                         help="'clip': sparsevid.data.attention_inputs (structure from a real clip), falling "
                              "back to random when unavailable; 'random': standard normal")
-    parser.add_argument("--reps", type=int, default=20, help="timed calls per contender (>= 10), median reported")
+    parser.add_argument("--reps", type=positive_int, default=20, help="timed calls per contender (>= 10), median reported")
     parser.add_argument("--tol", type=float, default=2e-2, help="max relative error vs FlexAttention / SDPA")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     parser.add_argument("--backends", nargs="+", default=["triton", "fa4", "triton-int8", "triton-fp8"],
@@ -99,8 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant-tol", type=float, default=0.1,
                         help="max relative error of an 8-bit row vs the reference before it is marked WRONG")
     parser.add_argument("--out", default="out/bench", help="folder for speedup.png and results.json")
-    parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument("--benchmarks-md", default="BENCHMARKS.md")
+    add_record_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -112,7 +112,7 @@ def _problem(args):
     if args.preset == "custom":
         missing = [n for n in ("frames", "height", "width", "heads") if getattr(args, n) is None]
         if missing:
-            raise SystemExit(f"--preset custom needs {', '.join('--' + m for m in missing)}")
+            raise ValueError(f"Expect {', '.join('--' + m for m in missing)} with --preset custom but got none")
         batch, heads, frames, height, width, text, head_dim = 1, args.heads, args.frames, args.height, args.width, 0, 128
     else:
         batch, heads, frames, height, width, text, head_dim = PRESETS[args.preset]
@@ -210,8 +210,7 @@ def _block_mask(layout, num, idx):
 # ----------------------------------------------------------------------------------------- run
 def run(args) -> int:
     if not torch.cuda.is_available():
-        print("bench kernel needs a CUDA device", file=sys.stderr)
-        return 2
+        raise ValueError("Expect a CUDA device for bench kernel (it times GPU kernels) but this process has none")
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
@@ -227,6 +226,7 @@ def run(args) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     dtype = DTYPES[args.dtype]
     batch, heads, head_dim, layout = _problem(args)
+    check_bench_outputs(args)
     L = layout.num_tokens
     q, k, v, source = _inputs(args, batch, heads, head_dim, layout, dtype)
     scale = head_dim ** -0.5
@@ -370,11 +370,10 @@ def run(args) -> int:
     print()
     print(header)
     print(table)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(header=header, command=command, rows=rows, first_call_s=first_call), f, indent=1)
     _plot(rows, os.path.join(args.out, "speedup.png"), f"{args.preset} on {device_name}")
-    if not args.no_record:
+    if args.record:
         append_benchmarks(args.benchmarks_md, f"bench kernel — {args.preset}", header, table)
     return 0 if all(r["ok"] for r in rows) else 1
 

@@ -9,7 +9,8 @@ from ..plan import BlockPlan
 
 
 @register_backend(
-    "flex", plans=(BlockPlan,), devices=("cpu", "cuda"), backward=True, priority=0,
+    # torch's FlexAttention has no backward on the CPU
+    "flex", plans=(BlockPlan,), devices=("cpu", "cuda"), backward=("cuda",), priority=0,
     description="torch FlexAttention on gathered tile-order tensors (comparison; never picked by auto)",
 )
 def _flex_backend(q, k, v, plan, scale):

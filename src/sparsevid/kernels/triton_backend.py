@@ -1,8 +1,9 @@
 """The Triton backends: sparsevid's Triton kernels, with the tile permutation fused into their loads and
 stores — ``triton``: ``triton_blocksparse`` for a ``BlockPlan`` (with the tail fused in), ``triton_gather``
 for a ``TokenPlan``; ``triton-int8`` / ``triton-fp8``: ``triton_quant``. The portable GPU path (any CUDA GPU
-Triton supports); on the CPU only under the Triton interpreter (``TRITON_INTERPRET=1``, tests). The kernel
-modules are imported at the first call, so registering these backends needs no Triton installed."""
+Triton supports); on the CPU only under the Triton interpreter (``TRITON_INTERPRET=1``, tests; float16
+only there). The kernel modules are imported at the first call, so registering these backends needs no
+Triton installed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from ..plan import BlockPlan
 from ..tail import kept_blocks
 from ..token_plan import TokenPlan
 
-_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)  # CPU: the interpreter
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)  # CPU: the interpreter
 
 
 def _requires() -> str | None:
@@ -27,7 +29,11 @@ def _requires() -> str | None:
 
 @register_backend(
     "triton", plans=(BlockPlan, TokenPlan),
-    devices=_DEVICES, dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 96, 128), priority=20, auto_devices=("cuda",),
+    devices=_DEVICES,
+    dtypes=(torch.float16,) if _INTERPRET else (torch.float16, torch.bfloat16),
+    dtype_note="the Triton interpreter, TRITON_INTERPRET=1, computes bfloat16 wrongly" if _INTERPRET else None,
+    # the block is the query tile: tl.arange needs a power of two
+    head_dims=(64, 96, 128), block_sizes=(16, 32, 64, 128), priority=20, auto_devices=("cuda",),
     requires=_requires, tail=True,
     description="sparsevid's Triton kernels (FlashAttention-2 class), permutation fused; BlockPlan and TokenPlan",
 )

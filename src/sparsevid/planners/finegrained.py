@@ -79,13 +79,16 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
     counts = torch.empty(B, H, nb, dtype=torch.int32, device=device)
     per_head = []
     for h in range(H):
-        log_p = _estimate(q[:, h], k[:, h], layout, queries)  # (B, NB, L)
+        # NaN in q or k (validate=False) ranks last: topk puts NaN first, before the forced tokens
+        log_p = _estimate(q[:, h], k[:, h], layout, queries).nan_to_num(nan=float("-inf"))  # (B, NB, L)
         rank = torch.where(forced, float("inf"), log_p)  # forced tokens first
         if density is not None and budget == "row":
             want = min(L, max(1, round(density * L)))
             n_keep = n_forced.clamp(min=want).expand(B, -1)
         elif density is not None:
             n_keep = n_forced + _head_counts(log_p, forced, rows, density * float(L) ** 2)  # (B, NB)
+        elif mass >= 1.0:  # every token: the estimate's float sum reaches 1 before its last (underflowed) tokens
+            n_keep = torch.full((B, nb), L, device=device)
         else:
             order = rank.argsort(dim=-1, descending=True)
             p = log_p.exp().gather(-1, order)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from ..plan import BlockPlan
@@ -19,12 +22,16 @@ def window(
         radius (tuple): ``(frames, tile rows, tile columns)``: keep the key blocks whose centre is
             within this distance of the query block's centre on every axis (plus half a tile: a
             block may straddle two tiles). Exclusive with ``density``.
-        frame_weight (float): with ``density``, blocks are ranked by Chebyshev distance between
+        frame_weight (float): finite, >= 0; with ``density``, blocks are ranked by Chebyshev distance between
             block centres in token units, one frame counting as ``frame_weight`` tokens of
             displacement (Euclidean distance breaks ties), and each query block keeps the nearest.
     """
     if mass is not None:
         raise ValueError("Expect density or radius for method 'window' (it is static) but got mass")
+    if isinstance(frame_weight, bool) or not isinstance(frame_weight, numbers.Real):
+        raise TypeError(f"Expect frame_weight to be a float but got {frame_weight!r}")
+    if not (math.isfinite(frame_weight) and frame_weight >= 0):  # NaN ranked every block alike
+        raise ValueError(f"Expect frame_weight to be a finite float >= 0 but got {frame_weight}")
     centers = layout.on(q.device).block_centers  # (NB, 3) token units; NaN: text-only block
     video = ~centers[:, 0].isnan()
     pair_video = video[:, None] & video[None, :]
