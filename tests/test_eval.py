@@ -96,7 +96,7 @@ def test_outputs_without_an_mp4_writer(tmp_path, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, module, None)
     assert viz.mp4_writer() is None
     files, out = _kept_outputs(tmp_path, capsys)
-    assert {f.name for f in files} == {"results.json", "videos.csv", "frames_bikes_s0.png"}
+    assert {f.name for f in files} == {"results.json", "table.txt", "videos.csv", "frames_bikes_s0.png"}
     assert out.count("videos skipped") == 1 and "pip install av" in out
     with pytest.raises(ModuleNotFoundError, match="PyAV.*OpenCV"):
         viz.write_video(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), tmp_path / "x.mp4")
