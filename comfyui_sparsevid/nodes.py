@@ -40,8 +40,10 @@ class SparseVidAttention:
             },
             "optional": {
                 "tail": (["none", *TAIL_METHODS], {"default": "none",
-                                                   "tooltip": "none: skipped blocks dropped; pooled: kept in the "
-                                                              "softmax as one summary each (mean key and value)"}),
+                                                   "tooltip": "none: skipped blocks dropped; pooled-var: each kept "
+                                                              "in the softmax as one summary (mean key, log n, "
+                                                              "clipped key variance; mean value); pooled-var-32: "
+                                                              "one summary per 32 keys"}),
             },
         }
 

@@ -138,7 +138,7 @@ for s in "$@"; do
         ;;
     tailsweep)  # issue 22: tail variants on testbed-l, 8 held-out cases, every density, per-step errors
         stage tailsweep timeout "${SWEEP_S:-420}" python3 -m sparsevid eval --testbed large --held-out 8 --steps 20 \
-            --methods draft --densities ${SWEEP_DENSITIES:-0.05 0.1 0.25 0.5} --tail ${SWEEP_TAILS:-none pooled} \
+            --methods draft --densities ${SWEEP_DENSITIES:-0.05 0.1 0.25 0.5} --tail ${SWEEP_TAILS:-none pooled-var pooled-var-32} \
             --no-layer-error --videos 0 --quiet --out "$RES/tailsweep"
         ;;
     fastcar2)  # issue 25: the predicated Triton MLP inside the captured decode graph (no IF node needed) vs the graph

@@ -127,3 +127,14 @@ def test_bench_e2e_reuse_alone_runs(tmp_path):
     pytest.importorskip("diffusers")
     assert cli.main(["bench", "e2e", "--model", "tiny-wan", "--methods", "none", "--reuse", "replay:rate=0.3",
                      "--option", "budget=head", "--reps", "1", "--out", str(tmp_path)]) == 0
+
+
+def test_bench_e2e_refuses_a_tail_setting_before_any_work(capsys):
+    """``bench e2e --tail`` settings are checked with the rest before the model is built (a backend with no
+    tail pass, a token-plan method)."""
+    for extra in (["--backends", "flex"], ["--methods", "finegrained"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["bench", "e2e", "--model", "tiny-wan", "--tail", "pooled-var", *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and ("no tail pass" in err or "BlockPlan" in err) and "native" not in err

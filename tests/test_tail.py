@@ -207,6 +207,17 @@ def test_reference_tail_trains():
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
 
 
+def test_tail_under_torch_compile_equals_eager():
+    """The summaries' group tables are built eagerly once (torch 2.13's CPU inductor miscompiles the
+    ``arange // group`` they need: inside a compiled region the call asked for 1e15 bytes)."""
+    layout = sv.VideoLayout(2, 5, 7, tile=(4, 4), block_size=32)
+    q, k, v = _inputs(layout, B=1, H=2, D=16, seed=6)
+    plan = sv.plan(q, k, layout, method="draft", density=0.3)
+    eager = sv.sparse_attention(q, k, v, plan, tail="pooled-var")
+    compiled = torch.compile(lambda a, b, c: sv.sparse_attention(a, b, c, plan, tail="pooled-var"))
+    torch.testing.assert_close(compiled(q, k, v), eager, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_tail_values_are_refused_with_the_accepted_names():
     layout = _layouts()[0]
     q, k, v = _inputs(layout)
@@ -241,6 +252,9 @@ def test_apply_refuses_bad_tail_settings():
     with pytest.raises(ValueError, match="method"):
         sv.apply(model, method=None, tail="pooled-var")
     assert not hasattr(model, "_diffusers_hook") or model._diffusers_hook.get_hook("sparsevid_state") is None
+    handle = sv.apply(model, method="draft", density=0.3, tail="pooled-var")
+    assert "tail='pooled-var'" in repr(handle)
+    handle.remove()
 
 
 def test_auto_gives_a_tail_only_to_backends_with_a_tail_pass():

@@ -41,11 +41,21 @@ def pool_blocks_reference(x: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
 def group_tables(layout: VideoLayout, group: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(group_of_token, group_tokens)`` for groups of ``group`` consecutive tile-order slots (``group``
     divides ``block_size``): int64 ``(L,)`` the group of each token, int64 ``(NB * block_size // group,)``
-    real tokens per group (0 for the empty groups of a short last block)."""
-    tables = layout.on(device)
+    real tokens per group (0 for the empty groups of a short last block). Built once per layout, group and
+    device, with the layout's own tables."""
+    key = (str(torch.device(device)), "groups", group)
+    tables = layout._device_tables.get(key)
+    return tables if tables is not None else _build_group_tables(layout, group, key)
+
+
+@torch.compiler.disable  # eager, like the layout's tables: torch 2.13's CPU inductor miscompiles ``arange // n``
+@torch.inference_mode(False)  # cached: must stay usable by autograd
+def _build_group_tables(layout: VideoLayout, group: int, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    tables = layout.on(key[0])
     count = layout.num_slots // group
-    tokens = torch.bincount(torch.arange(layout.num_tokens, device=device) // group, minlength=count)
-    return tables.inverse_perm // group, tokens
+    tokens = torch.bincount(torch.arange(layout.num_tokens, device=key[0]) // group, minlength=count)
+    layout._device_tables[key] = (tables.inverse_perm // group, tokens)
+    return layout._device_tables[key]
 
 
 def group_mean_reference(x: torch.Tensor, group_of_token: torch.Tensor, group_tokens: torch.Tensor) -> torch.Tensor:

@@ -258,11 +258,13 @@ def run(args) -> int:
         raise ValueError(f"Expect --resolution in {sorted(spec['resolutions'])} for {args.model} but got {args.resolution}")
     options = dict(args.option)
     reuse = parse_reuse(args.reuse)
-    for method, density, backend in itertools.product(args.methods, args.densities, args.backends):
+    tails = [None if t == "none" else t for t in args.tail]
+    for method, density, backend, tail in itertools.product(args.methods, args.densities, args.backends, tails):
         if method != "none":  # every setting refused before any work, as sparsevid.apply refuses it
             validate_config(SparseVidConfig(method, density, dense_layers=args.dense_layers,
                                             replan_every=args.replan_every, backend=backend,
-                                            planner_options=options), has_schedule=True, device=torch.device(device))
+                                            planner_options=options, tail=tail), has_schedule=True,
+                            device=torch.device(device))
     check_bench_outputs(args)
     rank, world = _init_distributed(args.gpus, device)
     frames = args.frames or spec["frames"]
@@ -318,7 +320,6 @@ def run(args) -> int:
     reuse_names = " + ".join(reuse_label(r) for r in reuse)
     tile_orders = {"auto": None, "on": True, "off": False}
     variants = [(b, t) for b in args.backends for t in args.tile_order]
-    tails = [None if t == "none" else t for t in args.tail]
     jobs = [(m, d, b, t, tail) for m in args.methods for d in (args.densities if m != "none" else [1.0])
             for b, t in variants for tail in (tails if m != "none" else [None])]
     for method, density, backend, order, tail in tqdm(jobs, desc="sparse configs", unit="cfg"):

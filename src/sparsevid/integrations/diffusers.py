@@ -354,8 +354,9 @@ class SparseVidHandle:
         c = self.config
         steps = c.dense_steps if c.dense_steps is not None else f"{DEFAULT_DENSE_STEP_FRACTION:.0%}"
         where = ", ".join(s.name for s in self.sessions) + ("" if self.transformers else ", removed")
+        extra = "".join(f", {name}={getattr(c, name)!r}" for name in ("quant", "tail") if getattr(c, name) is not None)
         return (f"SparseVidHandle({where}: method={c.method!r}, budget={describe_budget(c)}, "
-                f"dense_layers={c.dense_layers}, dense_steps={steps}, backend={c.backend!r})")
+                f"dense_layers={c.dense_layers}, dense_steps={steps}, backend={c.backend!r}{extra})")
 
     def reset(self) -> None:
         """Forget cached plans and the step counter (a new generation with a bare transformer)."""

@@ -31,20 +31,18 @@ Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blo
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..tail import TailSummaries
-from .triton_common import (LOG2E, head_dim_padded, init_state, kept_tile, load_keys, load_rows, query_rows,
-                            softmax_update, store_rows)
+from .triton_common import (INTERPRET, LOG2E, head_dim_padded, init_state, kept_tile, load_keys, load_rows,
+                            query_rows, softmax_update, store_rows)
 from .triton_tail import BLOCK_T, tail_inner
 
-__all__ = ["sparse_attention_triton", "block_sparse_attn"]
+__all__ = ["sparse_attention_triton", "block_sparse_attn", "block_sparse_attn_tail"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------- inner loop
@@ -76,7 +74,7 @@ def _attn_fwd_inner(
 
 # --------------------------------------------------------------------------------------- autotune
 def _configs():
-    if _INTERPRET:  # the CPU interpreter runs every config: one small one (BLOCK_N=16 splits blocks > 16)
+    if INTERPRET:  # the CPU interpreter runs every config: one small one (BLOCK_N=16 splits blocks > 16)
         return [triton.Config({"BLOCK_N": 16, "NUM_STAGES": 2}, num_warps=4, num_stages=2)]
     return [
         triton.Config({"BLOCK_N": bn, "NUM_STAGES": s}, num_warps=w, num_stages=s)
@@ -91,7 +89,7 @@ def keep(conf):
     128-row query tile) with 3-4 stages; one 4-warp, 2-stage config for small blocks and for GPUs
     with less shared memory (a config that does not fit is skipped by the autotuner)."""
     w, s = conf.num_warps, conf.num_stages
-    return _INTERPRET or (w == 8 and s in (3, 4)) or (w == 4 and s == 2 and conf.kwargs["BLOCK_N"] == 64)
+    return INTERPRET or (w == 8 and s in (3, 4)) or (w == 4 and s == 2 and conf.kwargs["BLOCK_N"] == 64)
 
 
 def _prune(configs, named_args, **kwargs):

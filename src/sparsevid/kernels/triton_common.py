@@ -9,9 +9,12 @@ state, ``m_i`` starting finite (``-1e30``) so that a tile of masked columns give
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the CPU interpreter: small configs, fp16 only
 LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2): scores in base 2, so the kernels exponentiate with exp2
 
 

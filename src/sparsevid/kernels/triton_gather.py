@@ -26,17 +26,14 @@ Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blo
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, head_dim_padded, init_state, load_keys, load_rows, query_rows, softmax_update, store_rows
+from .triton_common import (INTERPRET, LOG2E, head_dim_padded, init_state, load_keys, load_rows, query_rows,
+                            softmax_update, store_rows)
 
 __all__ = ["token_attention_triton", "token_sparse_attn"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------- inner loop
@@ -80,7 +77,7 @@ def _gather_fwd_inner(
 
 # --------------------------------------------------------------------------------------- autotune
 def _configs():
-    if _INTERPRET:  # the CPU interpreter runs every config: one small one
+    if INTERPRET:  # the CPU interpreter runs every config: one small one
         return [triton.Config({"BLOCK_N": 16, "NUM_STAGES": 2}, num_warps=4, num_stages=2)]
     return [
         triton.Config({"BLOCK_N": bn, "NUM_STAGES": s}, num_warps=w, num_stages=s)

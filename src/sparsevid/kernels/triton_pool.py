@@ -8,15 +8,15 @@ Twin: :func:`sparsevid.pooling.pool_blocks_reference`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .triton_common import INTERPRET, head_dim_padded
+
 
 def _configs():
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the CPU interpreter runs every config: one
+    if INTERPRET:  # the CPU interpreter runs every config: one
         return [triton.Config({"ROWS": 16}, num_warps=4)]
     return [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))]
 
@@ -70,6 +70,6 @@ def pool_blocks_triton(x: torch.Tensor, perm: torch.Tensor, block_tokens: torch.
         x, out, perm, block_tokens,  #
         *x.stride(), *out.stride(),  #
         H,  #
-        BLOCK_SIZE=block_size, HEAD_DIM=D, HEAD_DIM_P=max(16, triton.next_power_of_2(D)),  #
+        BLOCK_SIZE=block_size, HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D),  #
     )
     return out

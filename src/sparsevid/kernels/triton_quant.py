@@ -27,24 +27,21 @@ Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blo
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .reference_quant import TINY
 from .triton_blocksparse import _configs, _explicit, _prune, launch_tables  # the bf16 kernel's config space
-from .triton_common import init_state, kept_tile, query_rows, softmax_update, store_rows
+from .triton_common import INTERPRET, LOG2E, init_state, kept_tile, query_rows, softmax_update, store_rows
 
 __all__ = ["quant_block_sparse_attn", "quant_sparse_attention_triton", "quantize_triton"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter's float32 -> e4m3 cast rounds ties away and drops the carry when rounding reaches
 # the next power of two (127.9 -> 64) and flushes subnormals; under it the kernels round to the e4m3
 # grid by hand first (round to nearest even, as the GPU's cvt.rn.satfinite and torch do), so the cast
 # is exact. On the GPU the hardware cast is used.
-_EMULATE_FP8 = tl.constexpr(_INTERPRET)
+_EMULATE_FP8 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -156,7 +153,7 @@ def keep(conf):
     stages, and 4 warps at 2-3 stages (8-bit tiles take half the shared memory of bf16 ones, so
     deeper pipelines fit; the autotuner skips a config that does not)."""
     w, s = conf.num_warps, conf.num_stages
-    return _INTERPRET or w == 8 or (w == 4 and s in (2, 3))
+    return INTERPRET or w == 8 or (w == 4 and s in (2, 3))
 
 
 # --------------------------------------------------------------------------------------- kernel
@@ -270,7 +267,7 @@ def quant_sparse_attention_triton(q, k, v, perm, kv_num_blocks, kv_indices, bloc
     NB = S // block_size
     args = (
         qc, kc, vc, sq, sk, vmax, out, perm, block_real, kv_num_blocks, kv_indices, order,
-        float(scale) * 1.44269504,  # log2(e): exp2 in the kernel
+        float(scale) * LOG2E.value,  # base-2 scores: exp2 in the kernel
         *out.stride(), *kv_num_blocks.stride(), *kv_indices.stride(),  #
         H, S, NB,
     )

@@ -9,7 +9,8 @@ skipped key groups in its online softmax (:mod:`sparsevid.tail` defines them).
   (``triton_blocksparse``), so the tail costs no extra pass over q or the output.
 * ``_tail_merge``: for a backend that computes the exact part elsewhere (FlashAttention-4, whose
   output and log-sum-exp it takes): the softmax state starts from that partial (``acc = O``,
-  ``l = 1``, ``m = lse``: the flash-decoding split-KV merge, written as a starting state), runs
+  ``l = 1``, ``m = lse · log2(e)``, the kernels' scores being in base 2: the flash-decoding split-KV
+  merge, written as a starting state), runs
   :func:`tail_inner`, and writes the merged rows back to their original positions — the scatter
   out of tile order done by the same store.
 
@@ -22,20 +23,17 @@ groups, ``G`` tokens per group.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ..layout import VideoLayout
 from ..tail import TailSummaries
-from .triton_common import LOG2E, head_dim_padded, load_rows, softmax_update
+from .triton_common import INTERPRET, LOG2E, head_dim_padded, load_rows, softmax_update
 
 __all__ = ["summarize_triton", "tail_inner", "tail_merge", "tail_summaries"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK_T = 16 if _INTERPRET else 64  # summary groups per tile of the tail loop
+BLOCK_T = 16 if INTERPRET else 64  # summary groups per tile of the tail loop
 _VAR_PRESCALE = tl.constexpr(0.0625)  # q² in the input dtype as (q/16)²: no float16 overflow below |q| = 4096
 
 
