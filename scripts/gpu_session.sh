@@ -4,6 +4,8 @@
 #
 #   bash scripts/gpu_session.sh install        # flash-attn-4 + diffusers from wheels carried in .whl/ (see below)
 #   bash scripts/gpu_session.sh tests kernel480 kernel720 e2e13 loop13 e2e14 comfy
+#   bash scripts/gpu_session.sh cpequal ring14x4 hybrid14x4 balance14x4   # several GPUs (nvidia-h200-x4), issue 26
+#   bash scripts/gpu_session.sh scale14-1 scale14-2 scale14-4 scale14   # several calls: a stage fits one alone
 #
 # Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry (64 MiB with the working
 # tree, 29 MB since the testbed-l weights), so it arrives split (`split -b 31000000 -d`) over three calls,
@@ -74,6 +76,42 @@ for s in "$@"; do
     e2e14x4)  # Wan2.1-14B 720p under diffusers' Ulysses on 4 GPUs (nvidia-h100-x4): native vs sparse, and vs 1 GPU
         stage e2e14x4 torchrun --nproc_per_node 4 -m sparsevid bench e2e --model wan2.1-14b --resolution 720p \
             --gpus 4 --methods draft --densities 0.1 0.05 --reps 2 --out "$RES/e2e14x4" "${BENCH[@]}"
+        ;;
+    cpequal)  # issue 26: ring, hybrid and Ulysses (+ head balance) vs the one-GPU sparse output, bf16, on 2 and 4 GPUs
+        # (nvidia-h200-x4); first the ring's tests on one GPU (simulated ring, the Triton step kernel in fp16/fp32)
+        stage cptests timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_ring.py
+        stage cpequal2 timeout 200 torchrun --nproc_per_node 2 scripts/cp_equality.py --layouts 1x2 2x1 --head-balance
+        stage cpequal4 timeout 240 torchrun --nproc_per_node 4 scripts/cp_equality.py --layouts 1x4 2x2 4x1 --head-balance
+        ;;
+    ring14x4)  # issue 26: Wan2.1-14B 720p on 4 GPUs, sparse ring vs diffusers' native ring template (cuDNN), and hybrid
+        stage ring14x4 timeout 560 torchrun --nproc_per_node 4 -m sparsevid bench e2e --model wan2.1-14b --resolution 720p \
+            --gpus 4 --ring-degree 4 --methods draft --densities 0.1 --reps 2 --out "$RES/ring14x4" "${BENCH[@]}"
+        ;;
+    hybrid14x4)
+        stage hybrid14x4 timeout 560 torchrun --nproc_per_node 4 -m sparsevid bench e2e --model wan2.1-14b \
+            --resolution 720p --gpus 4 --ring-degree 2 --methods draft --densities 0.1 --reps 2 --out "$RES/hybrid14x4" \
+            "${BENCH[@]}"
+        ;;
+    balance14x4)  # Ulysses with and without head balance: density budgets (equal heads) and mass budgets (unequal)
+        stage balance14x4 timeout 560 torchrun --nproc_per_node 4 -m sparsevid bench e2e --model wan2.1-14b \
+            --resolution 720p --gpus 4 --methods draft xattn --densities 0.1 --masses 0.9 --head-balance off on --reps 2 \
+            --out "$RES/balance14x4" "${BENCH[@]}"
+        ;;
+    scale14-1|scale14-2|scale14-4|scale14-8)  # scaling: the Wan2.1-14B 720p forward on N GPUs (Ulysses, head balance off/on)
+        n=${s#scale14-}
+        if [ "$n" = 1 ]; then
+            stage "$s" timeout 560 python3 -m sparsevid bench e2e --model wan2.1-14b --resolution 720p --methods draft \
+                --densities 0.1 --reps 2 --out "$RES/$s" --no-record
+        else
+            stage "$s" timeout 560 torchrun --nproc_per_node "$n" -m sparsevid bench e2e --model wan2.1-14b \
+                --resolution 720p --gpus "$n" --methods draft --densities 0.1 --head-balance off on --reps 2 \
+                --out "$RES/$s" --no-record
+        fi
+        ;;
+    scale14)  # the scaling runs made so far (stages scale14-N, same warm machine) in one table: 1 -> 2 -> 4 (-> 8) GPUs
+        runs=()
+        for n in 1 2 4 8; do [ -d "$RES/scale14-$n" ] && runs+=("$RES/scale14-$n"); done
+        stage scale14 python3 scripts/scaling_table.py "${runs[@]}" "${BENCH[@]}"
         ;;
     comfy)  # ComfyUI's own Wan at the 1.3B shape, one step dense vs through the node (COMFYUI_PATH or .comfy)
         COMFYUI_PATH="${COMFYUI_PATH:-$PWD/.comfy}" stage comfy python3 scripts/comfyui_step_time.py "${MD[@]}"

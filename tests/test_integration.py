@@ -118,8 +118,9 @@ def test_one_text_token_does_not_make_the_reference_dense(monkeypatch):
     widths = []
     real_attend = reference._attend
 
-    def spy(q, k, v, slots, counts, keys, unit, scale):
-        return real_attend(q, k, v, slots, counts, lambda b, w: widths.append(w * len(b)) or keys(b, w), unit, scale)
+    def spy(q, k, v, slots, counts, keys, unit, scale, **options):
+        return real_attend(q, k, v, slots, counts, lambda b, w: widths.append(w * len(b)) or keys(b, w), unit, scale,
+                           **options)
 
     monkeypatch.setattr(reference, "_attend", spy)
     for text in (0, 1):

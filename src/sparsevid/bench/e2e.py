@@ -22,6 +22,12 @@ bf16 on the GPU. Measured, every contender in the same run:
   timestep would be skipped entirely). The loop opens ``cache_context("cond"/"uncond")`` per branch,
   as pipelines do.
 
+- **several GPUs** (``--gpus N`` under ``torchrun``, ``--ring-degree R``): diffusers' context parallelism,
+  Ulysses degree ``N/R`` times ring degree ``R``; a first row times each rank alone, the native rows run
+  diffusers' own templates (ring: on cuDNN SDPA, which returns the log-sum-exp the ring merge needs).
+  ``--head-balance on`` rows apply ``head_balance=True``; its head order comes from the first plans and
+  applies where the layers next replan, so their timed forwards run ``--replan-every`` steps later.
+
 Timings: CUDA events, warm-up, median of ``--reps``.
 """
 
@@ -99,7 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", default="480p", help="480p or 720p (default: %(default)s)")
     parser.add_argument("--frames", type=positive_int, default=None, help="video frames (default: the model's usual)")
     parser.add_argument("--methods", nargs="+", default=["draft"], help="planners (default: %(default)s)")
-    parser.add_argument("--densities", type=fraction, nargs="+", default=[0.1], help="densities (default: %(default)s)")
+    parser.add_argument("--densities", type=fraction, nargs="*", default=[0.1], help="densities (default: %(default)s)")
+    parser.add_argument("--masses", type=fraction, nargs="*", default=[],
+                        help="mass budgets, one row each besides the densities (e.g. --masses 0.9 --densities)")
     parser.add_argument("--dense-layers", type=int, default=1, help="leading dense blocks (default: %(default)s)")
     parser.add_argument("--replan-every", type=int, default=1,
                         help="recompute plans every k denoising steps (default: %(default)s); with k > 1 the forward "
@@ -111,8 +119,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "taylorseer:cache_interval=5,use_lite_mode=True | magcache:KEY=VALUE,... (see the module docstring)")
     parser.add_argument("--steps", type=non_negative_int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
     parser.add_argument("--gpus", type=positive_int, default=1,
-                        help="Ulysses context parallelism over N GPUs (diffusers' enable_parallelism); launch with "
+                        help="context parallelism over N GPUs (diffusers' enable_parallelism; Ulysses unless "
+                             "--ring-degree); launch with "
                              "`torchrun --nproc_per_node N -m sparsevid bench e2e --gpus N ...`")
+    parser.add_argument("--ring-degree", type=int, default=1,
+                        help="ring attention degree R of --gpus N (Ulysses degree N/R: R = N is ring, 1 < R < N "
+                             "hybrid); the native rows then run diffusers' ring template on cuDNN SDPA "
+                             "(default: %(default)s)")
+    parser.add_argument("--head-balance", nargs="+", choices=["off", "on"], default=["off"],
+                        help="sparsevid.apply's head_balance (Ulysses head order by plan cost), one row each "
+                             "(default: %(default)s)")
     parser.add_argument("--backends", nargs="+", default=["auto"],
                         help="sparse_attention backends to time, one row each (default: %(default)s)")
     parser.add_argument("--tail", nargs="+", choices=["none", *TAIL_METHODS], default=["none"],
@@ -259,9 +275,10 @@ def run(args) -> int:
     options = dict(args.option)
     reuse = parse_reuse(args.reuse)
     tails = [None if t == "none" else t for t in args.tail]
-    for method, density, backend, tail in itertools.product(args.methods, args.densities, args.backends, tails):
+    budgets = [(d, None) for d in args.densities] + [(None, m) for m in args.masses]
+    for method, (density, mass), backend, tail in itertools.product(args.methods, budgets, args.backends, tails):
         if method != "none":  # every setting refused before any work, as sparsevid.apply refuses it
-            validate_config(SparseVidConfig(method, density, dense_layers=args.dense_layers,
+            validate_config(SparseVidConfig(method, density, mass, dense_layers=args.dense_layers,
                                             replan_every=args.replan_every, backend=backend,
                                             planner_options=options, tail=tail), has_schedule=True,
                             device=torch.device(device))
@@ -286,23 +303,40 @@ def run(args) -> int:
 
     rows = []
     single_ms = None
+    ring = args.ring_degree
+    if ring < 1 or world % ring:
+        raise ValueError(f"Expect --ring-degree dividing --gpus {world} but got {ring}")
+    ulysses = world // ring
+    parallel = "" if world == 1 else ", " + " x ".join(
+        [f"Ulysses x{ulysses}"] * (ulysses > 1) + [f"ring x{ring}"] * (ring > 1))
     if world > 1:
         from diffusers import ContextParallelConfig
 
         single_ms = timed(lambda: _forward(model, inputs))  # every rank alone on its own GPU
         rows.append(dict(method="native, 1 GPU (no parallelism)", density=1.0, forward_ms=single_ms))
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-    native_ms = timed(lambda: _forward(model, inputs))
-    if device == "cuda":
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            cudnn_ms = timed(lambda: _forward(model, inputs))
+        if ring > 1 and device == "cuda":  # diffusers' ring template merges by log-sum-exp: default SDPA has none
+            model.set_attention_backend("_native_cudnn")
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+    if ring > 1 and device != "cuda":  # no CPU attention backend of diffusers returns the log-sum-exp
+        native_ms = cudnn_ms = float("inf")
+        print("[e2e] native ring attention needs a CUDA backend returning log-sum-exp: no native row on the CPU")
+    elif ring > 1:
+        native_ms = cudnn_ms = timed(lambda: _forward(model, inputs))
+        rows.append(dict(method=f"native (diffusers ring template, cuDNN SDPA){parallel}", density=1.0,
+                         forward_ms=native_ms))
     else:
-        cudnn_ms = float("inf")
+        native_ms = timed(lambda: _forward(model, inputs))
+        if device == "cuda":
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                cudnn_ms = timed(lambda: _forward(model, inputs))
+        else:
+            cudnn_ms = float("inf")
+        rows.append(dict(method=f"native (default SDPA){parallel}", density=1.0, forward_ms=native_ms))
+        if device == "cuda":
+            rows.append(dict(method=f"native (cuDNN SDPA){parallel}", density=1.0, forward_ms=cudnn_ms))
     best_native = min(native_ms, cudnn_ms)
-    parallel = f", Ulysses x{world}" if world > 1 else ""
-    rows.append(dict(method=f"native (default SDPA){parallel}", density=1.0, forward_ms=native_ms))
-    if device == "cuda":
-        rows.append(dict(method=f"native (cuDNN SDPA){parallel}", density=1.0, forward_ms=cudnn_ms))
+    if best_native == float("inf"):  # the CPU ring smoke run: speedups against one process
+        best_native = single_ms
     print(f"[e2e] {args.model} {args.resolution} {frames} frames: native {native_ms:.1f} ms, cuDNN {cudnn_ms:.1f} ms")
 
     best_context = contextlib.nullcontext if native_ms <= cudnn_ms else lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
@@ -320,35 +354,47 @@ def run(args) -> int:
     reuse_names = " + ".join(reuse_label(r) for r in reuse)
     tile_orders = {"auto": None, "on": True, "off": False}
     variants = [(b, t) for b in args.backends for t in args.tile_order]
-    jobs = [(m, d, b, t, tail) for m in args.methods for d in (args.densities if m != "none" else [1.0])
-            for b, t in variants for tail in (tails if m != "none" else [None])]
-    for method, density, backend, order, tail in tqdm(jobs, desc="sparse configs", unit="cfg"):
+    balances = [b == "on" for b in args.head_balance]
+    budgets = [("density", d) for d in args.densities] + [("mass", m) for m in args.masses]  # one row each
+    jobs = [(m, bu, b, t, tail, hb) for m in args.methods for bu in (budgets if m != "none" else [("density", 1.0)])
+            for b, t in variants for tail in (tails if m != "none" else [None])
+            for hb in (balances if m != "none" else [False])]
+    for method, (kind, amount), backend, order, tail, balance in tqdm(jobs, desc="sparse configs", unit="cfg"):
         sparse_method = None if method == "none" else method  # none: native attention, reuse only
+        density, mass = (amount, None) if kind == "density" else (None, amount)
+        budget = f"{amount:g}" if kind == "density" else f"mass={amount:g}"
         settings = dict(method=sparse_method, density=density if sparse_method else None,
-                        dense_layers=args.dense_layers, replan_every=args.replan_every, backend=backend,
-                        tile_order=tile_orders[order] if sparse_method else None, tail=tail, **(options if sparse_method else {}))
+                        mass=mass if sparse_method else None, dense_layers=args.dense_layers,
+                        replan_every=args.replan_every, backend=backend,
+                        tile_order=tile_orders[order] if sparse_method else None, tail=tail,
+                        **(options if sparse_method else {}))
+        if balance:
+            settings["head_balance"] = True
         # forward: every step sparse (dense_steps=0); planning included in the time
         handle = sv.apply(forward_target, dense_steps=0, reuse=forward_reuse or None, **settings)
         with best_context():
             out = _forward(model, inputs)
+            if balance:  # the order the first plans ask for applies where the layers next replan: a later step
+                mid_generation.step_index += args.replan_every
             ms = timed(lambda: _forward(model, inputs))
+        mid_generation.step_index = 5
         stats = handle.stats()
         tiled = bool(handle.sessions[0].tiled)
         if args.profile and sparse_method:
-            profiles.append(_profile(model, inputs, best_context, f"{method}@{density:g} {backend} "
+            profiles.append(_profile(model, inputs, best_context, f"{method}@{budget} {backend} "
                                      f"tile order {'on' if tiled else 'off'}", args.out))
         handle.remove()
         label = method + (f" [{backend}, tile order {'on' if tiled else 'off'}]" if sparse_method and len(variants) > 1
-                          else "") + (f" tail={tail}" if tail else "")
+                          else "") + (f" tail={tail}" if tail else "") + (" head_balance" if balance else "")
         row = dict(method=label + (f" + {reuse_names}" if reuse_names else "") + parallel, density=density,
-                   forward_ms=ms, achieved=stats["mean_density"], finite=bool(torch.isfinite(out).all()),
+                   budget=budget, forward_ms=ms, achieved=stats["mean_density"], finite=bool(torch.isfinite(out).all()),
                    sparse_calls=stats["sparse_calls"])
         if forward_reuse:
             row["forward_replay_rate"] = stats["reuse"][0]["token_replay"]["replay_rate"]
         if args.steps:
             handle = sv.apply(target, reuse=reuse or None, **settings)
             with best_context():
-                row["loop_s"] = _loop(model, inputs, args.steps, schedule, device, f"{method} {density} loop")
+                row["loop_s"] = _loop(model, inputs, args.steps, schedule, device, f"{method} {budget} loop")
             handle.remove()
         rows.append(row)
 
@@ -370,8 +416,8 @@ def run(args) -> int:
         + (f"; reuse {reuse_names} (token replay in forward and loop, step caches in the loop only)" if reuse else "")
         + (f"; loop: {args.steps} steps x 2 guidance branches, default warm-up (first 20% of steps dense), "
            f"native loop {loop_native:.1f} s" if args.steps else "")
-        + (f"; {world} ranks, Ulysses degree {world}: speedups are against the faster native run under the same "
-           f"parallelism; native scaling efficiency {single_ms / (world * best_native):.0%} "
+        + (f"; {world} ranks, Ulysses degree {ulysses}, ring degree {ring}: speedups are against the faster native "
+           f"run under the same parallelism; native scaling efficiency {single_ms / (world * best_native):.0%} "
            f"(1-GPU time / ({world} x parallel time))" if world > 1 else "")
     )
     columns = ["method", "density", "achieved", "forward ms", "speedup vs best native"] + (
@@ -379,7 +425,8 @@ def run(args) -> int:
             isinstance(r, TokenReplay) for r in reuse) else []) + (["loop s", "loop speedup"] if args.steps else [])
     table_rows = []
     for r in rows:
-        row = [r["method"], f"{r['density']:g}", f"{r['achieved']:.3f}" if r.get("achieved") else "-",
+        budget = r["budget"] if "budget" in r else f"{r['density']:g}"
+        row = [r["method"], budget, f"{r['achieved']:.3f}" if r.get("achieved") else "-",
                f"{r['forward_ms']:.1f}", f"{r['speedup']:.2f}x"]
         if world > 1:
             row.append(f"{single_ms / r['forward_ms']:.2f}x")
@@ -398,7 +445,7 @@ def run(args) -> int:
     print(header)
     print(table)
     with open(os.path.join(args.out, f"e2e_{args.model}_{args.resolution}.json"), "w") as f:
-        json.dump(dict(header=header, rows=rows), f, indent=1)
+        json.dump(dict(header=header, rows=rows, gpus=world, ulysses=ulysses, ring=ring), f, indent=1)
     if args.record:
         append_benchmarks(args.benchmarks_md, f"bench e2e — {args.model} {args.resolution}", header, table)
     return 0 if all(r.get("finite", True) for r in rows) else 1

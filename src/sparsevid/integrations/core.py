@@ -7,9 +7,11 @@ arguments (bound by name, see :func:`sparsevid.models.bind_call`) and
 :meth:`~SparseSession.end_forward` (also when the forward raised); for each video self-attention
 layer it asks :meth:`SparseSession.runs_sparse`; and it routes a sparse layer's attention call to
 :meth:`SparseSession.attend` (``scaled_dot_product_attention``'s arguments, ``(B, heads, L, D)``
-tensors). Everything else — which step this is and when a generation starts, whether the step and
-layer run dense, the token layout, planning, plan reuse across steps, text tokens and key-padding
-masks, and the counts a handle reports — lives here, so every adapter behaves alike.
+tensors), or under ring attention to :meth:`SparseSession.attend_ring` (a rank's sequence chunk).
+Everything else — which step this is and when a generation starts, whether the step and layer run
+dense, the token layout, planning, plan reuse across steps, text tokens and key-padding masks, the
+Ulysses head order (:attr:`SparseSession.head_balance`), and the counts a handle reports — lives
+here, so every adapter behaves alike.
 
 No host sync on the sparse path once a generation runs: the step comes from the scheduler's
 ``step_index`` (a Python int; the timestep value is read once when it is not known yet), plans and
@@ -27,14 +29,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import check_tail_plan, sparse_attention
+from ..attention import check_scale, check_tail_plan, sparse_attention
 from ..backends import _registry, backend_spec, check_backend_name, check_quant, tail_refusal
+from ..head_balance import HeadBalance, separable
 from ..layout import VideoLayout
 from ..models import ModelSpec
+from ..plan import BlockPlan
 from ..planners import _check_fraction, available_planners, check_options
 from ..planners import plan as make_plan
 from ..planners._select import _DEFAULT_DENSITY, _forced_entries
 from ..planners.xattn import _DEFAULT_MASS as _XATTN_MASS
+from ..ring import RingGroup, gather_sequence, ring_rank_attention
 from ..tail import check_tail
 
 __all__ = ["DEFAULT_DENSE_STEP_FRACTION", "SparseSession", "SparseVidConfig", "budget", "check_layers",
@@ -76,6 +81,9 @@ class SparseVidConfig:
             through the quantized kernel (``dense_layers=0, dense_steps=0`` quantizes every layer).
         tail (str | None): what the key blocks a plan skips contribute (see ``sparse_attention`` and
             :mod:`sparsevid.tail`): ``None`` drops them; ``"pooled-var"`` keeps them as summary terms.
+        head_balance (bool): under Ulysses context parallelism, deal the heads to the ranks so that each
+            computes about the same score entries (:mod:`sparsevid.head_balance`); the result is the
+            same either way. No effect without Ulysses.
     """
 
     method: str | None = "draft"
@@ -89,6 +97,7 @@ class SparseVidConfig:
     tile_order: bool | None = None
     quant: str | None = None
     tail: str | None = None
+    head_balance: bool = False
 
     @property
     def layout_options(self) -> dict:
@@ -145,6 +154,12 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
                          "got method=None; pass method='dense' for quantized dense attention")
     if config.tile_order is not None and not isinstance(config.tile_order, bool):
         raise TypeError(f"Expect tile_order to be a bool or None but got {config.tile_order!r}")
+    if not isinstance(config.head_balance, bool):
+        raise TypeError(f"Expect head_balance to be a bool but got {config.head_balance!r}")
+    reason = separable(config.method, config.plan_options) if config.head_balance else None
+    if reason is not None:
+        raise ValueError(f"Expect a planner whose plan of each head depends on that head alone with head_balance=True "
+                         f"but {reason}; use head_balance=False")
     if config.method is None:
         if config.density is not None or config.mass is not None or config.planner_options:
             raise ValueError("Expect no density, mass or planner options with method=None (native attention)")
@@ -244,6 +259,7 @@ class SparseSession:
         self.sparse_calls = 0  # attention calls computed by sparsevid
         self.dense_calls = 0  # attention calls of hooked layers left native (dense layers and steps)
         self.plans_made = 0
+        self.head_balance = HeadBalance()  # the Ulysses head order of each layer (config.head_balance)
         self._density_sum: torch.Tensor | None = None  # on the device: no sync per plan
         # called as ``observe(layer, step, query, key, value, out, scale)`` after each sparse call (measurement
         # harnesses, e.g. eval's per-step error; empty in normal use)
@@ -267,6 +283,7 @@ class SparseSession:
         self._layouts.clear()
         self._unchecked.clear()
         self._mask_reads.clear()
+        self.head_balance.reset()
         if self._density_sum is not None:
             self._density_sum = torch.tensor(float(self._density_sum), dtype=torch.float64)  # read once, at removal
 
@@ -417,29 +434,80 @@ class SparseSession:
         return layout
 
     def _sparse(self, query, key, value, scale, tag) -> torch.Tensor:
-        config = self.config
-        layout = self._layout(query.shape[2])
-        cache_key = (*tag, self.call_in_step, tuple(query.shape), layout.tiled, torch.is_inference_mode_enabled())
-        cached = self._plans.get(cache_key)
-        if cached is None or self.step - cached[0] >= config.replan_every or cached[0] > self.step:
-            plan = make_plan(query, key, layout, config.method, density=config.density, mass=config.mass,
-                             validate=False, **config.plan_options)
-            cached = (self.step, plan)
-            if config.replan_every > 1:  # kept only for reuse: every layer's plan held at once costs GBs at 720p
-                self._plans[cache_key] = cached
-            self.plans_made += 1
-            with torch.no_grad():
-                density = plan.density_per_head().mean()
-                self._density_sum = density if self._density_sum is None else self._density_sum + density
-            if layout in self._unchecked:
-                self._unchecked.discard(layout)
-                self._check_density(plan, layout, query, key)
+        layout, cache_key = self._plan_key(query.shape, tag)
+        plan = self._cached_plan(cache_key)
+        if plan is None:
+            plan = self._new_plan(query, key, layout, cache_key, tag)
         self.sparse_calls += 1
-        out = sparse_attention(query, key, value, cached[1], scale=scale, backend=config.backend, quant=config.quant,
-                               tail=config.tail)
+        out = sparse_attention(query, key, value, plan, scale=scale, backend=self.config.backend,
+                               quant=self.config.quant, tail=self.config.tail)
         for observe in self.observers:
             observe(tag[0], self.step, query, key, value, out, scale)
         return out
+
+    def _plan_key(self, shape, tag) -> tuple[VideoLayout, tuple]:
+        """The layout of a call of q's ``shape`` and the key of its plan in the cache (the head order
+        is part of it: a plan made for one order of heads is never reused under another)."""
+        layout = self._layout(shape[2])
+        return layout, (*tag, self.call_in_step, tuple(shape), layout.tiled, torch.is_inference_mode_enabled(),
+                        self.head_balance.version(tag[:2]))
+
+    def _cached_plan(self, cache_key):
+        """The cached plan to reuse for ``cache_key`` now, or ``None`` (replan)."""
+        cached = self._plans.get(cache_key)
+        if cached is None or self.step - cached[0] >= self.config.replan_every or cached[0] > self.step:
+            return None
+        return cached[1]
+
+    def _new_plan(self, query, key, layout: VideoLayout, cache_key: tuple, tag: tuple):
+        config = self.config
+        plan = make_plan(query, key, layout, config.method, density=config.density, mass=config.mass,
+                         validate=False, **config.plan_options)
+        if config.replan_every > 1:  # kept only for reuse: every layer's plan held at once costs GBs at 720p
+            self._plans[cache_key] = (self.step, plan)
+        self.plans_made += 1
+        with torch.no_grad():
+            density = plan.density_per_head().mean()
+            self._density_sum = density if self._density_sum is None else self._density_sum + density
+        if layout in self._unchecked:
+            self._unchecked.discard(layout)
+            self._check_density(plan, layout, query, key)
+        if config.head_balance:
+            self.head_balance.record(tag[:2], plan, query.shape[1], self.step)
+        return plan
+
+    def attend_ring(self, query, key, value, *, layer: int, call: int = 0, ring: RingGroup,
+                    scale=None) -> torch.Tensor:
+        """One video self-attention call under ring attention, computed sparse (:mod:`sparsevid.ring`).
+
+        ``query``/``key``/``value``: ``(B, heads, C, D)``, ring rank ``ring.rank``'s chunk of a sequence
+        of ``ring.size * C`` tokens (equal chunks in sequence order). The ring gathers the chunks (q only
+        where this call plans), the plan is the one-GPU plan of the whole sequence, and the rank's
+        steps skip the key chunks its query chunk keeps nothing of. Returns the rank's ``(B, heads, C, D)``.
+        Observers (:attr:`observers`) are not called: no rank holds a whole call's output.
+        """
+        config, name = self.config, type(self).__name__
+        if self.spec.others is not None:
+            raise NotImplementedError(f"NYI: {name} under ring attention for a model with text tokens in its "
+                                      "self-attention sequence (diffusers splits only the video tokens)")
+        if config.quant is not None:
+            raise NotImplementedError(f"NYI: quant={config.quant!r} under ring attention (the 8-bit kernels have no "
+                                      "ring step); use quant=None")
+        B, H, C, D = query.shape
+        scale = check_scale(scale, D)
+        layout, cache_key = self._plan_key((B, H, C * ring.size, D), (layer, call))
+        plan = self._cached_plan(cache_key)
+        if plan is None:
+            q_all, k_all, v_all = gather_sequence((query, key, value), ring)
+            plan = self._new_plan(q_all, k_all, layout, cache_key, (layer, call))
+        else:
+            k_all, v_all = gather_sequence((key, value), ring)
+        if not isinstance(plan, BlockPlan):
+            raise NotImplementedError(f"NYI: {config.method!r}'s {type(plan).__name__} under ring attention "
+                                      "(a BlockPlan only)")
+        self.sparse_calls += 1
+        return ring_rank_attention(query, k_all, v_all, plan, ring.rank, ring.size, scale, config.tail,
+                                   config.backend)[0]
 
     def _check_density(self, plan, layout: VideoLayout, query, key) -> None:
         """Warn (once) when a layout's plans compute well over the density asked: a grid of few blocks

@@ -12,8 +12,10 @@ Mechanism — diffusers' own plug-in points, never a fork of model code:
   processors call ``dispatch_attention_fn``, which looks the backend function up in
   ``_AttentionBackendRegistry._backends``. While any sparsevid handle is live, every registered
   backend function there is wrapped: inside a sparse layer's forward the wrapper hands the call to
-  the session (in diffusers' ``(B, L, heads, D)`` layout; under Ulysses context parallelism through
-  diffusers' own all-to-all template), everywhere else it calls the user's backend unchanged. So
+  the session (in diffusers' ``(B, L, heads, D)`` layout; under context parallelism with diffusers'
+  meshes: Ulysses through its own all-to-all template, ring and hybrid through
+  :meth:`~sparsevid.integrations.core.SparseSession.attend_ring`, optionally with the heads dealt by
+  :mod:`sparsevid.head_balance`), everywhere else it calls the user's backend unchanged. So
   ``set_attention_backend("flash")``, ``attention_backend("sage")`` or ``"flex"`` — set before or
   after :func:`apply` — keep serving the dense layers, and the sparse ones run on sparsevid. This
   touches diffusers' private registry: tested with diffusers 0.42.1; an incompatible diffusers is
@@ -81,15 +83,26 @@ class _SparseForward:
             out = self.attend(*(t.transpose(1, 2) for t in (query, key, value)), attn_mask=attn_mask,
                               dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
             return out.transpose(1, 2)
+        session, ulysses = self.session, context.ulysses_degree or 1
+        # Head balance: permute whole heads before the Ulysses split (every rank alike) and back after it
+        slot = (self.layer, self.calls)
+        order = (session.head_balance.order(slot, session.step, session.config.replan_every)
+                 if session.config.head_balance and ulysses > 1 else None)
+        if order is not None:
+            query, key, value = (t.index_select(2, order) for t in (query, key, value))
         if (context.ring_degree or 1) > 1:
-            # Ring attention merges per-chunk softmaxes through log-sum-exp, which a block plan over the
-            # full grid does not split into.
-            raise NotImplementedError(
-                f"NYI: sparsevid under ring attention (ring_degree={context.ring_degree}); "
-                "use ContextParallelConfig(ulysses_degree=...) with ring_degree=1"
-            )
-        # Ulysses: after diffusers' all-to-all every rank holds the whole sequence for its heads, so it
-        # plans them exactly as one GPU would (the step and layer decisions are equal on every rank).
+            out = self._ring(query, key, value, attn_mask, scale, context)
+        else:
+            out = self._ulysses(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _parallel_config)
+        if session.config.head_balance and ulysses > 1:
+            self._propose_order(slot, order, context)
+        if order is not None:
+            out = out.index_select(2, torch.argsort(order))
+        return out
+
+    def _ulysses(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, parallel_config):
+        """After diffusers' all-to-all every rank holds the whole sequence for its heads, so it plans them
+        exactly as one GPU would (the step and layer decisions are equal on every rank)."""
         from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
         def forward_op(ctx, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
@@ -101,9 +114,41 @@ class _SparseForward:
             raise NotImplementedError("NYI: backward of sparsevid attention under context parallelism")
 
         return _templated_context_parallel_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
-            forward_op=forward_op, backward_op=backward_op, _parallel_config=_parallel_config,
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
+            forward_op=forward_op, backward_op=backward_op, _parallel_config=parallel_config,
         )
+
+    def _ring(self, query, key, value, attn_mask, scale, context):
+        """Ring (and hybrid Ulysses x ring) attention with diffusers' meshes: under hybrid, diffusers'
+        all-to-all over the Ulysses group first gives every rank its ring chunk for its heads (as its
+        unified template does); then :meth:`SparseSession.attend_ring` over the ring group."""
+        if context.ring_anything:
+            raise NotImplementedError("NYI: sparsevid under ring_anything (unequal chunks); use equal chunks "
+                                      "(a sequence length divisible by the ring degree)")
+        if attn_mask is not None:
+            raise NotImplementedError("NYI: sparsevid under ring attention with an attention mask")
+        from diffusers.models.attention_dispatch import SeqAllToAllDim
+
+        from ..ring import RingGroup
+
+        ulysses = context._ulysses_mesh.get_group() if context.ulysses_degree > 1 else None
+        if ulysses is not None:  # (B, L/(R*U), H, D) -> (B, L/R, H/U, D)
+            query, key, value = (SeqAllToAllDim.apply(ulysses, t, 2, 1) for t in (query, key, value))
+        ring = RingGroup(context._ring_local_rank, context.ring_degree, context._ring_mesh.get_group())
+        out = self.session.attend_ring(*(t.transpose(1, 2) for t in (query, key, value)), layer=self.layer,
+                                       call=self.calls, ring=ring, scale=scale).transpose(1, 2)
+        self.calls += 1
+        return SeqAllToAllDim.apply(ulysses, out, 1, 2) if ulysses is not None else out
+
+    def _propose_order(self, slot, applied, context) -> None:
+        """Every Ulysses rank's per-head cost of the plan just made (one all-gather) -> the next order."""
+        from ..ring import all_gather
+
+        local = self.session.head_balance.take_recorded(slot)
+        if local is None:  # no new plan this call
+            return
+        costs = all_gather(local, context._ulysses_mesh.get_group(), context.ulysses_degree)
+        self.session.head_balance.propose(slot, costs, applied, context.ulysses_degree)
 
 
 class _Active(threading.local):
@@ -406,6 +451,7 @@ def apply(
     tile_order: bool | None = None,
     quant: str | None = None,
     tail: str | None = None,
+    head_balance: bool = False,
     **planner_options,
 ) -> SparseVidHandle:
     """Make ``target``'s video self-attention sparse. See :class:`SparseVidConfig` for the options.
@@ -428,6 +474,10 @@ def apply(
         tail (str | None): what the key blocks a plan skips contribute: ``None`` (default) drops them;
             ``"pooled-var"`` keeps each as a summary term in the same softmax (:mod:`sparsevid.tail`).
             Backends ``fa4``, ``triton``, ``reference``; refused with ``quant=`` and token plans.
+        head_balance (bool): under diffusers' Ulysses (or hybrid) context parallelism, deal the heads to
+            the ranks by the computed entries of their last plans (:mod:`sparsevid.head_balance`), so
+            that ranks finish together; the output is the same. Refused for planners whose plan of a
+            head depends on other heads (``random``, ``budget="layer"``).
 
     Returns:
         SparseVidHandle; ``handle.remove()`` (or :func:`remove`) restores native behaviour exactly.
@@ -445,7 +495,7 @@ def apply(
             raise TypeError(f"Expect the model itself but got torch.compile's wrapper of a {type(compiled).__name__}; "
                             "call sparsevid.apply on the model first, then torch.compile it (its hooks compile too)")
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
-                             dict(planner_options), tile_order, quant, tail)
+                             dict(planner_options), tile_order, quant, tail, head_balance)
     device = next((p.device for p in transformers[0].parameters()), None) if transformers else None
     # a bare transformer's steps come from the cache_context diffusers pipelines call it in
     has_schedule = scheduler is not None or all(hasattr(t, "cache_context") for t in transformers)

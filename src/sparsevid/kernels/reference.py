@@ -35,44 +35,56 @@ def sparse_attention_reference(
     probs_fn=None,
     tail: TailSummaries | None = None,
     kept: torch.Tensor | None = None,
-) -> torch.Tensor:
+    key_perm: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the kept key blocks, computed in float32, returned in q's dtype.
 
     Args:
-        q, k, v (Tensor): ``(B, H, L, D)``, any strides, one dtype and device.
+        q, k, v (Tensor): ``(B, H, L, D)``, any strides, one dtype and device (with ``key_perm``, k
+            and v may have another length ``Lk``).
         perm (Tensor): int64 ``(NB * block_size,)``, original token of each tile-order slot, -1 missing.
         kv_num_blocks (Tensor): int32 ``(B or 1, H or 1, NB)``.
-        kv_indices (Tensor): int32 ``(B or 1, H or 1, NB, max_kept)``.
+        kv_indices (Tensor): int32 ``(B or 1, H or 1, NB, max_kept)``: indices of key blocks (of
+            ``key_perm``'s blocks when given).
         block_size (int): slots per block.
         scale (float): softmax scale.
         probs_fn (callable | None): ``scores -> probabilities`` (default ``softmax``); the
             quantization reference rounds P with it.
         tail (TailSummaries | None): summaries of k and v (:mod:`sparsevid.tail`): each query row's
             skipped key groups join its softmax as one term each; ``None`` drops them.
-        kept (Tensor | None): with ``tail``, bool ``(B or 1, H or 1, NB, NB)``, the plan as a block mask
-            (``plan.to_dense()``): which key blocks' groups are computed exactly, not summarised.
+        kept (Tensor | None): with ``tail``, bool ``(B or 1, H or 1, NB, NS // per_block)``, the plan as a
+            block mask (``plan.to_dense()``): which key blocks' groups are computed exactly, not summarised.
+        key_perm (Tensor | None): int64 ``(NBk * block_size,)``: the key token (an index into k) of each
+            slot of the key blocks, -1 missing; ``None``: ``perm`` (self-attention). A ring step's query
+            and key chunks (:mod:`sparsevid.ring`) have different tables.
+        return_lse (bool): also return each row's natural-log log-sum-exp over its computed entries, and
+            the output in float32: a partial that :func:`sparsevid.ring.merge_partials` merges (a row
+            that computes nothing gets zeros and ``-inf``).
 
     Returns:
-        Tensor ``(B, H, L, D)`` contiguous, original token order.
+        Tensor ``(B, H, L, D)`` contiguous, original token order; with ``return_lse`` ``(out, lse)``,
+        float32 ``(B, H, L, D)`` and ``(B, H, L)``.
     """
     B, H = q.shape[:2]
     nb = perm.numel() // block_size
     slots = perm.view(nb, block_size)
+    key_slots = slots if key_perm is None else key_perm.view(-1, block_size)
     counts = kv_num_blocks.expand(B, H, nb)
     kv_indices = kv_indices.expand(B, H, nb, kv_indices.shape[-1])
 
     def keys(blocks: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = kv_indices[:, :, blocks, :kept].long()  # (B, H, c, kept)
         valid_block = torch.arange(kept, device=q.device) < counts[:, :, blocks, None]
-        k_tok = slots[idx.clamp(0, nb - 1)]  # (B, H, c, kept, bs)
+        k_tok = key_slots[idx.clamp(0, key_slots.shape[0] - 1)]  # (B, H, c, kept, bs)
         valid = valid_block[..., None] & (k_tok >= 0)
         return k_tok.flatten(-2), valid.flatten(-2)
 
     if tail is not None:
-        return _attend(q, k, v, slots, counts, keys, block_size, scale,
-                       tail=_tail_terms(tail, kept.expand(B, H, nb, nb), scale))
+        return _attend(q, k, v, slots, counts, keys, block_size, scale, return_lse=return_lse,
+                       tail=_tail_terms(tail, kept.expand(B, H, nb, kept.shape[-1]), scale))
     if probs_fn is None:
-        return _attend(q, k, v, slots, counts, keys, block_size, scale)
+        return _attend(q, k, v, slots, counts, keys, block_size, scale, return_lse=return_lse)
     return _attend(q, k, v, slots, counts, keys, block_size, scale, probs_fn=probs_fn)
 
 
@@ -127,7 +139,7 @@ def sparse_attention_reference_tokens(
     return _attend(q, k, v, perm.view(nb, block_size), counts, keys, 1, scale)
 
 
-def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None, tail=None):
+def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None, tail=None, return_lse=False):
     """Chunks of query blocks against their gathered keys: the one computation of all twins.
 
     ``counts`` ``(B, H, NB)``: kept keys of each query block, in units of ``key_unit`` tokens.
@@ -137,10 +149,13 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None, tail=N
     reference rounds them as its kernel does).
     ``tail(qg, blocks) -> (logits (B, H, c, bs, NS), values (B, H, 1, NS, D))``: summary terms that join
     the same softmax (:func:`_tail_terms`); ``None`` drops the skipped keys.
+    ``return_lse``: ``(out, lse)`` in float32, rows without a computed entry zero with ``-inf``.
     """
     B, H, L, D = q.shape
+    Lk = k.shape[2]
     nb, block_size = slots.shape
-    out = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, H, L, D, dtype=torch.float32 if return_lse else q.dtype, device=q.device)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device) if return_lse else None
     widest = counts.amax(dim=(0, 1)).clamp(min=1)  # (NB,): the chunk width a query block needs
     order = widest.argsort()
     widths = widest[order].tolist()  # one host read: the reference is the CPU/oracle path
@@ -161,7 +176,7 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None, tail=N
 
         k_tok, valid = keys(blocks, width)  # (B, H, c, width * key_unit)
         n = k_tok.shape[-1]
-        gather = k_tok.clamp(0, L - 1).reshape(B, H, -1, 1).expand(-1, -1, -1, D)
+        gather = k_tok.clamp(0, Lk - 1).reshape(B, H, -1, 1).expand(-1, -1, -1, D)
         kg = k.gather(2, gather).float().view(B, H, c, n, D)
         vg = v.gather(2, gather).float().view(B, H, c, n, D)
 
@@ -169,14 +184,19 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None, tail=N
         scores = scores.masked_fill(~valid.view(B, H, c, 1, n), float("-inf"))
         if tail is not None:  # one softmax over the exact keys and the summary terms
             tail_scores, tail_values = tail(qg, blocks)
-            probs = torch.softmax(torch.cat([scores, tail_scores], dim=-1), dim=-1)
-            og = (torch.matmul(probs[..., :n], vg) + torch.matmul(probs[..., n:], tail_values)).view(B, H, c * block_size, D)
+            scores = torch.cat([scores, tail_scores], dim=-1)
+        if return_lse:  # rows with nothing computed: lse -inf, probabilities exp(-inf) = 0
+            row_lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - row_lse.masked_fill(row_lse == float("-inf"), 0.0).unsqueeze(-1))
+            lse[:, :, q_tok[q_real]] = row_lse.reshape(B, H, c * block_size)[:, :, q_real]
         else:
             probs = torch.softmax(scores, dim=-1) if probs_fn is None else probs_fn(scores)
-            og = torch.matmul(probs, vg).view(B, H, c * block_size, D)
-        out[:, :, q_tok[q_real]] = og[:, :, q_real].to(q.dtype)
+        og = torch.matmul(probs[..., :n], vg)
+        if tail is not None:
+            og = og + torch.matmul(probs[..., n:], tail_values)
+        out[:, :, q_tok[q_real]] = og.view(B, H, c * block_size, D)[:, :, q_real].to(out.dtype)
         m0 = m1
-    return out
+    return (out, lse) if return_lse else out
 
 
 @register_backend(

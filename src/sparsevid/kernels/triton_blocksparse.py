@@ -12,6 +12,11 @@ One program computes one query block ``m`` of one ``(batch, head)``:
   ``BLOCK_SIZE // BLOCK_N`` sub-tiles; padding key slots get score ``-inf``);
 * it stores its finished rows back to their ORIGINAL positions.
 
+A ring step (:mod:`sparsevid.ring`) runs the same kernel with a query chunk's and a key chunk's own
+tables: ``KPerm`` (the key slots, ``-1`` outside the key chunk) beside ``Perm`` (the query slots), and
+``RETURN_LSE`` to write each row's log-sum-exp next to its output (zeros and ``-inf`` where a row
+computes nothing), the partial the ring merges.
+
 So no reordered copy of q, k, v or out is ever made, and no memory beyond the output is allocated.
 The kernel never decides sparsity: the plan comes in as data (FlexAttention's ``kv_num_blocks`` /
 ``kv_indices`` vocabulary), possibly as expanded (stride-0) views, whose strides are passed as is.
@@ -110,12 +115,12 @@ def _prune(configs, named_args, **kwargs):
 # --------------------------------------------------------------------------------------- kernel
 @triton.autotune(
     configs=list(filter(keep, _configs())),
-    key=["HEAD_DIM", "BLOCK_SIZE", "TAIL"],
+    key=["HEAD_DIM", "BLOCK_SIZE", "TAIL", "RETURN_LSE"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, V, Out, Perm, BlockReal, KVNum, KVIdx, Order, sm_scale,  #
+    Q, K, V, Out, Perm, KPerm, Lse, BlockReal, KVNum, KVIdx, Order, sm_scale,  #
     KS, VS, KVar, KRad, LogN, Kept,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
@@ -124,11 +129,12 @@ def _sparse_attn_fwd(
     stride_nbz, stride_nbh, stride_nbm,  #
     stride_kiz, stride_kih, stride_kim, stride_kik,  #
     stride_kpz, stride_kph, stride_kpm, stride_kpn,  #
+    stride_lz, stride_lh, stride_lm,  #
     H, NB, NS,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,  #
     MASK_PADDING: tl.constexpr, NUM_STAGES: tl.constexpr,  #
-    TAIL: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr,  #
+    TAIL: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, RETURN_LSE: tl.constexpr,  #
 ):
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0)
     tl.static_assert(HEAD_DIM_P >= HEAD_DIM)
@@ -154,7 +160,7 @@ def _sparse_attn_fwd(
     acc, l_i, m_i = init_state(BLOCK_M, HEAD_DIM_P)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q,  #
-        K + off_z * stride_kz + off_h * stride_kh, V + off_z * stride_vz + off_h * stride_vh, Perm, kvi_ptr,  #
+        K + off_z * stride_kz + off_h * stride_kh, V + off_z * stride_vz + off_h * stride_vh, KPerm, kvi_ptr,  #
         BlockReal,  #
         stride_kn, stride_kk, stride_vn, stride_vk, stride_kik,  #
         0, num * SPLIT, sm_scale * LOG2E,  #
@@ -172,8 +178,13 @@ def _sparse_attn_fwd(
             NS, sm_scale, offs_d,  #
             PER_BLOCK, BLOCK_T, HEAD_DIM, HEAD_DIM_P,  #
         )
-    store_rows(Out + off_z * stride_oz + off_h * stride_oh, q_tok, q_real, acc, l_i, stride_om, stride_ok, offs_d,
-               HEAD_DIM)
+    o_base = Out + off_z * stride_oz + off_h * stride_oh
+    if RETURN_LSE:  # a row that computed nothing (a ring step's empty row) stores 0 and -inf, not 0/0
+        has = l_i > 0
+        l_i = tl.where(has, l_i, 1.0)
+        lse = tl.where(has, (m_i + tl.math.log2(l_i)) / LOG2E, float("-inf"))
+        tl.store(Lse + off_z * stride_lz + off_h * stride_lh + q_tok * stride_lm, lse, mask=q_real)
+    store_rows(o_base, q_tok, q_real, acc, l_i, stride_om, stride_ok, offs_d, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------- launcher
@@ -194,7 +205,9 @@ def sparse_attention_triton(
     order: torch.Tensor | None = None,
     tail: TailSummaries | None = None,
     kept: torch.Tensor | None = None,
-) -> torch.Tensor:
+    key_perm: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch ``_sparse_attn_fwd``. Assumes validated inputs (``sparsevid.sparse_attention`` checks them).
 
     Args:
@@ -215,23 +228,37 @@ def sparse_attention_triton(
             them with the plan (then a reused plan launches with no preparatory kernels).
         tail (TailSummaries | None): summaries from :func:`sparsevid.kernels.triton_tail.summarize_triton`:
             each query block's skipped key groups join its softmax (after its kept blocks);
-            ``kept`` is then the plan as a bool block mask ``(B, H, NB, NB)`` (expanded views welcome).
+            ``kept`` is then the plan as a bool block mask ``(B, H, NB, NS // PER_BLOCK)`` (expanded views
+            welcome).
+        key_perm (Tensor | None): int64 ``(NBk * BS,)``: the key token (a row of k, which may have another
+            length) of each slot of the key blocks ``kv_indices`` addresses, ``-1`` = padding at the end
+            of a block; ``None``: ``perm``. ``block_real`` then counts ``key_perm``'s blocks.
+        return_lse (bool): also return each row's natural-log log-sum-exp, float32 ``(B, H, L)``; the
+            output is then float32 too (a ring step's partial, see :mod:`sparsevid.ring`).
 
     Returns:
         Tensor: ``(B, H, L, D)`` in the ORIGINAL token order, dtype of ``q``; strides like ``q``'s
         (``torch.empty_like``), so a transposed ``(B, L, H, D)`` input gives a ``(B, L, H, D)`` buffer.
+        With ``return_lse``: ``(out, lse)``.
     """
-    if out is None:
+    B, H, L, _ = q.shape
+    lse = None
+    if return_lse:
+        out = torch.empty_like(q, dtype=torch.float32) if out is None else out
+        lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    elif out is None:
         out = torch.empty_like(q)
     if block_real is None or order is None:
-        block_real, order = launch_tables(perm, kv_num_blocks, block_size, q.shape[0], q.shape[1])
+        block_real, order = launch_tables(perm, kv_num_blocks, block_size, B, H)
+        if key_perm is not None:
+            block_real = (key_perm.view(-1, block_size) >= 0).sum(1, dtype=torch.int32)
     grid, args, meta = _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, block_real,
-                                    order, mask_padding, tail, kept)
+                                    order, mask_padding, tail, kept, key_perm, lse)
     if config is None:
         _sparse_attn_fwd[grid](*args, **meta)
     else:
         _sparse_attn_fwd.fn[grid](*args, **meta, **_explicit(config, block_size))
-    return out
+    return (out, lse) if return_lse else out
 
 
 def launch_tables(perm, kv_num_blocks, block_size: int, B: int, H: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +272,7 @@ def launch_tables(perm, kv_num_blocks, block_size: int, B: int, H: int) -> tuple
 
 
 def _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, block_real, order,
-                 mask_padding=True, tail=None, kept=None):
+                 mask_padding=True, tail=None, kept=None, key_perm=None, lse=None):
     """``(grid, positional args, constexpr kwargs)`` of one launch; the grid uses shapes only."""
     B, H, L, D = q.shape
     NB = kv_num_blocks.shape[-1]
@@ -257,15 +284,17 @@ def _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scal
         summaries = (tail.keys, tail.values, tail.key_var, tail.key_radius, tail.log_count, kept_u8)
         kept_strides, ns, per_block = kept_u8.stride(), tail.keys.shape[2], tail.per_block
     args = (
-        q, k, v, out, perm, block_real, kv_num_blocks, kv_indices, order, float(scale),  #
+        q, k, v, out, perm, perm if key_perm is None else key_perm, q if lse is None else lse,  #
+        block_real, kv_num_blocks, kv_indices, order, float(scale),  #
         *summaries,  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
         *kv_num_blocks.stride(), *kv_indices.stride(),  #
         *kept_strides,  #
+        *(lse.stride() if lse is not None else (0, 0, 0)),  #
         H, NB, ns,  #
     )
     meta = dict(HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), BLOCK_SIZE=block_size, MASK_PADDING=mask_padding,
-                TAIL=tail is not None, PER_BLOCK=per_block, BLOCK_T=BLOCK_T)
+                TAIL=tail is not None, PER_BLOCK=per_block, BLOCK_T=BLOCK_T, RETURN_LSE=lse is not None)
     return grid, args, meta
 
 
