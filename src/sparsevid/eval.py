@@ -61,9 +61,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .bench.common import existing_file, local_device, non_negative_int, option_pair, output_folder, positive_int, time_ms
+from .bench.common import (add_tail_argument, existing_file, local_device, non_negative_int, option_pair, output_folder,
+                           positive_int, time_ms)
 from .reuse.spec import parse_reuse
-from .tail import TAIL_METHODS
 
 __all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "capture_layers", "video_metrics"]
 
@@ -742,9 +742,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also a config per mass budget for draft/xattn (e.g. 0.8 0.9 0.95)")
     parser.add_argument("--quant", nargs="+", choices=["int8", "fp8"], default=[],
                         help="also every sparse config with 8-bit attention; with --methods dense: quantized dense attention")
-    parser.add_argument("--tail", nargs="+", choices=["none", *TAIL_METHODS], default=["none"],
-                        help="what the skipped blocks contribute, one config per value for every exact sparse config: "
-                             "none (dropped) or a summary method of sparsevid.tail (default: %(default)s)")
+    add_tail_argument(parser, "what the skipped blocks contribute, one config per value for every exact sparse config")
     parser.add_argument("--step-error", action=argparse.BooleanOptionalAction, default=True,
                         help="per-layer error at every sparse step of every generation, on its own trajectory "
                              "(steps.csv, step_errors.png; one dense attention per sparse call) (default: on)")
@@ -792,7 +790,7 @@ def run(args) -> int:
         return run_stats(target, args, device)
     configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option),
                            masses=args.masses, quants=args.quant, device=device,
-                           tails=[None if t == "none" else t for t in args.tail])
+                           tails=args.tail)
     pipe = target.load(args, device)
     low_precision = getattr(pipe, "dtype", torch.float32) != torch.float32
     if args.noise_floor is None:

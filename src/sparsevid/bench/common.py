@@ -18,6 +18,23 @@ from pathlib import Path
 import torch
 
 
+def add_tail_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--tail METHOD ...``: values of ``tail=``, one configuration each (``none``: the skipped blocks dropped);
+    ``args.tail`` is their list with ``none`` as ``None``. ``what``: what a value adds, for the help."""
+    from ..tail import TAIL_METHODS
+
+    names = ("none", *TAIL_METHODS)
+
+    def tail_value(text: str) -> str | None:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"Expect --tail in {', '.join(names)} but got {text!r}")
+        return None if text == "none" else text
+
+    parser.add_argument("--tail", nargs="+", type=tail_value, default=[None], metavar="{" + ",".join(names) + "}",
+                        help=f"{what}: none (the skipped blocks dropped) or a summary method of sparsevid.tail "
+                             "(default: none)")
+
+
 def option_pair(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` -> ``(KEY, value)``: the ``--option`` type of the CLIs. VALUE is a Python literal
     (``32``, ``(8, 16)``, ``'layer'``) or a bare word taken as a string (``budget=layer``: what a shell

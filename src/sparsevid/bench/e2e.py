@@ -45,9 +45,8 @@ from tqdm import tqdm
 
 from ..integrations.core import SparseVidConfig, validate_config
 from ..reuse.spec import parse_reuse, reuse_label
-from ..tail import TAIL_METHODS
-from .common import (add_record_arguments, append_benchmarks, check_bench_outputs, environment, fraction,
-                     markdown_table, non_negative_int, option_pair, positive_int, time_ms)
+from .common import (add_record_arguments, add_tail_argument, append_benchmarks, check_bench_outputs, environment,
+                     fraction, markdown_table, non_negative_int, option_pair, positive_int, time_ms)
 
 # Published transformer configs (diffusers format) and how each model's pipeline shapes its inputs.
 MODELS = {
@@ -131,9 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--backends", nargs="+", default=["auto"],
                         help="sparse_attention backends to time, one row each (default: %(default)s)")
-    parser.add_argument("--tail", nargs="+", choices=["none", *TAIL_METHODS], default=["none"],
-                        help="what the skipped blocks contribute, one config each: none, or a summary method "
-                             "(sparsevid.tail) (default: %(default)s)")
+    add_tail_argument(parser, "what the skipped blocks contribute, one config each")
     parser.add_argument("--tile-order", nargs="+", choices=["auto", "on", "off"], default=["auto"],
                         help="keep the video tokens in tile order through the model (sparsevid.apply's tile_order): "
                              "'auto' (where the model allows it), 'on', 'off'; several: one row each")
@@ -274,7 +271,7 @@ def run(args) -> int:
         raise ValueError(f"Expect --resolution in {sorted(spec['resolutions'])} for {args.model} but got {args.resolution}")
     options = dict(args.option)
     reuse = parse_reuse(args.reuse)
-    tails = [None if t == "none" else t for t in args.tail]
+    tails = args.tail
     budgets = [(d, None) for d in args.densities] + [(None, m) for m in args.masses]
     for method, (density, mass), backend, tail in itertools.product(args.methods, budgets, args.backends, tails):
         if method != "none":  # every setting refused before any work, as sparsevid.apply refuses it

@@ -58,9 +58,8 @@ import sys
 
 import torch
 
-from ..tail import TAIL_METHODS
-from .common import (add_record_arguments, append_benchmarks, check_bench_outputs, command_line, environment, fmt,
-                     fraction, non_negative_int, positive_int, rel_error, time_ms)
+from .common import (add_record_arguments, add_tail_argument, append_benchmarks, check_bench_outputs, command_line,
+                     environment, fmt, fraction, non_negative_int, positive_int, rel_error, time_ms)
 
 PRESETS = {
     # name: (batch, heads, frames, height, width, text_tokens, head_dim)
@@ -94,9 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=["triton", "fa4", "triton-int8", "triton-fp8"],
                         help="sparsevid backends to time (those not usable here are skipped, and said); "
                              "triton-int8 / triton-fp8 are the 8-bit kernels (quant='int8' / 'fp8')")
-    parser.add_argument("--tail", nargs="+", choices=["none", *TAIL_METHODS], default=["none"],
-                        help="also every exact sparsevid row with the skipped blocks kept as summaries "
-                             "(sparsevid.tail); 'none' = the plain rows (default: %(default)s)")
+    add_tail_argument(parser, "every exact sparsevid row once per value, the tailed rows checked against the "
+                              "reference with the same summaries")
     parser.add_argument("--quant-tol", type=float, default=0.1,
                         help="max relative error of an 8-bit row vs the reference before it is marked WRONG")
     parser.add_argument("--out", default="out/bench", help="folder for speedup.png and results.json")
@@ -234,7 +232,7 @@ def run(args) -> int:
     reps = max(10, args.reps)
     device_name = torch.cuda.get_device_name()
     usable = set(sparsevid.available_backends("cuda"))
-    tails = [None if t == "none" else t for t in args.tail]
+    tails = args.tail
     from sparsevid.backends import tail_backends
 
     tail_backends = set(tail_backends())

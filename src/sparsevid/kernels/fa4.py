@@ -29,7 +29,6 @@ import torch
 
 from ..backends import register_backend
 from ..plan import BlockPlan
-from ..tail import kept_blocks
 
 __all__ = ["fa4_attention"]
 
@@ -161,11 +160,9 @@ def fa4_attention(q, k, v, plan, scale, tail=None):
     if tail is None:
         out = _fa4_block_sparse(*tiles, *split, plan.block_size, scale)
         return out if layout.tiled else out.transpose(1, 2).index_select(1, tables.inverse_perm).transpose(1, 2)
-    from .triton_tail import summarize_triton, tail_merge
+    from .triton_tail import tail_merge, tail_operands
 
     partial, lse = _fa4_block_sparse_lse(*tiles, *split, plan.block_size, scale)
-    s = summarize_triton(k, v, layout, tail.group_size(layout))
-    B, H = q.shape[:2]
-    kept = kept_blocks(plan).expand(B, H, -1, -1)
+    s, kept = tail_operands(k, v, plan, tail)
     return tail_merge(tiles[0], partial, lse, tables.perm, s.keys, s.values, s.key_var, s.key_radius, s.log_count,
                       kept, s.per_block, plan.block_size, scale, q)

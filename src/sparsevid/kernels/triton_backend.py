@@ -14,7 +14,6 @@ import torch
 
 from ..backends import register_backend
 from ..plan import BlockPlan
-from ..tail import kept_blocks
 from ..token_plan import TokenPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,10 +56,9 @@ def _triton_backend(q, k, v, plan, scale, tail=None):
         return block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, block_real,
                                  order)
     from .triton_blocksparse import block_sparse_attn_tail
-    from .triton_tail import summarize_triton
+    from .triton_tail import tail_operands
 
-    s = summarize_triton(k, v, plan.layout, tail.group_size(plan.layout))
-    kept = kept_blocks(plan).expand(B, H, -1, -1)
+    s, kept = tail_operands(k, v, plan, tail)
     return block_sparse_attn_tail(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, block_real,
                                   order, s.keys, s.values, s.key_var, s.key_radius, s.log_count, kept, s.per_block)
 

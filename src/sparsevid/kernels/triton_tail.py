@@ -28,10 +28,10 @@ import triton
 import triton.language as tl
 
 from ..layout import VideoLayout
-from ..tail import TailSummaries
+from ..tail import TailSummaries, kept_blocks
 from .triton_common import INTERPRET, LOG2E, head_dim_padded, load_rows, softmax_update
 
-__all__ = ["summarize_triton", "tail_inner", "tail_merge", "tail_summaries"]
+__all__ = ["summarize_triton", "tail_inner", "tail_merge", "tail_operands", "tail_summaries"]
 
 BLOCK_T = 16 if INTERPRET else 64  # summary groups per tile of the tail loop
 _VAR_PRESCALE = tl.constexpr(0.0625)  # q² in the input dtype as (q/16)²: no float16 overflow below |q| = 4096
@@ -93,6 +93,14 @@ def summarize_triton(k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, grou
     keys and values in k's dtype, variance, radius and ``log n`` in float32 (contiguous ``(B, H, NS, ...)``)."""
     parts = torch.ops.sparsevid.tail_summaries(k, v, layout.on(k.device).perm, group)
     return TailSummaries(*parts[:2], parts[4], *parts[2:4], layout.block_size // group)
+
+
+def tail_operands(k: torch.Tensor, v: torch.Tensor, plan, method) -> tuple[TailSummaries, torch.Tensor]:
+    """What a Triton tail pass reads, for ``plan`` and summary method ``method``: the summaries of ``k``, ``v``
+    and the plan's keep mask expanded to k's batch and heads (a stride-0 view where the plan broadcasts)."""
+    B, H = k.shape[:2]
+    return (summarize_triton(k, v, plan.layout, method.group_size(plan.layout)),
+            kept_blocks(plan).expand(B, H, -1, -1))
 
 
 @torch.library.custom_op("sparsevid::tail_summaries", mutates_args=())
