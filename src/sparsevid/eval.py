@@ -526,6 +526,9 @@ def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Conf
     (step, layer) cell's mean over cases) and, for a config with a tail, ``vs_no_tail``: the mean
     paired PSNR difference against the same config without one (same cases)."""
     psnr = {(r["case"], r["config"]): r["psnr"] for r in video_rows}
+    step_cells: dict[str, list[dict]] = {}
+    for cell in step_table(step_rows):
+        step_cells.setdefault(cell["config"], []).append(cell)
     summary = []
     floor = Config("dense", 1.0)  # the noise-floor rows, if any, summarised like a config
     for config in [floor, *configs]:
@@ -539,10 +542,7 @@ def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Conf
         mean = lambda key: _mean(r.get(key) for r in rows)  # noqa: E731
         attn_ms = _mean(r["attn_ms"] for r in layers)
         dense_ms = _mean(r["dense_ms"] for r in layers)
-        cells: dict[tuple, list] = {}
-        for r in step_rows:
-            if r["config"] == name:
-                cells.setdefault((r["step"], r["layer"]), []).append(r["rel_err"])
+        cells = step_cells.get(name, [])
         paired = None
         if config.tail is not None:
             twin = replace(config, tail=None, label=None).name  # a label would name the twin as the config itself
@@ -556,8 +556,8 @@ def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Conf
             tdiff_err=mean("tdiff_err"), seconds=mean("seconds"), dense_seconds=mean("dense_seconds"),
             layer_err=_mean(errs), attn_ms=attn_ms, dense_attn_ms=dense_ms,
             attn_speedup=dense_ms / attn_ms if attn_ms and dense_ms else None, tail=config.tail,
-            step_err=_mean(e for errs_ in cells.values() for e in errs_),
-            step_err_max=max((_mean(e) for e in cells.values()), default=None), vs_no_tail=paired,
+            step_err=sum(c["rel_err"] * c["cases"] for c in cells) / sum(c["cases"] for c in cells) if cells else None,
+            step_err_max=max((c["rel_err"] for c in cells), default=None), vs_no_tail=paired,
         ))
     return summary
 
@@ -604,13 +604,14 @@ def _slug(text: str) -> str:
 def write_tables(out_dir: Path, result: dict, summary: list[dict], settings: dict) -> list[Path]:
     """The numbers: ``results.json``, ``table.txt`` and the CSVs (also written after every configuration)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    steps = step_table(result.get("steps", []))
     (out_dir / "results.json").write_text(json.dumps(
-        dict(settings=settings, summary=summary, videos=result["videos"], layers=result["layers"],
-             steps=step_table(result.get("steps", []))), indent=1, default=str))
+        dict(settings=settings, summary=summary, videos=result["videos"], layers=result["layers"], steps=steps),
+        indent=1, default=str))
     (out_dir / "table.txt").write_text(format_table(summary) + "\n")
     files = [out_dir / "results.json", out_dir / "table.txt"]
     for name, rows in (("videos.csv", result["videos"]), ("layers.csv", result["layers"]),
-                       ("steps.csv", step_table(result.get("steps", []))), ("summary.csv", summary)):
+                       ("steps.csv", steps), ("summary.csv", summary)):
         if rows:
             _write_csv(out_dir / name, rows)
             files.append(out_dir / name)
