@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import VideoLayout
-from .pooling import group_mean_reference, group_tables
+from .kernels.pooling import group_mean_reference, group_tables
 
 __all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks", "summarize_reference", "tail_logits"]
 

@@ -9,7 +9,7 @@ changed, ComfyUI's convention):
 
 - a ``DIFFUSION_MODEL`` wrapper (``comfy.patcher_extension.WrappersMP``) that binds each forward call
   of the diffusion model, reads the token grid from ``x`` and the model's patch size (registry:
-  :mod:`sparsevid.models`, ComfyUI entries) and the step from the sampler's sigmas
+  :mod:`sparsevid.integrations.models`, ComfyUI entries) and the step from the sampler's sigmas
   (``transformer_options["sample_sigmas"]`` and ``["sigmas"]``: one host read per forward), and for
   the length of that forward only puts forward hooks on the registry's video self-attention modules,
   so it knows which layer runs (the model itself is left as it was);
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..models import bind_call, model_spec
+from .models import bind_call, model_spec
 from .core import SparseSession, SparseVidConfig, check_layers, validate_config
 
 __all__ = ["apply", "sparse_session"]

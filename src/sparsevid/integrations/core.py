@@ -3,7 +3,7 @@ SDPA-shaped entry point.
 
 An adapter (diffusers hooks, a ComfyUI node) owns one :class:`SparseSession` per transformer and
 does three things: around each forward it calls :meth:`SparseSession.begin_forward` with the call's
-arguments (bound by name, see :func:`sparsevid.models.bind_call`) and
+arguments (bound by name, see :func:`sparsevid.integrations.models.bind_call`) and
 :meth:`~SparseSession.end_forward` (also when the forward raised); for each video self-attention
 layer it asks :meth:`SparseSession.runs_sparse`; and it routes a sparse layer's attention call to
 :meth:`SparseSession.attend` (``scaled_dot_product_attention``'s arguments, ``(B, heads, L, D)``
@@ -31,15 +31,15 @@ import torch
 
 from ..attention import check_scale, check_tail_plan, sparse_attention
 from ..backends import _registry, backend_spec, check_backend_name, check_quant, tail_refusal
-from ..head_balance import HeadBalance, separable
+from ..parallel.head_balance import HeadBalance, separable
 from ..layout import VideoLayout
-from ..models import ModelSpec
+from .models import ModelSpec
 from ..plan import BlockPlan
 from ..planners import _check_fraction, available_planners, check_options
 from ..planners import plan as make_plan
 from ..planners._select import _DEFAULT_DENSITY, _forced_entries
 from ..planners.xattn import _DEFAULT_MASS as _XATTN_MASS
-from ..ring import RingGroup, gather_sequence, ring_rank_attention
+from ..parallel.ring import RingGroup, gather_sequence, ring_rank_attention
 from ..tail import check_tail
 
 __all__ = ["DEFAULT_DENSE_STEP_FRACTION", "SparseSession", "SparseVidConfig", "budget", "check_layers",
@@ -74,7 +74,7 @@ class SparseVidConfig:
         planner_options (dict): extra keyword arguments for the planner (``tile``, ``budget``, ...).
         tile_order (bool | None): keep the video tokens in tile order from the patch embedding to the
             output projection, so attention calls gather nothing (models whose registry entry allows
-            it, see :class:`sparsevid.models.TileOrderPoints`). ``None``: wherever the model allows it.
+            it, see :class:`sparsevid.integrations.models.TileOrderPoints`). ``None``: wherever the model allows it.
         quant (str | None): 8-bit attention for the calls sparsevid computes (``"int8"``, ``"fp8"``;
             see ``sparse_attention``). Dense layers and steps keep the user's own attention backend;
             with ``method="dense"`` the layers past ``dense_layers``/``dense_steps`` run the full plan
@@ -82,7 +82,7 @@ class SparseVidConfig:
         tail (str | None): what the key blocks a plan skips contribute (see ``sparse_attention`` and
             :mod:`sparsevid.tail`): ``None`` drops them; ``"pooled-var"`` keeps them as summary terms.
         head_balance (bool): under Ulysses context parallelism, deal the heads to the ranks so that each
-            computes about the same score entries (:mod:`sparsevid.head_balance`); the result is the
+            computes about the same score entries (:mod:`sparsevid.parallel.head_balance`); the result is the
             same either way. No effect without Ulysses.
     """
 
@@ -478,7 +478,7 @@ class SparseSession:
 
     def attend_ring(self, query, key, value, *, layer: int, call: int = 0, ring: RingGroup,
                     scale=None) -> torch.Tensor:
-        """One video self-attention call under ring attention, computed sparse (:mod:`sparsevid.ring`).
+        """One video self-attention call under ring attention, computed sparse (:mod:`sparsevid.parallel.ring`).
 
         ``query``/``key``/``value``: ``(B, heads, C, D)``, ring rank ``ring.rank``'s chunk of a sequence
         of ``ring.size * C`` tokens (equal chunks in sequence order). The ring gathers the chunks (q only

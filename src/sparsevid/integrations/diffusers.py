@@ -5,7 +5,7 @@ Mechanism — diffusers' own plug-in points, never a fork of model code:
 - Hooks (``diffusers.hooks.HookRegistry``, the way diffusers' cache features attach): a *state*
   hook on the transformer binds each forward call to the forward's signature and tells the
   framework-neutral :class:`~sparsevid.integrations.core.SparseSession` the token grid and the
-  timestep (what to read comes from :mod:`sparsevid.models`); an *attention* hook on each video
+  timestep (what to read comes from :mod:`sparsevid.integrations.models`); an *attention* hook on each video
   self-attention module asks the session whether this layer runs sparse now. A dense layer or step
   calls the module untouched.
 - Routing a sparse layer's attention call, whatever attention backend the user chose: diffusers
@@ -15,7 +15,7 @@ Mechanism — diffusers' own plug-in points, never a fork of model code:
   the session (in diffusers' ``(B, L, heads, D)`` layout; under context parallelism with diffusers'
   meshes: Ulysses through its own all-to-all template, ring and hybrid through
   :meth:`~sparsevid.integrations.core.SparseSession.attend_ring`, optionally with the heads dealt by
-  :mod:`sparsevid.head_balance`), everywhere else it calls the user's backend unchanged. So
+  :mod:`sparsevid.parallel.head_balance`), everywhere else it calls the user's backend unchanged. So
   ``set_attention_backend("flash")``, ``attention_backend("sage")`` or ``"flex"`` — set before or
   after :func:`apply` — keep serving the dense layers, and the sparse ones run on sparsevid. This
   touches diffusers' private registry: tested with diffusers 0.42.1; an incompatible diffusers is
@@ -44,7 +44,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from torch.overrides import TorchFunctionMode
 
-from ..models import bind_call, model_spec, supported_models
+from .models import bind_call, model_spec, supported_models
 from .core import (DEFAULT_DENSE_STEP_FRACTION, SparseSession, SparseVidConfig, check_layers, describe_budget,
                    validate_config)
 
@@ -129,7 +129,7 @@ class _SparseForward:
             raise NotImplementedError("NYI: sparsevid under ring attention with an attention mask")
         from diffusers.models.attention_dispatch import SeqAllToAllDim
 
-        from ..ring import RingGroup
+        from ..parallel.ring import RingGroup
 
         ulysses = context._ulysses_mesh.get_group() if context.ulysses_degree > 1 else None
         if ulysses is not None:  # (B, L/(R*U), H, D) -> (B, L/R, H/U, D)
@@ -142,7 +142,7 @@ class _SparseForward:
 
     def _propose_order(self, slot, applied, context) -> None:
         """Every Ulysses rank's per-head cost of the plan just made (one all-gather) -> the next order."""
-        from ..ring import all_gather
+        from ..parallel.ring import all_gather
 
         local = self.session.head_balance.take_recorded(slot)
         if local is None:  # no new plan this call
@@ -475,7 +475,7 @@ def apply(
             ``"pooled-var"`` keeps each as a summary term in the same softmax (:mod:`sparsevid.tail`).
             Backends ``fa4``, ``triton``, ``reference``; refused with ``quant=`` and token plans.
         head_balance (bool): under diffusers' Ulysses (or hybrid) context parallelism, deal the heads to
-            the ranks by the computed entries of their last plans (:mod:`sparsevid.head_balance`), so
+            the ranks by the computed entries of their last plans (:mod:`sparsevid.parallel.head_balance`), so
             that ranks finish together; the output is the same. Refused for planners whose plan of a
             head depends on other heads (``random``, ``budget="layer"``).
 

@@ -57,9 +57,9 @@ def sparse_attention_reference(
             block mask (``plan.to_dense()``): which key blocks' groups are computed exactly, not summarised.
         key_perm (Tensor | None): int64 ``(NBk * block_size,)``: the key token (an index into k) of each
             slot of the key blocks, -1 missing; ``None``: ``perm`` (self-attention). A ring step's query
-            and key chunks (:mod:`sparsevid.ring`) have different tables.
+            and key chunks (:mod:`sparsevid.parallel.ring`) have different tables.
         return_lse (bool): also return each row's natural-log log-sum-exp over its computed entries, and
-            the output in float32: a partial that :func:`sparsevid.ring.merge_partials` merges (a row
+            the output in float32: a partial that :func:`sparsevid.parallel.ring.merge_partials` merges (a row
             that computes nothing gets zeros and ``-inf``).
 
     Returns:

@@ -12,7 +12,7 @@ One program computes one query block ``m`` of one ``(batch, head)``:
   ``BLOCK_SIZE // BLOCK_N`` sub-tiles; padding key slots get score ``-inf``);
 * it stores its finished rows back to their ORIGINAL positions.
 
-A ring step (:mod:`sparsevid.ring`) runs the same kernel with a query chunk's and a key chunk's own
+A ring step (:mod:`sparsevid.parallel.ring`) runs the same kernel with a query chunk's and a key chunk's own
 tables: ``KPerm`` (the key slots, ``-1`` outside the key chunk) beside ``Perm`` (the query slots), and
 ``RETURN_LSE`` to write each row's log-sum-exp next to its output (zeros and ``-inf`` where a row
 computes nothing), the partial the ring merges.
@@ -234,7 +234,7 @@ def sparse_attention_triton(
             length) of each slot of the key blocks ``kv_indices`` addresses, ``-1`` = padding at the end
             of a block; ``None``: ``perm``. ``block_real`` then counts ``key_perm``'s blocks.
         return_lse (bool): also return each row's natural-log log-sum-exp, float32 ``(B, H, L)``; the
-            output is then float32 too (a ring step's partial, see :mod:`sparsevid.ring`).
+            output is then float32 too (a ring step's partial, see :mod:`sparsevid.parallel.ring`).
 
     Returns:
         Tensor: ``(B, H, L, D)`` in the ORIGINAL token order, dtype of ``q``; strides like ``q``'s

@@ -3,7 +3,7 @@
 One program per (block, batch x head) sums the block's real rows, gathered through ``perm`` like
 the attention kernel gathers them, in float32, and divides by the block's real token count. So
 the draft map reads q and k once, with no tile-order copy (the memory-bound floor of planning).
-Twin: :func:`sparsevid.pooling.pool_blocks_reference`.
+Twin: :func:`sparsevid.kernels.pooling.pool_blocks_reference`.
 """
 
 from __future__ import annotations

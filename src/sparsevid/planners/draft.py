@@ -16,7 +16,7 @@ import torch
 
 from ..layout import VideoLayout
 from ..plan import BlockPlan
-from ..pooling import pool_blocks
+from ..kernels.pooling import pool_blocks
 from . import register_planner
 from ._select import keep_by_budget
 

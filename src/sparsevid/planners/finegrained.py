@@ -9,7 +9,7 @@ Estimate: for each query block ``m``, ``P[m, j]``, the share of the block's atte
 on key token ``j``, from ``queries`` of its real query rows (evenly spaced in the tile):
 ``P[m] = mean_i softmax(q_i . k / sqrt(d))`` over all ``L`` keys — the quantity whose top entries
 the exact M x 1 selection would keep. ``queries=0`` is the cheapest variant: the block's *pooled*
-query (mean of its rows, :func:`~sparsevid.pooling.pool_blocks`), ``P[m] = softmax(qd[m] .
+query (mean of its rows, :func:`~sparsevid.kernels.pooling.pool_blocks`), ``P[m] = softmax(qd[m] .
 k / sqrt(d))``; its logit is exactly the mean logit of the block's rows, but the mean of the rows'
 softmaxes is dominated by each row's own peaks, which the pooled query blurs (on real-clip inputs
 it loses to the block planners at equal density; 16 sampled rows beat them, see
@@ -35,7 +35,7 @@ from ..layout import VideoLayout
 from ..token_plan import TokenPlan, _text_tokens
 from . import register_planner
 from ._select import _DEFAULT_DENSITY
-from ..pooling import pool_blocks
+from ..kernels.pooling import pool_blocks
 
 # Score elements (float32) per chunk of query blocks: ~64 MiB.
 _CHUNK_ELEMENTS = 1 << 24

@@ -1,7 +1,7 @@
-"""Temporal feature reuse: FastCar MLP replay (AR decoding), token replay and step caches (video DiTs).
+"""Temporal feature reuse for video DiTs: token replay and step caches.
 
-- :mod:`sparsevid.reuse.fastcar`: MLP replay with a Temporal Attention Score for Llama-family
-  models that decode video tokens frame by frame (``apply``, ``calibrate``, ``generate``).
+(FastCar MLP replay for autoregressive decoders is the decoder product, :mod:`sparsevid.decoder`.)
+
 - :mod:`sparsevid.reuse.dit`: :class:`TokenReplay`, FFN replay across adjacent frames inside one
   video-DiT forward.
 - :mod:`sparsevid.reuse.steps`: diffusers' step caches (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``,
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dit, fastcar, spec, steps
+from . import dit, spec, steps
 from .dit import TokenReplay, TokenReplayHandle, apply_token_replay
 from .spec import parse_reuse
 from .steps import cache_context, enable_step_cache, is_step_cache
@@ -38,7 +38,6 @@ __all__ = [
     "cache_context",
     "dit",
     "enable_step_cache",
-    "fastcar",
     "is_step_cache",
     "parse_reuse",
     "spec",

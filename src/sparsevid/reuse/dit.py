@@ -22,7 +22,7 @@ Selection (:class:`TokenReplay`):
 Frame 0 always computes. Mechanism: a forward-pre-hook on the transformer reads the latent grid;
 per block, forward hooks on ``attn1.norm_q`` / ``norm_k`` capture q and k and compute the TAS,
 and an instance ``forward`` on ``ffn`` gathers/scatters. ``remove()`` restores every module
-(bit-identical native output). Supported: the models whose registry entry (:mod:`sparsevid.models`)
+(bit-identical native output). Supported: the models whose registry entry (:mod:`sparsevid.integrations.models`)
 names their replay blocks — the Wan family (Wan2.1/2.2 and the project's testbed, ChronoEdit,
 Wan-Animate, SkyReels-V2); other models raise ``NotImplementedError("NYI: ...")``.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import bind_call, model_spec
+from ..integrations.models import bind_call, model_spec
 from ._patch import patch_forward, replay_stats
 
 __all__ = ["TokenReplay", "TokenReplayHandle", "apply_token_replay", "replay_sources"]
@@ -134,7 +134,7 @@ def apply_token_replay(transformer: torch.nn.Module, config: TokenReplay) -> Tok
     """Add token-level FFN replay to a diffusers video transformer.
 
     Args:
-        transformer: a model whose registry entry (:mod:`sparsevid.models`) names its replay blocks (Wan family).
+        transformer: a model whose registry entry (:mod:`sparsevid.integrations.models`) names its replay blocks (Wan family).
         config (TokenReplay): rate or threshold, and blocks.
 
     Returns:

@@ -1,0 +1,2 @@
+"""Attention over several GPUs: ring context parallelism with block plans (:mod:`.ring`) and Ulysses head
+balance (:mod:`.head_balance`)."""
