@@ -42,7 +42,7 @@ def main() -> int:
     import comfy.supported_models
 
     from comfyui_sparsevid import NODE_CLASS_MAPPINGS
-    from sparsevid.bench.common import append_benchmarks, environment, markdown_table, time_ms
+    from sparsevid.lab.bench.common import append_benchmarks, environment, markdown_table, time_ms
     from sparsevid.integrations.comfyui import sparse_session
 
     device, dtype = (torch.device("cpu"), torch.float32) if args.smoke else (torch.device("cuda"), torch.bfloat16)

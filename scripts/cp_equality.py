@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 import sparsevid as sv
-from sparsevid.bench.common import markdown_table
-from sparsevid.bench.e2e import MODELS, _build, _inputs
+from sparsevid.lab.bench.common import markdown_table
+from sparsevid.lab.bench.e2e import MODELS, _build, _inputs
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sparsevid as sv
-from sparsevid import data
+from sparsevid.lab import data
 from sparsevid.kernels.triton_blocksparse import sparse_attention_triton
 from sparsevid.kernels.triton_gather import token_attention_triton
 

@@ -3,14 +3,14 @@
 
 Plans are real: the q/k of every self-attention layer of testbed-l (``--source testbed``: captured at
 two consecutive forwards of a 20-step generation, ``--step`` and ``--step + 1``) or of
-``sparsevid.data.attention_inputs`` with Wan2.1-14B's 40 heads (``--source synthetic``). Per config:
+``sparsevid.lab.data.attention_inputs`` with Wan2.1-14B's 40 heads (``--source synthetic``). Per config:
 
 - **imbalance** = the slowest Ulysses rank's computed score entries over the mean rank's (1.00 =
-  balanced), with the model's head order, with the order :func:`sparsevid.head_balance.balanced_order`
+  balanced), with the model's head order, with the order :func:`sparsevid.parallel.head_balance.balanced_order`
   picks from the *previous* forward's plans (what ``head_balance=True`` does), and from the same
   forward's (the best this dealing can do). Mean over layers.
 - **ring steps run** = the fraction of (rank, key chunk) steps that compute anything
-  (:func:`sparsevid.ring.needed_steps`; 1.00 = none skipped). Mean over layers.
+  (:func:`sparsevid.parallel.ring.needed_steps`; 1.00 = none skipped). Mean over layers.
 
     PYTHONPATH=src python scripts/parallel_sim.py --source testbed --step 5
     PYTHONPATH=src python scripts/parallel_sim.py --source synthetic
@@ -24,9 +24,9 @@ import sys
 import torch
 
 import sparsevid as sv
-from sparsevid.bench.common import append_benchmarks, environment, markdown_table
-from sparsevid.head_balance import balanced_order, imbalance
-from sparsevid.ring import needed_steps
+from sparsevid.lab.bench.common import append_benchmarks, environment, markdown_table
+from sparsevid.parallel.head_balance import balanced_order, imbalance
+from sparsevid.parallel.ring import needed_steps
 
 CONFIGS = {  # name: planner call
     "draft density=0.1 (per-head budget)": dict(method="draft", density=0.1),
@@ -38,8 +38,8 @@ CONFIGS = {  # name: planner call
 
 def _testbed_layers(step: int, cache: str | None):
     """``[(grid, [(q, k), ...]) for forward step, step + 1]`` of testbed-l's first case."""
-    from sparsevid import testbed
-    from sparsevid.eval import LayerCapture
+    from sparsevid.lab import testbed
+    from sparsevid.lab.eval import LayerCapture
 
     if cache:
         import os
@@ -75,7 +75,7 @@ def _testbed_layers(step: int, cache: str | None):
 
 def _synthetic_layers():
     """Two 'forwards' (windows 0 and 1 of the clip, 4 seeds as layers) with 40 heads of head dim 64."""
-    from sparsevid.data import attention_inputs
+    from sparsevid.lab.data import attention_inputs
 
     layout = sv.VideoLayout(16, 32, 32)
     forwards = []

@@ -6,8 +6,8 @@ import sys
 import torch
 
 import sparsevid as sv
-from sparsevid import data
-from sparsevid.bench.common import time_ms
+from sparsevid.lab import data
+from sparsevid.lab.bench.common import time_ms
 
 
 layout = sv.VideoLayout(21, 30, 52)

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 
-from sparsevid.bench.common import append_benchmarks, markdown_table
+from sparsevid.lab.bench.common import append_benchmarks, markdown_table
 
 _PARALLEL = re.compile(r", (Ulysses x\d+( x ring x\d+)?|ring x\d+)$")
 

@@ -1,8 +1,8 @@
-"""Train the testbed model: same as ``python -m sparsevid.testbed.train`` (see its --help)."""
+"""Train the testbed model: same as ``python -m sparsevid.lab.testbed.train`` (see its --help)."""
 
 import sys
 
-from sparsevid.testbed.train import main
+from sparsevid.lab.testbed.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

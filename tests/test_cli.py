@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsevid import cli
+from sparsevid.lab import cli
 
 CUDA = torch.cuda.is_available()
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -97,7 +97,7 @@ def test_bench_records_only_when_asked():
 
 def test_output_folders_are_made_before_any_work(tmp_path, monkeypatch):
     """Defect (issue 23): `bench decode --frontier PATH --out DIR` with DIR not made failed after the work."""
-    from sparsevid.reuse import train
+    from sparsevid.decoder import train
 
     made = []
 

@@ -1,11 +1,11 @@
-"""Tests for sparsevid.data: bundled clips and real-data attention inputs (fast, CPU)."""
+"""Tests for sparsevid.lab.data: bundled clips and real-data attention inputs (fast, CPU)."""
 
 import math
 
 import pytest
 import torch
 
-from sparsevid.data import CLIPS, attention_inputs, clip_info, load_clip
+from sparsevid.lab.data import CLIPS, attention_inputs, clip_info, load_clip
 from sparsevid.layout import VideoLayout
 
 SMALL = VideoLayout(frames=4, height=8, width=12)  # L = 384

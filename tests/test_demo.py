@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("torchmetrics")
 
-from sparsevid import cli, demo  # noqa: E402
+from sparsevid.lab import cli, demo  # noqa: E402
 
 SMALL = ["demo", "--device", "cpu", "--frames", "4", "--height", "64", "--width", "64", "--steps", "3", "--quiet"]
 
@@ -41,7 +41,7 @@ def test_cpu_demo_tables_pictures_and_no_speed_claim(tmp_path, capsys):
 def test_gpu_sections_on_cpu_at_small_size(tmp_path, capsys, monkeypatch):
     """testbed-l on two of eval's held-out cases, then the kernel rows through bench.kernel's own parser
     and run (stubbed: it needs CUDA)."""
-    from sparsevid.bench import kernel
+    from sparsevid.lab.bench import kernel
 
     calls = []
     monkeypatch.setattr(kernel, "run", lambda args: calls.append(args) or 0)

@@ -102,7 +102,7 @@ def test_errors():
 
 
 def test_bench_e2e_smoke_on_cpu(tmp_path):
-    from sparsevid.cli import main
+    from sparsevid.lab.cli import main
 
     args = ["bench", "e2e", "--model", "tiny-wan", "--steps", "2", "--reps", "1", "--densities", "0.2",
             "--dense-layers", "0", "--out", str(tmp_path), "--record", "--benchmarks-md", str(tmp_path / "B.md")]

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("torchmetrics")
 
-from sparsevid import cli, eval as sv_eval  # noqa: E402
+from sparsevid.lab import cli, eval as sv_eval  # noqa: E402
 
 REDUCED = ["--seeds", "0", "--labels", "bikes", "carphone", "--steps", "6", "--frames", "4",
            "--height", "64", "--width", "64", "--device", "cpu", "--quiet"]
@@ -69,7 +69,7 @@ def test_draft_beats_random_at_quarter_density(results):
     assert draft["psnr"] > random["psnr"]
     assert draft["layer_err"] < random["layer_err"]
     kept = {c: sum(r["kept_mass"] for r in res["layers"] if r["config"] == c) for c in ("draft@0.25", "random@0.25")}
-    assert kept["draft@0.25"] > kept["random@0.25"]  # the true mass each plan keeps (sparsevid.stats.plan_mass)
+    assert kept["draft@0.25"] > kept["random@0.25"]  # the true mass each plan keeps (sparsevid.lab.stats.plan_mass)
 
 
 def test_video_metrics():
@@ -90,7 +90,7 @@ def _kept_outputs(tmp_path, capsys):
 
 def test_outputs_without_an_mp4_writer(tmp_path, monkeypatch, capsys):
     """Defect (issue 23): without PyAV, eval finished its work and then died in viz.write_video."""
-    from sparsevid import viz
+    from sparsevid.lab import viz
 
     for module in ("av", "cv2"):  # neither importable (PyAV is declared, yet absent on some images)
         monkeypatch.setitem(sys.modules, module, None)
@@ -103,10 +103,10 @@ def test_outputs_without_an_mp4_writer(tmp_path, monkeypatch, capsys):
 
 
 def test_mp4_through_opencv_without_pyav(tmp_path, monkeypatch, capsys):
-    """Without PyAV the side-by-side videos go through OpenCV (as sparsevid.data decodes with it)."""
+    """Without PyAV the side-by-side videos go through OpenCV (as sparsevid.lab.data decodes with it)."""
     import types
 
-    from sparsevid import viz
+    from sparsevid.lab import viz
 
     written = []
 
@@ -208,7 +208,7 @@ def test_planner_options_reach_every_sparse_config(results, tmp_path):
 
 
 def test_mass_quant_configs_and_motion_metric():
-    from sparsevid.eval import Config, make_configs, video_metrics
+    from sparsevid.lab.eval import Config, make_configs, video_metrics
 
     configs = make_configs(["draft", "window", "dense"], [0.1], masses=[0.9], quants=["int8"])
     names = [c.name for c in configs]
@@ -225,7 +225,7 @@ def test_mass_quant_configs_and_motion_metric():
 
 
 def test_held_out_cases(tmp_path):
-    from sparsevid.testbed import Motion
+    from sparsevid.lab.testbed import Motion
 
     with pytest.raises(SystemExit):  # the small testbed has no motion condition: a clear CLI error
         cli.main(["eval", *REDUCED, "--held-out", "2", "--methods", "draft", "--out", str(tmp_path)])
@@ -245,8 +245,8 @@ def test_held_out_cases(tmp_path):
 def test_held_out_case_builder_seeds_and_motions():
     import argparse
 
-    from sparsevid.eval import TestbedTarget
-    from sparsevid.testbed import Motion
+    from sparsevid.lab.eval import TestbedTarget
+    from sparsevid.lab.testbed import Motion
 
     pipe = argparse.Namespace(labels=("bikes", "carphone", "coastguard"))
     args = argparse.Namespace(labels=None, seeds=None, held_out=5)
@@ -265,8 +265,8 @@ def test_held_out_case_builder_seeds_and_motions():
 
 
 def test_held_out_motion_reaches_the_pipeline():
-    from sparsevid.eval import TestbedTarget
-    from sparsevid.testbed import Motion
+    from sparsevid.lab.eval import TestbedTarget
+    from sparsevid.lab.testbed import Motion
 
     seen = {}
 
@@ -286,7 +286,7 @@ def test_held_out_motion_reaches_the_pipeline():
 
 
 def test_quant_configs_skip_token_plans_and_run_on_cpu(capsys):
-    from sparsevid.eval import make_configs
+    from sparsevid.lab.eval import make_configs
 
     names = [c.name for c in make_configs(["draft", "finegrained", "dense"], [0.1], masses=[0.9], quants=["int8"],
                                           device="cpu")]
@@ -320,7 +320,7 @@ def test_small_testbed_masses_tdiff_quant_dense(tmp_path, capsys):
 def test_native_size_by_default():
     import argparse
 
-    from sparsevid.eval import TestbedTarget
+    from sparsevid.lab.eval import TestbedTarget
 
     args = argparse.Namespace(testbed="small", held_out=0, weights=None, frames=None, height=48, width=None)
     pipe = TestbedTarget().load(args, "cpu")
@@ -330,7 +330,7 @@ def test_native_size_by_default():
 def test_summary_pairs_each_tail_config_with_its_no_tail_twin():
     """``vs_no_tail`` is the mean over cases of each case's PSNR difference to the same plan without a tail,
     and the per-step error columns summarise the per-call rows (mean, worst cell)."""
-    from sparsevid.eval import Config, summarize
+    from sparsevid.lab.eval import Config, summarize
 
     plain, tailed = Config("draft", 0.1), Config("draft", 0.1, tail="pooled-var")
     labelled = Config("draft", 0.1, tail="pooled-var", label="mine")

@@ -1,4 +1,4 @@
-"""sparsevid.reuse.fastcar_graph: the static-cache decoder, FastCar decided on the device, compaction, CUDA graphs."""
+"""sparsevid.decoder.fastcar_graph: the static-cache decoder, FastCar decided on the device, compaction, CUDA graphs."""
 
 import math
 import os
@@ -8,9 +8,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from sparsevid.reuse import fastcar, fastcar_graph  # noqa: E402
-from sparsevid.reuse._llama import quantile_threshold  # noqa: E402
-from sparsevid.reuse.fastcar_graph import StaticDecoder  # noqa: E402
+from sparsevid.decoder import fastcar, fastcar_graph  # noqa: E402
+from sparsevid.decoder._llama import quantile_threshold  # noqa: E402
+from sparsevid.decoder.fastcar_graph import StaticDecoder  # noqa: E402
 
 P = 8
 CUDA = torch.cuda.is_available()
@@ -237,9 +237,9 @@ def test_no_import_circle_between_the_two_decoders():
 def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):
     import json
 
-    from sparsevid import cli
-    from sparsevid.bench import decode
-    from sparsevid.kernels import triton_mlp
+    from sparsevid.lab import cli
+    from sparsevid.decoder import bench as decode
+    from sparsevid.decoder import triton_mlp
 
     if INTERPRET:  # the kernels have their own tests (and the decoder with them); interpreted, this would take minutes
         monkeypatch.setattr(triton_mlp, "predicated_mlp", triton_mlp.predicated_mlp_reference)

@@ -179,7 +179,7 @@ def test_quant_on_clip_inputs_within_target_of_bf16_sparse(quant):
     vs the bf16 sparse output <= 0.03 on real-clip attention inputs at density 0.1."""
     if quant == "fp8" and not FP8:
         pytest.skip("triton-fp8 needs sm89+")
-    from sparsevid import data
+    from sparsevid.lab import data
 
     layout = sv.VideoLayout(frames=3, height=30, width=52)
     q, k, v = data.attention_inputs(layout=layout, heads=4, head_dim=128, dtype=torch.bfloat16, device="cuda")

@@ -282,8 +282,8 @@ def test_testbed_seed_is_checked():
 
 
 def test_cli_errors_are_one_line_and_options_take_bare_words(capsys):
-    from sparsevid.bench.common import option_pair
-    from sparsevid.cli import main
+    from sparsevid.lab.bench.common import option_pair
+    from sparsevid.lab.cli import main
 
     assert option_pair("budget=layer") == ("budget", "layer")  # what a shell leaves of budget='layer'
     assert option_pair("budget='layer'") == ("budget", "layer") and option_pair("tile=(8, 16)") == ("tile", (8, 16))
@@ -313,7 +313,7 @@ def test_every_supported_model_module_list_matches_its_tiny_forward():
     """The registry's modules are exactly those whose attention sees the video grid (spot check)."""
     build, make_inputs = MODELS["MotifVideoTransformer3DModel"]
     model = build()
-    from sparsevid.models import model_spec
+    from sparsevid.integrations.models import model_spec
 
     spec = model_spec(model)
     assert len(spec.self_attention(model)) == 1 + 1  # dual block + one encoder single block (decoder left dense)

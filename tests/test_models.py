@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import sparsevid as sv  # noqa: E402
-from sparsevid.models import REFUSED, supported_models  # noqa: E402
+from sparsevid.integrations.models import REFUSED, supported_models  # noqa: E402
 from tiny_video_models import MODELS  # noqa: E402
 
 TILING = dict(tile=(2, 4), block_size=16)  # small blocks so tiny grids have several of them
@@ -106,7 +106,7 @@ def test_unknown_class_lists_supported():
 def test_readme_lists_the_registry():
     from pathlib import Path
 
-    from sparsevid.models import markdown_table
+    from sparsevid.integrations.models import markdown_table
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("<!-- models:start -->\n")[1].split("\n<!-- models:end -->")[0]

@@ -10,7 +10,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 
 import sparsevid as sv  # noqa: E402
-from sparsevid.reuse import TokenReplay, fastcar  # noqa: E402
+from sparsevid.decoder import fastcar  # noqa: E402
+from sparsevid.reuse import TokenReplay  # noqa: E402
 from sparsevid.reuse.dit import apply_token_replay, replay_sources  # noqa: E402
 from tiny_models import tiny_wan, tiny_wan_pipeline, wan_inputs  # noqa: E402
 
@@ -177,7 +178,7 @@ def test_fastcar_bad_arguments():
 @pytest.mark.skipif(not os.path.exists(fastcar.__file__.replace("fastcar.py", "weights/ar_video.safetensors")),
                     reason="AR video weights not trained yet")
 def test_committed_ar_video_model_decodes_real_clips():
-    from sparsevid.reuse.train import TOKENS_PER_FRAME, clip_sequences, load_model
+    from sparsevid.decoder.train import TOKENS_PER_FRAME, clip_sequences, load_model
 
     model, codebook = load_model()
     assert sum(p.numel() * p.element_size() for p in model.parameters()) < 15e6
@@ -313,7 +314,7 @@ def test_step_cache_that_hooks_nothing_is_refused():
 def test_bench_e2e_reuse_specs():
     from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
-    from sparsevid.bench.e2e import parse_reuse
+    from sparsevid.lab.bench.e2e import parse_reuse
 
     replay, fbc, taylor = parse_reuse(["replay:rate=0.3,layers=[1, 2]", "fbc:threshold=0.1", "taylorseer:cache_interval=4"])
     assert replay == TokenReplay(rate=0.3, layers=(1, 2))
@@ -326,8 +327,8 @@ def test_bench_e2e_reuse_specs():
 def test_bench_decode_reports_test_model_and_speed_model_rows(tmp_path, monkeypatch):
     import json
 
-    from sparsevid import cli
-    from sparsevid.bench import decode
+    from sparsevid.lab import cli
+    from sparsevid.decoder import bench as decode
 
     # a small stand-in for the 1B shape keeps the CPU run short; the code path is the same
     monkeypatch.setitem(decode.SPEED_MODELS, "llama3.2-1b", dict(hidden_size=64, intermediate_size=128,

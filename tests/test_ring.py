@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import sparsevid as sv
-from sparsevid.head_balance import HeadBalance, balanced_order, imbalance, separable
+from sparsevid.parallel.head_balance import HeadBalance, balanced_order, imbalance, separable
 from sparsevid.kernels.reference import sparse_attention_reference
-from sparsevid.ring import chunk_tables, merge_partials, needed_steps, simulate_ring
+from sparsevid.parallel.ring import chunk_tables, merge_partials, needed_steps, simulate_ring
 
 LAYOUTS = [
     sv.VideoLayout(4, 6, 8, tile=(2, 4), block_size=16),  # chunk boundaries inside frames for R = 3
@@ -148,7 +148,7 @@ def test_triton_step_kernel_equals_its_reference_twin():
     block with nothing to compute (zeros, -inf), and the log-sum-exp out; float32 under the interpreter."""
     _triton()
     from sparsevid.kernels.triton_blocksparse import sparse_attention_triton
-    from sparsevid.ring import ring_steps
+    from sparsevid.parallel.ring import ring_steps
 
     layout = LAYOUTS[0]
     q, k, v = (t.to(DEVICE) for t in _inputs(layout, B=1, H=2, D=64))

@@ -1,4 +1,4 @@
-"""Attention statistics (:mod:`sparsevid.stats`) against a direct computation from the full
+"""Attention statistics (:mod:`sparsevid.lab.stats`) against a direct computation from the full
 probability matrix, chunking, ``eval --stats``, and the issue's mass-budget claim for ``draft``."""
 
 import itertools
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sparsevid as sv
-from sparsevid.stats import attention_stats, block_mass, plan_mass, stat_names, summarize_stats
+from sparsevid.lab.stats import attention_stats, block_mass, plan_mass, stat_names, summarize_stats
 
 FRACTIONS = (0.1, 0.25, 0.5)
 
@@ -128,7 +128,7 @@ def test_summary_means():
 
 def test_eval_stats_command(tmp_path, capsys):
     pytest.importorskip("diffusers")
-    from sparsevid import cli
+    from sparsevid.lab import cli
 
     code = cli.main(["eval", "--stats", "--seeds", "0", "--labels", "bikes", "--steps", "3", "--frames", "4",
                      "--height", "64", "--width", "64", "--device", "cpu", "--quiet", "--out", str(tmp_path)])

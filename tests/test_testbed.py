@@ -12,8 +12,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
 import sparsevid as sv  # noqa: E402
-from sparsevid import data, testbed  # noqa: E402
-from sparsevid.testbed import model as tb_model  # noqa: E402
+from sparsevid.lab import data, testbed  # noqa: E402
+from sparsevid.lab.testbed import model as tb_model  # noqa: E402
 
 SMALL = dict(steps=2, frames=4, height=32, width=32, progress=False)
 
@@ -100,7 +100,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_training_smoke(tmp_path):
-    from sparsevid.testbed import train
+    from sparsevid.lab.testbed import train
 
     code = train.main(["--steps", "2", "--batch", "1", "--frames", "4", "--size", "32", "--device", "cpu",
                        "--no-samples", "--out", str(tmp_path)])
@@ -133,7 +133,7 @@ def test_large_weights_committed_and_sized():
 def test_committed_record_matches_committed_weights(name):
     """The JSON record beside each committed weights file describes those weights: the same parameter count and
     the same training run (the record embedded in the safetensors metadata at save time)."""
-    from sparsevid.testbed.model import load_weights
+    from sparsevid.lab.testbed.model import load_weights
 
     spec = testbed.SPECS[name]
     transformer, _, metadata = load_weights(None, spec)
@@ -145,7 +145,7 @@ def test_committed_record_matches_committed_weights(name):
 
 
 def test_large_runs_one_step_deterministic(tbl):
-    from sparsevid.testbed import Motion
+    from sparsevid.lab.testbed import Motion
 
     kwargs = dict(steps=1, frames=4, height=32, width=32, progress=False)
     motion = Motion(pan_x=0.2, speed=2, sprite=1)
@@ -159,7 +159,7 @@ def test_large_runs_one_step_deterministic(tbl):
 
 
 def test_motion_checks(tbl, tb):
-    from sparsevid.testbed import Motion
+    from sparsevid.lab.testbed import Motion
 
     with pytest.raises(ValueError, match="motion.zoom"):
         tbl(label="bikes", motion=Motion(zoom=3.0), steps=1, frames=4, height=32, width=32, progress=False)
@@ -172,7 +172,7 @@ def test_motion_checks(tbl, tb):
 
 
 def test_training_draws_never_held_out():
-    from sparsevid.testbed import Motion
+    from sparsevid.lab.testbed import Motion
 
     g = torch.Generator().manual_seed(0)
     draws = [Motion.random(g, 4) for _ in range(2000)]
@@ -184,7 +184,7 @@ def test_training_draws_never_held_out():
 
 
 def test_render_moves_as_asked():
-    from sparsevid.testbed.motion import Motion, render
+    from sparsevid.lab.testbed.motion import Motion, render
 
     # a horizontal ramp: a pan to the right shows larger values frame by frame; reversed speed-2 frames go backwards
     h, w, n = 48, 96, 20

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from sparsevid.kernels.triton_mlp import predicated_mlp, predicated_mlp_reference  # noqa: E402
+from sparsevid.decoder.triton_mlp import predicated_mlp, predicated_mlp_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)
 C, I = 48, 80  # neither a multiple of the column nor of the K tile: the edge masks run too

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsevid as sv
-from sparsevid.pooling import pool_blocks_reference
+from sparsevid.kernels.pooling import pool_blocks_reference
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)

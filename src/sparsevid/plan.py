@@ -5,8 +5,6 @@ Planners produce it, kernels consume it; neither side decides anything about the
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from .layout import VideoLayout
@@ -348,14 +346,11 @@ def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.T
     """bool ``(B, H, NB, N)`` -> (int32 counts ``(B, H, NB)``, int32 ascending indices ``(B, H, NB, width)``).
 
     ``width`` defaults to the longest row (one host sync). No sort: each kept index is scattered to
-    its rank among the row's kept indices (a cumulative sum); the tail is zeros.
+    its rank among the row's kept indices (a cumulative sum); the tail is zeros. The planners and the ring
+    build their lists with :func:`sparsevid.kernels.csr.dense_to_csr` (one Triton pass on CUDA): the plan, a
+    lower layer than the kernels, does not reach up to them.
     """
     n = keep.shape[-1]
-    if keep.is_cuda and width is not None and importlib.util.find_spec("triton") is not None:
-        from .kernels.triton_csr import MAX_COLUMNS, mask_to_csr_triton
-
-        if n <= MAX_COLUMNS:
-            return mask_to_csr_triton(keep, width)  # the same in one pass
     counts = keep.sum(-1, dtype=torch.int32)
     if width is None:
         width = max(int(counts.max()), 1) if counts.numel() else 1

@@ -43,7 +43,7 @@ import torch
 
 from . import stats, viz
 from .bench.common import fraction, local_device, non_negative_int, output_folder, positive_int
-from .eval import NOISE_FLOOR, TARGETS, Config, _case_name, _slug, capture_layers, evaluate, layer_errors, summarize
+from .eval import NOISE_FLOOR, TARGETS, Config, capture_layers, case_name, evaluate, layer_errors, slug, summarize
 
 TABLE_METHODS = ("draft", "xattn", "window", "finegrained", "random")
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     table = planner_table(layers, capture.grid, capture.text_first, args.densities)
     print(format_planner_table(table, f"q/k/v of layers {first}-{len(capture.layers) - 1} (the ones sv.apply runs "
                                       f"sparse) at step {step} of {args.steps} (its first sparse step) of a dense "
-                                      f"generation of {_case_name(cases[0])}"))
+                                      f"generation of {case_name(cases[0])}"))
     clips = clip_section(target, pipe, settings, out_dir, device, progress=not args.quiet)
     files = planner_pictures(table, layers, capture.grid, capture.text_first, first, args.densities, out_dir)
     files.append(tiles_picture(clips.pop("first_dense"), table["layout"], pipe.transformer.config.patch_size,
@@ -346,7 +346,7 @@ def clip_section(target, pipe, settings, out_dir: Path, device, progress: bool) 
             rows[textwrap.fill(config.name, 18) + f"\n{r['psnr']:.1f} dB / SSIM {r['ssim']:.2f}"] = videos[config.name]
             rows[f"|{config.name.split(':')[0]} - dense| x4"] = (videos[config.name] - videos["dense"]).abs().mul(4).clamp(0, 1)
         best = max(configs, key=lambda c: by[c.name]["psnr"])
-        stem = _slug(case.replace(" seed ", "_s"))
+        stem = slug(case.replace(" seed ", "_s"))
         files.append(viz.save_video_rows(
             rows, out_dir / f"clip_{stem}.png", title=f"{case}: the dense generation and each setting from the same seed",
             caption="Rows: the dense generation, then each setting (PSNR / SSIM against dense in its label) with its "

@@ -416,7 +416,7 @@ def _timed_generate(target, pipe, case, args, progress):
     return video, time.perf_counter() - start
 
 
-def _case_name(case: dict) -> str:
+def case_name(case: dict) -> str:
     label = case.get("label") or case.get("prompt", "case")[:24]
     return f"{label} seed {case['seed']}" + (" held-out" if "motion" in case else "")
 
@@ -461,7 +461,7 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
     result = dict(videos=video_rows, layers=layer_rows, steps=step_rows, kept=kept, capture_step=capture_step)
     bar = tqdm(cases, desc="cases", unit="case", disable=not progress)
     for i, case in enumerate(bar):
-        name = _case_name(case)
+        name = case_name(case)
         bar.set_postfix_str(name)
         capture = LayerCapture(pipe.transformer, capture_step) if args.layer_error else None
         try:
@@ -597,7 +597,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
@@ -638,7 +638,7 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
                                        f"{settings['pipeline']}: relative error of each sparse layer's attention vs "
                                        f"dense on the same inputs, every step (mean over {settings['cases']} videos)"))
     for case, videos in result["kept"].items():
-        stem = _slug(case.replace(" seed ", "_s"))
+        stem = slug(case.replace(" seed ", "_s"))
         files.append(viz.save_video_rows(videos, out_dir / f"frames_{stem}.png", title=f"{case}: dense vs sparse"))
     curves: dict[str, list] = {}
     for r in summary:
@@ -661,7 +661,7 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
               "the frames_*.png show the same cases")
     else:
         for case, videos in result["kept"].items():
-            stem = _slug(case.replace(" seed ", "_s"))
+            stem = slug(case.replace(" seed ", "_s"))
             files.append(viz.write_video(viz.side_by_side(videos), out_dir / f"side_by_side_{stem}.mp4", fps=fps))
     return files
 
@@ -875,7 +875,7 @@ def run_stats(target: EvalTarget, args, device) -> int:
         capture = capture_layers(target, pipe, case, args, step)
         grid = capture.grid
         for row in stats.layer_stats(capture.layers, grid, capture.text_first, tiling=tiling):
-            rows.append(dict(case=_case_name(case), **row))
+            rows.append(dict(case=case_name(case), **row))
     settings = dict(pipeline=args.pipeline, testbed=getattr(args, "testbed", None), device=_environment(device),
                     date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cases=len(cases), seeds=list(dict.fromkeys(c["seed"] for c in cases)),
                     labels=args.labels or list(getattr(pipe, "labels", [])), steps=args.steps, capture_step=step,

@@ -52,9 +52,10 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import backend_spec, check_backend_name
+from ..kernels.csr import dense_to_csr
 from ..kernels.reference import sparse_attention_reference
 from ..layout import VideoLayout
-from ..plan import BlockPlan, _dense_to_csr
+from ..plan import BlockPlan
 from ..tail import check_tail, kept_blocks, summarize_reference
 
 __all__ = ["RING_BACKENDS", "ChunkTable", "RingGroup", "all_gather", "chunk_tables", "gather_sequence",
@@ -117,7 +118,7 @@ def ring_steps(plan: BlockPlan, chunks: int, rank: int) -> list[tuple[torch.Tens
         rows = kept_blocks(plan)[:, :, tables[rank].blocks]  # (B, H, n_rank, NB)
         steps = [rows[..., t.blocks] for t in tables]  # (B, H, n_rank, n_j)
         needed = torch.stack([s.any() for s in steps]).tolist()
-        return [_dense_to_csr(s, width=s.shape[-1]) if keep else None for s, keep in zip(steps, needed)]
+        return [dense_to_csr(s, width=s.shape[-1]) if keep else None for s, keep in zip(steps, needed)]
 
     return plan.derived(f"ring_steps:{chunks}:{rank}", build)
 
