@@ -231,7 +231,7 @@ def test_no_import_circle_between_the_two_decoders():
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
 
     assert "fastcar_graph" in imported(fastcar) and "fastcar" not in imported(fastcar_graph)
-    assert fastcar.decoder_layers is fastcar_graph.decoder_layers  # one anatomy, in reuse/_llama.py
+    assert fastcar.decoder_layers is fastcar_graph.decoder_layers  # one anatomy, in decoder/_llama.py
 
 
 def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):
