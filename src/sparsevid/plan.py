@@ -267,8 +267,11 @@ class BlockPlan(_CSRPlan):
         return self._indices.shape[-1]
 
     @classmethod
-    def from_block_mask(cls, layout: VideoLayout, keep: torch.Tensor, method: str = "custom") -> "BlockPlan":
-        """The plan computing exactly the blocks where ``keep`` (bool ``(B, H, NB, NB)``) is True."""
+    def from_block_mask(cls, layout: VideoLayout, keep: torch.Tensor, method: str = "custom", *,
+                        to_csr=None) -> "BlockPlan":
+        """The plan computing exactly the blocks where ``keep`` (bool ``(B, H, NB, NB)``) is True. ``to_csr(keep,
+        width)`` builds the lists: by default in PyTorch (:func:`_dense_to_csr`); the planners pass
+        :func:`sparsevid.kernels.csr.dense_to_csr` (one Triton pass on CUDA, the same lists)."""
         if not isinstance(layout, VideoLayout):
             raise TypeError(f"Expect layout to be a VideoLayout but got {type(layout).__name__}")
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 4:
@@ -277,7 +280,7 @@ class BlockPlan(_CSRPlan):
         if keep.shape[-2:] != (nb, nb):
             raise ValueError(f"Expect keep of shape (B, H, {nb}, {nb}) but got {tuple(keep.shape)}")
         # Full width NB: no host sync to learn the longest row (the tail is never read).
-        return cls(layout, *_dense_to_csr(keep, width=nb), method)
+        return cls(layout, *(to_csr or _dense_to_csr)(keep, width=nb), method)
 
     @property
     def _num_keys(self) -> int:
@@ -347,8 +350,8 @@ def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.T
 
     ``width`` defaults to the longest row (one host sync). No sort: each kept index is scattered to
     its rank among the row's kept indices (a cumulative sum); the tail is zeros. The planners and the ring
-    build their lists with :func:`sparsevid.kernels.csr.dense_to_csr` (one Triton pass on CUDA): the plan, a
-    lower layer than the kernels, does not reach up to them.
+    build their lists with :func:`sparsevid.kernels.csr.dense_to_csr` (one Triton pass on CUDA): the plan sits
+    below the kernels and does not reach up to them.
     """
     n = keep.shape[-1]
     counts = keep.sum(-1, dtype=torch.int32)

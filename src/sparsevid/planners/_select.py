@@ -7,9 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from ..kernels.csr import dense_to_csr
 from ..layout import VideoLayout
-from ..plan import BlockPlan
 
 _DEFAULT_DENSITY = 0.1
 
@@ -142,9 +140,3 @@ def _forced_entries(layout: VideoLayout) -> float:
     """Score entries of one head's forced blocks (host arithmetic, once per layout)."""
     tokens = layout.block_tokens.double()
     return float((forced_blocks(layout, "cpu").double() * tokens[:, None] * tokens[None, :]).sum())
-
-
-def block_plan(layout: VideoLayout, keep: torch.Tensor, method: str) -> BlockPlan:
-    """:meth:`BlockPlan.from_block_mask` for a planner's own ``keep`` (bool ``(B, H, NB, NB)``), the lists built
-    by :func:`sparsevid.kernels.csr.dense_to_csr` (one Triton pass on CUDA)."""
-    return BlockPlan(layout, *dense_to_csr(keep, width=layout.num_blocks), method)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.csr import dense_to_csr
 from ..plan import BlockPlan
 from . import register_planner
-from ._select import block_plan
 
 
 @register_planner("dense")
@@ -16,6 +16,6 @@ def dense(q, k, layout, *, density=None, mass=None) -> BlockPlan:
         raise ValueError(f"Expect density=1 (or none) for method 'dense' but got density={density}, mass={mass}")
     nb = layout.num_blocks
     keep = torch.ones(1, 1, nb, nb, dtype=torch.bool, device=q.device)
-    plan = block_plan(layout, keep, "dense")
+    plan = BlockPlan.from_block_mask(layout, keep, "dense", to_csr=dense_to_csr)
     plan.keeps_everything = True
     return plan

@@ -14,11 +14,12 @@ import math
 
 import torch
 
+from ..kernels.csr import dense_to_csr
+from ..kernels.pooling import pool_blocks
 from ..layout import VideoLayout
 from ..plan import BlockPlan
-from ..kernels.pooling import pool_blocks
 from . import register_planner
-from ._select import block_plan, keep_by_budget
+from ._select import keep_by_budget
 
 
 def draft_scores(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
@@ -51,4 +52,4 @@ def draft(q, k, layout, *, density=None, mass=None, budget: str = "head") -> Blo
     score = draft_scores(q, k, layout)
     probs = None if mass is None else (score + layout.on(q.device).block_tokens.float().log()).exp()
     keep = keep_by_budget(score, layout, density=density, mass=mass, probs=probs, budget=budget)
-    return block_plan(layout, keep, "draft")
+    return BlockPlan.from_block_mask(layout, keep, "draft", to_csr=dense_to_csr)

@@ -6,9 +6,10 @@ import numbers
 
 import torch
 
+from ..kernels.csr import dense_to_csr
 from ..plan import BlockPlan
 from . import register_planner
-from ._select import block_plan, keep_by_budget
+from ._select import keep_by_budget
 
 
 @register_planner("random")
@@ -31,4 +32,4 @@ def random(q, k, layout, *, density=None, mass=None, seed: int = 0, budget: str 
     generator = torch.Generator().manual_seed(int(seed))
     score = torch.rand(B, H, nb, nb, generator=generator).to(q.device)
     keep = keep_by_budget(score, layout, density=density, budget=budget)
-    return block_plan(layout, keep, "random")
+    return BlockPlan.from_block_mask(layout, keep, "random", to_csr=dense_to_csr)

@@ -7,9 +7,10 @@ import numbers
 
 import torch
 
+from ..kernels.csr import dense_to_csr
 from ..plan import BlockPlan
 from . import register_planner
-from ._select import block_plan, forced_blocks, keep_by_budget
+from ._select import forced_blocks, keep_by_budget
 
 
 @register_planner("window")
@@ -56,4 +57,4 @@ def window(
         score = -(torch.maximum(torch.maximum(df, dy), dx) + 1e-3 * (df * df + dy * dy + dx * dx).sqrt())
         score = torch.where(pair_video, score, float("-inf"))[None, None]
         keep = keep_by_budget(score, layout, density=density, budget="row")
-    return block_plan(layout, keep, "window")
+    return BlockPlan.from_block_mask(layout, keep, "window", to_csr=dense_to_csr)

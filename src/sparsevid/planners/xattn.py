@@ -16,9 +16,10 @@ import math
 
 import torch
 
+from ..kernels.csr import dense_to_csr
 from ..plan import BlockPlan
 from . import register_planner
-from ._select import block_plan, keep_by_budget
+from ._select import keep_by_budget
 
 _CHUNK_ELEMENTS = 1 << 24
 _DEFAULT_MASS = 0.9
@@ -61,4 +62,4 @@ def xattn(q, k, layout, *, density=None, mass=None, stride: int = 8, budget: str
 
     score = block_mass.log() - layout.on(q.device).block_tokens.float().log()
     keep = keep_by_budget(score, layout, density=density, mass=mass, probs=block_mass, budget=budget)
-    return block_plan(layout, keep, "xattn")
+    return BlockPlan.from_block_mask(layout, keep, "xattn", to_csr=dense_to_csr)
