@@ -38,9 +38,9 @@ def __getattr__(name):
 
         return getattr(diffusers, name)
     if name == "reuse":
-        from . import reuse
+        import sparsevid.reuse  # not `from . import reuse`: its fromlist asks this __getattr__ again
 
-        return reuse
+        return sparsevid.reuse
     # the lab's trained testbed, ``from sparsevid import testbed`` (DESIGN.md): the one door from the package face
     # into the lab, declared in tests/test_architecture.py
     if name == "testbed":
