@@ -194,40 +194,43 @@ def test_every_declared_exception_is_still_an_edge():
         assert any(_within(t, imported) for t in graph.get(importer, ())), (importer, imported)
 
 
-def _plant(tmp_path: Path, relative: str, code: str) -> Path:
-    """A copy of the source tree (Python files only) with ``code`` appended to one module."""
+def _plant(tmp_path: Path, plants: dict[str, str]) -> Path:
+    """A copy of the source tree (Python files only) with ``plants[module]`` appended to each module named."""
     src = tmp_path / "src"
     shutil.copytree(SRC / ROOT_PACKAGE, src / ROOT_PACKAGE, ignore=lambda d, names: [
         n for n in names if not n.endswith(".py") and not (Path(d) / n).is_dir() or n == "__pycache__"])
-    with open(src / ROOT_PACKAGE / relative, "a") as f:
-        f.write("\n" + code + "\n")
+    for relative, code in plants.items():
+        with open(src / ROOT_PACKAGE / relative, "a") as f:
+            f.write("\n" + code + "\n")
     return src
 
 
 def test_a_planted_bad_import_is_reported(tmp_path):
-    plants = [  # (module, code appended, what the report must name)
-        ("layout.py", "def _f():\n    from .lab import eval", "sparsevid.layout -> sparsevid.lab.eval: the library"),
-        ("plan.py", "from .kernels.reference import sparse_attention_reference",
-         "sparsevid.plan -> sparsevid.kernels.reference: up from layer 'plan data' to 'kernels'"),
-        ("kernels/pooling.py", "import sparsevid.planners.draft",
-         "sparsevid.kernels.pooling -> sparsevid.planners.draft: up from layer 'kernels'"),
-        ("attention.py", "import importlib\nimportlib.import_module('sparsevid.decoder.fastcar')",
-         "sparsevid.attention -> sparsevid.decoder.fastcar: the library (execution) imports the decoder"),
-        ("reuse/dit.py", "def _g():\n    from ..decoder import fastcar",
-         "sparsevid.reuse.dit -> sparsevid.decoder.fastcar: the library (integration) imports the decoder"),
-        ("lab/eval.py", "def _h():\n    from ..decoder.train import load_model",
-         "sparsevid.lab.eval -> sparsevid.decoder.train: the lab imports the decoder product"),
-        ("decoder/fastcar.py", "from ..lab import viz",
-         "sparsevid.decoder.fastcar -> sparsevid.lab.viz: the decoder product imports the lab"),
-        ("tail.py", "import importlib\nimportlib.import_module(f'sparsevid.parallel.{1}')",
-         "sparsevid.tail -> sparsevid.parallel: up from layer 'kernels' to 'parallel'"),
-    ]
-    for i, (module, code, expected) in enumerate(plants):
-        found = violations(_plant(tmp_path / str(i), module, code))
-        assert any(v.startswith(expected) for v in found), (module, found)
-        assert len(found) == 1, found  # the planted import and nothing else
-    found = violations(_plant(tmp_path / "new", "spare.py", "from . import layout"))
-    assert found == ["sparsevid.spare: in no layer (give it one in LAYERS and docs/architecture.md)"]
+    plants = {  # module: (code appended, what the report must say)
+        "layout.py": ("def _f():\n    from .lab import eval",
+                      "sparsevid.layout -> sparsevid.lab.eval: the library (plan data) imports the lab"),
+        "plan.py": ("from .kernels.reference import sparse_attention_reference",
+                    "sparsevid.plan -> sparsevid.kernels.reference: up from layer 'plan data' to 'kernels'"),
+        "kernels/pooling.py": ("import sparsevid.planners.draft",
+                               "sparsevid.kernels.pooling -> sparsevid.planners.draft: up from layer 'kernels' to "
+                               "'planners'"),
+        "attention.py": ("import importlib\nimportlib.import_module('sparsevid.decoder.fastcar')",
+                         "sparsevid.attention -> sparsevid.decoder.fastcar: the library (execution) imports the "
+                         "decoder"),
+        "reuse/dit.py": ("def _g():\n    from ..decoder import fastcar",
+                         "sparsevid.reuse.dit -> sparsevid.decoder.fastcar: the library (integration) imports the "
+                         "decoder"),
+        "lab/eval.py": ("def _h():\n    from ..decoder.train import load_model",
+                        "sparsevid.lab.eval -> sparsevid.decoder.train: the lab imports the decoder product"),
+        "decoder/fastcar.py": ("from ..lab import viz",
+                               "sparsevid.decoder.fastcar -> sparsevid.lab.viz: the decoder product imports the lab"),
+        "tail.py": ("import importlib\nimportlib.import_module(f'sparsevid.parallel.{1}')",
+                    "sparsevid.tail -> sparsevid.parallel: up from layer 'kernels' to 'parallel'"),
+        "spare.py": ("from . import layout",  # a new root module
+                     "sparsevid.spare: in no layer (give it one in LAYERS and docs/architecture.md)"),
+    }
+    found = violations(_plant(tmp_path, {module: code for module, (code, _) in plants.items()}))
+    assert sorted(found) == sorted(expected for _, expected in plants.values())  # each plant, and nothing else
 
 
 def test_the_package_root_holds_few_modules():
