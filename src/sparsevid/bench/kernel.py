@@ -305,8 +305,8 @@ def run(args) -> int:
         exact = [b for b in backends if quantized.get(b) is None]
         contenders = [(f"sparsevid-{b}", b, (q, k, v), plan) for b in exact]
         if "fa4" in backends:
-            plan_tiled = sparsevid.BlockPlan(tiled, plan.kv_num_blocks, plan.kv_indices, method)
-            plan_tiled._trusted = plan._trusted  # the planner's lists: no one-time validation inside the timing
+            # validated here, once: no one-time validation inside the timing
+            plan_tiled = sparsevid.BlockPlan(tiled, plan.kv_num_blocks, plan.kv_indices, method).validate()
             contenders.append(("sparsevid-fa4-tiled", "fa4", (q_tiled, k_tiled, v_tiled), plan_tiled))
         tailed = [(f"{name}+{tail}", backend, inputs, p, tail) for tail in tails if tail is not None
                   for name, backend, inputs, p in contenders if backend in tail_backends]
