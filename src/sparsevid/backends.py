@@ -416,8 +416,8 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
     """Every registered backend with its declared capabilities and whether it is usable on ``device``.
 
     Each entry: ``name``, ``plans``, ``devices``, ``dtypes``, ``head_dims``, ``block_sizes``,
-    ``gpu_majors``, ``min_capability``, ``quant``, ``tail``, ``ring`` (it runs a ring step), ``backward``, ``priority``, ``auto`` (device types
-    where ``auto`` may pick it),
+    ``gpu_majors``, ``min_capability``, ``quant``, ``tail``, ``ring`` (it runs a ring step), ``backward``,
+    ``priority``, ``auto`` (device types where ``auto`` may pick it),
     ``usable`` (bool), ``reason`` (why not, or ``None``: a CUDA device missing here is a reason, not an
     error) and ``description``. ``backward``: the device types on which it trains.
     """

@@ -169,11 +169,13 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
     layout = VideoLayout(2, 4, 4, **tiling) if tiling else VideoLayout(2, 4, 4, tile=(4, 4), block_size=16)
     q = torch.randn(1, 1, layout.num_tokens, 16, generator=torch.Generator().manual_seed(0))
     plan = make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
-    block_size = VideoLayout(2, 4, 4, **tiling).block_size  # the block size the model's layouts will have
+    model_layout = VideoLayout(2, 4, 4, **tiling)  # the block size the model's layouts will have
     if tail is not None:
         check_tail_plan(tail, plan, quant)
-        tail.group_size(VideoLayout(2, 4, 4, **tiling))
-    check_settings(backend, device=device, plan_type=type(plan), block_size=block_size, tail=tail, quant=quant)
+        tail.group_size(model_layout)
+    # the registry's own checks on what is known before the first call (named backend, quant, tail, block size)
+    check_settings(backend, device=device, plan_type=type(plan), block_size=model_layout.block_size, tail=tail,
+                   quant=quant)
 
 
 def check_layers(config: SparseVidConfig, layers: int, name: str) -> None:

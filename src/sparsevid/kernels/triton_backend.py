@@ -64,6 +64,25 @@ class BlockLaunch:
         return cls(plan.perm, kv_num_blocks, kv_indices, plan.block_size, block_real, order)
 
 
+@dataclass(frozen=True)
+class TokenLaunch:
+    """What the Triton gather kernel reads of a ``TokenPlan`` for ``B`` x ``H`` inputs: its lists expanded to them and
+    its block size, checked and built once per plan and input shape (``plan.launch(TokenLaunch, B, H)``)."""
+
+    plan_type: ClassVar[type] = TokenPlan
+    perm: torch.Tensor
+    kv_num_tokens: torch.Tensor
+    kv_tokens: torch.Tensor
+    block_size: int
+
+    @classmethod
+    def build(cls, plan: TokenPlan, B: int, H: int) -> "TokenLaunch":
+        from .triton_common import check_tiling
+
+        check_tiling("the Triton gather kernel", plan.block_size, BLOCK_SIZES)
+        return cls(plan.perm, plan.kv_num_tokens.expand(B, H, -1), plan.kv_tokens.expand(B, H, -1, -1), plan.block_size)
+
+
 def summarize_tail(k, v, layout, method):
     """The tail's summaries in one Triton pass (the builder the ``triton`` and ``fa4`` backends declare)."""
     from .triton_tail import summarize_triton
@@ -92,9 +111,8 @@ def _triton_backend(q, k, v, plan, scale, tail=None):
     if isinstance(plan, TokenPlan):
         from .triton_gather import token_sparse_attn
 
-        kv_num_tokens = plan.kv_num_tokens.expand(B, H, -1)
-        kv_tokens = plan.kv_tokens.expand(B, H, -1, -1)
-        return token_sparse_attn(q, k, v, plan.perm, kv_num_tokens, kv_tokens, plan.block_size, scale)
+        launch = plan.launch(TokenLaunch, B, H)
+        return token_sparse_attn(q, k, v, launch.perm, launch.kv_num_tokens, launch.kv_tokens, launch.block_size, scale)
 
     from .triton_blocksparse import block_sparse_attn
 
@@ -123,5 +141,6 @@ register_quant_backends(
               description="8-bit Triton block-sparse: smoothed INT8 Q·Kᵀ per block (int32 acc), fp16 P·V; "
                           "permutation fused"),
     fp8=dict(block_sizes=FP8_BLOCK_SIZES, min_capability=(8, 9),
-             description="8-bit Triton block-sparse: smoothed FP8 e4m3 Q·Kᵀ per block, e4m3 P·V; sm89+ (Ada, Hopper)"),
+             description="8-bit Triton block-sparse: smoothed FP8 e4m3 Q·Kᵀ per block, e4m3 P·V; sm89+ "
+                         "(Ada, Hopper)"),
 )
