@@ -232,6 +232,24 @@ def test_check_settings_skips_what_is_not_known_and_auto_always_runs_exact_atten
         resolve_backend("auto", *_inputs(), needs=("bogus",))
 
 
+def test_check_settings_refuses_fa4_block_sizes_and_head_dims_from_metadata(monkeypatch):
+    """Defect F3 for fa4 (no GPU needed: the registry reads installation and compute capability from its caches)."""
+    from sparsevid import backends
+    from sparsevid.backends import check_settings
+
+    device = torch.device("cuda", 0)
+    monkeypatch.setitem(backends._INSTALLED, "fa4", None)
+    monkeypatch.setitem(backends._CAPABILITY, device, (9, 0))
+    assert check_settings("fa4", device=device, block_size=128, head_dim=128).name == "fa4"
+    for block_size in (16, 32):
+        with pytest.raises(ValueError, match=rf"block_size in \(64, 128\) for backend 'fa4' but got {block_size}"):
+            check_settings("fa4", device=device, block_size=block_size)
+    with pytest.raises(ValueError, match=r"head_dim in \(64, 96, 128\) for backend 'fa4' but got 32"):
+        check_settings("fa4", device=device, head_dim=32)
+    with pytest.raises(TypeError, match="for backend 'fa4' but got torch.float32"):
+        check_settings("fa4", device=device, dtype=torch.float32)
+
+
 def test_apply_refuses_a_block_size_the_named_backend_cannot_tile():
     """Defect F3: sv.apply(backend='triton', block_size=48) was accepted and failed at the first sparse step."""
     pytest.importorskip("triton")
