@@ -242,3 +242,27 @@ def test_apply_quant_validates_and_runs():
         torch.testing.assert_close(model(**x)[0], native)  # exactly native again
     assert 0 < rel(quant, exact) < 0.02
     assert 0 < rel(dense_q, native) < 0.02
+
+
+def test_the_8bit_variants_come_from_one_registration_helper():
+    """One helper registers a family's int8 and fp8 backends: shared options once, each mode's own beside them."""
+    from sparsevid.backends import _REGISTRY, register_quant_backends
+
+    seen = []
+    register_quant_backends("test-family", lambda q, k, v, plan, scale, quant: seen.append(quant) or q,
+                            plans=(sv.BlockPlan,), devices=("cpu",), int8=dict(description="i"),
+                            fp8=dict(description="f", min_capability=(8, 9)))
+    try:
+        int8, fp8 = backends.backend_spec("test-family-int8"), backends.backend_spec("test-family-fp8")
+        assert (int8.quant, fp8.quant, int8.description, fp8.min_capability) == ("int8", "fp8", "i", (8, 9))
+        q, k, v, plan = small()
+        sv.sparse_attention(q, k, v, plan, backend="test-family-fp8")
+        sv.sparse_attention(q, k, v, plan, backend="test-family-int8")
+        assert seen == ["fp8", "int8"]
+    finally:
+        _REGISTRY.pop("test-family-int8"), _REGISTRY.pop("test-family-fp8")
+    rows = {d["name"]: d for d in sv.describe_backends("cpu")}
+    for family in ("triton", "reference"):  # the built-in pairs differ only where their modes differ
+        a, b = rows[f"{family}-int8"], rows[f"{family}-fp8"]
+        assert {key for key in a if a[key] != b[key]} <= {"name", "quant", "description", "block_sizes",
+                                                          "min_capability", "usable", "reason"}

@@ -264,3 +264,19 @@ def test_a_new_head_order_takes_effect_only_where_the_layer_replans():
     assert torch.equal(balance.order(slot, 4, 2), order) and balance.version(slot) == 2
     balance.propose(slot, costs, None, 2)
     assert balance.order(slot, 0, 2) is not None and balance.version(slot) == 3  # a new generation replans too
+
+
+def test_ring_steps_run_on_the_backends_the_registry_declares():
+    """The ring asks the registry (``needs=("ring",)``): the backends with a declared ring step, and nothing else."""
+    import sparsevid.parallel.ring as ring
+    from sparsevid.parallel.ring import ring_backend
+
+    assert ring.RING_BACKENDS == tuple(d["name"] for d in sv.describe_backends() if d["ring"])
+    assert set(ring.RING_BACKENDS) == {"triton", "reference"}
+    layout = LAYOUTS[0]
+    q, k, _ = _inputs(layout)
+    plan = sv.plan(q, k, layout, method="draft", density=0.3)
+    for name in ("fa4", "triton-int8", "reference-fp8"):
+        with pytest.raises(NotImplementedError, match=f"NYI: backend '{name}' under ring attention"):
+            ring_backend(name, q, plan)
+    assert ring_backend("auto", q, plan) == "reference"  # float32 on the CPU: triton is for CUDA and fp16

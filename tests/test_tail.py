@@ -268,3 +268,15 @@ def test_auto_gives_a_tail_only_to_backends_with_a_tail_pass():
     assert resolve_backend("auto", q, plan, tail=check_tail("pooled-var")).tail
     with pytest.raises(ValueError, match="no tail pass"):
         resolve_backend("flex", q, plan, tail=check_tail("pooled-var"))
+
+
+def test_each_tail_backend_declares_its_summary_builder():
+    """How summaries are built is chosen once, at registration: the backends with a tail are exactly those that
+    declare a builder, and the reference's builder is the PyTorch twin."""
+    from sparsevid.backends import backend_spec, describe_backends, tail_backends
+    from sparsevid.tail import summarize_reference
+
+    assert set(tail_backends()) == {d["name"] for d in describe_backends() if backend_spec(d["name"]).summarize}
+    assert backend_spec("reference").summarize is summarize_reference
+    assert backend_spec("fa4").summarize is backend_spec("triton").summarize  # one Triton summary pass
+    assert backend_spec("flex").summarize is None and not backend_spec("flex").tail

@@ -131,8 +131,7 @@ def sparse_attention(
         check_tail_plan(method, plan, quant)
         method.group_size(plan.layout)
     spec = resolve_backend(backend, q, plan, needs_grad, quant, method)
-    if not plan._trusted:  # built by hand: checked once (host syncs), planner output never
-        plan.validate()
+    plan.validate_once()  # built by hand: checked once (host syncs), a planner's plan never
     if method is None:
         return spec.fn(q, k, v, plan, scale)
     return spec.fn(q, k, v, plan, scale, tail=method)

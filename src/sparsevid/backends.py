@@ -11,6 +11,12 @@ backend was asked for — before any kernel launch.
 takes the first that supports the inputs: on Hopper/Blackwell with ``flash-attn-4`` installed
 ``fa4``, on other CUDA GPUs ``triton``, elsewhere (and for autograd inputs) ``reference``.
 
+Every caller asks this registry: one GPU (:func:`sparsevid.sparse_attention`), a ring step
+(:mod:`sparsevid.parallel.ring`, ``needs=("ring",)``), 8-bit attention (``quant=``), the tail (``tail=``), and
+``sparsevid.apply``'s check of its settings before anything runs (:func:`check_settings`, the same checks on
+metadata alone). What a caller needs is declared at :func:`register_backend` and checked in one place
+(:meth:`BackendSpec.refusal_for`); no other module branches on a backend's name.
+
 Quantized backends declare the ``quant`` they compute (``"int8"``, ``"fp8"``; exact backends
 ``None``). ``auto`` only ever picks a backend whose ``quant`` equals the one asked for, so 8-bit
 attention runs only when ``quant=`` asks for it, and a quantized request never falls back to an
@@ -27,10 +33,11 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "BackendSpec", "QUANT_MODES", "available_backends", "check_quant", "describe_backends",
-           "register_backend", "resolve_backend"]
+__all__ = ["Backend", "BackendSpec", "NEEDS", "QUANT_MODES", "available_backends", "check_quant", "check_settings",
+           "describe_backends", "register_backend", "register_quant_backends", "resolve_backend"]
 
 QUANT_MODES = ("int8", "fp8")  # the values of ``quant=`` besides None (exact attention)
+NEEDS = ("ring",)  # capabilities a caller may need beyond the inputs (``resolve_backend(needs=...)``)
 
 
 class Backend(str, Enum):
@@ -66,8 +73,19 @@ class BackendSpec:
     description: str
     quant: str | None = None
     min_capability: tuple[int, int] | None = None
-    tail: bool = False
+    summarize: Callable | None = None  # the tail's summary builder: the backend runs ``tail=``
     dtype_note: str | None = None
+    ring_step: Callable | None = None  # one ring step: a key chunk with its own table, log-sum-exp out
+
+    @property
+    def tail(self) -> bool:
+        """It runs ``tail=`` (keeps the skipped blocks as summaries, built by its ``summarize``)."""
+        return self.summarize is not None
+
+    @property
+    def ring(self) -> bool:
+        """It runs a ring step (:mod:`sparsevid.parallel.ring`)."""
+        return self.ring_step is not None
 
     def installed(self) -> str | None:
         """``None`` when the backend's software is importable, else the reason (checked once)."""
@@ -97,34 +115,50 @@ class BackendSpec:
                           f"and {device} is {major}.{minor}")
         return reason
 
-    def refusal(self, q: torch.Tensor, plan, needs_grad: bool = False, tail=None) -> tuple[type[Exception], str] | None:
+    def refusal(self, q: torch.Tensor, plan, needs_grad: bool = False, tail=None,
+                needs: tuple[str, ...] = ()) -> tuple[type[Exception], str] | None:
         """Why this backend cannot run ``q`` with ``plan`` (exception type and message), or None.
-        ``needs_grad``: q, k or v requires grad (and grad is enabled); ``tail``: a summary method is asked."""
-        name, device = self.name, q.device
-        if device.type not in self.devices:
-            return ValueError, (f"Expect tensors on {' or '.join(self.devices)} for backend {name!r} but got "
-                                f"device {device}; use backend='reference' or move the tensors")
-        reason = self.unusable(device)
+        ``needs_grad``: q, k or v requires grad (and grad is enabled); ``tail``: a summary method is asked;
+        ``needs``: capabilities of :data:`NEEDS` the caller uses."""
+        return self.refusal_for(device=q.device, plan_type=type(plan), dtype=q.dtype, head_dim=q.shape[-1],
+                                block_size=plan.block_size, needs_grad=needs_grad, tail=tail, needs=needs)
+
+    def refusal_for(self, *, device: torch.device | None = None, plan_type: type | None = None,
+                    dtype: torch.dtype | None = None, head_dim: int | None = None, block_size: int | None = None,
+                    needs_grad: bool = False, tail=None, needs: tuple[str, ...] = ()
+                    ) -> tuple[type[Exception], str] | None:
+        """:meth:`refusal` from metadata alone: what is ``None`` is not known yet and not checked (``device=None``:
+        only whether the backend is installed). The one place a backend's declared capabilities are checked."""
+        name = self.name
+        if "ring" in needs and not self.ring:
+            ring = ", ".join(s.name for s in _registry().values() if s.ring)
+            return NotImplementedError, (f"NYI: backend {name!r} under ring attention (ring steps run on {ring}); "
+                                         "use backend='auto'")
+        if plan_type is not None and not issubclass(plan_type, self.plans):
+            kinds = " or ".join(p.__name__ for p in self.plans)
+            return TypeError, f"Expect a {kinds} for backend {name!r} but got a {plan_type.__name__}"
+        if tail is not None and not self.tail:
+            return ValueError, tail_refusal(name, tail)
+        if device is not None and device.type not in self.devices:
+            runs = " or ".join(self.devices)
+            return ValueError, (f"Expect tensors on {runs} for backend {name!r} but got device {device} (it runs on "
+                                f"{runs}, not {device.type}); use backend='reference' or move the tensors")
+        reason = self.unusable(device) if device is not None else self.installed()
         if reason is not None:
             return ValueError, f"Expect backend {name!r} to be usable but {reason}; use backend='auto' or 'reference'"
-        if not isinstance(plan, self.plans):
-            kinds = " or ".join(p.__name__ for p in self.plans)
-            return TypeError, f"Expect a {kinds} for backend {name!r} but got a {type(plan).__name__}"
-        if q.dtype not in self.dtypes:
+        if dtype is not None and dtype not in self.dtypes:
             note = f" ({self.dtype_note})" if self.dtype_note else ""
             return TypeError, (f"Expect q.dtype in {[str(d) for d in self.dtypes]} for backend {name!r} but got "
-                               f"{q.dtype}{note}; use backend='reference'")
-        if self.head_dims is not None and q.shape[-1] not in self.head_dims:
-            return ValueError, f"Expect head_dim in {self.head_dims} for backend {name!r} but got {q.shape[-1]}"
-        if self.block_sizes is not None and plan.block_size not in self.block_sizes:
+                               f"{dtype}{note}; use backend='reference'")
+        if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
+            return ValueError, f"Expect head_dim in {self.head_dims} for backend {name!r} but got {head_dim}"
+        if block_size is not None and self.block_sizes is not None and block_size not in self.block_sizes:
             return ValueError, (f"Expect plan.block_size in {self.block_sizes} for backend {name!r} but got "
-                                f"{plan.block_size}")
-        if needs_grad and device.type not in self.backward:
+                                f"{block_size}")
+        if needs_grad and device is not None and device.type not in self.backward:
             trains = f"its backward runs on {' or '.join(self.backward)} only" if self.backward else "forward only"
             return ValueError, (f"Expect inputs without requires_grad for backend {name!r} on {device.type} ({trains}) "
                                 "but q, k or v requires grad; use backend='reference' to train, or torch.no_grad()")
-        if tail is not None and not self.tail:
-            return ValueError, tail_refusal(name, tail)
         return None
 
 
@@ -148,8 +182,9 @@ def register_backend(
     description: str = "",
     quant: str | None = None,
     min_capability: tuple[int, int] | None = None,
-    tail: bool = False,
+    summarize: Callable | None = None,
     dtype_note: str | None = None,
+    ring_step: Callable | None = None,
 ):
     """Decorator: register ``fn(q, k, v, plan, scale) -> out`` (inputs already validated).
 
@@ -170,9 +205,16 @@ def register_backend(
             ``auto`` picks it only for that ``quant=``.
         min_capability (tuple[int, int] | None): lowest CUDA compute capability it runs on, e.g.
             ``(8, 9)`` for FP8 tensor cores.
-        tail (bool): it keeps the skipped blocks as summaries (:mod:`sparsevid.tail`): it is then called
-            ``fn(q, k, v, plan, scale, tail=method)`` when ``tail=`` asks; ``auto`` skips it otherwise.
+        summarize (callable | None): how it builds the tail's summaries, ``summarize(k, v, layout, method) ->
+            TailSummaries`` (:mod:`sparsevid.tail`): declaring it says the backend keeps the skipped blocks as
+            summaries; it is then called ``fn(q, k, v, plan, scale, tail=method)`` when ``tail=`` asks (and a ring
+            step builds its summaries with it); ``auto`` skips a backend without one when a tail is asked.
         dtype_note (str | None): why ``dtypes`` leaves out a dtype, said when one is refused.
+        ring_step (callable | None): one step of ring attention (:mod:`sparsevid.parallel.ring`), ``ring_step(q, k, v, perm,
+            kv_num_blocks, kv_indices, block_size, scale, *, tail, kept, key_perm) -> (out, lse)``: query rows
+            through ``perm``, the key chunk's blocks through its own table ``key_perm``, float32 output and each
+            row's natural-log log-sum-exp (zeros and ``-inf`` for a row that computes nothing); ``tail``/``kept``
+            as the summary terms and keep mask of the rows' own chunk, or ``None``.
     """
 
     def wrap(fn):
@@ -184,11 +226,23 @@ def register_backend(
             name, fn, tuple(plans), tuple(devices), tuple(dtypes), head_dims, block_sizes, gpu_majors,
             tuple(devices) if backward is True else tuple(backward or ()),
             priority, tuple(auto_devices), requires, description, quant,
-            tuple(min_capability) if min_capability is not None else None, tail, dtype_note,
+            tuple(min_capability) if min_capability is not None else None, summarize, dtype_note, ring_step,
         )
         return fn
 
     return wrap
+
+
+def register_quant_backends(family: str, run: Callable, *, int8: dict, fp8: dict, **common) -> None:
+    """Register one backend per 8-bit mode of :data:`QUANT_MODES`, ``"{family}-int8"`` and ``"{family}-fp8"``, each
+    ``run(q, k, v, plan, scale, quant)`` with its ``quant``: ``common`` holds the :func:`register_backend`
+    options they share, ``int8`` / ``fp8`` each mode's own (its ``description``, block sizes, GPU generation)."""
+    per_mode = {"int8": int8, "fp8": fp8}
+    for quant in QUANT_MODES:
+        def fn(q, k, v, plan, scale, _quant=quant):
+            return run(q, k, v, plan, scale, _quant)
+
+        register_backend(f"{family}-{quant}", quant=quant, **common, **per_mode[quant])(fn)
 
 
 # Plain dicts, not functools caches: torch.compile reads them as constants once filled (a traced
@@ -242,10 +296,11 @@ def backend_names() -> list[str]:
 
 
 def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: bool = False,
-                    quant: str | None = None, tail=None) -> BackendSpec:
+                    quant: str | None = None, tail=None, needs: tuple[str, ...] = ()) -> BackendSpec:
     """The backend that runs ``q`` with ``plan``: the named one, or ``auto``'s choice (``needs_grad``:
     q, k or v requires grad; ``quant``: ``None`` for exact attention, or ``"int8"`` / ``"fp8"``; ``tail``:
-    a :class:`~sparsevid.tail.TailMethod`, which ``auto`` gives only to backends that run it).
+    a :class:`~sparsevid.tail.TailMethod`, which ``auto`` gives only to backends that run it; ``needs``:
+    capabilities of :data:`NEEDS`, e.g. ``("ring",)`` for a ring step).
 
     ``auto`` considers only backends whose declared ``quant`` equals ``quant``. A named backend must
     compute the ``quant`` asked for; ``quant=None`` with a named quantized backend runs that backend
@@ -255,30 +310,65 @@ def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: b
         ValueError / TypeError: an unknown name or ``quant``, or a named backend that cannot run these
             inputs (the message names what is missing). Exact ``auto`` always finds one (``reference``
             runs anything); quantized ``auto`` raises the refusal of the best quantized backend.
+        NotImplementedError: a named backend without a capability of ``needs`` (``NYI``).
     """
+    return _choose(backend, quant, needs, dict(
+        device=q.device, plan_type=type(plan), dtype=q.dtype, head_dim=q.shape[-1], block_size=plan.block_size,
+        needs_grad=needs_grad, tail=tail))
+
+
+def check_settings(backend: str | Backend = "auto", *, device=None, dtype: torch.dtype | None = None,
+                   head_dim: int | None = None, block_size: int | None = None, plan_type: type | None = None,
+                   tail=None, quant: str | None = None, ring: bool = False) -> BackendSpec | None:
+    """:func:`resolve_backend` before there are tensors (``sparsevid.apply`` time): raise the error the first
+    call would raise for what is known now. Unknown metadata (``None``) is not checked; ``device=None`` checks
+    only that a named backend is installed. ``tail``: a ``tail=`` value; ``ring``: the calls are ring steps.
+
+    Returns:
+        The backend that runs calls of this metadata as far as it is known (``None`` for ``auto`` without a
+        device: the choice depends on where the model runs).
+
+    Raises:
+        ValueError / TypeError / NotImplementedError: as the call would.
+    """
+    from .tail import check_tail
+
+    device = None if device is None else as_device(device)
+    meta = dict(device=device, plan_type=plan_type, dtype=dtype, head_dim=head_dim, block_size=block_size,
+                tail=check_tail(tail))
+    return _choose(backend, quant, ("ring",) if ring else (), meta)
+
+
+def _choose(backend, quant, needs, meta: dict) -> BackendSpec | None:
+    """The backend named, or ``auto``'s: the first backend by priority that ``auto`` may pick on the device,
+    computes ``quant``, and runs ``meta`` (:meth:`BackendSpec.refusal_for`' arguments) with ``needs``."""
     registry = _registry()
     name = check_backend_name(backend)
     quant = check_quant(quant)
+    unknown = sorted(set(needs) - set(NEEDS))
+    if unknown:
+        raise ValueError(f"Expect needs among {NEEDS} but got {', '.join(map(repr, unknown))}")
+    device = meta["device"]
     if name == Backend.AUTO.value:
-        candidates = sorted((s for s in registry.values() if q.device.type in s.auto_devices and s.quant == quant),
-                            key=lambda s: -s.priority)
+        candidates = sorted((s for s in registry.values() if s.quant == quant
+                             and (device is None or device.type in s.auto_devices)), key=lambda s: -s.priority)
         for spec in candidates:
-            if spec.refusal(q, plan, needs_grad, tail) is None:
-                return spec
+            if spec.refusal_for(needs=needs, **meta) is None:
+                return spec if device is not None else None
         if quant is None:
             name = Backend.REFERENCE.value
         elif candidates:
-            exc, message = candidates[0].refusal(q, plan, needs_grad, tail)
+            exc, message = candidates[0].refusal_for(needs=needs, **meta)
             raise exc(f"quant={quant!r}: {message}")
         else:
-            raise ValueError(f"Expect a device with a quant={quant!r} backend (cuda, cpu) but got {q.device}; "
+            raise ValueError(f"Expect a device with a quant={quant!r} backend (cuda, cpu) but got {device}; "
                              "use quant=None")
     spec = registry[name]
     if quant is not None and spec.quant != quant:
         fitting = [s.name for s in registry.values() if s.quant == quant]
         raise ValueError(f"Expect a backend computing quant={quant!r} ({', '.join(fitting)} or 'auto') but got "
                          f"backend {name!r}, which computes {spec.quant or 'exact attention'}; use backend='auto'")
-    refusal = spec.refusal(q, plan, needs_grad, tail)
+    refusal = spec.refusal_for(needs=needs, **meta)
     if refusal is not None:
         exc, message = refusal
         raise exc(message)
@@ -326,8 +416,8 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
     """Every registered backend with its declared capabilities and whether it is usable on ``device``.
 
     Each entry: ``name``, ``plans``, ``devices``, ``dtypes``, ``head_dims``, ``block_sizes``,
-    ``gpu_majors``, ``min_capability``, ``quant``, ``tail``, ``backward``, ``priority``, ``auto`` (device types
-    where ``auto`` may pick it),
+    ``gpu_majors``, ``min_capability``, ``quant``, ``tail``, ``ring`` (it runs a ring step), ``backward``,
+    ``priority``, ``auto`` (device types where ``auto`` may pick it),
     ``usable`` (bool), ``reason`` (why not, or ``None``: a CUDA device missing here is a reason, not an
     error) and ``description``. ``backward``: the device types on which it trains.
     """
@@ -342,7 +432,7 @@ def describe_backends(device: str | torch.device = "cpu") -> list[dict]:
             block_sizes=list(spec.block_sizes) if spec.block_sizes else "any",
             gpu_majors=list(spec.gpu_majors) if spec.gpu_majors else "any",
             min_capability=".".join(map(str, spec.min_capability)) if spec.min_capability else "any",
-            quant=spec.quant, tail=spec.tail, backward=list(spec.backward),
+            quant=spec.quant, tail=spec.tail, ring=spec.ring, backward=list(spec.backward),
             priority=spec.priority, auto=list(spec.auto_devices), usable=reason is None, reason=reason,
             description=spec.description,
         ))

@@ -27,7 +27,8 @@ class _CSRPlan:
     # dense text rows, so that one text token does not widen every row's list to L.
     _IMPLICIT_FULL_ROWS = False
 
-    def __init__(self, layout: VideoLayout, counts: torch.Tensor, indices: torch.Tensor, method: str = "custom"):
+    def __init__(self, layout: VideoLayout, counts: torch.Tensor, indices: torch.Tensor, method: str = "custom", *,
+                 keeps_everything: bool = False, trusted: bool = False):
         if not isinstance(layout, VideoLayout):
             raise TypeError(f"Expect layout to be a VideoLayout but got {type(layout).__name__}")
         nb, c, i, w = layout.num_blocks, self._COUNTS, self._INDICES, self._WIDTH
@@ -46,21 +47,31 @@ class _CSRPlan:
         self._counts = counts
         self._indices = indices
         self.method = method
-        self._derived: dict[str, object] = {}
-        # set by the planner that keeps every block (``dense``): backends may then run dense attention
+        self._launches: dict[tuple, object] = {}
+        self._keeps_last: torch.Tensor | None = None  # BlockPlan.keeps_last_block, kept once read
+        # stated by the planner that keeps every block (``dense``): backends may then run dense attention
         # without reading the lists (a host-known fact; computing it from the lists would sync)
-        self.keeps_everything = False
-        # True once validate() passed or a planner made the plan; sparse_attention validates any other
-        # plan (built by hand from user tensors) once before its first launch: a kernel reading an index
-        # out of range crashes the process
-        self._trusted = False
+        self.keeps_everything = keeps_everything
+        # True where a planner built the lists to the invariants (``trusted=True``) or validate() passed;
+        # sparse_attention validates any other plan (built by hand from user tensors) once before its first
+        # launch: a kernel reading an index out of range crashes the process
+        self._trusted = trusted
 
-    def derived(self, key: str, build):
-        """``build()``, computed once per plan and kept with it: metadata a backend derives from the
-        plan (e.g. a launch order or a split of the block lists), so that a reused plan costs nothing."""
-        if key not in self._derived:
-            self._derived[key] = build()
-        return self._derived[key]
+    def launch(self, kind: type, *key):
+        """The launch struct ``kind`` of this plan for ``key`` (e.g. the inputs' batch and heads): what a backend's
+        kernel launch reads of the plan, as one frozen dataclass built and checked by ``kind.build(self, *key)``
+        once per (kind, key) and kept with the plan, so a reused plan launches with no preparatory work. A struct
+        is made for one plan type (``kind.plan_type``); each backend defines its own."""
+        if not isinstance(self, kind.plan_type):
+            raise TypeError(f"Expect a {kind.plan_type.__name__} for {kind.__name__} but got a {type(self).__name__}")
+        cache_key = (kind, *key)
+        if cache_key not in self._launches:
+            self._launches[cache_key] = kind.build(self, *key)
+        return self._launches[cache_key]
+
+    def validate_once(self):
+        """:meth:`validate` unless the plan is known valid (a planner built it, or it passed before); returns it."""
+        return self if self._trusted else self.validate()
 
     # ------------------------------------------------------------------ what subclasses define
     @property
@@ -176,9 +187,8 @@ class _CSRPlan:
 
     def _like(self, counts: torch.Tensor, indices: torch.Tensor):
         """This plan with its lists sliced or moved: what is known of it (``keeps_everything``, checked) holds."""
-        plan = type(self)(self.layout, counts, indices, self.method)
-        plan.keeps_everything, plan._trusted = self.keeps_everything, self._trusted
-        return plan
+        return type(self)(self.layout, counts, indices, self.method, keeps_everything=self.keeps_everything,
+                          trusted=self._trusted)
 
     def to_string(self, grid_size: int = 20, limit: int = 4) -> str:
         """ASCII picture of each (batch, head) plan over (query block, key block), shrunk to
@@ -244,7 +254,11 @@ class BlockPlan(_CSRPlan):
 
     Build plans with a planner (:func:`sparsevid.plan`) or :meth:`from_block_mask`. A plan built from
     tensors (``BlockPlan(layout, kv_num_blocks, kv_indices)``, :meth:`from_block_mask`) is validated
-    once, before its first :func:`sparsevid.sparse_attention`.
+    once, before its first :func:`sparsevid.sparse_attention`. Keyword-only constructor arguments, for
+    planners: ``keeps_everything=True`` states that every block is kept (backends may then run dense
+    attention without reading the lists); ``trusted=True`` states that the lists were built to the
+    invariants (a planner's, valid by construction and tested), so they are never read on the host before
+    a launch (a wrong index there crashes a GPU kernel).
     """
 
     _COUNTS, _INDICES, _WIDTH = "kv_num_blocks", "kv_indices", "max_kept"
@@ -268,10 +282,11 @@ class BlockPlan(_CSRPlan):
 
     @classmethod
     def from_block_mask(cls, layout: VideoLayout, keep: torch.Tensor, method: str = "custom", *,
-                        to_csr=None) -> "BlockPlan":
+                        to_csr=None, keeps_everything: bool = False, trusted: bool = False) -> "BlockPlan":
         """The plan computing exactly the blocks where ``keep`` (bool ``(B, H, NB, NB)``) is True. ``to_csr(keep,
         width)`` builds the lists: by default in PyTorch (:func:`_dense_to_csr`); the planners pass
-        :func:`sparsevid.kernels.csr.dense_to_csr` (one Triton pass on CUDA, the same lists)."""
+        :func:`sparsevid.kernels.csr.dense_to_csr` (one Triton pass on CUDA, the same lists).
+        ``keeps_everything``, ``trusted``: see the constructor."""
         if not isinstance(layout, VideoLayout):
             raise TypeError(f"Expect layout to be a VideoLayout but got {type(layout).__name__}")
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 4:
@@ -280,7 +295,8 @@ class BlockPlan(_CSRPlan):
         if keep.shape[-2:] != (nb, nb):
             raise ValueError(f"Expect keep of shape (B, H, {nb}, {nb}) but got {tuple(keep.shape)}")
         # Full width NB: no host sync to learn the longest row (the tail is never read).
-        return cls(layout, *(to_csr or _dense_to_csr)(keep, width=nb), method)
+        return cls(layout, *(to_csr or _dense_to_csr)(keep, width=nb), method, keeps_everything=keeps_everything,
+                   trusted=trusted)
 
     @property
     def _num_keys(self) -> int:
@@ -290,11 +306,10 @@ class BlockPlan(_CSRPlan):
         """bool ``(B, H, NB)``: the row keeps the last key block, the only one that may be short
         (indices ascend, so it is a row's last entry). Kept with the plan."""
 
-        def build():
+        if self._keeps_last is None:
             tail = self._indices.gather(-1, (self._counts.long() - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            return tail == self.num_blocks - 1
-
-        return self.derived("keeps_last_block", build)
+            self._keeps_last = tail == self.num_blocks - 1
+        return self._keeps_last
 
     def density_per_head(self) -> torch.Tensor:
         """float64 ``(B, H)``: the computed fraction of real score entries of each batch element and head

@@ -42,7 +42,8 @@ import torch
 from .layout import VideoLayout
 from .kernels.pooling import group_mean_reference, group_tables
 
-__all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks", "summarize_reference", "tail_logits"]
+__all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks", "summarize_reference", "tail_logits",
+           "tail_operands"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,15 @@ def kept_blocks(plan) -> torch.Tensor:
     at Wan 14B 720p it is 14 MB against the plan's 11 MB of lists, and sessions that reuse plans hold every
     layer's (the next step: read the kept blocks from the CSR row inside the tail kernels)."""
     return plan.to_dense()
+
+
+def tail_operands(summarize, k: torch.Tensor, v: torch.Tensor, plan, method: TailMethod
+                  ) -> tuple[TailSummaries, torch.Tensor]:
+    """What a tail pass reads: the summaries of ``k``, ``v`` built by ``summarize`` (the backend's declared
+    builder, see ``sparsevid.register_backend``) and the plan's keep mask expanded to k's batch and heads (a
+    stride-0 view where the plan broadcasts)."""
+    B, H = k.shape[:2]
+    return summarize(k, v, plan.layout, method), kept_blocks(plan).expand(B, H, -1, -1)
 
 
 def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> torch.Tensor:

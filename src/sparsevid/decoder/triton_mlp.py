@@ -175,10 +175,18 @@ def predicated_mlp(x: torch.Tensor, skip: torch.Tensor, w_gate: torch.Tensor, w_
         ``out``: computed rows ``down(silu(gate(x)) * up(x))`` (float32 accumulation and epilogue,
         the hidden activation rounded to x's dtype), skipped rows untouched.
     """
+    if x.dim() != 2 or w_gate.dim() != 2:
+        raise ValueError(f"Expect x (N, C) and w_gate (I, C) but got x={tuple(x.shape)}, w_gate={tuple(w_gate.shape)}")
     N, C = x.shape
     I = w_gate.shape[0]
-    assert skip.shape == (N,) and out.shape == (N, C) and w_up.shape == (I, C) and w_down.shape == (C, I)
-    assert x.dtype == out.dtype == w_gate.dtype == w_up.dtype == w_down.dtype
+    # checked before the launches: the kernel indexes every operand by these sizes (a mismatch reads out of bounds)
+    if skip.shape != (N,) or out.shape != (N, C) or w_gate.shape[1] != C or w_up.shape != (I, C) or w_down.shape != (C, I):
+        raise ValueError(f"Expect skip ({N},), out ({N}, {C}), w_up ({I}, {C}), w_down ({C}, {I}) for x ({N}, {C}) and "
+                         f"w_gate ({I}, {w_gate.shape[1]}) but got skip={tuple(skip.shape)}, out={tuple(out.shape)}, "
+                         f"w_up={tuple(w_up.shape)}, w_down={tuple(w_down.shape)}")
+    if not x.dtype == out.dtype == w_gate.dtype == w_up.dtype == w_down.dtype:
+        raise TypeError(f"Expect x, out and the weights of one dtype but got x={x.dtype}, out={out.dtype}, "
+                        f"w_gate={w_gate.dtype}, w_up={w_up.dtype}, w_down={w_down.dtype}")
     skip = skip.view(torch.uint8) if skip.dtype == torch.bool else skip
     h = torch.empty(N, I, device=x.device, dtype=x.dtype)  # rows of skipped rows stay unwritten and unread
     _linear(x, w_gate, w_up, skip, h, gated=True)

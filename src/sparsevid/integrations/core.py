@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import check_scale, check_tail_plan, sparse_attention
-from ..backends import _registry, backend_spec, check_backend_name, check_quant, tail_refusal
+from ..backends import check_backend_name, check_quant, check_settings
 from ..parallel.head_balance import HeadBalance, separable
 from ..layout import VideoLayout
 from .models import ModelSpec
@@ -169,21 +169,13 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
     layout = VideoLayout(2, 4, 4, **tiling) if tiling else VideoLayout(2, 4, 4, tile=(4, 4), block_size=16)
     q = torch.randn(1, 1, layout.num_tokens, 16, generator=torch.Generator().manual_seed(0))
     plan = make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
-    if quant is not None:
-        _check_quant_backend(quant, backend, plan, config.method, device)
+    model_layout = VideoLayout(2, 4, 4, **tiling)  # the block size the model's layouts will have
     if tail is not None:
         check_tail_plan(tail, plan, quant)
-        tail.group_size(VideoLayout(2, 4, 4, **tiling))  # the block size the model's layouts will have
-        if backend != "auto" and not backend_spec(backend).tail:
-            raise ValueError(tail_refusal(backend, tail))
-    if backend != "auto":
-        spec = backend_spec(backend)
-        if not isinstance(plan, spec.plans):
-            raise TypeError(f"Expect a method whose plans backend {backend!r} runs ({', '.join(p.__name__ for p in spec.plans)}) "
-                            f"but {config.method!r} makes a {type(plan).__name__}")
-        reason = spec.unusable(torch.device(device)) if device is not None else spec.installed()
-        if reason is not None:
-            raise ValueError(f"Expect backend {backend!r} to be usable but {reason}; use backend='auto'")
+        tail.group_size(model_layout)
+    # the registry's own checks on what is known before the first call (named backend, quant, tail, block size)
+    check_settings(backend, device=device, plan_type=type(plan), block_size=model_layout.block_size, tail=tail,
+                   quant=quant)
 
 
 def check_layers(config: SparseVidConfig, layers: int, name: str) -> None:
@@ -191,30 +183,6 @@ def check_layers(config: SparseVidConfig, layers: int, name: str) -> None:
     if config.method is not None and config.dense_layers >= layers:
         raise ValueError(f"Expect dense_layers < {layers} ({name} has {layers} video self-attention layers) but got "
                          f"dense_layers={config.dense_layers}: nothing would run sparse; lower dense_layers")
-
-
-def _check_quant_backend(quant: str, backend: str, plan, method: str, device) -> None:
-    """A ``quant`` setting must have a backend computing it that takes the planner's plans and runs on
-    ``device`` (``auto``: any such backend that auto may pick there)."""
-    device = torch.device(device) if device is not None else None
-    if backend != "auto":
-        spec = backend_spec(backend)
-        if spec.quant != quant:
-            raise ValueError(f"Expect a backend computing quant={quant!r} (or 'auto') but got backend {backend!r}, "
-                             f"which computes {spec.quant or 'exact attention'}")
-        return
-    fitting = [s for s in _registry().values() if s.quant == quant and isinstance(plan, s.plans)]
-    if not fitting:
-        raise TypeError(f"Expect a method whose plans a quant={quant!r} backend runs (BlockPlan) but {method!r} "
-                        f"makes a {type(plan).__name__}; use quant=None with it")
-    if device is None:
-        return
-    candidates = sorted((s for s in fitting if device.type in s.auto_devices), key=lambda s: -s.priority)
-    reasons = [f"{s.name}: {s.unusable(device)}" for s in candidates if s.unusable(device) is not None]
-    if len(reasons) == len(candidates):
-        raise ValueError(f"Expect a quant={quant!r} backend usable on {device} but "
-                         + ("; ".join(reasons) if reasons else f"none runs on {device.type}") + "; use quant=None"
-                         + (" or quant='int8'" if quant == "fp8" else ""))
 
 
 def _refuse_copy(how: str):

@@ -24,11 +24,15 @@ Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``D`` head dim, ``NB`` blo
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..backends import register_backend
 from ..plan import BlockPlan
+from ..tail import tail_operands
+from .triton_backend import summarize_tail
 
 __all__ = ["fa4_attention"]
 
@@ -44,20 +48,31 @@ def _requires() -> str | None:
     return None
 
 
-def split_last_block(plan: BlockPlan) -> tuple[torch.Tensor, ...]:
-    """``(full_cnt, full_idx, mask_cnt, mask_idx)``: the plan's CSR split into full key blocks and the
-    short last key block, in FlashAttention-4's ``BlockSparseTensorsTorch`` roles (cached on the plan)."""
+@dataclass(frozen=True)
+class FA4Launch:
+    """FlashAttention-4's block-sparse tensors of a ``BlockPlan`` (its ``BlockSparseTensorsTorch`` roles): the
+    plan's CSR split into full key blocks and the short last key block. Built once per plan by :meth:`build`
+    (``plan.launch(FA4Launch)``)."""
 
-    def build():
+    plan_type: ClassVar[type] = BlockPlan
+    full_cnt: torch.Tensor
+    full_idx: torch.Tensor
+    mask_cnt: torch.Tensor
+    mask_idx: torch.Tensor
+
+    @classmethod
+    def build(cls, plan: BlockPlan) -> "FA4Launch":
         layout = plan.layout
         counts, indices = plan.kv_num_blocks, plan.kv_indices
         if layout.num_tokens % layout.block_size == 0:  # no short block: every kept block is full
-            return counts, indices, torch.zeros_like(counts), indices[..., :1]
+            return cls(counts, indices, torch.zeros_like(counts), indices[..., :1])
         has_last = plan.keeps_last_block().to(torch.int32)
         mask_idx = torch.full((*counts.shape, 1), layout.num_blocks - 1, dtype=torch.int32, device=counts.device)
-        return counts - has_last, indices, has_last, mask_idx
+        return cls(counts - has_last, indices, has_last, mask_idx)
 
-    return plan.derived("fa4_split", build)
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        """``(full_cnt, full_idx, mask_cnt, mask_idx)``, the kernel ops' argument order."""
+        return self.full_cnt, self.full_idx, self.mask_cnt, self.mask_idx
 
 
 @torch.library.custom_op("sparsevid::fa4_block_sparse_attn", mutates_args=())
@@ -141,7 +156,8 @@ def _(q, k, v, scale):
 
 @register_backend(
     "fa4", plans=(BlockPlan,), devices=("cuda",), dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 96, 128),
-    block_sizes=(64, 128), gpu_majors=(9, 10), priority=30, auto_devices=("cuda",), requires=_requires, tail=True,
+    block_sizes=(64, 128), gpu_majors=(9, 10), priority=30, auto_devices=("cuda",), requires=_requires,
+    summarize=summarize_tail,
     description="FlashAttention-4 block-sparse (CuTe DSL, Hopper/Blackwell) on gathered tile-order tensors",
 )
 def fa4_attention(q, k, v, plan, scale, tail=None):
@@ -152,7 +168,7 @@ def fa4_attention(q, k, v, plan, scale, tail=None):
         return _fa4_dense(q, k, v, scale)
     layout = plan.layout
     tables = layout.on(q.device)
-    split = split_last_block(plan)
+    split = plan.launch(FA4Launch).as_tuple()
     tiles = (q, k, v)
     if not layout.tiled:  # one row copy each into (B, L, H, D) tile order (the model's order otherwise)
         order = tables.perm[: layout.num_tokens]
@@ -160,9 +176,9 @@ def fa4_attention(q, k, v, plan, scale, tail=None):
     if tail is None:
         out = _fa4_block_sparse(*tiles, *split, plan.block_size, scale)
         return out if layout.tiled else out.transpose(1, 2).index_select(1, tables.inverse_perm).transpose(1, 2)
-    from .triton_tail import tail_merge, tail_operands
+    from .triton_tail import tail_merge
 
     partial, lse = _fa4_block_sparse_lse(*tiles, *split, plan.block_size, scale)
-    s, kept = tail_operands(k, v, plan, tail)
+    s, kept = tail_operands(summarize_tail, k, v, plan, tail)
     return tail_merge(tiles[0], partial, lse, tables.perm, s.keys, s.values, s.key_var, s.key_radius, s.log_count,
                       kept, s.per_block, plan.block_size, scale, q)

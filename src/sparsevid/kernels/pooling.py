@@ -21,14 +21,15 @@ __all__ = ["group_mean_reference", "group_tables", "pool_blocks", "pool_blocks_r
 def pool_blocks(x: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
     """Mean of each block's real tokens: ``(B, H, L, D)`` -> float32 ``(B, H, NB, D)``.
 
-    On CUDA a Triton kernel reads ``x`` once through the permutation; elsewhere
+    On CUDA a Triton kernel reads ``x`` once through the permutation (block sizes it tiles); elsewhere
     :func:`pool_blocks_reference`.
     """
     tables = layout.on(x.device)
     if x.is_cuda and importlib.util.find_spec("triton") is not None:
-        from .triton_pool import pool_blocks_triton
+        from .triton_pool import pool_blocks_triton, tiles
 
-        return pool_blocks_triton(x, tables.perm, tables.block_tokens, layout.block_size)
+        if tiles(layout.block_size):  # else the PyTorch twin: a launch past its tiles would read out of bounds
+            return pool_blocks_triton(x, tables.perm, tables.block_tokens, layout.block_size)
     return pool_blocks_reference(x, layout)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..backends import register_backend
 from ..plan import BlockPlan
-from ..tail import TailSummaries, kept_blocks, summarize_reference, tail_logits
+from ..tail import TailSummaries, summarize_reference, tail_logits, tail_operands
 from ..token_plan import TokenPlan
 
 # Gathered key/value elements per chunk (float32): about 64 MiB each for k and v.
@@ -199,9 +199,14 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None, tail=N
     return (out, lse) if return_lse else out
 
 
+def _ring_step(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, *, tail, kept, key_perm):
+    return sparse_attention_reference(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, tail=tail,
+                                      kept=kept, key_perm=key_perm, return_lse=True)
+
+
 @register_backend(
     "reference", plans=(BlockPlan, TokenPlan), devices=("cpu", "cuda", "mps", "xpu"), backward=True, priority=0,
-    auto_devices=("cpu", "cuda", "mps", "xpu"), tail=True,
+    auto_devices=("cpu", "cuda", "mps", "xpu"), summarize=summarize_reference, ring_step=_ring_step,
     description="pure PyTorch, float32 math, chunked: any device, autograd, the oracle of the kernels",
 )
 def _reference_backend(q, k, v, plan, scale, tail=None):
@@ -209,6 +214,9 @@ def _reference_backend(q, k, v, plan, scale, tail=None):
         return sparse_attention_reference_tokens(
             q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale
         )
-    summaries = None if tail is None else summarize_reference(k, v, plan.layout, tail)
+    if tail is None:
+        return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size,
+                                          scale)
+    summaries, kept = tail_operands(summarize_reference, k, v, plan, tail)
     return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size, scale,
-                                      tail=summaries, kept=None if tail is None else kept_blocks(plan))
+                                      tail=summaries, kept=kept)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import register_backend
+from ..backends import register_quant_backends
 from ..plan import BlockPlan
 from .reference import sparse_attention_reference
 
@@ -151,19 +151,14 @@ _DEVICES = ("cpu", "cuda", "mps", "xpu")
 _AUTO = ("cpu", "mps", "xpu")
 
 
-@register_backend(
-    "reference-int8", plans=(BlockPlan,), devices=_DEVICES, priority=0, auto_devices=_AUTO, quant="int8",
-    description="int8 quantization reference in PyTorch (float32 math): CPU path and twin of triton-int8",
-)
-def _reference_int8(q, k, v, plan, scale):
-    return sparse_attention_quant_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices,
-                                            plan.block_size, scale, "int8")
+def _quant_reference(q, k, v, plan, scale, quant):
+    return sparse_attention_quant_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size,
+                                            scale, quant)
 
 
-@register_backend(
-    "reference-fp8", plans=(BlockPlan,), devices=_DEVICES, priority=0, auto_devices=_AUTO, quant="fp8",
-    description="fp8 (e4m3) quantization reference in PyTorch (float32 math): CPU path and twin of triton-fp8",
+register_quant_backends(
+    "reference", _quant_reference, plans=(BlockPlan,), devices=_DEVICES, priority=0, auto_devices=_AUTO,
+    int8=dict(description="int8 quantization reference in PyTorch (float32 math): CPU path and twin of triton-int8"),
+    fp8=dict(description="fp8 (e4m3) quantization reference in PyTorch (float32 math): CPU path and twin of "
+                         "triton-fp8"),
 )
-def _reference_fp8(q, k, v, plan, scale):
-    return sparse_attention_quant_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices,
-                                            plan.block_size, scale, "fp8")

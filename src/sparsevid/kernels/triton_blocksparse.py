@@ -42,8 +42,9 @@ import triton
 import triton.language as tl
 
 from ..tail import TailSummaries
-from .triton_common import (INTERPRET, LOG2E, head_dim_padded, init_state, kept_tile, load_keys, load_rows,
-                            query_rows, softmax_update, store_rows)
+from .triton_backend import BLOCK_SIZES
+from .triton_common import (INTERPRET, LOG2E, check_tiling, head_dim_padded, init_state, kept_tile, load_keys,
+                            load_rows, query_rows, softmax_update, store_rows)
 from .triton_tail import BLOCK_T, tail_inner
 
 __all__ = ["sparse_attention_triton", "block_sparse_attn", "block_sparse_attn_tail"]
@@ -241,7 +242,8 @@ def sparse_attention_triton(
         (``torch.empty_like``), so a transposed ``(B, L, H, D)`` input gives a ``(B, L, H, D)`` buffer.
         With ``return_lse``: ``(out, lse)``.
     """
-    B, H, L, _ = q.shape
+    B, H, L, D = q.shape
+    check_tiling("the Triton block-sparse kernel", block_size, BLOCK_SIZES, D)
     lse = None
     if return_lse:
         out = torch.empty_like(q, dtype=torch.float32) if out is None else out

@@ -14,6 +14,8 @@ import os
 import triton
 import triton.language as tl
 
+from .triton_backend import MAX_HEAD_DIM
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the CPU interpreter: small configs, fp16 only
 LOG2E = tl.constexpr(1.4426950408889634)  # 1 / ln(2): scores in base 2, so the kernels exponentiate with exp2
 
@@ -93,6 +95,18 @@ def store_rows(o_base, q_tok, q_real, acc, l_i, stride_om, stride_ok, offs_d, HE
     out = acc / l_i[:, None]
     tl.store(o_base + q_tok[:, None] * stride_om + offs_d[None, :] * stride_ok, out.to(o_base.dtype.element_ty),
              mask=mask)
+
+
+def check_tiling(kernel: str, block_size: int | None = None, block_sizes: tuple[int, ...] = (),
+                 head_dim: int | None = None, head_dims: tuple[int, ...] | None = None) -> None:
+    """Raise a ``ValueError`` before a launch that ``kernel`` cannot tile: a block size outside ``block_sizes`` or a
+    head dim outside ``head_dims`` (``None``: 1 to ``MAX_HEAD_DIM``; a size given as ``None`` is not checked, padded to a power of two). A launch past its
+    tiles reads and writes out of bounds, which poisons the process's CUDA context."""
+    if block_size is not None and block_size not in block_sizes:
+        raise ValueError(f"Expect block_size in {tuple(block_sizes)} for {kernel} but got {block_size}")
+    if head_dim is not None and not (head_dim in head_dims if head_dims is not None else 1 <= head_dim <= MAX_HEAD_DIM):
+        allowed = tuple(head_dims) if head_dims is not None else f"1..{MAX_HEAD_DIM}"
+        raise ValueError(f"Expect head_dim in {allowed} for {kernel} but got {head_dim}")
 
 
 def head_dim_padded(head_dim: int) -> int:

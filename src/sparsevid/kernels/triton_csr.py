@@ -27,8 +27,11 @@ def _mask_to_csr(Keep, Counts, Indices, N, WIDTH, BLOCK: tl.constexpr):
 
 def mask_to_csr_triton(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """bool ``(..., N)`` -> (int32 counts ``(...)``, int32 ascending indices ``(..., width)``, zero tail)."""
-    keep = keep.contiguous()
     n = keep.shape[-1]
+    if keep.dtype != torch.bool or not 1 <= n <= MAX_COLUMNS:  # one program holds a row: a wider one overruns it
+        raise ValueError(f"Expect a bool mask of 1 to {MAX_COLUMNS} columns for the Triton CSR kernel but got "
+                         f"{keep.dtype} with {n}")
+    keep = keep.contiguous()
     rows = keep.numel() // n
     counts = torch.empty(keep.shape[:-1], dtype=torch.int32, device=keep.device)
     indices = torch.zeros(*keep.shape[:-1], width, dtype=torch.int32, device=keep.device)

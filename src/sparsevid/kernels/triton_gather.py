@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (INTERPRET, LOG2E, head_dim_padded, init_state, load_keys, load_rows, query_rows,
+from .triton_backend import BLOCK_SIZES
+from .triton_common import (INTERPRET, LOG2E, check_tiling, head_dim_padded, init_state, load_keys, load_rows, query_rows,
                             softmax_update, store_rows)
 
 __all__ = ["token_attention_triton", "token_sparse_attn"]
@@ -199,6 +200,7 @@ def token_attention_triton(
     Returns:
         Tensor ``(B, H, L, D)`` in the ORIGINAL token order, dtype of ``q``, strides like ``q``'s.
     """
+    check_tiling("the Triton gather kernel", block_size, BLOCK_SIZES, q.shape[-1])
     if out is None:
         out = torch.empty_like(q)
     grid, args, meta = _launch_args(q, k, v, out, perm, kv_num_tokens, kv_tokens, block_size, scale)

@@ -17,14 +17,22 @@ from .triton_common import INTERPRET, head_dim_padded
 
 def _configs():
     if INTERPRET:  # the CPU interpreter runs every config: one
-        return [triton.Config({"ROWS": 16}, num_warps=4)]
+        return [triton.Config({"ROWS": ROWS_MIN}, num_warps=4)]
     return [triton.Config({"ROWS": r}, num_warps=w) for r, w in ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))]
 
 
+ROWS_MIN = 16  # the smallest rows per load: the kernel tiles a block size that is a multiple of it
+
+
+def tiles(block_size: int) -> bool:
+    """Whether the pooling kernel tiles blocks of ``block_size`` slots (a multiple of ``ROWS_MIN``)."""
+    return block_size >= ROWS_MIN and block_size % ROWS_MIN == 0
+
+
 def _prune(configs, named_args, **kwargs):
-    """A config never reads past its block (ROWS <= BLOCK_SIZE; 16 divides every block size)."""
+    """A config never reads past its block: its ROWS divide BLOCK_SIZE (48 takes 16, not 32)."""
     bs = kwargs["BLOCK_SIZE"] if "BLOCK_SIZE" in kwargs else named_args["BLOCK_SIZE"]
-    return [c for c in configs if c.kwargs["ROWS"] <= bs]
+    return [c for c in configs if bs % c.kwargs["ROWS"] == 0]
 
 
 # Memory-bound: the best rows per load and warps per program depend on the GPU; chosen once per shape.
@@ -63,6 +71,8 @@ def pool_blocks_triton(x: torch.Tensor, perm: torch.Tensor, block_tokens: torch.
 
     ``perm`` int64 ``(NB * block_size,)`` and ``block_tokens`` ``(NB,)`` on x's device (``layout.on``).
     """
+    if not tiles(block_size):
+        raise ValueError(f"Expect block_size a multiple of {ROWS_MIN} for the Triton pooling kernel but got {block_size}")
     B, H, L, D = x.shape
     nb = block_tokens.shape[0]
     out = torch.empty(B, H, nb, D, dtype=torch.float32, device=x.device)

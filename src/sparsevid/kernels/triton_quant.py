@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 
 from .reference_quant import TINY
+from .triton_backend import BLOCK_SIZES, FP8_BLOCK_SIZES, QUANT_HEAD_DIMS, BlockLaunch
 from .triton_blocksparse import _configs, _explicit, _prune, launch_tables  # the bf16 kernel's config space
-from .triton_common import INTERPRET, LOG2E, init_state, kept_tile, query_rows, softmax_update, store_rows
+from .triton_common import INTERPRET, LOG2E, check_tiling, init_state, kept_tile, query_rows, softmax_update, store_rows
 
 __all__ = ["quant_block_sparse_attn", "quant_sparse_attention_triton", "quantize_triton"]
 
@@ -218,9 +219,10 @@ def quantize_triton(q, k, v, perm, block_size: int, quant: str):
     per-channel |v| max (fp8; the key mean for int8, unused by the kernel).
     """
     B, H, L, D = q.shape
+    fp8 = quant == "fp8"
+    check_tiling(f"the {quant} Triton kernels", block_size, FP8_BLOCK_SIZES if fp8 else BLOCK_SIZES, D, QUANT_HEAD_DIMS)
     S = perm.numel()
     NB = S // block_size
-    fp8 = quant == "fp8"
     dev = q.device
     code = torch.float8_e4m3fn if fp8 else torch.int8
     qc = torch.empty(B * H, S, D, dtype=code, device=dev)
@@ -307,12 +309,8 @@ def _(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, quant, block_
 
 # --------------------------------------------------------------------------------------- backend entry
 def quant_attention(q, k, v, plan, scale, quant):
-    """The ``triton-int8`` / ``triton-fp8`` backends (registered in :mod:`.triton_backend`)."""
-    B, H = q.shape[:2]
-    kv_num_blocks = plan.kv_num_blocks.expand(B, H, -1)
-    kv_indices = plan.kv_indices.expand(B, H, -1, -1)
-    # the bf16 Triton backend's tables, under the same cache key: one copy per plan whichever kernel runs
-    block_real, order = plan.derived(f"triton_launch_{B}x{H}", lambda: launch_tables(
-        plan.perm, kv_num_blocks, plan.block_size, B, H))
-    return quant_block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, quant,
-                                   block_real, order)
+    """The ``triton-int8`` / ``triton-fp8`` backends (registered in :mod:`.triton_backend`): the bf16 kernel's
+    launch struct, one per plan whichever kernel runs."""
+    launch = plan.launch(BlockLaunch, *q.shape[:2])
+    return quant_block_sparse_attn(q, k, v, launch.perm, launch.kv_num_blocks, launch.kv_indices, launch.block_size,
+                                   scale, quant, launch.block_real, launch.order)

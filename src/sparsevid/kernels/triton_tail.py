@@ -28,12 +28,14 @@ import triton
 import triton.language as tl
 
 from ..layout import VideoLayout
-from ..tail import TailSummaries, kept_blocks
-from .triton_common import INTERPRET, LOG2E, head_dim_padded, load_rows, softmax_update
+from ..tail import TailSummaries
+from .triton_backend import BLOCK_SIZES
+from .triton_common import INTERPRET, LOG2E, check_tiling, head_dim_padded, load_rows, softmax_update
 
-__all__ = ["summarize_triton", "tail_inner", "tail_merge", "tail_operands", "tail_summaries"]
+__all__ = ["summarize_triton", "tail_inner", "tail_merge", "tail_summaries"]
 
 BLOCK_T = 16 if INTERPRET else 64  # summary groups per tile of the tail loop
+_ROWS = 16  # rows per load of the summary kernel: a group is a whole number of them
 _VAR_PRESCALE = tl.constexpr(0.0625)  # q² in the input dtype as (q/16)²: no float16 overflow below |q| = 4096
 
 
@@ -95,20 +97,16 @@ def summarize_triton(k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, grou
     return TailSummaries(*parts[:2], parts[4], *parts[2:4], layout.block_size // group)
 
 
-def tail_operands(k: torch.Tensor, v: torch.Tensor, plan, method) -> tuple[TailSummaries, torch.Tensor]:
-    """What a Triton tail pass reads, for ``plan`` and summary method ``method``: the summaries of ``k``, ``v``
-    and the plan's keep mask expanded to k's batch and heads (a stride-0 view where the plan broadcasts)."""
-    B, H = k.shape[:2]
-    return (summarize_triton(k, v, plan.layout, method.group_size(plan.layout)),
-            kept_blocks(plan).expand(B, H, -1, -1))
-
-
 @torch.library.custom_op("sparsevid::tail_summaries", mutates_args=())
 def tail_summaries(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, group: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(keys, values, key_var, key_radius, log_count)`` of groups of ``group`` tile-order slots of ``perm``
     (an opaque op: ``torch.compile``-traceable, CUDA-graph capturable)."""
     B, H, L, D = k.shape
+    if group < _ROWS or group % _ROWS or perm.numel() % group:
+        raise ValueError(f"Expect a tail group of a multiple of {_ROWS} tokens dividing the {perm.numel()} slots for "
+                         f"the Triton summary kernel but got {group}")
+    check_tiling("the Triton summary kernel", head_dim=D)
     ns = perm.numel() // group
     dev = k.device
     keys = torch.empty(B, H, ns, D, dtype=k.dtype, device=dev)
@@ -120,7 +118,7 @@ def tail_summaries(k: torch.Tensor, v: torch.Tensor, perm: torch.Tensor, group: 
         k, v, perm, keys, values, key_var, key_radius, log_count,  #
         *k.stride(), *v.stride(),  #
         H, ns,  #
-        GROUP=group, ROWS=16, HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D),  #
+        GROUP=group, ROWS=_ROWS, HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D),  #
         num_warps=4,
     )
     return keys, values, key_var, key_radius, log_count
@@ -226,6 +224,7 @@ def tail_merge(q_tiles: torch.Tensor, out_tiles: torch.Tensor, lse: torch.Tensor
     ``(B, H, NB, NB)``, stride-0 views welcome). Returns a tensor shaped and strided like ``like``, each
     row at ``perm`` (the original position of each tile-order slot)."""
     B, H, L, D = q_tiles.shape
+    check_tiling("the Triton tail merge", block_size, BLOCK_SIZES, D)
     nb = kept.shape[-1]
     out = torch.empty_like(like)
     kept_u8 = kept.view(torch.uint8)

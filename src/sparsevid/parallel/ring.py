@@ -37,9 +37,10 @@ own chunk's step, the one never skipped: every skipped block's term is counted o
 chunks its tokens lie in, and the merge makes the result the one-GPU tail output.
 
 A step is one launch of a block-sparse kernel with the query chunk's and the key chunk's tables and a
-log-sum-exp output (``key_perm=``, ``return_lse=``): the ``triton`` kernel on CUDA, its PyTorch twin
-``reference`` elsewhere (:data:`RING_BACKENDS`; FlashAttention-4 reads contiguous tile-order rows, so
-it cannot take a chunk's partly empty blocks).
+log-sum-exp output: the ``ring_step`` a backend declares at registration (``sparsevid.register_backend``;
+:data:`RING_BACKENDS` lists them: the Triton kernel on CUDA, its PyTorch twin elsewhere; FlashAttention-4
+reads contiguous tile-order rows, so it cannot take a chunk's partly empty blocks). The registry chooses the
+backend (``resolve_backend(..., needs=("ring",))``) and the backend's declared summary builder makes the tail.
 
 Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``C = L / R`` tokens per chunk, ``D`` head dim,
 ``R`` ring degree (chunks), ``NB`` blocks, ``n_c`` blocks with a token in chunk ``c``.
@@ -48,20 +49,24 @@ Shape legend: ``B`` batch, ``H`` heads, ``L`` tokens, ``C = L / R`` tokens per c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from ..backends import backend_spec, check_backend_name
+from ..backends import _registry, resolve_backend
 from ..kernels.csr import dense_to_csr
-from ..kernels.reference import sparse_attention_reference
 from ..layout import VideoLayout
 from ..plan import BlockPlan
-from ..tail import check_tail, kept_blocks, summarize_reference
+from ..tail import check_tail, kept_blocks
 
-__all__ = ["RING_BACKENDS", "ChunkTable", "RingGroup", "all_gather", "chunk_tables", "gather_sequence",
+__all__ = ["RING_BACKENDS", "ChunkTable", "RingGroup", "RingSteps", "all_gather", "chunk_tables", "gather_sequence",
            "merge_partials", "needed_steps", "ring_backend", "ring_rank_attention", "ring_steps", "simulate_ring"]
 
-RING_BACKENDS = ("triton", "reference")  # the backends with a ring step: a key chunk's own table, log-sum-exp out
+
+def __getattr__(name: str):
+    if name == "RING_BACKENDS":  # the backends with a ring step, read from the registry (a registration may add one)
+        return tuple(s.name for s in _registry().values() if s.ring)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -106,21 +111,32 @@ def chunk_tables(layout: VideoLayout, chunks: int, device) -> list[ChunkTable]:
     return _TABLES[key]
 
 
-def ring_steps(plan: BlockPlan, chunks: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Ring rank ``rank``'s share of ``plan``: for each key chunk ``j``, the CSR ``(kv_num_blocks,
-    kv_indices)`` (int32 ``(B or 1, H or 1, n_rank)`` and ``(..., n_rank, n_j)``, indices into chunk
-    ``j``'s blocks) of the step against chunk ``j``, or ``None`` where the step keeps nothing.
+@dataclass(frozen=True)
+class RingSteps:
+    """Ring rank ``rank``'s share of a ``BlockPlan`` split over ``chunks`` ring ranks: for each key chunk ``j``, the
+    CSR ``(kv_num_blocks, kv_indices)`` of the step against chunk ``j`` (or ``None``), see :func:`ring_steps`.
+    The launch struct of a ring step, built once per plan by :meth:`build` (``plan.launch(RingSteps, chunks,
+    rank)``: one host read, which steps run)."""
 
-    Kept with the plan (one host read when first built: which steps run)."""
+    plan_type: ClassVar[type] = BlockPlan
+    steps: tuple
 
-    def build():
+    @classmethod
+    def build(cls, plan: BlockPlan, chunks: int, rank: int) -> "RingSteps":
         tables = chunk_tables(plan.layout, chunks, plan.device)
         rows = kept_blocks(plan)[:, :, tables[rank].blocks]  # (B, H, n_rank, NB)
         steps = [rows[..., t.blocks] for t in tables]  # (B, H, n_rank, n_j)
         needed = torch.stack([s.any() for s in steps]).tolist()
-        return [dense_to_csr(s, width=s.shape[-1]) if keep else None for s, keep in zip(steps, needed)]
+        return cls(tuple(dense_to_csr(s, width=s.shape[-1]) if keep else None for s, keep in zip(steps, needed)))
 
-    return plan.derived(f"ring_steps:{chunks}:{rank}", build)
+
+def ring_steps(plan: BlockPlan, chunks: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Ring rank ``rank``'s share of ``plan``: for each key chunk ``j``, the CSR ``(kv_num_blocks, kv_indices)``
+    (int32 ``(B or 1, H or 1, n_rank)`` and ``(..., n_rank, n_j)``, indices into chunk ``j``'s blocks) of the step
+    against chunk ``j``, or ``None`` where the step keeps nothing.
+
+    Kept with the plan (:class:`RingSteps`; one host read when first built: which steps run)."""
+    return list(plan.launch(RingSteps, chunks, rank).steps)
 
 
 def needed_steps(plan: BlockPlan, chunks: int) -> torch.Tensor:
@@ -142,26 +158,14 @@ def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor
 
 
 def ring_backend(backend: str, q: torch.Tensor, plan: BlockPlan, tail=None) -> str:
-    """The backend that runs the ring steps of ``q`` (a rank's chunk) with ``plan``: a named one of
-    :data:`RING_BACKENDS`, or for ``"auto"`` ``triton`` where it runs these inputs, else ``reference``.
+    """The backend that runs the ring steps of ``q`` (a rank's chunk) with ``plan``: the registry's choice among
+    the backends with a ring step (:data:`RING_BACKENDS`), named or ``"auto"``.
 
     Raises:
         NotImplementedError: a backend without a ring step (``fa4``, the 8-bit ones).
         ValueError / TypeError: a named ring backend that cannot run these inputs.
     """
-    name = check_backend_name(backend)
-    method = check_tail(tail)
-    if name == "auto":
-        triton = backend_spec("triton")
-        usable = q.device.type in triton.auto_devices and triton.refusal(q, plan, False, method) is None
-        return "triton" if usable else "reference"
-    if name not in RING_BACKENDS:
-        raise NotImplementedError(f"NYI: backend {name!r} under ring attention (ring steps run on "
-                                  f"{', '.join(RING_BACKENDS)}); use backend='auto'")
-    refusal = backend_spec(name).refusal(q, plan, False, method)
-    if refusal is not None:
-        raise refusal[0](refusal[1])
-    return name
+    return resolve_backend(backend, q, plan, tail=check_tail(tail), needs=("ring",)).name
 
 
 def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, rank: int,
@@ -183,18 +187,13 @@ def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         in ring order (rank, rank + 1, ...).
     """
     method = check_tail(tail)
-    backend = ring_backend(backend, q, plan, method)
+    spec = resolve_backend(backend, q, plan, tail=method, needs=("ring",))
     B, H, size = q.shape[:3]
     tables = chunk_tables(plan.layout, chunks, q.device)
     steps = ring_steps(plan, chunks, rank)
     summaries = kept = None
     if method is not None:
-        if backend == "triton":
-            from ..kernels.triton_tail import summarize_triton
-
-            summaries = summarize_triton(k, v, plan.layout, method.group_size(plan.layout))
-        else:
-            summaries = summarize_reference(k, v, plan.layout, method)
+        summaries = spec.summarize(k, v, plan.layout, method)
         kept = kept_blocks(plan)[:, :, tables[rank].blocks].expand(B, H, -1, -1)
     out = lse = None
     ran = []
@@ -205,18 +204,9 @@ def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         own = j == rank
         counts, indices = (t.expand(B, H, *t.shape[2:]) for t in steps[j])
         chunk = slice(j * size, (j + 1) * size)
-        if backend == "triton":
-            from ..kernels.triton_blocksparse import sparse_attention_triton
-
-            part = sparse_attention_triton(
-                q, k[:, :, chunk], v[:, :, chunk], tables[rank].slots, counts, indices, plan.block_size, scale,
-                tail=summaries if own else None, kept=kept if own else None, key_perm=tables[j].slots,
-                return_lse=True)
-        else:
-            part = sparse_attention_reference(
-                q, k[:, :, chunk], v[:, :, chunk], tables[rank].slots, counts, indices, plan.block_size, scale,
-                tail=summaries if own else None, kept=kept if own else None, key_perm=tables[j].slots,
-                return_lse=True)
+        part = spec.ring_step(q, k[:, :, chunk], v[:, :, chunk], tables[rank].slots, counts, indices, plan.block_size,
+                              scale, tail=summaries if own else None, kept=kept if own else None,
+                              key_perm=tables[j].slots)
         out, lse = part if out is None else merge_partials(out, lse, *part)
         ran.append(j)
     return out.to(q.dtype), ran

@@ -25,7 +25,9 @@ _BUILTIN = ("dense", "random", "window", "draft", "xattn", "finegrained")
 
 
 def register_planner(name: str):
-    """Decorator registering a planner under ``name`` (rejects duplicates)."""
+    """Decorator registering a planner under ``name`` (rejects duplicates). A planner whose plans are valid by
+    construction (tested) builds them with ``trusted=True``, so ``plan(..., validate=False)`` and
+    ``sparse_attention`` never read them on the host; any other plan is validated once, before its first launch."""
 
     def wrap(fn):
         if name in _PLANNERS:
@@ -78,8 +80,8 @@ def plan(
         tile (tuple, optional), block_size (int, optional): override the layout's tiling (a
             ``block_size`` without ``tile`` picks the tile with :func:`auto_tile`).
         validate (bool): check that q and k are finite and the plan's invariants (``plan.validate()``;
-            host syncs). Built-in planners are valid by construction (tested); hot loops pass False
-            (then NaN in q or k propagates to the output as in SDPA, with some plan).
+            host syncs). Built-in planners are valid by construction (tested, ``trusted=True``); hot loops
+            pass False (then NaN in q or k propagates to the output as in SDPA, with some plan).
         **options: planner-specific options (see each planner's docstring).
 
     Returns:
@@ -126,10 +128,7 @@ def plan(
         if validate and not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
             raise ValueError("Expect finite q and k but got NaN/Inf entries; planners rank blocks by q.k")
         result = _PLANNERS[method](q, k, layout, density=density, mass=mass, **options)
-        if validate:
-            return result.validate()
-        result._trusted = True  # valid by construction: sparse_attention does not check it (no host sync)
-        return result
+        return result.validate() if validate else result
 
 
 _ACCEPTED: dict[str, list[str] | None] = {}  # planner -> its option names (None: any), read once

@@ -16,6 +16,4 @@ def dense(q, k, layout, *, density=None, mass=None) -> BlockPlan:
         raise ValueError(f"Expect density=1 (or none) for method 'dense' but got density={density}, mass={mass}")
     nb = layout.num_blocks
     keep = torch.ones(1, 1, nb, nb, dtype=torch.bool, device=q.device)
-    plan = BlockPlan.from_block_mask(layout, keep, "dense", to_csr=dense_to_csr)
-    plan.keeps_everything = True
-    return plan
+    return BlockPlan.from_block_mask(layout, keep, "dense", keeps_everything=True, trusted=True, to_csr=dense_to_csr)

@@ -52,4 +52,4 @@ def draft(q, k, layout, *, density=None, mass=None, budget: str = "head") -> Blo
     score = draft_scores(q, k, layout)
     probs = None if mass is None else (score + layout.on(q.device).block_tokens.float().log()).exp()
     keep = keep_by_budget(score, layout, density=density, mass=mass, probs=probs, budget=budget)
-    return BlockPlan.from_block_mask(layout, keep, "draft", to_csr=dense_to_csr)
+    return BlockPlan.from_block_mask(layout, keep, "draft", trusted=True, to_csr=dense_to_csr)

@@ -108,7 +108,7 @@ def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", q
     kv_tokens = torch.zeros(B, H, nb, max(t.shape[-1] for t in per_head), dtype=torch.int32, device=device)
     for h, top in enumerate(per_head):
         kv_tokens[:, h, :, : top.shape[-1]] = top
-    return TokenPlan(layout, counts, kv_tokens, "finegrained")
+    return TokenPlan(layout, counts, kv_tokens, "finegrained", trusted=True)
 
 
 def _estimate(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, queries: int) -> torch.Tensor:

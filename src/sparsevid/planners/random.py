@@ -32,4 +32,4 @@ def random(q, k, layout, *, density=None, mass=None, seed: int = 0, budget: str 
     generator = torch.Generator().manual_seed(int(seed))
     score = torch.rand(B, H, nb, nb, generator=generator).to(q.device)
     keep = keep_by_budget(score, layout, density=density, budget=budget)
-    return BlockPlan.from_block_mask(layout, keep, "random", to_csr=dense_to_csr)
+    return BlockPlan.from_block_mask(layout, keep, "random", trusted=True, to_csr=dense_to_csr)

@@ -62,4 +62,4 @@ def xattn(q, k, layout, *, density=None, mass=None, stride: int = 8, budget: str
 
     score = block_mass.log() - layout.on(q.device).block_tokens.float().log()
     keep = keep_by_budget(score, layout, density=density, mass=mass, probs=block_mass, budget=budget)
-    return BlockPlan.from_block_mask(layout, keep, "xattn", to_csr=dense_to_csr)
+    return BlockPlan.from_block_mask(layout, keep, "xattn", trusted=True, to_csr=dense_to_csr)
