@@ -5,7 +5,9 @@ A **setting** is what :func:`sparsevid.apply` is called with: a method, a densit
 ``tail=`` value and planner options. The grid is ``--methods`` x (``--densities`` + ``--masses``) x
 ``--tail`` x option sets; ``--option KEY=VALUE`` goes to every method, ``--option METHOD:KEY=VALUE`` to
 that method only, and a key given several times is an axis of the grid (one setting per value), so any
-registered planner and its options pass through unnamed here. Every setting is checked as
+registered planner and its options pass through unnamed here. The key ``tail`` sets ``tail=`` the same
+way (``--option clustered:tail=none --option clustered:tail=centroid``): for that method it replaces the
+``--tail`` axis. Every setting is checked as
 ``sparsevid.apply`` checks it before any work; a combination no method can take (a mass budget for a
 planner without one, a tail for a token plan) is left out with one line, but a value of any axis that
 no combination takes is an error.
@@ -68,13 +70,13 @@ _NATIVE = "native (dense)"
 def scoped_option(text: str) -> tuple[str | None, str, object]:
     """``[METHOD:]KEY=VALUE`` -> ``(METHOD or None, KEY, value)``, the value as ``--option`` parses it."""
     head, sep, _ = text.partition("=")
-    method = None
+    method, pair = None, text
     if sep and ":" in head:  # a key is an identifier: a colon before '=' names a method
-        method, text = text.split(":", 1)
+        method, pair = text.split(":", 1)
         if not method:
             raise argparse.ArgumentTypeError(f"Expect --option METHOD:KEY=VALUE with a method name but got {text!r}")
-    key, value = option_pair(text)
-    return method, key, value
+    key, value = option_pair(pair)
+    return method, key, None if (key, value) == ("tail", "none") else value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--option", action="append", type=scoped_option, default=[], metavar="[METHOD:]KEY=VALUE",
                         help="planner option, repeatable: for every method, or with METHOD: for that one; a key "
                              "given several times is a grid axis (e.g. --option clustered:q_clusters=128 "
-                             "--option clustered:q_clusters=512)")
+                             "--option clustered:q_clusters=512); the key tail sets tail= (none: off) for the "
+                             "method instead of --tail")
     parser.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=["wan1.3b-480p", "wan14b-720p"],
                         help="model shapes timed (random weights; none: no speed) (default: %(default)s)")
     parser.add_argument("--reps", type=positive_int, default=3,
@@ -134,19 +137,23 @@ def make_settings(methods, densities, masses, tails, options, device=None) -> li
         raise ValueError("Expect at least one of --densities or --masses but got neither")
     settings, failures, works = [], [], set()
     for method in dict.fromkeys(methods):
-        for (density, mass), opts, tail in itertools.product(budgets, _option_sets(method, options), tails):
-            config = Config(method, density, options=opts, mass=mass, tail=tail)
-            if opts:
-                config = replace(config, label=config.name + " [" + ", ".join(f"{k}={v!r}" for k, v in opts.items()) + "]")
-            axes = {("method", method), ("budget", (density, mass)), ("tail", tail),
-                    *((("option", method, k), repr(v)) for k, v in opts.items())}
-            try:
-                config.check(device)
-            except (ValueError, TypeError) as error:
-                failures.append((config, axes, error))
-                continue
-            works |= axes
-            settings.append(config)
+        for opts, (density, mass) in itertools.product(_option_sets(method, options), budgets):
+            opts = dict(opts)
+            method_tails = [opts.pop("tail")] if "tail" in opts else tails  # the method's own tail axis
+            for tail in method_tails:
+                config = Config(method, density, options=opts, mass=mass, tail=tail)
+                if opts:
+                    config = replace(config, label=config.name + " [" + ", ".join(f"{k}={v!r}" for k, v in opts.items())
+                                     + "]")
+                axes = {("method", method), ("budget", (density, mass)), ("tail", tail),
+                        *((("option", method, k), repr(v)) for k, v in opts.items())}
+                try:
+                    config.check(device)
+                except (ValueError, TypeError) as error:
+                    failures.append((config, axes, error))
+                    continue
+                works |= axes
+                settings.append(config)
     for config, axes, error in failures:
         if not axes <= works:  # some value of this combination works nowhere: the value is wrong
             raise type(error)(f"{error} (setting {config.name})")
