@@ -152,6 +152,31 @@ def test_command_end_to_end_writes_every_output(tmp_path):
     assert "draft@0.5 tail=pooled-var" in recorded
 
 
+def test_join_splits_a_grid_over_runs(tmp_path, capsys):
+    """Speed in one run, quality in another joined to it: one table, one frontier; a part measured twice or
+    a file bench pareto did not write is refused before any work."""
+    pytest.importorskip("diffusers")
+    grid = ["--methods", "draft", "--densities", "0.5", "--tail", "none", "pooled-var"]
+    first, second = tmp_path / "speed", tmp_path / "joined"
+    assert cli.main(["bench", "pareto", "--shapes", "tiny", "--testbeds", "--reps", "1", "--quiet", *grid,
+                     "--out", str(first)]) == 0
+    assert cli.main(["bench", "pareto", "--shapes", *SMALL, "--cases", "1", *grid, "--join",
+                     str(first / "pareto.json"), "--out", str(second)]) == 0
+    res = json.loads((second / "pareto.json").read_text())
+    assert list(res["native"]) == ["tiny"] and list(res["testbed_runs"]) == ["small"]
+    assert res["native"]["tiny"]["joined"] == str(first / "pareto.json") and "joined from" in res["header"]
+    row = {r["setting"]: r for r in res["rows"]}["draft@0.5 tail=pooled-var"]
+    assert row["speed"]["tiny"]["forward_ms"] > 0 and row["quality"]["small"]["videos"] == 1
+    assert res["frontiers"]["tiny x small testbed"][0] == pareto._NATIVE
+    capsys.readouterr()
+    for extra in (["--shapes", "tiny"], ["--shapes", "--join", str(first / "pareto.txt")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["bench", "pareto", "--testbeds", *grid, "--join", str(first / "pareto.json"), *extra,
+                      "--out", str(tmp_path / "bad")])
+        assert exit_info.value.code == 2
+        assert "error: Expect" in capsys.readouterr().err
+
+
 def test_no_cuda_skips_full_size_shapes_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pareto.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(pareto, "measure_quality", lambda *a: pytest.fail("quality was not asked for"))
@@ -181,6 +206,8 @@ BAD = [
     "--testbeds medium",
     "--out {file}/out",
     "--record --benchmarks-md {file}/B.md",
+    "--join {file}",
+    "--join /nonexistent/pareto.json",
 ]
 
 

@@ -35,6 +35,10 @@ per setting), ``pareto.json`` (settings, device, weights, rows, frontiers) after
 and ``pareto.png`` (speedup on x, PSNR on y, one panel per shape and testbed, points labelled, the
 frontier as a line). The testbed weights are recorded by the git commit that last changed them (a hash of
 the file where git or the repository is absent). ``--record`` appends the table to ``--benchmarks-md``.
+
+``--join`` takes the ``pareto.json`` of earlier runs: their shapes and testbeds join this run's settings by
+name (each measurement keeps its device, and the header says where it came from), so a grid that does not
+fit one session's command limit runs as several commands (e.g. the 14B shape alone, then the rest).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .common import (add_record_arguments, add_tail_argument, append_benchmarks, check_bench_outputs, command_line,
-                     environment, fmt, fraction, markdown_table, option_pair, positive_int, time_ms)
+                     environment, existing_file, fmt, fraction, markdown_table, option_pair, positive_int, time_ms)
 
 # --shapes name -> (bench e2e model, resolution)
 SHAPES = {
@@ -103,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("frames", "height", "width"):
         parser.add_argument(f"--{name}", type=positive_int, default=None,
                             help=f"testbed video {name}{' in px' if name != 'frames' else ''} (default: each testbed's native)")
+    parser.add_argument("--join", nargs="+", type=existing_file, default=[], metavar="PARETO_JSON",
+                        help="pareto.json of earlier runs: their shapes and testbeds (none measured here) join this "
+                             "run's settings by name, each measurement keeping its device (split a grid over runs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", default="out/pareto", help="output folder (default: %(default)s)")
     add_record_arguments(parser)
@@ -228,7 +235,8 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
     context = (lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])) if cudnn_ms < native_ms else contextlib.nullcontext
     tokens = ((spec["frames"] - 1) // 4 + 1) * (height // 16) * (width // 16)
     result = {"native": dict(default_sdpa_ms=native_ms, cudnn_ms=cudnn_ms if device == "cuda" else None,
-                             forward_ms=best, video_tokens=tokens, model=model_name, resolution=resolution)}
+                             forward_ms=best, video_tokens=tokens, model=model_name, resolution=resolution, reps=reps,
+                             device=_device_line(device))}
     print(f"[pareto] {shape}: native {native_ms:.1f} ms, cuDNN {fmt(result['native']['cudnn_ms'], '.1f')} ms")
     for config in tqdm(settings, desc=f"speed {shape}", unit="setting", disable=not progress):
         handle = replace(config, dense_steps=0).apply(target)
@@ -241,9 +249,6 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
             handle.remove()
         result[config.name] = dict(forward_ms=ms, speedup=best / ms, achieved=stats["mean_density"],
                                    finite=bool(torch.isfinite(out).all()))
-    del model, inputs
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -277,7 +282,7 @@ def measure_quality(testbed: str, settings: list, args, device: torch.device) ->
     pipe = target.load(options, device)
     result = evaluate(target, pipe, options, settings, progress=not args.quiet)
     summary = {r["config"]: r for r in summarize(result["videos"], [], settings)}
-    out = {"cases": dict(count=args.cases, steps=args.steps, frames=options.frames, height=options.height,
+    out = {"cases": dict(device=_device_line(device.type), count=args.cases, steps=args.steps, frames=options.frames, height=options.height,
                          width=options.width, names=list(dict.fromkeys(r["case"] for r in result["videos"])),
                          weights=weights_version(pipe.spec.weights))}
     for config in settings:
@@ -308,6 +313,28 @@ def weights_version(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------- run
+def load_joined(paths, shapes, testbeds) -> list[dict]:
+    """The earlier runs of ``--join``, checked before any work: each a ``pareto.json``, no shape or testbed
+    measured twice (here or in another file)."""
+    runs, seen = [], {("shape", s): "this run" for s in shapes} | {("testbed", t): "this run" for t in testbeds}
+    for path in paths:
+        try:
+            run = json.loads(Path(path).read_text())
+            parts = [("shape", s) for s in run["native"]] + [("testbed", t) for t in run["testbed_runs"]]
+            rows = run["rows"]
+            if not all(isinstance(r["setting"], str) and isinstance(r["speed"], dict) for r in rows):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"Expect --join files written by bench pareto (pareto.json) but {path} is not one") from None
+        for part in parts:
+            if part in seen:
+                raise ValueError(f"Expect each shape and testbed measured once but {part[0]} {part[1]} is in {path} "
+                                 f"and {seen[part]}; leave it out of one of them")
+            seen[part] = path
+        runs.append(dict(run, path=str(path)))
+    return runs
+
+
 def run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = make_settings(args.methods, args.densities, args.masses, args.tail, args.option,
@@ -319,12 +346,24 @@ def run(args) -> int:
     if skipped:
         print(f"[pareto] speed at {', '.join(skipped)} skipped: no CUDA device here (full-size models)")
         shapes = [s for s in shapes if s not in skipped]
+    joined = load_joined(args.join, shapes, testbeds)
     out = Path(args.out)
     rows = [dict(setting=_NATIVE, method=None, density=1.0, mass=None, tail=None, options={}, speed={}, quality={})]
     rows += [dict(setting=c.name, method=c.method, density=c.density, mass=c.mass, tail=c.tail, options=dict(c.options),
                   speed={}, quality={}) for c in settings]
     record = dict(command=command_line(), environment=environment(), device=_device_line(device), shapes=shapes,
-                  testbeds=testbeds, skipped_shapes=skipped, reps=args.reps, native={}, testbed_runs={})
+                  testbeds=testbeds, skipped_shapes=skipped, native={}, testbed_runs={}, joined=[])
+    by_name = {r["setting"]: r for r in rows}
+    for earlier in joined:  # its measurements beside this run's, settings matched by name
+        for key in ("native", "testbed_runs"):
+            record[key].update({k: dict(v, joined=earlier["path"]) for k, v in earlier[key].items()})
+        for row in earlier["rows"]:
+            if row["setting"] not in by_name:  # a setting of the earlier run only
+                by_name[row["setting"]] = dict(row, speed={}, quality={})
+                rows.append(by_name[row["setting"]])
+            by_name[row["setting"]]["speed"].update(row["speed"])
+            by_name[row["setting"]]["quality"].update(row["quality"])
+        record["joined"].append(earlier["path"])
     print(f"[pareto] {len(settings)} settings x ({len(shapes)} shapes + {len(testbeds)} testbeds) on "
           f"{record['device']}")
 
@@ -336,6 +375,8 @@ def run(args) -> int:
 
     for shape in shapes:
         speed = measure_speed(shape, settings, args.reps, device, not args.quiet)
+        if device == "cuda":  # the model is gone: its memory to the next one
+            torch.cuda.empty_cache()
         record["native"][shape] = speed["native"]
         fill("speed", shape, {_NATIVE: dict(forward_ms=speed["native"]["forward_ms"], speedup=1.0), **speed})
     for testbed in testbeds:
@@ -343,6 +384,7 @@ def run(args) -> int:
         record["testbed_runs"][testbed] = quality.pop("cases")
         fill("quality", testbed, quality)
     header, table, fronts = write_tables(out, rows, record)
+    shapes, testbeds = list(record["native"]), list(record["testbed_runs"])
     png = plot(rows, shapes, testbeds, out / "pareto.png", record["device"])
     print(header)
     print(table)
@@ -362,18 +404,23 @@ def _device_line(device: str) -> str:
 
 # ---------------------------------------------------------------------------------------- outputs
 def _header(record: dict) -> str:
+    def where(part: dict) -> str:  # a measurement of another device or run says so
+        device = f", on {part['device']}" if part["device"] != record["device"] else ""
+        return device + (f", joined from {part['joined']}" if "joined" in part else "")
+
     parts = [record["environment"]]
     for shape, native in record["native"].items():
         parts.append(f"{shape}: {native['model']} {native['resolution']} ({native['video_tokens']} video tokens), "
                      f"random weights, batch 1, native forward {native['forward_ms']:.1f} ms (default SDPA "
-                     f"{native['default_sdpa_ms']:.1f}, cuDNN {fmt(native['cudnn_ms'], '.1f')})")
+                     f"{native['default_sdpa_ms']:.1f}, cuDNN {fmt(native['cudnn_ms'], '.1f')}), median of "
+                     f"{native['reps']}{where(native)}")
     if record["native"]:
-        parts.append(f"forward: median of {record['reps']} after one warm-up, every step sparse (planning and tail "
-                     "included), first block dense; speedup vs the faster native SDPA")
+        parts.append("forward: one warm-up, every step sparse (planning and tail included), first block dense; "
+                     "speedup vs the faster native SDPA")
     for testbed, run in record["testbed_runs"].items():
         parts.append(f"{TESTBEDS[testbed]}: {run['count']} {'held-out ' if testbed == 'large' else ''}cases "
                      f"({run['frames']}x{run['height']}x{run['width']}), {run['steps']} steps, default warm-up, "
-                     f"vs dense; weights {run['weights']}")
+                     f"vs dense; weights {run['weights']}{where(run)}")
     if record["skipped_shapes"]:
         parts.append(f"speed skipped (no CUDA): {', '.join(record['skipped_shapes'])}")
     return "; ".join(parts)
