@@ -79,8 +79,11 @@ def scoped_option(text: str) -> tuple[str | None, str, object]:
         method, pair = text.split(":", 1)
         if not method:
             raise argparse.ArgumentTypeError(f"Expect --option METHOD:KEY=VALUE with a method name but got {text!r}")
+    key, _, value = pair.partition("=")
+    if key == "tail" and value:  # a tail name as written (pooled-var-32 is no Python word); none: off
+        return method, key, None if value in ("none", "None") else value
     key, value = option_pair(pair)
-    return method, key, None if (key, value) == ("tail", "none") else value
+    return method, key, value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
