@@ -109,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=20, help="sampler steps (default: %(default)s)")
     for name in ("frames", "height", "width"):
         parser.add_argument(f"--{name}", type=positive_int, default=None,
-                            help=f"testbed video {name}{' in px' if name != 'frames' else ''} (default: each testbed's native)")
+                            help=f"testbed video {name}{' in px' if name != 'frames' else ''} "
+                                 "(default: each testbed's native)")
     parser.add_argument("--join", nargs="+", type=existing_file, default=[], metavar="PARETO_JSON",
                         help="pareto.json of earlier runs: their shapes and testbeds (none measured here) join this "
                              "run's settings by name, each measurement keeping its device (split a grid over runs)")
@@ -141,7 +142,8 @@ def make_settings(methods, densities, masses, tails, options, device=None) -> li
 
     strays = sorted({scope for scope, _, _ in options if scope is not None} - set(methods))
     if strays:
-        raise ValueError(f"Expect --option METHOD:KEY=VALUE with METHOD in --methods {methods} but got {', '.join(strays)}")
+        raise ValueError(f"Expect --option METHOD:KEY=VALUE with METHOD in --methods {methods} but got "
+                         f"{', '.join(strays)}")
     budgets = [(d, None) for d in densities] + [(None, m) for m in masses]
     if not budgets:
         raise ValueError("Expect at least one of --densities or --masses but got neither")
@@ -210,9 +212,9 @@ def frontiers(rows: list[dict], shapes, testbeds) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------- speed
-def measure_speed(shape: str, settings: list, reps: int, device: str, progress: bool) -> dict:
-    """Forward milliseconds at ``shape``: ``{"native": {...}, setting name: {...}}``, as ``bench e2e``
-    measures them (native default SDPA and cuDNN, the faster is 1x; each setting every step sparse)."""
+def measure_speed(shape: str, settings: list, reps: int, device: str, progress: bool) -> tuple[dict, dict]:
+    """Forward times at ``shape`` as ``bench e2e`` measures them: ``(native, {setting name: row})``, native
+    default SDPA and cuDNN (the faster is 1x), each setting with every step sparse."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from .e2e import MODELS, _build, _forward, _inputs
@@ -237,10 +239,10 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
     best = min(native_ms, cudnn_ms)
     context = (lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])) if cudnn_ms < native_ms else contextlib.nullcontext
     tokens = ((spec["frames"] - 1) // 4 + 1) * (height // 16) * (width // 16)
-    result = {"native": dict(default_sdpa_ms=native_ms, cudnn_ms=cudnn_ms if device == "cuda" else None,
-                             forward_ms=best, video_tokens=tokens, model=model_name, resolution=resolution, reps=reps,
-                             device=_device_line(device))}
-    print(f"[pareto] {shape}: native {native_ms:.1f} ms, cuDNN {fmt(result['native']['cudnn_ms'], '.1f')} ms")
+    native = dict(default_sdpa_ms=native_ms, cudnn_ms=cudnn_ms if device == "cuda" else None, forward_ms=best,
+                  video_tokens=tokens, model=model_name, resolution=resolution, reps=reps, device=_device_line(device))
+    print(f"[pareto] {shape}: native {native_ms:.1f} ms, cuDNN {fmt(native['cudnn_ms'], '.1f')} ms")
+    result = {}
     for config in tqdm(settings, desc=f"speed {shape}", unit="setting", disable=not progress):
         handle = replace(config, dense_steps=0).apply(target)
         try:
@@ -252,7 +254,7 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
             handle.remove()
         result[config.name] = dict(forward_ms=ms, speedup=best / ms, achieved=stats["mean_density"],
                                    finite=bool(torch.isfinite(out).all()))
-    return result
+    return native, result
 
 
 # ---------------------------------------------------------------------------------------- quality
@@ -272,8 +274,9 @@ class _FirstCases:
         return self.target.generate(pipe, case, args, progress)
 
 
-def measure_quality(testbed: str, settings: list, args, device: torch.device) -> dict:
-    """PSNR/SSIM/tdiff vs dense per setting name on ``testbed``, as ``eval`` measures them (mean over cases)."""
+def measure_quality(testbed: str, settings: list, args, device: torch.device) -> tuple[dict, dict]:
+    """PSNR/SSIM/tdiff vs dense on ``testbed`` as ``eval`` measures them, mean over cases: ``(run, {setting
+    name: row})``, ``run`` the cases, sizes and the weights' version."""
     from ..eval import TestbedTarget, evaluate, summarize
 
     large = testbed == "large"
@@ -285,15 +288,11 @@ def measure_quality(testbed: str, settings: list, args, device: torch.device) ->
     pipe = target.load(options, device)
     result = evaluate(target, pipe, options, settings, progress=not args.quiet)
     summary = {r["config"]: r for r in summarize(result["videos"], [], settings)}
-    out = {"cases": dict(device=_device_line(device.type), count=args.cases, steps=args.steps, frames=options.frames, height=options.height,
-                         width=options.width, names=list(dict.fromkeys(r["case"] for r in result["videos"])),
-                         weights=weights_version(pipe.spec.weights))}
-    for config in settings:
-        r = summary[config.name]
-        out[config.name] = dict(psnr=r["psnr"], psnr_min=r["psnr_min"], ssim=r["ssim"], tdiff_err=r["tdiff_err"],
-                                achieved=r["achieved"], videos=r["videos"])
-    del pipe
-    return out
+    run = dict(device=_device_line(device.type), count=args.cases, steps=args.steps, frames=options.frames,
+               height=options.height, width=options.width, weights=weights_version(pipe.spec.weights),
+               names=list(dict.fromkeys(r["case"] for r in result["videos"])))
+    keys = ("psnr", "psnr_min", "ssim", "tdiff_err", "achieved", "videos")
+    return run, {c.name: {k: summary[c.name][k] for k in keys} for c in settings}
 
 
 def weights_version(path: Path) -> str:
@@ -328,7 +327,8 @@ def load_joined(paths, shapes, testbeds) -> list[dict]:
             if not all(isinstance(r["setting"], str) and isinstance(r["speed"], dict) for r in rows):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"Expect --join files written by bench pareto (pareto.json) but {path} is not one") from None
+            raise ValueError(f"Expect --join files written by bench pareto (pareto.json) but {path} is not "
+                             "one") from None
         for part in parts:
             if part in seen:
                 raise ValueError(f"Expect each shape and testbed measured once but {part[0]} {part[1]} is in {path} "
@@ -377,14 +377,13 @@ def run(args) -> int:
         write_tables(out, rows, record)
 
     for shape in shapes:
-        speed = measure_speed(shape, settings, args.reps, device, not args.quiet)
+        native, speed = measure_speed(shape, settings, args.reps, device, not args.quiet)
         if device == "cuda":  # the model is gone: its memory to the next one
             torch.cuda.empty_cache()
-        record["native"][shape] = speed["native"]
-        fill("speed", shape, {_NATIVE: dict(forward_ms=speed["native"]["forward_ms"], speedup=1.0), **speed})
+        record["native"][shape] = native
+        fill("speed", shape, {_NATIVE: dict(forward_ms=native["forward_ms"], speedup=1.0), **speed})
     for testbed in testbeds:
-        quality = measure_quality(testbed, settings, args, torch.device(device))
-        record["testbed_runs"][testbed] = quality.pop("cases")
+        record["testbed_runs"][testbed], quality = measure_quality(testbed, settings, args, torch.device(device))
         fill("quality", testbed, quality)
     header, table, fronts = write_tables(out, rows, record)
     shapes, testbeds = list(record["native"]), list(record["testbed_runs"])
@@ -470,7 +469,8 @@ def _format_frontiers(fronts: dict[str, list[str]], rows: list[dict]) -> str:
         for name in names:
             row = by_name[name]
             psnr = row["quality"].get(testbed, {}).get("psnr")
-            points.append(f"{name} ({row['speed'][shape]['speedup']:.2f}x, {'dense' if psnr is None else f'{psnr:.2f}'})")
+            quality = "dense" if psnr is None else f"{psnr:.2f}"
+            points.append(f"{name} ({row['speed'][shape]['speedup']:.2f}x, {quality})")
         lines.append(f"- {key}: " + " -> ".join(points))
     return "\n".join(lines)
 
@@ -515,8 +515,8 @@ def plot(rows: list[dict], shapes: list[str], testbeds: list[str], path: Path, d
 
     plt = _pyplot()
     columns = shapes or [None]
-    fig, axes = plt.subplots(max(1, len(testbeds)), len(columns), figsize=(6.4 * len(columns), 4.6 * max(1, len(testbeds))),
-                             squeeze=False)
+    panels = max(1, len(testbeds))
+    fig, axes = plt.subplots(panels, len(columns), figsize=(6.4 * len(columns), 4.6 * panels), squeeze=False)
     for (i, testbed), (j, shape) in itertools.product(enumerate(testbeds), enumerate(columns)):
         ax = axes[i, j]
         points = []
