@@ -200,7 +200,7 @@ for s in "$@"; do
             join=(); [ -f "$RES/pareto14/pareto.json" ] && join=(--join "$RES/pareto14/pareto.json")
             stage pareto timeout 560 python3 -m sparsevid bench pareto "${grid[@]}" \
                 --densities ${PARETO_DENSITIES:-0.05 0.1 0.25 0.5} --shapes wan1.3b-480p --reps 3 \
-                --testbeds ${PARETO_TESTBEDS-large} --cases 8 --steps 20 --quiet "${join[@]}" --out "$RES/pareto" "${BENCH[@]}"
+                --testbeds ${PARETO_TESTBEDS-large small} --cases 8 --steps 20 --quiet "${join[@]}" --out "$RES/pareto" "${BENCH[@]}"
         fi
         ;;
     *)
