@@ -178,6 +178,25 @@ def test_join_splits_a_grid_over_runs(tmp_path, capsys):
         assert "error: Expect" in capsys.readouterr().err
 
 
+def test_a_run_cut_off_keeps_the_settings_measured(tmp_path, monkeypatch):
+    """The tables are written after every setting's forwards: a run stopped at the second keeps the first."""
+    pytest.importorskip("diffusers")
+    calls = []
+
+    def time_ms(fn, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # native, the first setting, then the cut
+            raise RuntimeError("cut off")
+        return 1.0
+
+    monkeypatch.setattr(pareto, "time_ms", time_ms)
+    with pytest.raises(RuntimeError, match="cut off"):
+        cli.main(["bench", "pareto", "--shapes", "tiny", "--testbeds", "--quiet", "--densities", "0.5", "0.25",
+                  "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "pareto.json").read_text())["rows"]
+    assert [r["speed"].get("tiny", {}).get("forward_ms") for r in rows] == [1.0, 1.0, None]
+
+
 def test_no_cuda_skips_full_size_shapes_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pareto.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(pareto, "measure_quality", lambda *a: pytest.fail("quality was not asked for"))

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -212,9 +213,11 @@ def frontiers(rows: list[dict], shapes, testbeds) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------- speed
-def measure_speed(shape: str, settings: list, reps: int, device: str, progress: bool) -> tuple[dict, dict]:
+def measure_speed(shape: str, settings: list, reps: int, device: str, progress: bool,
+                  checkpoint=None) -> tuple[dict, dict]:
     """Forward times at ``shape`` as ``bench e2e`` measures them: ``(native, {setting name: row})``, native
-    default SDPA and cuDNN (the faster is 1x), each setting with every step sparse."""
+    default SDPA and cuDNN (the faster is 1x), each setting with every step sparse. ``checkpoint(native,
+    rows)``: called after every setting with what is measured so far (a run cut off keeps it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from .e2e import MODELS, _build, _forward, _inputs
@@ -254,6 +257,8 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
             handle.remove()
         result[config.name] = dict(forward_ms=ms, speedup=best / ms, achieved=stats["mean_density"],
                                    finite=bool(torch.isfinite(out).all()))
+        if checkpoint is not None:
+            checkpoint(native, result)
     return native, result
 
 
@@ -376,12 +381,14 @@ def run(args) -> int:
                 row[kind][key] = measured[row["setting"]]
         write_tables(out, rows, record)
 
-    for shape in shapes:
-        native, speed = measure_speed(shape, settings, args.reps, device, not args.quiet)
-        if device == "cuda":  # the model is gone: its memory to the next one
-            torch.cuda.empty_cache()
+    def speed_so_far(shape: str, native: dict, speed: dict) -> None:
         record["native"][shape] = native
         fill("speed", shape, {_NATIVE: dict(forward_ms=native["forward_ms"], speedup=1.0), **speed})
+
+    for shape in shapes:
+        measure_speed(shape, settings, args.reps, device, not args.quiet, checkpoint=functools.partial(speed_so_far, shape))
+        if device == "cuda":  # the model is gone: its memory to the next one
+            torch.cuda.empty_cache()
     for testbed in testbeds:
         record["testbed_runs"][testbed], quality = measure_quality(testbed, settings, args, torch.device(device))
         fill("quality", testbed, quality)
