@@ -6,6 +6,7 @@
 #   bash scripts/gpu_session.sh tests kernel480 kernel720 e2e13 loop13 e2e14 comfy
 #   bash scripts/gpu_session.sh cpequal ring14x4 hybrid14x4 balance14x4   # several GPUs (nvidia-h200-x4), issue 26
 #   bash scripts/gpu_session.sh scale14-1 scale14-2 scale14-4 scale14   # several calls: a stage fits one alone
+#   bash scripts/gpu_session.sh pareto14, then pareto                  # two calls on one warm machine, issue 30
 #
 # Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry (64 MiB with the working
 # tree, 29 MB since the testbed-l weights), so it arrives split (`split -b 31000000 -d`) over three calls,
@@ -185,6 +186,22 @@ for s in "$@"; do
         stage fastcar2-bench timeout 170 python3 -m sparsevid bench decode --no-eager --graph --speed-model llama3.2-1b \
             --rates 0.2 0.3 --agreement 0.95 --batches 1 --frames 2 --calib 4 --reps 3 --frame-batches 8 16 \
             --out "$RES/fastcar2" "${BENCH[@]}"
+        ;;
+    pareto14 | pareto)  # issue 30: the quality-vs-speed frontier; pareto14 first (the 14B forwards alone fill
+        # most of a call), then pareto on the same warm machine joins its pareto.json (RES left at its default)
+        methods=${PARETO_METHODS:-draft clustered}
+        grid=(--methods $methods --option draft:tail=none --option draft:tail=pooled-var-32 ${PARETO_OPTIONS:-})
+        [[ " $methods " == *" clustered "* ]] && grid+=(--option clustered:tail=none --option clustered:tail=centroid)
+        if [ "$s" = pareto14 ]; then
+            stage pareto14 timeout 560 python3 -m sparsevid bench pareto "${grid[@]}" \
+                --densities ${PARETO14_DENSITIES:-0.05 0.1 0.25} --shapes wan14b-720p --reps 1 --testbeds --quiet \
+                --out "$RES/pareto14"
+        else
+            join=(); [ -f "$RES/pareto14/pareto.json" ] && join=(--join "$RES/pareto14/pareto.json")
+            stage pareto timeout 560 python3 -m sparsevid bench pareto "${grid[@]}" \
+                --densities ${PARETO_DENSITIES:-0.05 0.1 0.25 0.5} --shapes wan1.3b-480p --reps 3 \
+                --testbeds ${PARETO_TESTBEDS-large small} --cases 8 --steps 20 --quiet "${join[@]}" --out "$RES/pareto" "${BENCH[@]}"
+        fi
         ;;
     *)
         echo "unknown stage $s" >&2

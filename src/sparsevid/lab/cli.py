@@ -18,6 +18,7 @@ _BENCHMARKS = {
     "kernel": ("sparsevid.lab.bench.kernel", "block-sparse attention kernel vs cuDNN/flash SDPA and FlexAttention"),
     "frontier": ("sparsevid.lab.bench.frontier", "output error vs kernel speed of every planner at several densities"),
     "e2e": ("sparsevid.lab.bench.e2e", "full-size video transformers (random weights): native vs sparsevid forward and loop"),
+    "pareto": ("sparsevid.lab.bench.pareto", "quality-vs-speed frontier: testbed PSNR/SSIM vs Wan forward speedup per setting"),
     "decode": ("sparsevid.decoder.bench", "FastCar MLP replay in AR video decoding: throughput, token agreement, PSNR"),
 }
 
