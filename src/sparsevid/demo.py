@@ -44,8 +44,9 @@ import torch
 from . import stats, viz
 from .bench.common import fraction, local_device, non_negative_int, output_folder, positive_int
 from .eval import NOISE_FLOOR, TARGETS, Config, _case_name, _slug, capture_layers, evaluate, layer_errors, summarize
+from .planners import planners_taking
 
-TABLE_METHODS = ("draft", "xattn", "window", "finegrained", "random")
+TABLE_METHODS = tuple(planners_taking("density"))  # every planner with a density budget, in registration order
 
 # The clip section's settings, one line each, labelled as their video rows are; the planner table shows
 # them too. The tail row keeps the default plan and adds the skipped blocks as summaries (sparsevid.tail).
@@ -91,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .integrations.core import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
+    from .config import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
 
     start = time.perf_counter()
     if importlib.util.find_spec("diffusers") is None:

@@ -63,6 +63,8 @@ from tqdm.auto import tqdm
 
 from .bench.common import (add_tail_argument, existing_file, local_device, non_negative_int, option_pair, output_folder,
                            positive_int, time_ms)
+from .config import SparseVidConfig
+from .planners import planners_taking
 from .reuse.spec import parse_reuse
 
 __all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "capture_layers", "video_metrics"]
@@ -89,6 +91,11 @@ class EvalTarget:
         """One video ``(F, 3, H, W)`` in [0, 1] (CPU) for ``case``; deterministic for its seed."""
         raise NotImplementedError
 
+    def layers(self, args) -> int | None:
+        """The video self-attention layers of the pipeline ``load`` would return, known before loading it (so that
+        ``--dense-layers`` is checked before any work); ``None``: not known until it is loaded."""
+        return None
+
 
 class TestbedTarget(EvalTarget):
     """The project's trained testbed (:func:`sparsevid.testbed.load_pipeline`)."""
@@ -108,6 +115,11 @@ class TestbedTarget(EvalTarget):
             if getattr(args, key, None) is None:
                 setattr(args, key, pipe.spec.sample[key])
         return pipe
+
+    def layers(self, args) -> int:
+        from .testbed import SPECS
+
+        return SPECS[getattr(args, "testbed", "small")].transformer["num_layers"]
 
     def cases(self, pipe, args) -> list[dict]:
         from .testbed import Motion
@@ -171,23 +183,24 @@ class Config:
         """This configuration without reuse (whose plans the per-layer error measures)."""
         return replace(self, reuse=None)
 
-    def check(self, device=None) -> None:
-        """Raise the error :func:`sparsevid.apply` would raise for this configuration, before any work."""
-        from .integrations.core import SparseVidConfig, validate_config
+    @property
+    def settings(self) -> SparseVidConfig:
+        """The :class:`~sparsevid.config.SparseVidConfig` that :func:`sparsevid.apply` gets."""
+        return SparseVidConfig(None if self.method == "none" else self.method, self.density, self.mass,
+                               self.dense_steps, self.dense_layers, planner_options=dict(self.options),
+                               quant=self.quant, tail=self.tail)
 
-        if self.method != "none":
-            validate_config(SparseVidConfig(self.method, self.density, self.mass, self.dense_steps, self.dense_layers,
-                                            planner_options=dict(self.options), quant=self.quant, tail=self.tail),
-                            has_schedule=True, device=device)
+    def check(self, device=None, layers: int | None = None) -> None:
+        """Raise the error :func:`sparsevid.apply` would raise for this configuration, before any work
+        (``layers``: the pipeline's video self-attention layers, where known)."""
+        self.settings.validate(device=device, layers=layers, model="the pipeline's transformer")
 
     def apply(self, pipe):
         import sparsevid as sv
 
-        return sv.apply(
-            pipe, method=None if self.method == "none" else self.method, density=self.density, mass=self.mass,
-            quant=self.quant, tail=self.tail, dense_steps=self.dense_steps, dense_layers=self.dense_layers,
-            reuse=parse_reuse(self.reuse) if self.reuse else None, **self.options,
-        )
+        settings = dict(vars(self.settings))
+        return sv.apply(pipe, reuse=parse_reuse(self.reuse) if self.reuse else None,
+                        **settings.pop("planner_options"), **settings)
 
 
 def _parse_dense_steps(text: str):
@@ -198,18 +211,20 @@ def _parse_dense_steps(text: str):
 
 
 def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=(), options=None,
-                 masses=(), quants=(), device=None, tails=(None,)) -> list[Config]:
+                 masses=(), quants=(), device=None, tails=(None,), layers: int | None = None) -> list[Config]:
     """Every method x density x warm-up, each without reuse and with every ``reuse`` SPEC;
     ``none`` (native attention) with every SPEC only. ``options`` (planner keyword arguments, e.g.
     ``block_size``) go to every sparse config. ``masses``: also a config per mass budget for the
-    methods that take one (``draft``, ``xattn``). ``quants``: every sparse config again with each
+    methods that take one (declared at their registration: ``draft``, ``xattn``, ``finegrained``). ``quants``: every sparse config again with each
     8-bit mode, and ``dense`` with it becomes quantized dense attention on every layer and step.
     ``tails``: every exact sparse config (not ``dense``, reuse or 8-bit ones) once per ``tail=`` value
     (``None``: skipped blocks dropped), the same plans with and without summaries in one run.
-    ``device``: where they will run (an 8-bit mode no backend runs there is refused now).
+    ``device``: where they will run (an 8-bit mode no backend runs there is refused now); ``layers``: the
+    pipeline's video self-attention layers, where known (``dense_layers`` must leave one sparse).
+    A configuration asked twice (a repeated density or tail) runs once.
 
     Raises:
-        ValueError: a bad SPEC (named), or ``none`` without any SPEC.
+        ValueError: a bad SPEC (named), ``none`` without any SPEC, a bad setting, or nothing left to run.
     """
     from .reuse import split_reuse
 
@@ -233,7 +248,7 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
             seen.add(config)
             configs.append(config)
     for method, mass, ds, dl in itertools.product(methods, masses, dense_steps, dense_layers):
-        if method in _MASS_METHODS:
+        if method in planners_taking("mass"):
             configs.append(Config(method, None, ds, dl, None, dict(options or {}), mass=mass))
     skipped = {}
     for config, quant in itertools.product(list(configs), quants):
@@ -249,27 +264,32 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
             configs.append(quantized)
     for method, modes in skipped.items():
         print(f"[eval] no {'/'.join(sorted(modes))} configs for {method}: no 8-bit backend runs its plans")
-    with_tail = []
+    with_tail, seen, dropped = [], set(), []
     for config in configs:
         if config.method in ("dense", "none") or config.quant is not None or config.reuse is not None:
             with_tail.append(config)  # nothing skipped to summarise, or no tail pass (8-bit)
             continue
         for tail in tails:
             tailed = replace(config, tail=tail)
+            if tailed in seen:
+                continue
+            seen.add(tailed)
             if tail is not None:
                 try:
                     tailed.check(device)
                 except TypeError:  # token plans (finegrained): no backend runs a tail on them
                     print(f"[eval] no tail={tail} config for {config.method}: its plans are not block plans")
+                    dropped.append(f"{config.method} tail={tail}")
                     continue
             with_tail.append(tailed)
     configs = with_tail
+    if not configs:
+        raise ValueError("Expect at least one configuration to run but every one was dropped ("
+                         + ", ".join(dict.fromkeys(dropped)) + ": its plans are not block plans); add --tail none, "
+                         "or a method making block plans")
     for config in configs:  # every setting checked before any generation (as sparsevid.apply would)
-        config.check(device)
+        config.check(device, layers)
     return configs
-
-
-_MASS_METHODS = ("draft", "xattn")
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -790,8 +810,8 @@ def run(args) -> int:
     if args.stats:
         return run_stats(target, args, device)
     configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option),
-                           masses=args.masses, quants=args.quant, device=device,
-                           tails=args.tail)
+                           masses=args.masses, quants=args.quant, device=device, tails=args.tail,
+                           layers=target.layers(args))
     pipe = target.load(args, device)
     low_precision = getattr(pipe, "dtype", torch.float32) != torch.float32
     if args.noise_floor is None:

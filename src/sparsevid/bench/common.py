@@ -18,9 +18,20 @@ from pathlib import Path
 import torch
 
 
+class _Values(argparse.Action):
+    """A list option given as values and as repeated flags: ``--x a b`` and ``--x a --x b`` both give ``[a, b]``
+    (the values replace the default), a repeated value counts once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, self.dest)
+        given = [] if given is self.default else given
+        setattr(namespace, self.dest, list(dict.fromkeys([*given, *values])))
+
+
 def add_tail_argument(parser: argparse.ArgumentParser, what: str) -> None:
     """``--tail METHOD ...``: values of ``tail=``, one configuration each (``none``: the skipped blocks dropped);
-    ``args.tail`` is their list with ``none`` as ``None``. ``what``: what a value adds, for the help."""
+    ``args.tail`` is their list with ``none`` as ``None``, each once; a repeated ``--tail`` adds its values.
+    ``what``: what a value adds, for the help."""
     from ..tail import TAIL_METHODS
 
     names = ("none", *TAIL_METHODS)
@@ -30,9 +41,10 @@ def add_tail_argument(parser: argparse.ArgumentParser, what: str) -> None:
             raise argparse.ArgumentTypeError(f"Expect --tail in {', '.join(names)} but got {text!r}")
         return None if text == "none" else text
 
-    parser.add_argument("--tail", nargs="+", type=tail_value, default=[None], metavar="{" + ",".join(names) + "}",
-                        help=f"{what}: none (the skipped blocks dropped) or a summary method of sparsevid.tail "
-                             "(default: none)")
+    parser.add_argument("--tail", nargs="+", type=tail_value, default=[None], action=_Values,
+                        metavar="{" + ",".join(names) + "}",
+                        help=f"{what}: none (the skipped blocks dropped) or a summary method of sparsevid.tail; "
+                             "repeatable, each value once (default: none)")
 
 
 def option_pair(text: str) -> tuple[str, object]:

@@ -43,7 +43,7 @@ import types
 import torch
 from tqdm import tqdm
 
-from ..integrations.core import SparseVidConfig, validate_config
+from ..config import SparseVidConfig
 from ..reuse.spec import parse_reuse, reuse_label
 from .common import (add_record_arguments, add_tail_argument, append_benchmarks, check_bench_outputs, environment,
                      fraction, markdown_table, non_negative_int, option_pair, positive_int, time_ms)
@@ -140,6 +140,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=positive_int, default=5, help="timed repetitions per forward (default: %(default)s)")
     parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
     add_record_arguments(parser)
+
+
+_TILE_ORDERS = {"auto": None, "on": True, "off": False}  # --tile-order -> sparsevid.apply's tile_order
+
+
+def _attention_layers(spec) -> tuple[int, bool]:
+    """The model's video self-attention layers and whether other tokens share their sequence, from the model
+    registry, on a model built on the meta device (no memory, no weights): known before any work."""
+    import diffusers
+
+    from ..models import model_spec
+
+    with torch.device("meta"):
+        model = getattr(diffusers, spec["cls"])(**spec["config"])
+    entry = model_spec(model)
+    return len(entry.self_attention(model)), entry.others is not None
 
 
 def _build(spec, device) -> torch.nn.Module:
@@ -272,13 +288,23 @@ def run(args) -> int:
     options = dict(args.option)
     reuse = parse_reuse(args.reuse)
     tails = args.tail
+    ring = args.ring_degree
+    if ring < 1 or args.gpus % ring:
+        raise ValueError(f"Expect --ring-degree dividing --gpus {args.gpus} but got {ring}")
+    if ring > 1 and device != "cuda" and (args.dense_layers or args.steps):
+        # dense layers and warm-up steps run diffusers' ring template, which merges by log-sum-exp: no CPU backend
+        raise ValueError(f"Expect --dense-layers 0 and --steps 0 for a ring run on the CPU (diffusers' native ring "
+                         f"attention needs a CUDA backend returning log-sum-exp) but got --dense-layers "
+                         f"{args.dense_layers}, --steps {args.steps}")
+    layers, text_tokens = _attention_layers(spec)
     budgets = [(d, None) for d in args.densities] + [(None, m) for m in args.masses]
-    for method, (density, mass), backend, tail in itertools.product(args.methods, budgets, args.backends, tails):
+    for method, (density, mass), backend, tail, order, balance in itertools.product(
+            args.methods, budgets, args.backends, tails, args.tile_order, args.head_balance):
         if method != "none":  # every setting refused before any work, as sparsevid.apply refuses it
-            validate_config(SparseVidConfig(method, density, mass, dense_layers=args.dense_layers,
-                                            replan_every=args.replan_every, backend=backend,
-                                            planner_options=options, tail=tail), has_schedule=True,
-                            device=torch.device(device))
+            SparseVidConfig(method, density, mass, dense_layers=args.dense_layers, replan_every=args.replan_every,
+                            backend=backend, planner_options=options, tile_order=_TILE_ORDERS[order], tail=tail,
+                            head_balance=balance == "on").validate(
+                device=device, layers=layers, model=args.model, ring=ring > 1, text_tokens=text_tokens)
     check_bench_outputs(args)
     rank, world = _init_distributed(args.gpus, device)
     frames = args.frames or spec["frames"]
@@ -300,9 +326,6 @@ def run(args) -> int:
 
     rows = []
     single_ms = None
-    ring = args.ring_degree
-    if ring < 1 or world % ring:
-        raise ValueError(f"Expect --ring-degree dividing --gpus {world} but got {ring}")
     ulysses = world // ring
     parallel = "" if world == 1 else ", " + " x ".join(
         [f"Ulysses x{ulysses}"] * (ulysses > 1) + [f"ring x{ring}"] * (ring > 1))
@@ -334,7 +357,9 @@ def run(args) -> int:
     best_native = min(native_ms, cudnn_ms)
     if best_native == float("inf"):  # the CPU ring smoke run: speedups against one process
         best_native = single_ms
-    print(f"[e2e] {args.model} {args.resolution} {frames} frames: native {native_ms:.1f} ms, cuDNN {cudnn_ms:.1f} ms")
+    print(f"[e2e] {args.model} {args.resolution} {frames} frames: "
+          + ", ".join(f"{name} {ms:.1f} ms" for name, ms in (("native", native_ms), ("cuDNN", cudnn_ms), ("1 GPU", single_ms))
+                      if ms is not None and ms != float("inf")))
 
     best_context = contextlib.nullcontext if native_ms <= cudnn_ms else lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
     profiles = []
@@ -349,7 +374,6 @@ def run(args) -> int:
 
     forward_reuse = [r for r in reuse if isinstance(r, TokenReplay)]  # step caches act only across steps
     reuse_names = " + ".join(reuse_label(r) for r in reuse)
-    tile_orders = {"auto": None, "on": True, "off": False}
     variants = [(b, t) for b in args.backends for t in args.tile_order]
     balances = [b == "on" for b in args.head_balance]
     budgets = [("density", d) for d in args.densities] + [("mass", m) for m in args.masses]  # one row each
@@ -363,7 +387,7 @@ def run(args) -> int:
         settings = dict(method=sparse_method, density=density if sparse_method else None,
                         mass=mass if sparse_method else None, dense_layers=args.dense_layers,
                         replan_every=args.replan_every, backend=backend,
-                        tile_order=tile_orders[order] if sparse_method else None, tail=tail,
+                        tile_order=_TILE_ORDERS[order] if sparse_method else None, tail=tail,
                         **(options if sparse_method else {}))
         if balance:
             settings["head_balance"] = True

@@ -37,6 +37,7 @@ import torch
 
 from .common import (add_record_arguments, append_benchmarks, check_bench_outputs, command_line, environment,
                      existing_file, fmt, fraction, local_device, positive_int, rel_error, time_ms)
+from ..planners import planners_taking
 from .kernel import PRESETS
 
 FRONTIER_PRESETS = {
@@ -45,7 +46,7 @@ FRONTIER_PRESETS = {
     **PRESETS,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-METHODS = ["draft", "xattn", "window", "finegrained", "random"]
+METHODS = planners_taking("density")  # every planner with a density budget, in registration order
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
