@@ -177,7 +177,8 @@ def _check_planner(config: SparseVidConfig):
     from .planners import plan as make_plan
 
     if config.method not in available_planners():
-        raise ValueError(f"Expect method in {available_planners()} (or None: native attention) but got {config.method!r}")
+        raise ValueError(f"Expect method in {available_planners()} (or None: native attention) but got "
+                         f"{config.method!r}")
     reason = separable(config.method, config.plan_options) if config.head_balance else None
     if reason is not None:
         raise ValueError(f"Expect a planner whose plan of each head depends on that head alone with head_balance=True "
@@ -220,8 +221,9 @@ def _check_backend(config: SparseVidConfig, plan, device) -> None:
     if tail is not None and not spec.tail:
         raise ValueError(tail_refusal(backend, tail))
     if not isinstance(plan, spec.plans):
-        raise TypeError(f"Expect a method whose plans backend {backend!r} runs ({', '.join(p.__name__ for p in spec.plans)}) "
-                        f"but {config.method!r} makes a {type(plan).__name__}")
+        runs = ", ".join(p.__name__ for p in spec.plans)
+        raise TypeError(f"Expect a method whose plans backend {backend!r} runs ({runs}) but {config.method!r} makes a "
+                        f"{type(plan).__name__}")
     reason = spec.unusable(torch.device(device)) if device is not None else spec.installed()
     if reason is not None:
         raise ValueError(f"Expect backend {backend!r} to be usable but {reason}; use backend='auto'")

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from . import stats, viz
-from .bench.common import fraction, local_device, non_negative_int, output_folder, positive_int
+from .bench.common import add_device_argument, add_size_arguments, fraction, non_negative_int, output_folder, positive_int
 from .eval import NOISE_FLOOR, TARGETS, Config, _case_name, _slug, capture_layers, evaluate, layer_errors, summarize
 from .planners import planners_taking
 
@@ -71,8 +71,7 @@ KERNEL_BENCH = ["--preset", "wan1.3b-480p", "--methods", "draft", "--densities",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", type=local_device, default=None,
-                        help="torch device (default: cuda when available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--testbed", choices=["small", "large"], default=None,
                         help="which trained testbed (default: large with CUDA, small elsewhere)")
     parser.add_argument("--held-out", type=non_negative_int, default=None, metavar="N",
@@ -80,9 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", default="bigbuckbunny", help="clip label without --held-out (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of that clip (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=12, help="sampler steps (default: %(default)s)")
-    parser.add_argument("--frames", type=positive_int, default=None, help="frames (default: the testbed's native)")
-    parser.add_argument("--height", type=positive_int, default=None, help="height in px (default: the testbed's native)")
-    parser.add_argument("--width", type=positive_int, default=None, help="width in px (default: the testbed's native)")
+    add_size_arguments(parser)
     parser.add_argument("--densities", type=fraction, nargs="+", default=[0.1, 0.25],
                         help="densities of the planner table (default: %(default)s)")
     parser.add_argument("--kernel-bench", action=argparse.BooleanOptionalAction, default=None,

@@ -58,12 +58,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .bench.common import (add_tail_argument, existing_file, local_device, non_negative_int, option_pair, output_folder,
-                           positive_int, time_ms)
+from .bench.common import (add_budget_arguments, add_device_argument, add_option_argument, add_quant_argument,
+                           add_reuse_argument, add_size_arguments, add_tail_argument, existing_file, non_negative_int,
+                           output_folder, positive_int, time_ms)
 from .config import SparseVidConfig
+from .integrations.core import SdpaRoute
 from .planners import planners_taking
 from .reuse.spec import parse_reuse
 
@@ -215,8 +216,9 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
     """Every method x density x warm-up, each without reuse and with every ``reuse`` SPEC;
     ``none`` (native attention) with every SPEC only. ``options`` (planner keyword arguments, e.g.
     ``block_size``) go to every sparse config. ``masses``: also a config per mass budget for the
-    methods that take one (declared at their registration: ``draft``, ``xattn``, ``finegrained``). ``quants``: every sparse config again with each
-    8-bit mode, and ``dense`` with it becomes quantized dense attention on every layer and step.
+    methods that take one (declared at their registration: ``draft``, ``xattn``, ``finegrained``).
+    ``quants``: every sparse config again with each 8-bit mode, and ``dense`` with it becomes quantized dense
+    attention on every layer and step.
     ``tails``: every exact sparse config (not ``dense``, reuse or 8-bit ones) once per ``tail=`` value
     (``None``: skipped blocks dropped), the same plans with and without summaries in one run.
     ``device``: where they will run (an 8-bit mode no backend runs there is refused now); ``layers``: the
@@ -308,21 +310,18 @@ def video_metrics(video: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- capture
-class _CaptureSDPA(TorchFunctionMode):
-    """Records q, k, v, scale of self-attention SDPA calls (query and key of the same length)."""
+def _capture_sdpa(sink: list):
+    """An SDPA route that records q, k, v, scale of self-attention calls (query and key of the same length)
+    into ``sink`` and runs them as called."""
 
-    def __init__(self, sink: list):
-        super().__init__()
-        self.sink = sink
+    def capture(sdpa, args, kwargs):
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
+        if q.shape[-2] == k.shape[-2] and kwargs.get("attn_mask") is None and not kwargs.get("is_causal"):
+            sink.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kwargs.get("scale")))
+        return sdpa(*args, **kwargs)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            names = ("query", "key", "value")
-            q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
-            if q.shape[-2] == k.shape[-2] and kwargs.get("attn_mask") is None and not kwargs.get("is_causal"):
-                self.sink.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kwargs.get("scale")))
-        return func(*args, **kwargs)
+    return SdpaRoute(capture)
 
 
 class LayerCapture:
@@ -353,7 +352,7 @@ class LayerCapture:
     def _enter(self, module, args):
         if self._active:
             sink: list = []
-            module._sparsevid_eval_capture = (_CaptureSDPA(sink), sink)
+            module._sparsevid_eval_capture = (_capture_sdpa(sink), sink)
             module._sparsevid_eval_capture[0].__enter__()
 
     def _exit(self, module, args, output):
@@ -754,42 +753,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds (default: 0 1 2 3; with --held-out N: case i gets seed i, or --seeds cycled)")
     parser.add_argument("--steps", type=positive_int, default=20, help="sampler steps (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=None, help="frames (default: the testbed's native)")
-    parser.add_argument("--height", type=int, default=None, help="height in px (default: the testbed's native)")
-    parser.add_argument("--width", type=int, default=None, help="width in px (default: the testbed's native)")
+    add_size_arguments(parser)
     parser.add_argument("--held-out", type=non_negative_int, default=0, metavar="N",
                         help="testbed large: N cases with held-out motions (never drawn in training) instead of labels x seeds")
-    parser.add_argument("--masses", type=float, nargs="+", default=[],
-                        help="also a config per mass budget for draft/xattn (e.g. 0.8 0.9 0.95)")
-    parser.add_argument("--quant", nargs="+", choices=["int8", "fp8"], default=[],
-                        help="also every sparse config with 8-bit attention; with --methods dense: quantized dense attention")
+    add_quant_argument(parser, "also every sparse config with 8-bit attention; with --methods dense: quantized dense "
+                               "attention")
     add_tail_argument(parser, "what the skipped blocks contribute, one config per value for every exact sparse config")
     parser.add_argument("--step-error", action=argparse.BooleanOptionalAction, default=True,
                         help="per-layer error at every sparse step of every generation, on its own trajectory "
                              "(steps.csv, step_errors.png; one dense attention per sparse call) (default: on)")
     parser.add_argument("--noise-floor", action=argparse.BooleanOptionalAction, default=None,
                         help="also dense in float32 vs the pipeline's dtype (default: on where that is not float32)")
-    parser.add_argument("--methods", nargs="+", default=["draft", "xattn", "window", "random"],
-                        help="planners, or 'none': native attention, run only with each --reuse (default: %(default)s)")
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.25], help="densities (default: %(default)s)")
+    add_budget_arguments(parser, ["draft", "xattn", "window", "random"], [0.1, 0.25],
+                         methods_help="planners, or 'none': native attention, run only with each --reuse",
+                         masses="also a config per mass budget for the planners that take one (e.g. 0.8 0.9 0.95)")
     parser.add_argument("--dense-steps", type=_parse_dense_steps, nargs="+", default=[None],
                         help="warm-up steps run dense: int count, fraction, or 'auto' (20%%) (default: auto)")
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[1], help="leading dense blocks (default: %(default)s)")
-    parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
-                        help="a temporal-reuse setting, repeatable: every config runs without reuse and with each "
-                             "setting. SPEC as in `bench e2e`: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
-                             "taylorseer:cache_interval=5,use_lite_mode=True | magcache:KEY=VALUE,...; '+' joins several into one setting "
-                             "(replay:rate=0.1+fbc:threshold=0.1)")
-    parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
-                        help="planner option for every sparse config, repeatable (e.g. --option block_size=32)")
+    add_reuse_argument(parser, "every config runs without reuse and with each setting")
+    add_option_argument(parser, "planner option for every sparse config")
     parser.add_argument("--capture-step", type=non_negative_int, default=None, help="step whose q/k/v give the per-layer errors (default: first sparse step)")
     parser.add_argument("--stats", action="store_true",
                         help="attention statistics per layer x head at --capture-step instead of sparse generations "
                              "(stats.json, stats.csv, attention_stats.png)")
     parser.add_argument("--no-layer-error", dest="layer_error", action="store_false", help="skip the per-layer errors")
     parser.add_argument("--videos", type=non_negative_int, default=2, help="cases to write side-by-side videos and frame PNGs for (default: %(default)s)")
-    parser.add_argument("--device", type=local_device, default=None,
-                        help="torch device (default: cuda when available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--out", default="out/eval", help="output folder (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

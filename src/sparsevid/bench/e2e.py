@@ -45,8 +45,9 @@ from tqdm import tqdm
 
 from ..config import SparseVidConfig
 from ..reuse.spec import parse_reuse, reuse_label
-from .common import (add_record_arguments, add_tail_argument, append_benchmarks, check_bench_outputs, environment,
-                     fraction, markdown_table, non_negative_int, option_pair, positive_int, time_ms)
+from .common import (add_budget_arguments, add_option_argument, add_record_arguments, add_reuse_argument,
+                     add_tail_argument, append_benchmarks, check_bench_outputs, environment, markdown_table,
+                     non_negative_int, positive_int, time_ms)
 
 # Published transformer configs (diffusers format) and how each model's pipeline shapes its inputs.
 MODELS = {
@@ -103,19 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="wan2.1-1.3b", help="default: %(default)s")
     parser.add_argument("--resolution", default="480p", help="480p or 720p (default: %(default)s)")
     parser.add_argument("--frames", type=positive_int, default=None, help="video frames (default: the model's usual)")
-    parser.add_argument("--methods", nargs="+", default=["draft"], help="planners (default: %(default)s)")
-    parser.add_argument("--densities", type=fraction, nargs="*", default=[0.1], help="densities (default: %(default)s)")
-    parser.add_argument("--masses", type=fraction, nargs="*", default=[],
-                        help="mass budgets, one row each besides the densities (e.g. --masses 0.9 --densities)")
+    add_budget_arguments(parser, ["draft"], [0.1], nargs="*",
+                         masses="mass budgets, one row each besides the densities (e.g. --masses 0.9 --densities)")
     parser.add_argument("--dense-layers", type=int, default=1, help="leading dense blocks (default: %(default)s)")
     parser.add_argument("--replan-every", type=int, default=1,
                         help="recompute plans every k denoising steps (default: %(default)s); with k > 1 the forward "
                              "rows time cached plans (repeated forwards stay on one step)")
-    parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
-                        help="planner option, repeatable (e.g. --option budget='row')")
-    parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
-                        help="temporal reuse, repeatable: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
-                             "taylorseer:cache_interval=5,use_lite_mode=True | magcache:KEY=VALUE,... (see the module docstring)")
+    add_option_argument(parser, "planner option")
+    add_reuse_argument(parser, "combined into one reuse= list on top of each sparse config (see the module docstring)")
     parser.add_argument("--steps", type=non_negative_int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
     parser.add_argument("--gpus", type=positive_int, default=1,
                         help="context parallelism over N GPUs (diffusers' enable_parallelism; Ulysses unless "
@@ -357,9 +353,9 @@ def run(args) -> int:
     best_native = min(native_ms, cudnn_ms)
     if best_native == float("inf"):  # the CPU ring smoke run: speedups against one process
         best_native = single_ms
+    timings = (("native", native_ms), ("cuDNN", cudnn_ms), ("1 GPU", single_ms))  # inf, None: not run
     print(f"[e2e] {args.model} {args.resolution} {frames} frames: "
-          + ", ".join(f"{name} {ms:.1f} ms" for name, ms in (("native", native_ms), ("cuDNN", cudnn_ms), ("1 GPU", single_ms))
-                      if ms is not None and ms != float("inf")))
+          + ", ".join(f"{name} {ms:.1f} ms" for name, ms in timings if ms not in (None, float("inf"))))
 
     best_context = contextlib.nullcontext if native_ms <= cudnn_ms else lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
     profiles = []

@@ -58,8 +58,9 @@ import sys
 
 import torch
 
-from .common import (add_record_arguments, add_tail_argument, append_benchmarks, check_bench_outputs, command_line,
-                     environment, fmt, fraction, non_negative_int, positive_int, rel_error, time_ms)
+from .common import (add_budget_arguments, add_record_arguments, add_tail_argument, append_benchmarks,
+                     check_bench_outputs, command_line, environment, fmt, non_negative_int, positive_int, rel_error,
+                     time_ms)
 
 PRESETS = {
     # name: (batch, heads, frames, height, width, text_tokens, head_dim)
@@ -81,8 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-tokens", type=non_negative_int, default=None)
     parser.add_argument("--batch", type=positive_int, default=None)
     parser.add_argument("--block-size", type=positive_int, default=128)
-    parser.add_argument("--densities", type=fraction, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
-    parser.add_argument("--methods", nargs="+", default=["random", "draft"], help="planners to take plans from")
+    add_budget_arguments(parser, ["random", "draft"], [1.0, 0.5, 0.25, 0.1, 0.05], methods_help="planners to take plans from")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--inputs", choices=["clip", "random"], default="clip",
                         help="'clip': sparsevid.data.attention_inputs (structure from a real clip), falling "

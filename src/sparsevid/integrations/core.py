@@ -27,6 +27,7 @@ import warnings
 from collections import OrderedDict
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..attention import check_scale, sparse_attention
 from ..backends import _registry, backend_spec, resolve_backend
@@ -41,7 +42,8 @@ from ..planners._select import _forced_entries
 from ..ring import RingGroup, gather_sequence, ring_backend, ring_rank_attention
 from ..tail import check_tail
 
-__all__ = ["DEFAULT_DENSE_STEP_FRACTION", "SparseSession", "SparseVidConfig", "budget", "describe_budget"]
+__all__ = ["DEFAULT_DENSE_STEP_FRACTION", "Handle", "SdpaRoute", "SparseSession", "SparseVidConfig", "budget",
+           "describe_budget"]
 
 _MAX_LAYOUTS = 16  # a forward needs one per token order and key-padding length in its batch (a new length adds one)
 _OVERSHOOT = 1.2  # a plan computing more than this times the density asked is worth a warning
@@ -478,3 +480,49 @@ def describe_budget(config: SparseVidConfig) -> str:
     if kind is None:
         return f"{config.method}'s default"
     return f"{kind}={value}" + (f" ({config.method}'s default)" if default else "")
+
+
+class SdpaRoute(TorchFunctionMode):
+    """While active, every ``F.scaled_dot_product_attention`` call goes to ``handle(func, args, kwargs)`` (``func``:
+    the SDPA function itself, to call where the handler keeps it); every other function runs as called. The
+    one interceptor of processors that call SDPA directly: routing them to sparsevid (the diffusers adapter)
+    or recording their inputs (eval's per-layer capture)."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle = handle
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return self.handle(func, args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
+class Handle:
+    """The base of what an ``apply`` returns (sparse attention, reuse, FastCar): :meth:`stats` reports,
+    :meth:`remove` undoes, once (a second call does nothing), and the last :meth:`stats` stay readable after
+    it; ``with`` removes on exit. Subclasses give ``_stats()`` and ``_remove()``."""
+
+    _final: dict | None = None  # stats() when removed
+
+    def stats(self) -> dict:
+        """What the handle counted (each subclass's ``_stats`` says what); after :meth:`remove`, its last counts."""
+        return self._final if self._final is not None else self._stats()
+
+    def remove(self) -> None:
+        """Undo the ``apply`` that returned this handle (each subclass's ``_remove`` says how); once."""
+        if self._final is None:
+            self._final = self._stats()
+            self._remove()
+
+    def _stats(self) -> dict:
+        raise NotImplementedError
+
+    def _remove(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -39,14 +39,12 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
-from torch.overrides import TorchFunctionMode
 
 from ..models import bind_call, model_spec, supported_models
 from ..config import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
-from .core import SparseSession, describe_budget
+from .core import Handle, SdpaRoute, SparseSession, describe_budget
 
 __all__ = ["SparseVidConfig", "SparseVidHandle", "apply", "remove", "supported_models"]
 
@@ -160,19 +158,6 @@ class _Active(threading.local):
 
 
 _ACTIVE = _Active()
-
-
-class _SdpaToSparse(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` calls of processors that do not use diffusers' dispatch."""
-
-    def __init__(self, target: _SparseForward):
-        super().__init__()
-        self.target = target
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            return self.target.attend(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
 
 
 class _DispatchRoutes:
@@ -299,7 +284,7 @@ class _AttentionHook(ModelHook):
             if _uses_dispatch(module):
                 out = self.fn_ref.original_forward(*args, **kwargs)
             else:
-                with _SdpaToSparse(target):
+                with SdpaRoute(lambda sdpa, args, kwargs: target.attend(*args, **kwargs)):
                     out = self.fn_ref.original_forward(*args, **kwargs)
         finally:
             _ACTIVE.stack.pop()
@@ -367,7 +352,7 @@ def _uses_dispatch(module: torch.nn.Module) -> bool:
 _OWNERS = itertools.count(1)
 
 
-class SparseVidHandle:
+class SparseVidHandle(Handle):
     """What :func:`apply` returns: ``.remove()`` restores native behaviour; ``.stats()`` reports (the
     last counts stay readable after ``remove()``)."""
 
@@ -378,9 +363,8 @@ class SparseVidHandle:
         self.config = config
         self.owner = owner
         self.reuse_handles = reuse_handles or []
-        self._reuse_stats: list | None = None  # what reuse reported at remove()
 
-    def stats(self) -> dict:
+    def _stats(self) -> dict:
         """Counts so far: ``sparse_calls`` (attention calls sparsevid computed, one per call whatever its
         batch), ``dense_calls`` (hooked layers left native: dense layers and steps), ``plans`` made and their
         ``mean_density``, the ``budget`` the planner spends (e.g. ``"mass=0.9 (xattn's default)"``), the
@@ -392,7 +376,7 @@ class SparseVidHandle:
         out = dict(sparse_calls=sum(p["sparse_calls"] for p in per), dense_calls=sum(p["dense_calls"] for p in per),
                    plans=plans, mean_density=mean, budget=describe_budget(self.config), tail=self.config.tail,
                    backends=sorted({name for p in per for name in p["backends"]}))
-        reuse = self._reuse_stats if self._reuse_stats is not None else [h.stats() for h in self.reuse_handles]
+        reuse = [h.stats() for h in self.reuse_handles]
         if reuse:
             out["reuse"] = reuse
         return out
@@ -410,14 +394,12 @@ class SparseVidHandle:
         for s in self.sessions:
             s.reset()
 
-    def remove(self) -> None:
+    def _remove(self) -> None:
         """Undo :func:`apply` (a no-op where this handle's hooks are already gone, e.g. after
         ``sparsevid.remove`` and a newer ``apply``: those newer hooks stay)."""
-        if self.transformers:
-            self._reuse_stats = [h.stats() for h in self.reuse_handles]
         for transformer in self.transformers:
             _remove(transformer, owner=self.owner)
-        self.transformers, self.reuse_handles = [], []
+        self.transformers = []
 
 
 def _transformers_of(target) -> tuple[list[torch.nn.Module], Any]:
