@@ -165,6 +165,7 @@ NO_WORK = [  # F4/F5/F10: each was refused only after native timings, a dense ge
     "eval --methods draft --densities 0.1 --dense-layers 4",
     "eval --methods finegrained --tail pooled-var",
     "eval --frames 0",
+    "bench kernel --methods bogus",
 ]
 
 

@@ -207,6 +207,10 @@ def _block_mask(layout, num, idx):
 
 # ----------------------------------------------------------------------------------------- run
 def run(args) -> int:
+    from ..planners import planner_spec
+
+    for method in args.methods:  # a planner that fails on a density is skipped in the sweep, an unknown one refused
+        planner_spec(method)
     if not torch.cuda.is_available():
         raise ValueError("Expect a CUDA device for bench kernel (it times GPU kernels) but this process has none")
     import triton
