@@ -42,8 +42,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from ..models import bind_call, model_spec, supported_models
 from ..config import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
+from ..models import bind_call, model_spec, supported_models
 from .core import Handle, SdpaRoute, SparseSession, describe_budget
 
 __all__ = ["SparseVidConfig", "SparseVidHandle", "apply", "remove", "supported_models"]
