@@ -1,5 +1,6 @@
-"""The framework-neutral core of every integration: settings, step schedule, caches, and the
-SDPA-shaped entry point.
+"""The framework-neutral core of every integration: step schedule, caches, the SDPA-shaped entry point,
+the one SDPA interceptor (:class:`SdpaRoute`) and the base of the handles ``apply`` returns (:class:`Handle`).
+The settings are :class:`sparsevid.config.SparseVidConfig`.
 
 An adapter (diffusers hooks, a ComfyUI node) owns one :class:`SparseSession` per transformer and
 does three things: around each forward it calls :meth:`SparseSession.begin_forward` with the call's
