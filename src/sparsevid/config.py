@@ -86,6 +86,11 @@ class SparseVidConfig:
             raise ValueError(f"Expect a name in {sorted(NAMED_SETTINGS)} but got {name!r}")
         return replace(cls(**NAMED_SETTINGS[name]), **overrides)
 
+    def apply_options(self) -> dict:
+        """These settings as the keyword arguments of :func:`sparsevid.apply` (planner options among them)."""
+        options = dict(vars(self))
+        return {**options.pop("planner_options"), **options}
+
     @property
     def layout_options(self) -> dict:
         """The planner options that shape the :class:`VideoLayout` (``tile``, ``block_size``)."""

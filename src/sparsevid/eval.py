@@ -199,9 +199,7 @@ class Config:
     def apply(self, pipe):
         import sparsevid as sv
 
-        settings = dict(vars(self.settings))
-        return sv.apply(pipe, reuse=parse_reuse(self.reuse) if self.reuse else None,
-                        **settings.pop("planner_options"), **settings)
+        return sv.apply(pipe, reuse=parse_reuse(self.reuse) if self.reuse else None, **self.settings.apply_options())
 
 
 def _parse_dense_steps(text: str):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import types
@@ -139,6 +138,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _TILE_ORDERS = {"auto": None, "on": True, "off": False}  # --tile-order -> sparsevid.apply's tile_order
+
+
+def _config(args, method: str, budget: tuple[str, float], backend: str, order: str, tail: str | None,
+            balance: bool) -> SparseVidConfig:
+    """The settings of one row (``method`` ``none``: native attention, reuse alone)."""
+    common = dict(dense_layers=args.dense_layers, replan_every=args.replan_every, backend=backend)
+    if method == "none":
+        return SparseVidConfig(None, **common)
+    kind, amount = budget
+    return SparseVidConfig(method, amount if kind == "density" else None, amount if kind == "mass" else None,
+                           planner_options=dict(args.option), tile_order=_TILE_ORDERS[order], tail=tail,
+                           head_balance=balance, **common)
 
 
 def _attention_layers(spec) -> tuple[int, bool]:
@@ -293,14 +304,15 @@ def run(args) -> int:
                          f"attention needs a CUDA backend returning log-sum-exp) but got --dense-layers "
                          f"{args.dense_layers}, --steps {args.steps}")
     layers, text_tokens = _attention_layers(spec)
-    budgets = [(d, None) for d in args.densities] + [(None, m) for m in args.masses]
-    for method, (density, mass), backend, tail, order, balance in itertools.product(
-            args.methods, budgets, args.backends, tails, args.tile_order, args.head_balance):
-        if method != "none":  # every setting refused before any work, as sparsevid.apply refuses it
-            SparseVidConfig(method, density, mass, dense_layers=args.dense_layers, replan_every=args.replan_every,
-                            backend=backend, planner_options=options, tile_order=_TILE_ORDERS[order], tail=tail,
-                            head_balance=balance == "on").validate(
-                device=device, layers=layers, model=args.model, ring=ring > 1, text_tokens=text_tokens)
+    variants = [(b, t) for b in args.backends for t in args.tile_order]
+    balances = [b == "on" for b in args.head_balance]
+    budgets = [("density", d) for d in args.densities] + [("mass", m) for m in args.masses]  # one row each
+    jobs = [(m, bu, b, t, tail, hb) for m in args.methods for bu in (budgets if m != "none" else [("density", 1.0)])
+            for b, t in variants for tail in (tails if m != "none" else [None])
+            for hb in (balances if m != "none" else [False])]
+    configs = [_config(args, *job) for job in jobs]
+    for config in configs:  # every setting refused before any work, as sparsevid.apply refuses it
+        config.validate(device=device, layers=layers, model=args.model, ring=ring > 1, text_tokens=text_tokens)
     check_bench_outputs(args)
     rank, world = _init_distributed(args.gpus, device)
     frames = args.frames or spec["frames"]
@@ -370,25 +382,14 @@ def run(args) -> int:
 
     forward_reuse = [r for r in reuse if isinstance(r, TokenReplay)]  # step caches act only across steps
     reuse_names = " + ".join(reuse_label(r) for r in reuse)
-    variants = [(b, t) for b in args.backends for t in args.tile_order]
-    balances = [b == "on" for b in args.head_balance]
-    budgets = [("density", d) for d in args.densities] + [("mass", m) for m in args.masses]  # one row each
-    jobs = [(m, bu, b, t, tail, hb) for m in args.methods for bu in (budgets if m != "none" else [("density", 1.0)])
-            for b, t in variants for tail in (tails if m != "none" else [None])
-            for hb in (balances if m != "none" else [False])]
-    for method, (kind, amount), backend, order, tail, balance in tqdm(jobs, desc="sparse configs", unit="cfg"):
-        sparse_method = None if method == "none" else method  # none: native attention, reuse only
-        density, mass = (amount, None) if kind == "density" else (None, amount)
+    for (method, (kind, amount), backend, order, tail, balance), config in tqdm(
+            list(zip(jobs, configs)), desc="sparse configs", unit="cfg"):
+        sparse_method = config.method
+        density = amount if kind == "density" else None
         budget = f"{amount:g}" if kind == "density" else f"mass={amount:g}"
-        settings = dict(method=sparse_method, density=density if sparse_method else None,
-                        mass=mass if sparse_method else None, dense_layers=args.dense_layers,
-                        replan_every=args.replan_every, backend=backend,
-                        tile_order=_TILE_ORDERS[order] if sparse_method else None, tail=tail,
-                        **(options if sparse_method else {}))
-        if balance:
-            settings["head_balance"] = True
+        settings = config.apply_options()
         # forward: every step sparse (dense_steps=0); planning included in the time
-        handle = sv.apply(forward_target, dense_steps=0, reuse=forward_reuse or None, **settings)
+        handle = sv.apply(forward_target, reuse=forward_reuse or None, **{**settings, "dense_steps": 0})
         with best_context():
             out = _forward(model, inputs)
             if balance:  # the order the first plans ask for applies where the layers next replan: a later step
