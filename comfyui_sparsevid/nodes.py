@@ -19,24 +19,27 @@ class SparseVidAttention:
     def INPUT_TYPES(cls):
         import sparsevid
         from sparsevid.backends import backend_names
+        from sparsevid.config import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
         from sparsevid.tail import TAIL_METHODS
+
+        defaults = SparseVidConfig()
 
         return {
             "required": {
                 "model": ("MODEL",),
-                "method": (sparsevid.available_planners(), {"default": "draft"}),
+                "method": (sparsevid.available_planners(), {"default": defaults.method}),
                 "budget": (["density", "mass"], {"default": "density",
                                                  "tooltip": "density: fraction of attention entries computed; "
                                                             "mass: attention probability kept (draft, xattn)"}),
                 "amount": ("FLOAT", {"default": 0.1, "min": 0.01, "max": 1.0, "step": 0.01}),
-                "dense_steps": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 0.99, "step": 0.01,
+                "dense_steps": ("FLOAT", {"default": DEFAULT_DENSE_STEP_FRACTION, "min": 0.0, "max": 0.99, "step": 0.01,
                                           "tooltip": "leading fraction of the sampling steps run dense (from the "
                                                      "sampler's sigmas)"}),
-                "dense_layers": ("INT", {"default": 1, "min": 0, "max": 200,
+                "dense_layers": ("INT", {"default": defaults.dense_layers, "min": 0, "max": 200,
                                          "tooltip": "leading video self-attention layers run dense"}),
-                "replan_every": ("INT", {"default": 1, "min": 1, "max": 100,
+                "replan_every": ("INT", {"default": defaults.replan_every, "min": 1, "max": 100,
                                          "tooltip": "recompute each layer's plan every this many steps"}),
-                "backend": (backend_names(), {"default": "auto"}),
+                "backend": (backend_names(), {"default": defaults.backend}),
             },
             "optional": {
                 "tail": (["none", *TAIL_METHODS], {"default": "none",

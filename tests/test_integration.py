@@ -291,7 +291,7 @@ def test_cli_errors_are_one_line_and_options_take_bare_words(capsys):
         main(["eval", "--densities", "2", "--out", "/tmp/sparsevid-test-eval"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "density" in err and "Traceback" not in err
+    assert "--densities" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------ backward

@@ -194,11 +194,11 @@ def test_fp8_below_sm89_is_refused_clearly(monkeypatch):
     reason = fp8.unusable(device)
     assert reason is not None and ">= 8.9" in reason and "8.0" in reason
     assert int8.unusable(device) is None  # int8 runs on Ampere
-    from sparsevid.integrations.core import SparseVidConfig, validate_config
+    from sparsevid.config import SparseVidConfig
 
     with pytest.raises(ValueError, match=r"quant='fp8'.*8\.9"):
-        validate_config(SparseVidConfig("draft", 0.2, quant="fp8"), has_schedule=False, device=device)
-    validate_config(SparseVidConfig("draft", 0.2, quant="int8"), has_schedule=False, device=device)
+        SparseVidConfig("draft", 0.2, quant="fp8").validate(has_schedule=False, device=device)
+    SparseVidConfig("draft", 0.2, quant="int8").validate(has_schedule=False, device=device)
     monkeypatch.setitem(backends._CAPABILITY, device, (9, 0))
     assert fp8.unusable(device) is None
 

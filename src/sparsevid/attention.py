@@ -116,8 +116,9 @@ def sparse_attention(
         cannot run the inputs says what is missing. A plan not made by a planner (built by hand from
         tensors) is validated (:meth:`BlockPlan.validate`, host syncs) before its first launch, once;
         a planner's plan is never read on the host here. Values are not inspected: NaN in q or k
-        propagates as in SDPA (planners reject it), NaN in a row of v reaches exactly the query rows
-        whose plan computes that key (SDPA's dense mask would spread it to every row).
+        propagates as in SDPA (planners reject it). NaN in a row of v reaches, with ``tail=None``, exactly
+        the query rows whose plan computes that key (SDPA's dense mask would spread it to every row); with a
+        tail, every row: the rows that skip its block read it through its group's mean value.
     """
     _check_inputs(q, k, v, plan)
     scale = check_scale(scale, q.shape[-1])

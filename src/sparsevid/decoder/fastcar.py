@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..integrations.core import Handle
 from ._llama import decoder_layers, parse_thresholds, quantile_threshold, rotate_half
 from ..reuse._patch import patch_forward, replay_stats
 from .fastcar_graph import calibrate_agreement
@@ -119,7 +120,7 @@ def _ring_write(ring: torch.Tensor | None, values: torch.Tensor, start: int, P: 
 
 
 # ---------------------------------------------------------------------------------------- handle
-class FastCarHandle:
+class FastCarHandle(Handle):
     """What :func:`apply` returns: thresholds, the replay report, and ``remove()``."""
 
     def __init__(self, model, session: _Session, states: dict[int, _LayerState], restore: list):
@@ -144,7 +145,7 @@ class FastCarHandle:
         for i, s in self.states.items():
             s.threshold = values[i]
 
-    def stats(self) -> dict:
+    def _stats(self) -> dict:
         """Replay rate per layer over decode rows that had a previous frame, and overall.
 
         Returns:
@@ -166,7 +167,7 @@ class FastCarHandle:
         """Recorded TAS values per hooked layer (float32, CPU)."""
         return {i: torch.cat(s.recorded) if s.recorded else torch.empty(0) for i, s in self.states.items()}
 
-    def remove(self) -> None:
+    def _remove(self) -> None:
         """Remove every hook and the MLP wrappers: the model is exactly native again."""
         for undo in reversed(self._restore):
             undo()
@@ -174,12 +175,6 @@ class FastCarHandle:
         self.states.clear()
         if getattr(self.model, "_sparsevid_fastcar", None) is self:
             del self.model._sparsevid_fastcar
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
     def __repr__(self) -> str:
         rate = self.stats()["replay_rate"]

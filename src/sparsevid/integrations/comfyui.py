@@ -28,8 +28,9 @@ from types import SimpleNamespace
 
 import torch
 
+from ..config import SparseVidConfig
+from .core import SparseSession
 from .models import bind_call, model_spec
-from .core import SparseSession, SparseVidConfig, check_layers, validate_config
 
 __all__ = ["apply", "sparse_session"]
 
@@ -145,7 +146,7 @@ def apply(
     density: float | None = None,
     *,
     mass: float | None = None,
-    dense_steps: int | float | None = 0.2,
+    dense_steps: int | float | None = None,
     dense_layers: int = 1,
     replan_every: int = 1,
     backend: str = "auto",
@@ -159,8 +160,8 @@ def apply(
         model: ComfyUI's ``MODEL`` (a ``comfy.model_patcher.ModelPatcher``); it is not changed.
         method, density, mass, dense_layers, replan_every, backend, quant, tail, planner_options: as
             :func:`sparsevid.apply` (:class:`~sparsevid.integrations.core.SparseVidConfig`).
-        dense_steps (int | float): leading sampling steps run dense: a fraction of the sampler's
-            steps (default 0.2), or an int count.
+        dense_steps (int | float | None): leading sampling steps run dense: a fraction of the sampler's
+            steps, or an int count; ``None``: as :func:`sparsevid.apply` (20% of the sampler's steps).
 
     Returns:
         The patched clone.
@@ -178,8 +179,8 @@ def apply(
                          "nodes in a row); keep one node and set its options there")
     config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
                              dict(planner_options), quant=quant, tail=tail)
-    validate_config(config, has_schedule=True, device=model.load_device)
-    check_layers(config, len(spec.self_attention(diffusion_model)), type(diffusion_model).__name__)
+    config.validate(device=model.load_device, layers=len(spec.self_attention(diffusion_model)),
+                    model=type(diffusion_model).__name__)
     clone = model.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     schedule = _SigmaSchedule()

@@ -1,5 +1,6 @@
-"""The framework-neutral core of every integration: settings, step schedule, caches, and the
-SDPA-shaped entry point.
+"""The framework-neutral core of every integration: step schedule, caches, the SDPA-shaped entry point,
+the one SDPA interceptor (:class:`SdpaRoute`) and the base of the handles ``apply`` returns (:class:`Handle`).
+The settings are :class:`sparsevid.config.SparseVidConfig`.
 
 An adapter (diffusers hooks, a ComfyUI node) owns one :class:`SparseSession` per transformer and
 does three things: around each forward it calls :meth:`SparseSession.begin_forward` with the call's
@@ -25,164 +26,28 @@ import math
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from ..attention import check_scale, check_tail_plan, sparse_attention
-from ..backends import check_backend_name, check_quant, check_settings
-from ..parallel.head_balance import HeadBalance, separable
+from ..attention import check_scale, sparse_attention
+from ..backends import _registry, backend_spec, resolve_backend
+from ..config import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
+from ..parallel.head_balance import HeadBalance
 from ..layout import VideoLayout
 from .models import ModelSpec
 from ..plan import BlockPlan
-from ..planners import _check_fraction, available_planners, check_options
 from ..planners import plan as make_plan
-from ..planners._select import _DEFAULT_DENSITY, _forced_entries
-from ..planners.xattn import _DEFAULT_MASS as _XATTN_MASS
-from ..parallel.ring import RingGroup, gather_sequence, ring_rank_attention
+from ..planners import planner_spec
+from ..planners._select import _forced_entries
+from ..parallel.ring import RingGroup, gather_sequence, ring_backend, ring_rank_attention
 from ..tail import check_tail
 
-__all__ = ["DEFAULT_DENSE_STEP_FRACTION", "SparseSession", "SparseVidConfig", "budget", "check_layers",
-           "describe_budget", "validate_config"]
+__all__ = ["DEFAULT_DENSE_STEP_FRACTION", "Handle", "SdpaRoute", "SparseSession", "SparseVidConfig", "budget",
+           "describe_budget"]
 
-DEFAULT_DENSE_STEP_FRACTION = 0.2
 _MAX_LAYOUTS = 16  # a forward needs one per token order and key-padding length in its batch (a new length adds one)
 _OVERSHOOT = 1.2  # a plan computing more than this times the density asked is worth a warning
-# what the built-in planners spend when given neither density nor mass
-_DEFAULT_BUDGETS = {"dense": ("density", 1.0), "xattn": ("mass", _XATTN_MASS),
-                    **{m: ("density", _DEFAULT_DENSITY) for m in ("draft", "finegrained", "random", "window")}}
-_TILING = ("tile", "block_size")  # planner options that shape the VideoLayout, built once per grid
-
-
-@dataclass(frozen=True)
-class SparseVidConfig:
-    """What an integration was asked for (validated by :func:`validate_config`).
-
-    Attributes:
-        method (str | None): planner name (``sparsevid.available_planners()``); ``None``: native attention.
-        density (float | None): fraction of real score entries to compute (``None``: the planner's default).
-        mass (float | None): alternatively, attention mass to keep (draft, xattn).
-        dense_steps (int | float | None): leading denoising steps run dense: an int count, or a
-            fraction of the generation's steps. ``None``: 20% (the DraftAttention/SVG practice). The
-            steps are read when each generation starts: from the pipeline's scheduler, or, for a bare
-            transformer, from the ``cache_context`` diffusers pipelines call it in; where neither tells
-            them, ``None`` means 0 (with a warning) and a fraction raises. A value covering every
-            step of a generation warns at its first step.
-        dense_layers (int): leading self-attention layers run dense (default 1); must leave one sparse.
-        replan_every (int): recompute each layer's plan every this many steps, reuse in between.
-        backend (str): ``sparse_attention`` backend (``"auto"``: the fastest that supports the inputs).
-        planner_options (dict): extra keyword arguments for the planner (``tile``, ``budget``, ...).
-        tile_order (bool | None): keep the video tokens in tile order from the patch embedding to the
-            output projection, so attention calls gather nothing (models whose registry entry allows
-            it, see :class:`sparsevid.integrations.models.TileOrderPoints`). ``None``: wherever the model allows it.
-        quant (str | None): 8-bit attention for the calls sparsevid computes (``"int8"``, ``"fp8"``;
-            see ``sparse_attention``). Dense layers and steps keep the user's own attention backend;
-            with ``method="dense"`` the layers past ``dense_layers``/``dense_steps`` run the full plan
-            through the quantized kernel (``dense_layers=0, dense_steps=0`` quantizes every layer).
-        tail (str | None): what the key blocks a plan skips contribute (see ``sparse_attention`` and
-            :mod:`sparsevid.tail`): ``None`` drops them; ``"pooled-var"`` keeps them as summary terms.
-        head_balance (bool): under Ulysses context parallelism, deal the heads to the ranks so that each
-            computes about the same score entries (:mod:`sparsevid.parallel.head_balance`); the result is the
-            same either way. No effect without Ulysses.
-    """
-
-    method: str | None = "draft"
-    density: float | None = None
-    mass: float | None = None
-    dense_steps: int | float | None = None
-    dense_layers: int = 1
-    replan_every: int = 1
-    backend: str = "auto"
-    planner_options: dict = field(default_factory=dict)
-    tile_order: bool | None = None
-    quant: str | None = None
-    tail: str | None = None
-    head_balance: bool = False
-
-    @property
-    def layout_options(self) -> dict:
-        """The planner options that shape the :class:`VideoLayout` (``tile``, ``block_size``)."""
-        return {k: v for k, v in self.planner_options.items() if k in _TILING}
-
-    @property
-    def plan_options(self) -> dict:
-        """The other planner options, passed to the planner on each plan."""
-        return {k: v for k, v in self.planner_options.items() if k not in _TILING}
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torch.device | None = None) -> None:
-    """Check every setting before anything is hooked; raise ``ValueError``/``TypeError`` naming it.
-
-    The planner runs once on a tiny CPU input with the given options, so a misspelled option or a
-    value the planner refuses is reported now, not at the first sparse step of a generation; a named
-    backend must take the planner's plan type and be usable on ``device`` (the model's).
-    ``has_schedule``: whether the target's steps can be read (a fractional ``dense_steps`` needs them).
-    """
-    if config.method is not None and config.method not in available_planners():
-        raise ValueError(f"Expect method in {available_planners()} (or None: native attention) but got {config.method!r}")
-    _check_fraction("density", config.density)
-    _check_fraction("mass", config.mass)
-    if config.density is not None and config.mass is not None:
-        raise ValueError("Expect one of density or mass but got both")
-    for name, low in (("dense_layers", 0), ("replan_every", 1)):
-        value = getattr(config, name)
-        if not _is_int(value) or value < low:
-            raise ValueError(f"Expect {name} to be an int >= {low} but got {value!r}")
-    steps = config.dense_steps
-    if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps < 0 or (
-            isinstance(steps, float) and (math.isnan(steps) or steps >= 1)
-        ):
-            raise ValueError(f"Expect dense_steps as an int >= 0 or a fraction in [0, 1) but got {steps!r}")
-        if isinstance(steps, float) and not has_schedule:
-            raise ValueError(
-                f"Expect dense_steps as an int for this model (no scheduler to take a fraction of, no diffusers "
-                f"cache_context to read one from) but got {steps}; pass the pipeline to sparsevid.apply, or an int"
-            )
-    backend = check_backend_name(config.backend)
-    quant = check_quant(config.quant)
-    tail = check_tail(config.tail)
-    if tail is not None and config.method is None:
-        raise ValueError(f"Expect a method with tail={tail.name!r} (it completes the plans sparsevid computes) but got "
-                         "method=None")
-    if quant is not None and config.method is None:
-        raise ValueError(f"Expect a method with quant={quant!r} (it quantizes the attention sparsevid computes) but "
-                         "got method=None; pass method='dense' for quantized dense attention")
-    if config.tile_order is not None and not isinstance(config.tile_order, bool):
-        raise TypeError(f"Expect tile_order to be a bool or None but got {config.tile_order!r}")
-    if not isinstance(config.head_balance, bool):
-        raise TypeError(f"Expect head_balance to be a bool but got {config.head_balance!r}")
-    reason = separable(config.method, config.plan_options) if config.head_balance else None
-    if reason is not None:
-        raise ValueError(f"Expect a planner whose plan of each head depends on that head alone with head_balance=True "
-                         f"but {reason}; use head_balance=False")
-    if config.method is None:
-        if config.density is not None or config.mass is not None or config.planner_options:
-            raise ValueError("Expect no density, mass or planner options with method=None (native attention)")
-        return
-    tiling, options = config.layout_options, config.plan_options
-    check_options(config.method, options)
-    layout = VideoLayout(2, 4, 4, **tiling) if tiling else VideoLayout(2, 4, 4, tile=(4, 4), block_size=16)
-    q = torch.randn(1, 1, layout.num_tokens, 16, generator=torch.Generator().manual_seed(0))
-    plan = make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
-    model_layout = VideoLayout(2, 4, 4, **tiling)  # the block size the model's layouts will have
-    if tail is not None:
-        check_tail_plan(tail, plan, quant)
-        tail.group_size(model_layout)
-    # the registry's own checks on what is known before the first call (named backend, quant, tail, block size)
-    check_settings(backend, device=device, plan_type=type(plan), block_size=model_layout.block_size, tail=tail,
-                   quant=quant)
-
-
-def check_layers(config: SparseVidConfig, layers: int, name: str) -> None:
-    """``dense_layers`` must leave at least one of the model's ``layers`` video self-attention layers sparse."""
-    if config.method is not None and config.dense_layers >= layers:
-        raise ValueError(f"Expect dense_layers < {layers} ({name} has {layers} video self-attention layers) but got "
-                         f"dense_layers={config.dense_layers}: nothing would run sparse; lower dense_layers")
 
 
 def _refuse_copy(how: str):
@@ -225,6 +90,7 @@ class SparseSession:
         self._warned: set[str] = set()  # warnings given once per session
         self._unchecked: set[VideoLayout] = set()  # cached layouts whose first plan's density is not compared yet
         self.sparse_calls = 0  # attention calls computed by sparsevid
+        self.backends: set[str] = set()  # the backends that ran them (recorded with each new plan)
         self.dense_calls = 0  # attention calls of hooked layers left native (dense layers and steps)
         self.plans_made = 0
         self.head_balance = HeadBalance()  # the Ulysses head order of each layer (config.head_balance)
@@ -370,6 +236,7 @@ class SparseSession:
                 f"dropout_p={dropout_p}, enable_gqa={enable_gqa}, q {tuple(query.shape)}, k {tuple(key.shape)})"
             )
         lengths = None if attn_mask is None else self._key_lengths(attn_mask, *query.shape[:3:2])
+        self.sparse_calls += 1  # one call, however many batch elements a key-padding mask splits it into
         if lengths is None:  # no mask, or one that keeps every key
             return self._sparse(query, key, value, scale, (layer, call))
         return self._with_key_padding(query, key, value, lengths, scale, (layer, call))
@@ -406,7 +273,9 @@ class SparseSession:
         plan = self._cached_plan(cache_key)
         if plan is None:
             plan = self._new_plan(query, key, layout, cache_key, tag)
-        self.sparse_calls += 1
+            needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+            self.backends.add(resolve_backend(self.config.backend, query, plan, needs_grad, self.config.quant,
+                                              check_tail(self.config.tail)).name)
         out = sparse_attention(query, key, value, plan, scale=scale, backend=self.config.backend,
                                quant=self.config.quant, tail=self.config.tail)
         for observe in self.observers:
@@ -468,6 +337,8 @@ class SparseSession:
         if plan is None:
             q_all, k_all, v_all = gather_sequence((query, key, value), ring)
             plan = self._new_plan(q_all, k_all, layout, cache_key, (layer, call))
+            if isinstance(plan, BlockPlan):
+                self.backends.add(ring_backend(config.backend, query, plan, config.tail))
         else:
             k_all, v_all = gather_sequence((key, value), ring)
         if not isinstance(plan, BlockPlan):
@@ -552,11 +423,14 @@ class SparseSession:
 
     # ------------------------------------------------------------------ report
     def stats(self) -> dict:
-        """Counts so far: ``sparse_calls``, ``dense_calls``, ``plans``, ``mean_density`` (one device read),
-        and the ``budget`` the planner spends (:func:`describe_budget`)."""
+        """Counts so far: ``sparse_calls`` (one per attention call, whatever its batch), ``dense_calls``,
+        ``plans``, ``mean_density`` (one device read), the ``budget`` the planner spends
+        (:func:`describe_budget`), the ``tail`` method, and the ``backends`` that computed the sparse calls
+        (sorted names; ``auto`` resolved)."""
         mean = float(self._density_sum) / self.plans_made if self.plans_made else None
         return dict(sparse_calls=self.sparse_calls, dense_calls=self.dense_calls, plans=self.plans_made,
-                    mean_density=mean, budget=describe_budget(self.config))
+                    mean_density=mean, budget=describe_budget(self.config), tail=self.config.tail,
+                    backends=sorted(self.backends))
 
 
 def budget(config: SparseVidConfig) -> tuple[str | None, object, bool]:
@@ -571,7 +445,7 @@ def budget(config: SparseVidConfig) -> tuple[str | None, object, bool]:
         return "mass", config.mass, False
     if config.method == "window" and config.plan_options.get("radius") is not None:
         return "radius", config.plan_options["radius"], False
-    kind, value = _DEFAULT_BUDGETS.get(config.method, (None, None))
+    kind, value = planner_spec(config.method).default or (None, None)
     return kind, value, True
 
 
@@ -583,3 +457,49 @@ def describe_budget(config: SparseVidConfig) -> str:
     if kind is None:
         return f"{config.method}'s default"
     return f"{kind}={value}" + (f" ({config.method}'s default)" if default else "")
+
+
+class SdpaRoute(TorchFunctionMode):
+    """While active, every ``F.scaled_dot_product_attention`` call goes to ``handle(func, args, kwargs)`` (``func``:
+    the SDPA function itself, to call where the handler keeps it); every other function runs as called. The
+    one interceptor of processors that call SDPA directly: routing them to sparsevid (the diffusers adapter)
+    or recording their inputs (eval's per-layer capture)."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle = handle
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return self.handle(func, args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
+class Handle:
+    """The base of what an ``apply`` returns (sparse attention, reuse, FastCar): :meth:`stats` reports,
+    :meth:`remove` undoes, once (a second call does nothing), and the last :meth:`stats` stay readable after
+    it; ``with`` removes on exit. Subclasses give ``_stats()`` and ``_remove()``."""
+
+    _final: dict | None = None  # stats() when removed
+
+    def stats(self) -> dict:
+        """What the handle counted (each subclass's ``_stats`` says what); after :meth:`remove`, its last counts."""
+        return self._final if self._final is not None else self._stats()
+
+    def remove(self) -> None:
+        """Undo the ``apply`` that returned this handle (each subclass's ``_remove`` says how); once."""
+        if self._final is None:
+            self._final = self._stats()
+            self._remove()
+
+    def _stats(self) -> dict:
+        raise NotImplementedError
+
+    def _remove(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

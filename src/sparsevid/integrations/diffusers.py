@@ -39,14 +39,12 @@ import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
-from torch.overrides import TorchFunctionMode
 
+from ..config import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
+from .core import Handle, SdpaRoute, SparseSession, describe_budget
 from .models import bind_call, model_spec, supported_models
-from .core import (DEFAULT_DENSE_STEP_FRACTION, SparseSession, SparseVidConfig, check_layers, describe_budget,
-                   validate_config)
 
 __all__ = ["SparseVidConfig", "SparseVidHandle", "apply", "remove", "supported_models"]
 
@@ -160,19 +158,6 @@ class _Active(threading.local):
 
 
 _ACTIVE = _Active()
-
-
-class _SdpaToSparse(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` calls of processors that do not use diffusers' dispatch."""
-
-    def __init__(self, target: _SparseForward):
-        super().__init__()
-        self.target = target
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            return self.target.attend(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
 
 
 class _DispatchRoutes:
@@ -299,7 +284,7 @@ class _AttentionHook(ModelHook):
             if _uses_dispatch(module):
                 out = self.fn_ref.original_forward(*args, **kwargs)
             else:
-                with _SdpaToSparse(target):
+                with SdpaRoute(lambda sdpa, args, kwargs: target.attend(*args, **kwargs)):
                     out = self.fn_ref.original_forward(*args, **kwargs)
         finally:
             _ACTIVE.stack.pop()
@@ -367,7 +352,7 @@ def _uses_dispatch(module: torch.nn.Module) -> bool:
 _OWNERS = itertools.count(1)
 
 
-class SparseVidHandle:
+class SparseVidHandle(Handle):
     """What :func:`apply` returns: ``.remove()`` restores native behaviour; ``.stats()`` reports (the
     last counts stay readable after ``remove()``)."""
 
@@ -378,19 +363,20 @@ class SparseVidHandle:
         self.config = config
         self.owner = owner
         self.reuse_handles = reuse_handles or []
-        self._reuse_stats: list | None = None  # what reuse reported at remove()
 
-    def stats(self) -> dict:
-        """Counts so far: ``sparse_calls`` (attention calls sparsevid computed), ``dense_calls`` (hooked
-        layers left native: dense layers and steps), ``plans`` made and their ``mean_density``, and the
-        ``budget`` the planner spends (e.g. ``"mass=0.9 (xattn's default)"``); with ``reuse=``,
-        ``"reuse"`` holds one ``ReuseHandle.stats()`` per transformer."""
+    def _stats(self) -> dict:
+        """Counts so far: ``sparse_calls`` (attention calls sparsevid computed, one per call whatever its
+        batch), ``dense_calls`` (hooked layers left native: dense layers and steps), ``plans`` made and their
+        ``mean_density``, the ``budget`` the planner spends (e.g. ``"mass=0.9 (xattn's default)"``), the
+        ``tail`` method and the ``backends`` that computed the sparse calls (``auto`` resolved); with
+        ``reuse=``, ``"reuse"`` holds one ``ReuseHandle.stats()`` per transformer."""
         per = [s.stats() for s in self.sessions]
         plans = sum(p["plans"] for p in per)
         mean = sum(p["mean_density"] * p["plans"] for p in per if p["plans"]) / plans if plans else None
         out = dict(sparse_calls=sum(p["sparse_calls"] for p in per), dense_calls=sum(p["dense_calls"] for p in per),
-                   plans=plans, mean_density=mean, budget=describe_budget(self.config))
-        reuse = self._reuse_stats if self._reuse_stats is not None else [h.stats() for h in self.reuse_handles]
+                   plans=plans, mean_density=mean, budget=describe_budget(self.config), tail=self.config.tail,
+                   backends=sorted({name for p in per for name in p["backends"]}))
+        reuse = [h.stats() for h in self.reuse_handles]
         if reuse:
             out["reuse"] = reuse
         return out
@@ -408,14 +394,12 @@ class SparseVidHandle:
         for s in self.sessions:
             s.reset()
 
-    def remove(self) -> None:
+    def _remove(self) -> None:
         """Undo :func:`apply` (a no-op where this handle's hooks are already gone, e.g. after
         ``sparsevid.remove`` and a newer ``apply``: those newer hooks stay)."""
-        if self.transformers:
-            self._reuse_stats = [h.stats() for h in self.reuse_handles]
         for transformer in self.transformers:
             _remove(transformer, owner=self.owner)
-        self.transformers, self.reuse_handles = [], []
+        self.transformers = []
 
 
 def _transformers_of(target) -> tuple[list[torch.nn.Module], Any]:
@@ -499,13 +483,16 @@ def apply(
     device = next((p.device for p in transformers[0].parameters()), None) if transformers else None
     # a bare transformer's steps come from the cache_context diffusers pipelines call it in
     has_schedule = scheduler is not None or all(hasattr(t, "cache_context") for t in transformers)
-    validate_config(config, has_schedule=has_schedule, device=device)
-    token_replay, step_cache = split_reuse(reuse)  # TypeError / ValueError naming reuse, before any hook
     specs = []
     for transformer in transformers:
         spec = model_spec(transformer)
         name = type(transformer).__name__
-        check_layers(config, len(spec.self_attention(transformer)), name)
+        config.validate(has_schedule=has_schedule, device=device, layers=len(spec.self_attention(transformer)),
+                        model=name, ring=_ring_degree(transformer) > 1, text_tokens=spec.others is not None)
+        specs.append(spec)
+    token_replay, step_cache = split_reuse(reuse)  # TypeError / ValueError naming reuse, before any hook
+    for transformer, spec in zip(transformers, specs):
+        name = type(transformer).__name__
         if _state_hook(transformer) is not None:
             raise ValueError(f"Expect a model without sparsevid applied but {name} has it; call sparsevid.remove first")
         if step_cache is not None and getattr(transformer, "is_cache_enabled", False):
@@ -517,7 +504,6 @@ def apply(
             raise ValueError(f"Expect tile_order=None or False for {name}: "
                              + ("its registry entry has no tile-order points" if spec.tile_order is None
                                 else "token replay and step caches need one token order across steps"))
-        specs.append(spec)
     if method is not None:
         _DispatchRoutes.registry()  # an incompatible diffusers is refused before anything is hooked
     owner = next(_OWNERS)
@@ -548,6 +534,12 @@ def apply(
                 _remove(transformer)
             raise
     return SparseVidHandle(transformers, sessions, config, owner, reuse_handles)
+
+
+def _ring_degree(transformer: torch.nn.Module) -> int:
+    """The ring degree of the context parallelism ``enable_parallelism`` set on ``transformer`` (1: none)."""
+    context = getattr(getattr(transformer, "_parallel_config", None), "context_parallel_config", None)
+    return getattr(context, "ring_degree", None) or 1
 
 
 def _hook(module: torch.nn.Module, hook: ModelHook, name: str) -> None:

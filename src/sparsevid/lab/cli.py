@@ -52,8 +52,16 @@ def _print_backends(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line, ``sparsevid [command] error: ...`` (status 2), as the
+    commands' own errors are (``--help`` shows the usage); subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsevid", description="Sparse attention for video diffusion transformers.")
+    parser = _Parser(prog="sparsevid", description="Sparse attention for video diffusion transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in _COMMANDS.items():
         _add(commands, name, module, help_text)

@@ -42,10 +42,11 @@ from pathlib import Path
 import torch
 
 from . import stats, viz
-from .bench.common import fraction, local_device, non_negative_int, output_folder, positive_int
+from .bench.common import add_device_argument, add_size_arguments, fraction, non_negative_int, output_folder, positive_int
 from .eval import NOISE_FLOOR, TARGETS, Config, capture_layers, case_name, evaluate, layer_errors, slug, summarize
+from ..planners import planners_taking
 
-TABLE_METHODS = ("draft", "xattn", "window", "finegrained", "random")
+TABLE_METHODS = tuple(planners_taking("density"))  # every planner with a density budget, in registration order
 
 # The clip section's settings, one line each, labelled as their video rows are; the planner table shows
 # them too. The tail row keeps the default plan and adds the skipped blocks as summaries (sparsevid.tail).
@@ -70,8 +71,7 @@ KERNEL_BENCH = ["--preset", "wan1.3b-480p", "--methods", "draft", "--densities",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", type=local_device, default=None,
-                        help="torch device (default: cuda when available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--testbed", choices=["small", "large"], default=None,
                         help="which trained testbed (default: large with CUDA, small elsewhere)")
     parser.add_argument("--held-out", type=non_negative_int, default=None, metavar="N",
@@ -79,9 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", default="bigbuckbunny", help="clip label without --held-out (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of that clip (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=12, help="sampler steps (default: %(default)s)")
-    parser.add_argument("--frames", type=positive_int, default=None, help="frames (default: the testbed's native)")
-    parser.add_argument("--height", type=positive_int, default=None, help="height in px (default: the testbed's native)")
-    parser.add_argument("--width", type=positive_int, default=None, help="width in px (default: the testbed's native)")
+    add_size_arguments(parser)
     parser.add_argument("--densities", type=fraction, nargs="+", default=[0.1, 0.25],
                         help="densities of the planner table (default: %(default)s)")
     parser.add_argument("--kernel-bench", action=argparse.BooleanOptionalAction, default=None,
@@ -91,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..integrations.core import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
+    from ..config import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
 
     start = time.perf_counter()
     if importlib.util.find_spec("diffusers") is None:

@@ -58,11 +58,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
-from .bench.common import (add_tail_argument, existing_file, local_device, non_negative_int, option_pair, output_folder,
-                           positive_int, time_ms)
+from .bench.common import (add_budget_arguments, add_device_argument, add_option_argument, add_quant_argument,
+                           add_reuse_argument, add_size_arguments, add_tail_argument, existing_file, non_negative_int,
+                           output_folder, positive_int, time_ms)
+from ..config import SparseVidConfig
+from ..integrations.core import SdpaRoute
+from ..planners import planners_taking
 from ..reuse.spec import parse_reuse
 
 __all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "capture_layers", "video_metrics"]
@@ -89,6 +92,11 @@ class EvalTarget:
         """One video ``(F, 3, H, W)`` in [0, 1] (CPU) for ``case``; deterministic for its seed."""
         raise NotImplementedError
 
+    def layers(self, args) -> int | None:
+        """The video self-attention layers of the pipeline ``load`` would return, known before loading it (so that
+        ``--dense-layers`` is checked before any work); ``None``: not known until it is loaded."""
+        return None
+
 
 class TestbedTarget(EvalTarget):
     """The project's trained testbed (:func:`sparsevid.lab.testbed.load_pipeline`)."""
@@ -108,6 +116,11 @@ class TestbedTarget(EvalTarget):
             if getattr(args, key, None) is None:
                 setattr(args, key, pipe.spec.sample[key])
         return pipe
+
+    def layers(self, args) -> int:
+        from .testbed import SPECS
+
+        return SPECS[getattr(args, "testbed", "small")].transformer["num_layers"]
 
     def cases(self, pipe, args) -> list[dict]:
         from .testbed import Motion
@@ -171,23 +184,22 @@ class Config:
         """This configuration without reuse (whose plans the per-layer error measures)."""
         return replace(self, reuse=None)
 
-    def check(self, device=None) -> None:
-        """Raise the error :func:`sparsevid.apply` would raise for this configuration, before any work."""
-        from ..integrations.core import SparseVidConfig, validate_config
+    @property
+    def settings(self) -> SparseVidConfig:
+        """The :class:`~sparsevid.config.SparseVidConfig` that :func:`sparsevid.apply` gets."""
+        return SparseVidConfig(None if self.method == "none" else self.method, self.density, self.mass,
+                               self.dense_steps, self.dense_layers, planner_options=dict(self.options),
+                               quant=self.quant, tail=self.tail)
 
-        if self.method != "none":
-            validate_config(SparseVidConfig(self.method, self.density, self.mass, self.dense_steps, self.dense_layers,
-                                            planner_options=dict(self.options), quant=self.quant, tail=self.tail),
-                            has_schedule=True, device=device)
+    def check(self, device=None, layers: int | None = None) -> None:
+        """Raise the error :func:`sparsevid.apply` would raise for this configuration, before any work
+        (``layers``: the pipeline's video self-attention layers, where known)."""
+        self.settings.validate(device=device, layers=layers, model="the pipeline's transformer")
 
     def apply(self, pipe):
         import sparsevid as sv
 
-        return sv.apply(
-            pipe, method=None if self.method == "none" else self.method, density=self.density, mass=self.mass,
-            quant=self.quant, tail=self.tail, dense_steps=self.dense_steps, dense_layers=self.dense_layers,
-            reuse=parse_reuse(self.reuse) if self.reuse else None, **self.options,
-        )
+        return sv.apply(pipe, reuse=parse_reuse(self.reuse) if self.reuse else None, **self.settings.apply_options())
 
 
 def _parse_dense_steps(text: str):
@@ -198,18 +210,21 @@ def _parse_dense_steps(text: str):
 
 
 def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=(), options=None,
-                 masses=(), quants=(), device=None, tails=(None,)) -> list[Config]:
+                 masses=(), quants=(), device=None, tails=(None,), layers: int | None = None) -> list[Config]:
     """Every method x density x warm-up, each without reuse and with every ``reuse`` SPEC;
     ``none`` (native attention) with every SPEC only. ``options`` (planner keyword arguments, e.g.
     ``block_size``) go to every sparse config. ``masses``: also a config per mass budget for the
-    methods that take one (``draft``, ``xattn``). ``quants``: every sparse config again with each
-    8-bit mode, and ``dense`` with it becomes quantized dense attention on every layer and step.
+    methods that take one (declared at their registration: ``draft``, ``xattn``, ``finegrained``).
+    ``quants``: every sparse config again with each 8-bit mode, and ``dense`` with it becomes quantized dense
+    attention on every layer and step.
     ``tails``: every exact sparse config (not ``dense``, reuse or 8-bit ones) once per ``tail=`` value
     (``None``: skipped blocks dropped), the same plans with and without summaries in one run.
-    ``device``: where they will run (an 8-bit mode no backend runs there is refused now).
+    ``device``: where they will run (an 8-bit mode no backend runs there is refused now); ``layers``: the
+    pipeline's video self-attention layers, where known (``dense_layers`` must leave one sparse).
+    A configuration asked twice (a repeated density or tail) runs once.
 
     Raises:
-        ValueError: a bad SPEC (named), or ``none`` without any SPEC.
+        ValueError: a bad SPEC (named), ``none`` without any SPEC, a bad setting, or nothing left to run.
     """
     from ..reuse import split_reuse
 
@@ -233,7 +248,7 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
             seen.add(config)
             configs.append(config)
     for method, mass, ds, dl in itertools.product(methods, masses, dense_steps, dense_layers):
-        if method in _MASS_METHODS:
+        if method in planners_taking("mass"):
             configs.append(Config(method, None, ds, dl, None, dict(options or {}), mass=mass))
     skipped = {}
     for config, quant in itertools.product(list(configs), quants):
@@ -249,27 +264,32 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
             configs.append(quantized)
     for method, modes in skipped.items():
         print(f"[eval] no {'/'.join(sorted(modes))} configs for {method}: no 8-bit backend runs its plans")
-    with_tail = []
+    with_tail, seen, dropped = [], set(), []
     for config in configs:
         if config.method in ("dense", "none") or config.quant is not None or config.reuse is not None:
             with_tail.append(config)  # nothing skipped to summarise, or no tail pass (8-bit)
             continue
         for tail in tails:
             tailed = replace(config, tail=tail)
+            if tailed in seen:
+                continue
+            seen.add(tailed)
             if tail is not None:
                 try:
                     tailed.check(device)
                 except TypeError:  # token plans (finegrained): no backend runs a tail on them
                     print(f"[eval] no tail={tail} config for {config.method}: its plans are not block plans")
+                    dropped.append(f"{config.method} tail={tail}")
                     continue
             with_tail.append(tailed)
     configs = with_tail
+    if not configs:
+        raise ValueError("Expect at least one configuration to run but every one was dropped ("
+                         + ", ".join(dict.fromkeys(dropped)) + ": its plans are not block plans); add --tail none, "
+                         "or a method making block plans")
     for config in configs:  # every setting checked before any generation (as sparsevid.apply would)
-        config.check(device)
+        config.check(device, layers)
     return configs
-
-
-_MASS_METHODS = ("draft", "xattn")
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -288,21 +308,18 @@ def video_metrics(video: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- capture
-class _CaptureSDPA(TorchFunctionMode):
-    """Records q, k, v, scale of self-attention SDPA calls (query and key of the same length)."""
+def _capture_sdpa(sink: list):
+    """An SDPA route that records q, k, v, scale of self-attention calls (query and key of the same length)
+    into ``sink`` and runs them as called."""
 
-    def __init__(self, sink: list):
-        super().__init__()
-        self.sink = sink
+    def capture(sdpa, args, kwargs):
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
+        if q.shape[-2] == k.shape[-2] and kwargs.get("attn_mask") is None and not kwargs.get("is_causal"):
+            sink.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kwargs.get("scale")))
+        return sdpa(*args, **kwargs)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            names = ("query", "key", "value")
-            q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
-            if q.shape[-2] == k.shape[-2] and kwargs.get("attn_mask") is None and not kwargs.get("is_causal"):
-                self.sink.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), kwargs.get("scale")))
-        return func(*args, **kwargs)
+    return SdpaRoute(capture)
 
 
 class LayerCapture:
@@ -333,7 +350,7 @@ class LayerCapture:
     def _enter(self, module, args):
         if self._active:
             sink: list = []
-            module._sparsevid_eval_capture = (_CaptureSDPA(sink), sink)
+            module._sparsevid_eval_capture = (_capture_sdpa(sink), sink)
             module._sparsevid_eval_capture[0].__enter__()
 
     def _exit(self, module, args, output):
@@ -734,42 +751,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds (default: 0 1 2 3; with --held-out N: case i gets seed i, or --seeds cycled)")
     parser.add_argument("--steps", type=positive_int, default=20, help="sampler steps (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=None, help="frames (default: the testbed's native)")
-    parser.add_argument("--height", type=int, default=None, help="height in px (default: the testbed's native)")
-    parser.add_argument("--width", type=int, default=None, help="width in px (default: the testbed's native)")
+    add_size_arguments(parser)
     parser.add_argument("--held-out", type=non_negative_int, default=0, metavar="N",
                         help="testbed large: N cases with held-out motions (never drawn in training) instead of labels x seeds")
-    parser.add_argument("--masses", type=float, nargs="+", default=[],
-                        help="also a config per mass budget for draft/xattn (e.g. 0.8 0.9 0.95)")
-    parser.add_argument("--quant", nargs="+", choices=["int8", "fp8"], default=[],
-                        help="also every sparse config with 8-bit attention; with --methods dense: quantized dense attention")
+    add_quant_argument(parser, "also every sparse config with 8-bit attention; with --methods dense: quantized dense "
+                               "attention")
     add_tail_argument(parser, "what the skipped blocks contribute, one config per value for every exact sparse config")
     parser.add_argument("--step-error", action=argparse.BooleanOptionalAction, default=True,
                         help="per-layer error at every sparse step of every generation, on its own trajectory "
                              "(steps.csv, step_errors.png; one dense attention per sparse call) (default: on)")
     parser.add_argument("--noise-floor", action=argparse.BooleanOptionalAction, default=None,
                         help="also dense in float32 vs the pipeline's dtype (default: on where that is not float32)")
-    parser.add_argument("--methods", nargs="+", default=["draft", "xattn", "window", "random"],
-                        help="planners, or 'none': native attention, run only with each --reuse (default: %(default)s)")
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.25], help="densities (default: %(default)s)")
+    add_budget_arguments(parser, ["draft", "xattn", "window", "random"], [0.1, 0.25],
+                         methods_help="planners, or 'none': native attention, run only with each --reuse",
+                         masses="also a config per mass budget for the planners that take one (e.g. 0.8 0.9 0.95)")
     parser.add_argument("--dense-steps", type=_parse_dense_steps, nargs="+", default=[None],
                         help="warm-up steps run dense: int count, fraction, or 'auto' (20%%) (default: auto)")
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[1], help="leading dense blocks (default: %(default)s)")
-    parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
-                        help="a temporal-reuse setting, repeatable: every config runs without reuse and with each "
-                             "setting. SPEC as in `bench e2e`: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
-                             "taylorseer:cache_interval=5,use_lite_mode=True | magcache:KEY=VALUE,...; '+' joins several into one setting "
-                             "(replay:rate=0.1+fbc:threshold=0.1)")
-    parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
-                        help="planner option for every sparse config, repeatable (e.g. --option block_size=32)")
+    add_reuse_argument(parser, "every config runs without reuse and with each setting")
+    add_option_argument(parser, "planner option for every sparse config")
     parser.add_argument("--capture-step", type=non_negative_int, default=None, help="step whose q/k/v give the per-layer errors (default: first sparse step)")
     parser.add_argument("--stats", action="store_true",
                         help="attention statistics per layer x head at --capture-step instead of sparse generations "
                              "(stats.json, stats.csv, attention_stats.png)")
     parser.add_argument("--no-layer-error", dest="layer_error", action="store_false", help="skip the per-layer errors")
     parser.add_argument("--videos", type=non_negative_int, default=2, help="cases to write side-by-side videos and frame PNGs for (default: %(default)s)")
-    parser.add_argument("--device", type=local_device, default=None,
-                        help="torch device (default: cuda when available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--out", default="out/eval", help="output folder (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -790,8 +797,8 @@ def run(args) -> int:
     if args.stats:
         return run_stats(target, args, device)
     configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option),
-                           masses=args.masses, quants=args.quant, device=device,
-                           tails=args.tail)
+                           masses=args.masses, quants=args.quant, device=device, tails=args.tail,
+                           layers=target.layers(args))
     pipe = target.load(args, device)
     low_precision = getattr(pipe, "dtype", torch.float32) != torch.float32
     if args.noise_floor is None:

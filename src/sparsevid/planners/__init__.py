@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,21 +19,55 @@ from ..layout import VideoLayout
 from ..plan import BlockPlan
 from ..token_plan import TokenPlan
 
-__all__ = ["plan", "register_planner", "available_planners"]
+__all__ = ["PlannerSpec", "plan", "planner_spec", "planners_taking", "register_planner", "available_planners"]
 
-_PLANNERS: dict[str, Callable[..., BlockPlan | TokenPlan]] = {}
-_BUILTIN = ("dense", "random", "window", "draft", "xattn", "finegrained")
+_BUDGETS = ("density", "mass")
 
 
-def register_planner(name: str):
+@dataclass(frozen=True)
+class PlannerSpec:
+    """A registered planner and what it declared.
+
+    Attributes:
+        name (str): the ``method=`` value.
+        fn (Callable): ``fn(q, k, layout, *, density=None, mass=None, **options)``.
+        budgets (tuple[str, ...]): the budgets a caller may set (``"density"``, ``"mass"``); ``()``: none
+            (``dense``).
+        default (tuple[str, float] | None): what the planner spends given neither, e.g. ``("density", 0.1)``;
+            ``None``: not declared.
+    """
+
+    name: str
+    fn: Callable[..., BlockPlan | TokenPlan]
+    budgets: tuple[str, ...]
+    default: tuple[str, float] | None
+
+
+_PLANNERS: dict[str, PlannerSpec] = {}
+# Import order is registration order, the order of the comparison tables (demo, bench frontier)
+_BUILTIN = ("draft", "xattn", "window", "finegrained", "random", "dense")
+
+
+def register_planner(name: str, *, budgets: tuple[str, ...] = ("density",),
+                     default: tuple[str, float] | None = None):
     """Decorator registering a planner under ``name`` (rejects duplicates). A planner whose plans are valid by
     construction (tested) builds them with ``trusted=True``, so ``plan(..., validate=False)`` and
-    ``sparse_attention`` never read them on the host; any other plan is validated once, before its first launch."""
+    ``sparse_attention`` never read them on the host; any other plan is validated once, before its first launch.
+
+    Args:
+        budgets: which of ``density``/``mass`` the planner takes (``()``: neither, as ``dense``).
+        default: what it spends given neither, ``(kind, value)``: stated here once; the planner applies the
+            same constant, and integrations report it (``stats()["budget"]``).
+    """
+    if not set(budgets) <= set(_BUDGETS):
+        raise ValueError(f"Expect budgets from {_BUDGETS} but got {budgets!r}")
+    if default is not None and (len(default) != 2 or default[0] not in _BUDGETS):
+        raise ValueError(f"Expect default as (kind, value) with kind in {_BUDGETS} but got {default!r}")
 
     def wrap(fn):
         if name in _PLANNERS:
             raise ValueError(f"Expect a new planner name but {name!r} is already registered")
-        _PLANNERS[name] = fn
+        _PLANNERS[name] = PlannerSpec(name, fn, tuple(budgets), default)
         return fn
 
     return wrap
@@ -41,6 +76,19 @@ def register_planner(name: str):
 def available_planners() -> list[str]:
     """Names accepted by ``plan(..., method=...)``, sorted."""
     return sorted(_PLANNERS)
+
+
+def planner_spec(name: str) -> PlannerSpec:
+    """What planner ``name`` declared at registration."""
+    if name not in _PLANNERS:
+        raise ValueError(f"Expect method in {available_planners()} but got {name!r}")
+    return _PLANNERS[name]
+
+
+def planners_taking(budget: str) -> list[str]:
+    """The planners that take ``budget`` (``"density"`` or ``"mass"``), in registration order: the methods a
+    density (or mass) sweep compares."""
+    return [name for name, spec in _PLANNERS.items() if budget in spec.budgets]
 
 
 def _check_fraction(name: str, value) -> None:
@@ -127,7 +175,7 @@ def plan(
     with torch.no_grad():  # choosing blocks is not differentiable: no autograd graph, no saved tensors
         if validate and not bool(torch.isfinite(q).all() & torch.isfinite(k).all()):
             raise ValueError("Expect finite q and k but got NaN/Inf entries; planners rank blocks by q.k")
-        result = _PLANNERS[method](q, k, layout, density=density, mass=mass, **options)
+        result = _PLANNERS[method].fn(q, k, layout, density=density, mass=mass, **options)
         return result.validate() if validate else result
 
 
@@ -137,7 +185,7 @@ _ACCEPTED: dict[str, list[str] | None] = {}  # planner -> its option names (None
 def check_options(method: str, options: dict) -> None:
     """Reject planner options that ``method`` does not take, naming them and the ones it does."""
     if method not in _ACCEPTED:
-        params = inspect.signature(_PLANNERS[method]).parameters
+        params = inspect.signature(_PLANNERS[method].fn).parameters
         _ACCEPTED[method] = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else [
             name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
             and name not in ("density", "mass")]

@@ -9,7 +9,7 @@ from ..plan import BlockPlan
 from . import register_planner
 
 
-@register_planner("dense")
+@register_planner("dense", budgets=(), default=("density", 1.0))
 def dense(q, k, layout, *, density=None, mass=None) -> BlockPlan:
     """All blocks of every head; one broadcast ``(1, 1)`` plan. Accepts only ``density=1``/``mass=1``."""
     if (density is not None and density != 1) or (mass is not None and mass != 1):

@@ -19,7 +19,7 @@ from ..kernels.pooling import pool_blocks
 from ..layout import VideoLayout
 from ..plan import BlockPlan
 from . import register_planner
-from ._select import keep_by_budget
+from ._select import _DEFAULT_DENSITY, keep_by_budget
 
 
 def draft_scores(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
@@ -40,7 +40,7 @@ def draft_map(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout) -> tuple[to
     return log_p, log_p.exp()
 
 
-@register_planner("draft")
+@register_planner("draft", budgets=("density", "mass"), default=("density", _DEFAULT_DENSITY))
 def draft(q, k, layout, *, density=None, mass=None, budget: str = "head") -> BlockPlan:
     """DraftAttention plan.
 

@@ -41,7 +41,7 @@ from ..kernels.pooling import pool_blocks
 _CHUNK_ELEMENTS = 1 << 24
 
 
-@register_planner("finegrained")
+@register_planner("finegrained", budgets=("density", "mass"), default=("density", _DEFAULT_DENSITY))
 def finegrained(q, k, layout, *, density=None, mass=None, budget: str = "row", queries: int = 16) -> TokenPlan:
     """FG-Attn plan: per query block, the key tokens with the most estimated attention mass.
 

@@ -9,10 +9,10 @@ import torch
 from ..kernels.csr import dense_to_csr
 from ..plan import BlockPlan
 from . import register_planner
-from ._select import keep_by_budget
+from ._select import _DEFAULT_DENSITY, keep_by_budget
 
 
-@register_planner("random")
+@register_planner("random", default=("density", _DEFAULT_DENSITY))
 def random(q, k, layout, *, density=None, mass=None, seed: int = 0, budget: str = "row") -> BlockPlan:
     """Uniformly random key blocks per (batch, head, query block), besides the forced ones.
 

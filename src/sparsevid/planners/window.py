@@ -10,10 +10,10 @@ import torch
 from ..kernels.csr import dense_to_csr
 from ..plan import BlockPlan
 from . import register_planner
-from ._select import forced_blocks, keep_by_budget
+from ._select import _DEFAULT_DENSITY, forced_blocks, keep_by_budget
 
 
-@register_planner("window")
+@register_planner("window", default=("density", _DEFAULT_DENSITY))
 def window(
     q, k, layout, *, density=None, mass=None, radius: tuple[int, int, int] | None = None, frame_weight: float = 4.0
 ) -> BlockPlan:

@@ -25,7 +25,7 @@ _CHUNK_ELEMENTS = 1 << 24
 _DEFAULT_MASS = 0.9
 
 
-@register_planner("xattn")
+@register_planner("xattn", budgets=("density", "mass"), default=("mass", _DEFAULT_MASS))
 def xattn(q, k, layout, *, density=None, mass=None, stride: int = 8, budget: str = "row") -> BlockPlan:
     """XAttention plan.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..integrations.core import Handle
 from . import dit, spec, steps
 from .dit import TokenReplay, TokenReplayHandle, apply_token_replay
 from .spec import parse_reuse
@@ -74,7 +75,7 @@ def split_reuse(reuse) -> tuple[TokenReplay | None, object | None]:
     return token, step
 
 
-class ReuseHandle:
+class ReuseHandle(Handle):
     """Token replay and/or a step cache on one transformer; ``remove()`` undoes both."""
 
     def __init__(self, transformer, token: TokenReplayHandle | None, disable_step_cache, step_config):
@@ -83,7 +84,7 @@ class ReuseHandle:
         self.step_config = step_config
         self._disable_step_cache = disable_step_cache
 
-    def stats(self) -> dict:
+    def _stats(self) -> dict:
         return dict(token_replay=self.token.stats() if self.token else None,
                     step_cache=type(self.step_config).__name__ if self.step_config is not None else None)
 
@@ -91,13 +92,11 @@ class ReuseHandle:
         if self.token:
             self.token.reset_stats()
 
-    def remove(self) -> None:
+    def _remove(self) -> None:
         if self.token is not None:
             self.token.remove()
-            self.token = None
         if self._disable_step_cache is not None:
             self._disable_step_cache()
-            self._disable_step_cache = None
 
 
 def apply(transformer: torch.nn.Module, reuse) -> ReuseHandle:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..integrations.core import Handle
 from ..integrations.models import bind_call, model_spec
 from ._patch import patch_forward, replay_stats
 
@@ -106,7 +107,7 @@ class _BlockState:
         self.replayed = 0
 
 
-class TokenReplayHandle:
+class TokenReplayHandle(Handle):
     """What :func:`apply_token_replay` returns: ``stats()`` and ``remove()``."""
 
     def __init__(self, transformer, config: TokenReplay, states: dict[int, _BlockState], restore: list):
@@ -115,7 +116,7 @@ class TokenReplayHandle:
         self.states = states
         self._restore = restore
 
-    def stats(self) -> dict:
+    def _stats(self) -> dict:
         """FFN rows seen and replayed, per block and in all (``replay_rate`` over all rows, frame 0 included)."""
         return replay_stats(self.states)
 
@@ -123,7 +124,7 @@ class TokenReplayHandle:
         for s in self.states.values():
             s.rows = s.replayed = 0
 
-    def remove(self) -> None:
+    def _remove(self) -> None:
         for undo in reversed(self._restore):
             undo()
         self._restore.clear()

@@ -18,9 +18,20 @@ from pathlib import Path
 import torch
 
 
+class _Values(argparse.Action):
+    """A list option given as values and as repeated flags: ``--x a b`` and ``--x a --x b`` both give ``[a, b]``
+    (the values replace the default), a repeated value counts once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, self.dest)
+        given = [] if given is self.default else given
+        setattr(namespace, self.dest, list(dict.fromkeys([*given, *values])))
+
+
 def add_tail_argument(parser: argparse.ArgumentParser, what: str) -> None:
     """``--tail METHOD ...``: values of ``tail=``, one configuration each (``none``: the skipped blocks dropped);
-    ``args.tail`` is their list with ``none`` as ``None``. ``what``: what a value adds, for the help."""
+    ``args.tail`` is their list with ``none`` as ``None``, each once; a repeated ``--tail`` adds its values.
+    ``what``: what a value adds, for the help."""
     from ...tail import TAIL_METHODS
 
     names = ("none", *TAIL_METHODS)
@@ -30,9 +41,57 @@ def add_tail_argument(parser: argparse.ArgumentParser, what: str) -> None:
             raise argparse.ArgumentTypeError(f"Expect --tail in {', '.join(names)} but got {text!r}")
         return None if text == "none" else text
 
-    parser.add_argument("--tail", nargs="+", type=tail_value, default=[None], metavar="{" + ",".join(names) + "}",
-                        help=f"{what}: none (the skipped blocks dropped) or a summary method of sparsevid.tail "
-                             "(default: none)")
+    parser.add_argument("--tail", nargs="+", type=tail_value, default=[None], action=_Values,
+                        metavar="{" + ",".join(names) + "}",
+                        help=f"{what}: none (the skipped blocks dropped) or a summary method of sparsevid.tail; "
+                             "repeatable, each value once (default: none)")
+
+
+_REUSE_SPEC = ("replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | taylorseer:cache_interval=5,use_lite_mode=True"
+               " | magcache:KEY=VALUE,...; '+' joins several into one setting (replay:rate=0.1+fbc:threshold=0.1)")
+
+
+# ---------------------------------------------------------------------------------------- argument groups
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: a device of this machine for the commands that compute (default: cuda when present, else cpu)."""
+    parser.add_argument("--device", type=local_device, default=None,
+                        help="torch device (default: cuda when available, else cpu)")
+
+
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--frames``, ``--height``, ``--width`` of the testbed's videos (default: its native size)."""
+    for name, what in (("frames", "frames"), ("height", "height in px"), ("width", "width in px")):
+        parser.add_argument(f"--{name}", type=positive_int, default=None, help=f"{what} (default: the testbed's native)")
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, methods: list[str], densities: list[float], *,
+                         methods_help: str = "planners", nargs: str = "+", masses: str | None = None) -> None:
+    """``--methods``, ``--densities`` (fractions, checked as the planners check them) and, where ``masses`` says what
+    one adds, ``--masses``: the planners and budgets a command sweeps."""
+    parser.add_argument("--methods", nargs="+", default=methods, help=f"{methods_help} (default: %(default)s)")
+    parser.add_argument("--densities", type=fraction, nargs=nargs, default=densities,
+                        help="densities (default: %(default)s)")
+    if masses is not None:
+        parser.add_argument("--masses", type=fraction, nargs=nargs, default=[], help=masses)
+
+
+def add_quant_argument(parser: argparse.ArgumentParser, what: str, nargs: str = "+") -> None:
+    """``--quant MODE ...``: 8-bit modes of ``sparse_attention`` (``quant=``), ``what`` each adds."""
+    from ...backends import QUANT_MODES
+
+    parser.add_argument("--quant", nargs=nargs, choices=list(QUANT_MODES), default=[], help=what)
+
+
+def add_option_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--option KEY=VALUE`` (repeatable): planner options; ``args.option`` is a list of pairs."""
+    parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
+                        help=f"{what}, repeatable (e.g. --option block_size=32)")
+
+
+def add_reuse_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--reuse SPEC`` (repeatable): temporal reuse settings (:mod:`sparsevid.reuse.spec`); ``what`` they do."""
+    parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
+                        help=f"temporal reuse, repeatable: {what}. SPEC: {_REUSE_SPEC}")
 
 
 def option_pair(text: str) -> tuple[str, object]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import types
@@ -43,10 +42,11 @@ import types
 import torch
 from tqdm import tqdm
 
-from ...integrations.core import SparseVidConfig, validate_config
+from ...config import SparseVidConfig
 from ...reuse.spec import parse_reuse, reuse_label
-from .common import (add_record_arguments, add_tail_argument, append_benchmarks, check_bench_outputs, environment,
-                     fraction, markdown_table, non_negative_int, option_pair, positive_int, time_ms)
+from .common import (add_budget_arguments, add_option_argument, add_record_arguments, add_reuse_argument,
+                     add_tail_argument, append_benchmarks, check_bench_outputs, environment, markdown_table,
+                     non_negative_int, positive_int, time_ms)
 
 # Published transformer configs (diffusers format) and how each model's pipeline shapes its inputs.
 MODELS = {
@@ -103,19 +103,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="wan2.1-1.3b", help="default: %(default)s")
     parser.add_argument("--resolution", default="480p", help="480p or 720p (default: %(default)s)")
     parser.add_argument("--frames", type=positive_int, default=None, help="video frames (default: the model's usual)")
-    parser.add_argument("--methods", nargs="+", default=["draft"], help="planners (default: %(default)s)")
-    parser.add_argument("--densities", type=fraction, nargs="*", default=[0.1], help="densities (default: %(default)s)")
-    parser.add_argument("--masses", type=fraction, nargs="*", default=[],
-                        help="mass budgets, one row each besides the densities (e.g. --masses 0.9 --densities)")
+    add_budget_arguments(parser, ["draft"], [0.1], nargs="*",
+                         masses="mass budgets, one row each besides the densities (e.g. --masses 0.9 --densities)")
     parser.add_argument("--dense-layers", type=int, default=1, help="leading dense blocks (default: %(default)s)")
     parser.add_argument("--replan-every", type=int, default=1,
                         help="recompute plans every k denoising steps (default: %(default)s); with k > 1 the forward "
                              "rows time cached plans (repeated forwards stay on one step)")
-    parser.add_argument("--option", action="append", type=option_pair, default=[], metavar="KEY=VALUE",
-                        help="planner option, repeatable (e.g. --option budget='row')")
-    parser.add_argument("--reuse", action="append", default=[], metavar="SPEC",
-                        help="temporal reuse, repeatable: replay:rate=0.3 | replay:threshold=T | fbc:threshold=0.05 | "
-                             "taylorseer:cache_interval=5,use_lite_mode=True | magcache:KEY=VALUE,... (see the module docstring)")
+    add_option_argument(parser, "planner option")
+    add_reuse_argument(parser, "combined into one reuse= list on top of each sparse config (see the module docstring)")
     parser.add_argument("--steps", type=non_negative_int, default=0, help="also time a whole N-step CFG loop (0: forward only)")
     parser.add_argument("--gpus", type=positive_int, default=1,
                         help="context parallelism over N GPUs (diffusers' enable_parallelism; Ulysses unless "
@@ -140,6 +135,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=positive_int, default=5, help="timed repetitions per forward (default: %(default)s)")
     parser.add_argument("--out", default="out/bench", help="folder for results.json (default: %(default)s)")
     add_record_arguments(parser)
+
+
+_TILE_ORDERS = {"auto": None, "on": True, "off": False}  # --tile-order -> sparsevid.apply's tile_order
+
+
+def _config(args, method: str, budget: tuple[str, float], backend: str, order: str, tail: str | None,
+            balance: bool) -> SparseVidConfig:
+    """The settings of one row (``method`` ``none``: native attention, reuse alone)."""
+    common = dict(dense_layers=args.dense_layers, replan_every=args.replan_every, backend=backend)
+    if method == "none":
+        return SparseVidConfig(None, **common)
+    kind, amount = budget
+    return SparseVidConfig(method, amount if kind == "density" else None, amount if kind == "mass" else None,
+                           planner_options=dict(args.option), tile_order=_TILE_ORDERS[order], tail=tail,
+                           head_balance=balance, **common)
+
+
+def _attention_layers(spec) -> tuple[int, bool]:
+    """The model's video self-attention layers and whether other tokens share their sequence, from the model
+    registry, on a model built on the meta device (no memory, no weights): known before any work."""
+    import diffusers
+
+    from ...integrations.models import model_spec
+
+    with torch.device("meta"):
+        model = getattr(diffusers, spec["cls"])(**spec["config"])
+    entry = model_spec(model)
+    return len(entry.self_attention(model)), entry.others is not None
 
 
 def _build(spec, device) -> torch.nn.Module:
@@ -272,13 +295,24 @@ def run(args) -> int:
     options = dict(args.option)
     reuse = parse_reuse(args.reuse)
     tails = args.tail
-    budgets = [(d, None) for d in args.densities] + [(None, m) for m in args.masses]
-    for method, (density, mass), backend, tail in itertools.product(args.methods, budgets, args.backends, tails):
-        if method != "none":  # every setting refused before any work, as sparsevid.apply refuses it
-            validate_config(SparseVidConfig(method, density, mass, dense_layers=args.dense_layers,
-                                            replan_every=args.replan_every, backend=backend,
-                                            planner_options=options, tail=tail), has_schedule=True,
-                            device=torch.device(device))
+    ring = args.ring_degree
+    if ring < 1 or args.gpus % ring:
+        raise ValueError(f"Expect --ring-degree dividing --gpus {args.gpus} but got {ring}")
+    if ring > 1 and device != "cuda" and (args.dense_layers or args.steps):
+        # dense layers and warm-up steps run diffusers' ring template, which merges by log-sum-exp: no CPU backend
+        raise ValueError(f"Expect --dense-layers 0 and --steps 0 for a ring run on the CPU (diffusers' native ring "
+                         f"attention needs a CUDA backend returning log-sum-exp) but got --dense-layers "
+                         f"{args.dense_layers}, --steps {args.steps}")
+    layers, text_tokens = _attention_layers(spec)
+    variants = [(b, t) for b in args.backends for t in args.tile_order]
+    balances = [b == "on" for b in args.head_balance]
+    budgets = [("density", d) for d in args.densities] + [("mass", m) for m in args.masses]  # one row each
+    jobs = [(m, bu, b, t, tail, hb) for m in args.methods for bu in (budgets if m != "none" else [("density", 1.0)])
+            for b, t in variants for tail in (tails if m != "none" else [None])
+            for hb in (balances if m != "none" else [False])]
+    configs = [_config(args, *job) for job in jobs]
+    for config in configs:  # every setting refused before any work, as sparsevid.apply refuses it
+        config.validate(device=device, layers=layers, model=args.model, ring=ring > 1, text_tokens=text_tokens)
     check_bench_outputs(args)
     rank, world = _init_distributed(args.gpus, device)
     frames = args.frames or spec["frames"]
@@ -300,9 +334,6 @@ def run(args) -> int:
 
     rows = []
     single_ms = None
-    ring = args.ring_degree
-    if ring < 1 or world % ring:
-        raise ValueError(f"Expect --ring-degree dividing --gpus {world} but got {ring}")
     ulysses = world // ring
     parallel = "" if world == 1 else ", " + " x ".join(
         [f"Ulysses x{ulysses}"] * (ulysses > 1) + [f"ring x{ring}"] * (ring > 1))
@@ -334,7 +365,9 @@ def run(args) -> int:
     best_native = min(native_ms, cudnn_ms)
     if best_native == float("inf"):  # the CPU ring smoke run: speedups against one process
         best_native = single_ms
-    print(f"[e2e] {args.model} {args.resolution} {frames} frames: native {native_ms:.1f} ms, cuDNN {cudnn_ms:.1f} ms")
+    timings = (("native", native_ms), ("cuDNN", cudnn_ms), ("1 GPU", single_ms))  # inf, None: not run
+    print(f"[e2e] {args.model} {args.resolution} {frames} frames: "
+          + ", ".join(f"{name} {ms:.1f} ms" for name, ms in timings if ms not in (None, float("inf"))))
 
     best_context = contextlib.nullcontext if native_ms <= cudnn_ms else lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
     profiles = []
@@ -349,26 +382,14 @@ def run(args) -> int:
 
     forward_reuse = [r for r in reuse if isinstance(r, TokenReplay)]  # step caches act only across steps
     reuse_names = " + ".join(reuse_label(r) for r in reuse)
-    tile_orders = {"auto": None, "on": True, "off": False}
-    variants = [(b, t) for b in args.backends for t in args.tile_order]
-    balances = [b == "on" for b in args.head_balance]
-    budgets = [("density", d) for d in args.densities] + [("mass", m) for m in args.masses]  # one row each
-    jobs = [(m, bu, b, t, tail, hb) for m in args.methods for bu in (budgets if m != "none" else [("density", 1.0)])
-            for b, t in variants for tail in (tails if m != "none" else [None])
-            for hb in (balances if m != "none" else [False])]
-    for method, (kind, amount), backend, order, tail, balance in tqdm(jobs, desc="sparse configs", unit="cfg"):
-        sparse_method = None if method == "none" else method  # none: native attention, reuse only
-        density, mass = (amount, None) if kind == "density" else (None, amount)
+    for (method, (kind, amount), backend, order, tail, balance), config in tqdm(
+            list(zip(jobs, configs)), desc="sparse configs", unit="cfg"):
+        sparse_method = config.method
+        density = amount if kind == "density" else None
         budget = f"{amount:g}" if kind == "density" else f"mass={amount:g}"
-        settings = dict(method=sparse_method, density=density if sparse_method else None,
-                        mass=mass if sparse_method else None, dense_layers=args.dense_layers,
-                        replan_every=args.replan_every, backend=backend,
-                        tile_order=tile_orders[order] if sparse_method else None, tail=tail,
-                        **(options if sparse_method else {}))
-        if balance:
-            settings["head_balance"] = True
+        settings = config.apply_options()
         # forward: every step sparse (dense_steps=0); planning included in the time
-        handle = sv.apply(forward_target, dense_steps=0, reuse=forward_reuse or None, **settings)
+        handle = sv.apply(forward_target, reuse=forward_reuse or None, **{**settings, "dense_steps": 0})
         with best_context():
             out = _forward(model, inputs)
             if balance:  # the order the first plans ask for applies where the layers next replan: a later step

@@ -35,8 +35,10 @@ import time
 
 import torch
 
-from .common import (add_record_arguments, append_benchmarks, check_bench_outputs, command_line, environment,
-                     existing_file, fmt, fraction, local_device, positive_int, rel_error, time_ms)
+from ...planners import planners_taking
+from .common import (add_budget_arguments, add_device_argument, add_quant_argument, add_record_arguments,
+                     append_benchmarks, check_bench_outputs, command_line, environment, existing_file, fmt, positive_int,
+                     rel_error, time_ms)
 from .kernel import PRESETS
 
 FRONTIER_PRESETS = {
@@ -45,7 +47,7 @@ FRONTIER_PRESETS = {
     **PRESETS,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-METHODS = ["draft", "xattn", "window", "finegrained", "random"]
+METHODS = planners_taking("density")  # every planner with a density budget, in registration order
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,20 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="problem size (default: wan1.3b-480p on CUDA, cpu-small elsewhere)")
     parser.add_argument("--heads", type=positive_int, default=None, help="override the preset's heads")
     parser.add_argument("--frames", type=positive_int, default=None, help="override the preset's latent frames")
-    parser.add_argument("--methods", nargs="+", default=METHODS, help="planners (default: %(default)s)")
-    parser.add_argument("--densities", type=fraction, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5],
-                        help="requested densities (default: %(default)s)")
+    add_budget_arguments(parser, METHODS, [0.05, 0.1, 0.2, 0.3, 0.5])
     parser.add_argument("--clip", default="bigbuckbunny", help="bundled clip for the inputs (default: %(default)s)")
     parser.add_argument("--frames-file", type=existing_file, default=None,
                         help="torch.save'd frames (N, 3, h, w), uint8 or float in [0, 1], instead of decoding --clip")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--device", type=local_device, default=None, help="default cuda when available, else cpu")
+    add_device_argument(parser)
     parser.add_argument("--reps", type=positive_int, default=20, help="timed calls per contender (CUDA), median reported")
     parser.add_argument("--out", default="out/frontier", help="folder for frontier.png and results.json")
     add_record_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quant", nargs="*", default=[], choices=["int8", "fp8"],
-                        help="also run each block-sparse point 8-bit (quant='int8' / 'fp8'), as '<method>+<quant>'")
+    add_quant_argument(parser, "also run each block-sparse point 8-bit (quant='int8' / 'fp8'), as '<method>+<quant>'",
+                       nargs="*")
 
 
 def _inputs(args, layout, batch, heads, head_dim, dtype, device):

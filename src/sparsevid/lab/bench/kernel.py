@@ -58,8 +58,9 @@ import sys
 
 import torch
 
-from .common import (add_record_arguments, add_tail_argument, append_benchmarks, check_bench_outputs, command_line,
-                     environment, fmt, fraction, non_negative_int, positive_int, rel_error, time_ms)
+from .common import (add_budget_arguments, add_record_arguments, add_tail_argument, append_benchmarks,
+                     check_bench_outputs, command_line, environment, fmt, non_negative_int, positive_int, rel_error,
+                     time_ms)
 
 PRESETS = {
     # name: (batch, heads, frames, height, width, text_tokens, head_dim)
@@ -81,8 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-tokens", type=non_negative_int, default=None)
     parser.add_argument("--batch", type=positive_int, default=None)
     parser.add_argument("--block-size", type=positive_int, default=128)
-    parser.add_argument("--densities", type=fraction, nargs="+", default=[1.0, 0.5, 0.25, 0.1, 0.05])
-    parser.add_argument("--methods", nargs="+", default=["random", "draft"], help="planners to take plans from")
+    add_budget_arguments(parser, ["random", "draft"], [1.0, 0.5, 0.25, 0.1, 0.05], methods_help="planners to take plans from")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--inputs", choices=["clip", "random"], default="clip",
                         help="'clip': sparsevid.lab.data.attention_inputs (structure from a real clip), falling "
@@ -207,6 +207,10 @@ def _block_mask(layout, num, idx):
 
 # ----------------------------------------------------------------------------------------- run
 def run(args) -> int:
+    from ...planners import planner_spec
+
+    for method in args.methods:  # a planner that fails on a density is skipped in the sweep, an unknown one refused
+        planner_spec(method)
     if not torch.cuda.is_available():
         raise ValueError("Expect a CUDA device for bench kernel (it times GPU kernels) but this process has none")
     import triton
