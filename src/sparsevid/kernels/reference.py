@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from ..backends import register_backend
+from ..cluster_plan import ClusterPlan
 from ..plan import BlockPlan
-from ..tail import TailSummaries, kept_blocks, summarize_reference, tail_logits
+from ..tail import CLUSTER_TAIL, TailSummaries, kept_blocks, summarize_reference, tail_logits
 from ..token_plan import TokenPlan
 
 # Gathered key/value elements per chunk (float32): about 64 MiB each for k and v.
@@ -200,11 +201,15 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None, tail=N
 
 
 @register_backend(
-    "reference", plans=(BlockPlan, TokenPlan), devices=("cpu", "cuda", "mps", "xpu"), backward=True, priority=0,
+    "reference", plans=(BlockPlan, TokenPlan, ClusterPlan), devices=("cpu", "cuda", "mps", "xpu"), backward=True, priority=0,
     auto_devices=("cpu", "cuda", "mps", "xpu"), tail=True,
     description="pure PyTorch, float32 math, chunked: any device, autograd, the oracle of the kernels",
 )
 def _reference_backend(q, k, v, plan, scale, tail=None):
+    if isinstance(plan, ClusterPlan):
+        from .reference_cluster import sparse_attention_reference_clusters  # it builds on this module's core
+
+        return sparse_attention_reference_clusters(q, k, v, plan, scale, centroid_tail=tail is CLUSTER_TAIL)
     if isinstance(plan, TokenPlan):
         return sparse_attention_reference_tokens(
             q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale
