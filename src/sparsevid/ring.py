@@ -149,7 +149,7 @@ def ring_backend(backend: str, q: torch.Tensor, plan: BlockPlan, tail=None) -> s
         ValueError / TypeError: a named ring backend that cannot run these inputs.
     """
     name = check_backend_name(backend)
-    method = check_tail(tail)
+    method = check_tail(tail, plan)
     if name == "auto":
         triton = backend_spec("triton")
         usable = q.device.type in triton.auto_devices and triton.refusal(q, plan, False, method) is None
@@ -181,7 +181,7 @@ def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         ``(out, steps)``: ``out`` ``(B, H, C, D)`` in q's dtype; ``steps``: the chunks whose step ran,
         in ring order (rank, rank + 1, ...).
     """
-    method = check_tail(tail)
+    method = check_tail(tail, plan)
     backend = ring_backend(backend, q, plan, method)
     B, H, size = q.shape[:3]
     tables = chunk_tables(plan.layout, chunks, q.device)

@@ -32,15 +32,16 @@ import torch
 from ..attention import check_scale, check_tail_plan, sparse_attention
 from ..backends import _registry, backend_spec, check_backend_name, check_quant, tail_refusal
 from ..head_balance import HeadBalance, separable
+from ..cluster_plan import ClusterPlan
 from ..layout import VideoLayout
 from ..models import ModelSpec
 from ..plan import BlockPlan
-from ..planners import _check_fraction, available_planners, check_options
+from ..planners import TokenCountError, _check_fraction, available_planners, check_options
 from ..planners import plan as make_plan
 from ..planners._select import _DEFAULT_DENSITY, _forced_entries
 from ..planners.xattn import _DEFAULT_MASS as _XATTN_MASS
 from ..ring import RingGroup, gather_sequence, ring_rank_attention
-from ..tail import check_tail
+from ..tail import AUTO, CLUSTER_TAIL, check_tail
 
 __all__ = ["DEFAULT_DENSE_STEP_FRACTION", "SparseSession", "SparseVidConfig", "budget", "check_layers",
            "describe_budget", "validate_config"]
@@ -50,7 +51,7 @@ _MAX_LAYOUTS = 16  # a forward needs one per token order and key-padding length 
 _OVERSHOOT = 1.2  # a plan computing more than this times the density asked is worth a warning
 # what the built-in planners spend when given neither density nor mass
 _DEFAULT_BUDGETS = {"dense": ("density", 1.0), "xattn": ("mass", _XATTN_MASS),
-                    **{m: ("density", _DEFAULT_DENSITY) for m in ("draft", "finegrained", "random", "window")}}
+                    **{m: ("density", _DEFAULT_DENSITY) for m in ("draft", "finegrained", "random", "window", "clustered")}}
 _TILING = ("tile", "block_size")  # planner options that shape the VideoLayout, built once per grid
 
 
@@ -79,8 +80,10 @@ class SparseVidConfig:
             see ``sparse_attention``). Dense layers and steps keep the user's own attention backend;
             with ``method="dense"`` the layers past ``dense_layers``/``dense_steps`` run the full plan
             through the quantized kernel (``dense_layers=0, dense_steps=0`` quantizes every layer).
-        tail (str | None): what the key blocks a plan skips contribute (see ``sparse_attention`` and
-            :mod:`sparsevid.tail`): ``None`` drops them; ``"pooled-var"`` keeps them as summary terms.
+        tail (str | None): what the keys a plan skips contribute (see ``sparse_attention`` and
+            :mod:`sparsevid.tail`): ``"auto"`` (default) the plan type's default (``None`` for block and
+            token plans, the cluster tail ``"centroid"`` for ``clustered``); ``None`` drops them;
+            ``"pooled-var"`` keeps a block plan's skipped blocks as summary terms.
         head_balance (bool): under Ulysses context parallelism, deal the heads to the ranks so that each
             computes about the same score entries (:mod:`sparsevid.head_balance`); the result is the
             same either way. No effect without Ulysses.
@@ -96,7 +99,7 @@ class SparseVidConfig:
     planner_options: dict = field(default_factory=dict)
     tile_order: bool | None = None
     quant: str | None = None
-    tail: str | None = None
+    tail: str | None = AUTO
     head_balance: bool = False
 
     @property
@@ -146,7 +149,7 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
     backend = check_backend_name(config.backend)
     quant = check_quant(config.quant)
     tail = check_tail(config.tail)
-    if tail is not None and config.method is None:
+    if tail not in (None, AUTO) and config.method is None:
         raise ValueError(f"Expect a method with tail={tail.name!r} (it completes the plans sparsevid computes) but got "
                          "method=None")
     if quant is not None and config.method is None:
@@ -166,14 +169,24 @@ def validate_config(config: SparseVidConfig, *, has_schedule: bool, device: torc
         return
     tiling, options = config.layout_options, config.plan_options
     check_options(config.method, options)
+    if "centroids" in options:
+        raise ValueError("Expect no centroids in the planner options of sparsevid.apply (the session keeps each layer's "
+                         "and CFG branch's last centroids and passes them itself) but got centroids=")
     layout = VideoLayout(2, 4, 4, **tiling) if tiling else VideoLayout(2, 4, 4, tile=(4, 4), block_size=16)
     q = torch.randn(1, 1, layout.num_tokens, 16, generator=torch.Generator().manual_seed(0))
-    plan = make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
+    while True:
+        try:
+            plan = make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
+            break
+        except TokenCountError as e:  # more than this tiny probe holds, not what the model's calls hold
+            options = {k: v for k, v in options.items() if k != e.option}
     if quant is not None:
         _check_quant_backend(quant, backend, plan, config.method, device)
+    tail = check_tail(config.tail, plan)
     if tail is not None:
         check_tail_plan(tail, plan, quant)
-        tail.group_size(VideoLayout(2, 4, 4, **tiling))  # the block size the model's layouts will have
+        if tail is not CLUSTER_TAIL:
+            tail.group_size(VideoLayout(2, 4, 4, **tiling))  # the block size the model's layouts will have
         if backend != "auto" and not backend_spec(backend).tail:
             raise ValueError(tail_refusal(backend, tail))
     if backend != "auto":
@@ -253,6 +266,9 @@ class SparseSession:
         self._in_forward = threading.Lock()
         self._layouts: OrderedDict[tuple, VideoLayout] = OrderedDict()  # least recently used first
         self._plans: dict[tuple, tuple[int, object]] = {}  # cache key -> (step planned, plan)
+        # cache key (layer, call, CFG branch = call in step, shape, ...) -> the last plan's centroids: the next
+        # plan of that key starts from them (planners whose plans carry centroids: ``clustered``)
+        self._centroids: dict[tuple, tuple] = {}
         self._mask_reads: dict[tuple, object] = {}  # what this forward's masks hold, read once each
         self._warned: set[str] = set()  # warnings given once per session
         self._unchecked: set[VideoLayout] = set()  # cached layouts whose first plan's density is not compared yet
@@ -273,9 +289,10 @@ class SparseSession:
 
     # ------------------------------------------------------------------ schedule
     def reset(self) -> None:
-        """Forget the step counter and cached plans (a pipeline call ended); counts survive."""
+        """Forget the step counter, cached plans and centroids (a pipeline call ended); counts survive."""
         self.step, self.call_in_step, self._last_t, self._timesteps = -1, 0, None, None
         self._plans.clear()
+        self._centroids.clear()
 
     def release(self) -> None:
         """Drop what the session holds on the device (layouts, plans, mask reads); counts survive."""
@@ -348,8 +365,9 @@ class SparseSession:
         self.step = step
 
     def _new_generation(self, timesteps, steps: int | None) -> None:
-        """Drop the last generation's plans; fix this generation's dense warm-up from its schedule."""
+        """Drop the last generation's plans and centroids; fix this generation's dense warm-up from its schedule."""
         self._plans.clear()
+        self._centroids.clear()
         self.step, self.call_in_step, self._timesteps = -1, 0, timesteps
         asked = self.config.dense_steps
         if self.config.method is None:  # native attention (reuse only): no warm-up to fix
@@ -461,8 +479,12 @@ class SparseSession:
 
     def _new_plan(self, query, key, layout: VideoLayout, cache_key: tuple, tag: tuple):
         config = self.config
+        warm = self._centroids.get(cache_key)
+        options = config.plan_options if warm is None else {**config.plan_options, "centroids": warm}
         plan = make_plan(query, key, layout, config.method, density=config.density, mass=config.mass,
-                         validate=False, **config.plan_options)
+                         validate=False, **options)
+        if getattr(plan, "centroids", None) is not None:  # device tensors, kept as they are: no host read
+            self._centroids[cache_key] = plan.centroids
         if config.replan_every > 1:  # kept only for reuse: every layer's plan held at once costs GBs at 720p
             self._plans[cache_key] = (self.step, plan)
         self.plans_made += 1
@@ -515,6 +537,13 @@ class SparseSession:
         kind, asked, _ = budget(self.config)
         landed = plan.density if kind == "density" else None
         if landed is None or landed <= _OVERSHOOT * asked:
+            return
+        if isinstance(plan, ClusterPlan):  # no blocks: what it forces is the key clusters of its own tokens
+            self._warn_once("density", f"sparsevid: density={asked} asked but the clustered plans of this {self.name}'s "
+                            f"{layout.num_tokens}-token calls compute {landed:.2f} of the entries (every query keeps "
+                            f"the key clusters holding its cluster's own tokens{', and text is dense' if layout.text_tokens else ''}); "
+                            "more, smaller clusters (q_clusters, k_clusters) land closer")
+            self._unchecked.clear()
             return
         bs, nb = layout.block_size, layout.num_blocks
         forced = _forced_entries(layout) / layout.num_tokens**2
