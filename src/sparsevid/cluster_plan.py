@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .layout import VideoLayout
-from .plan import _describe
+from .plan import _describe, batch_head_slices
 
 __all__ = ["ClusterPlan", "cluster_value_means"]
 
@@ -234,21 +234,7 @@ class ClusterPlan:
     # ------------------------------------------------------------------ slicing, moving, printing
     def __getitem__(self, index):
         """Slice batch and heads: ``plan[b]``, ``plan[:, h]``, ``plan[-1]`` (integer indices keep the dimension)."""
-        if not isinstance(index, tuple):
-            index = (index,)
-        if len(index) > 2:
-            raise IndexError(f"Expect at most 2 indices (batch, head) but got {len(index)}")
-        slices = []
-        for dim, (i, size) in enumerate(zip(index, self.shape)):
-            if isinstance(i, int) and not isinstance(i, bool):
-                if not -size <= i < size:
-                    raise IndexError(f"Expect {('batch', 'head')[dim]} index in [{-size}, {size}) but got {i}")
-                i %= size
-                i = slice(i, i + 1)
-            elif not isinstance(i, slice):
-                raise TypeError(f"Expect int or slice indices but got {type(i).__name__}")
-            slices.append(i)
-        index = tuple(slices)
+        index = batch_head_slices(index, self.shape)
         if 0 in self.q_order[index].shape[:2]:
             raise IndexError(f"Expect a non-empty selection but plan{list(index)} of shape {self.shape} is empty")
         return self._like(lambda t: t[index])

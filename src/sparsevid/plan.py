@@ -153,21 +153,7 @@ class _CSRPlan:
     def __getitem__(self, index):
         """Slice batch and heads: ``plan[b]``, ``plan[:, h]``, ``plan[-1]`` (integer indices keep the
         dimension, so the result is still a plan; out-of-range integers raise ``IndexError``)."""
-        if not isinstance(index, tuple):
-            index = (index,)
-        if len(index) > 2:
-            raise IndexError(f"Expect at most 2 indices (batch, head) but got {len(index)}")
-        slices = []
-        for dim, (i, size) in enumerate(zip(index, self.shape)):
-            if isinstance(i, int) and not isinstance(i, bool):
-                if not -size <= i < size:
-                    raise IndexError(f"Expect {('batch', 'head')[dim]} index in [{-size}, {size}) but got {i}")
-                i %= size
-                i = slice(i, i + 1)
-            elif not isinstance(i, slice):
-                raise TypeError(f"Expect int or slice indices but got {type(i).__name__}")
-            slices.append(i)
-        index = tuple(slices)
+        index = batch_head_slices(index, self.shape)
         counts, indices = self._counts[index], self._indices[index]
         if 0 in counts.shape[:2]:
             raise IndexError(f"Expect a non-empty selection but plan{list(index)} of shape {self.shape} is empty")
@@ -342,6 +328,26 @@ class BlockPlan(_CSRPlan):
             mask_mod=plan_mask,
             seq_lengths=(self.layout.num_slots, self.layout.num_slots),
         )
+
+
+def batch_head_slices(index, shape: tuple[int, int]) -> tuple[slice, ...]:
+    """A plan's ``[index]`` (ints and slices over batch, heads) as slices: integer indices keep the dimension,
+    out-of-range integers raise ``IndexError``."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if len(index) > 2:
+        raise IndexError(f"Expect at most 2 indices (batch, head) but got {len(index)}")
+    slices = []
+    for dim, (i, size) in enumerate(zip(index, shape)):
+        if isinstance(i, int) and not isinstance(i, bool):
+            if not -size <= i < size:
+                raise IndexError(f"Expect {('batch', 'head')[dim]} index in [{-size}, {size}) but got {i}")
+            i %= size
+            i = slice(i, i + 1)
+        elif not isinstance(i, slice):
+            raise TypeError(f"Expect int or slice indices but got {type(i).__name__}")
+        slices.append(i)
+    return tuple(slices)
 
 
 def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
