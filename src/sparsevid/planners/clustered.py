@@ -38,7 +38,10 @@ from ._select import _DEFAULT_DENSITY
 # tokens (draft: 0.262); the tail's and the clustering's cost grow with the count.
 _TOKENS_PER_CLUSTER = 32
 _MAX_CLUSTERS = 512
-# Lloyd iterations by default: from a subsample (cold) and from the previous call's centroids (warm).
+# Lloyd iterations by default: from a subsample (cold) and from the previous call's centroids (warm). Measured on
+# the small testbed's keys (128 clusters): the cold objective after 1 / 2 / 4 / 8 / 16 iterations is 1.26-1.29 /
+# 1.13-1.14 / 1.06 / 1.01-1.02 / 1.00 times the converged one; warm from the previous step, 2 iterations land
+# within 1% of the cold start (tests/test_clustered.py).
 _COLD_ITERS = 8
 _WARM_ITERS = 2
 # Score elements (float32) per chunk of the torch assignment: ~64 MiB.
