@@ -8,6 +8,7 @@
 
 from .attention import Backend, available_backends, describe_backends, sparse_attention
 from .backends import register_backend
+from .cluster_plan import ClusterPlan
 from .layout import VideoLayout
 from .plan import BlockPlan
 from .planners import available_planners, plan, register_planner
@@ -18,6 +19,7 @@ __all__ = [
     "apply",
     "remove",
     "BlockPlan",
+    "ClusterPlan",
     "TokenPlan",
     "VideoLayout",
     "available_backends",

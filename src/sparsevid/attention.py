@@ -1,5 +1,5 @@
-"""``sparse_attention``: execute a :class:`BlockPlan` (or an M x 1 :class:`TokenPlan`) on q, k, v — the
-one public entry to the kernels.
+"""``sparse_attention``: execute a :class:`BlockPlan` (or an M x 1 :class:`TokenPlan`, or a
+:class:`ClusterPlan`) on q, k, v — the one public entry to the kernels.
 
 The public function validates everything that can be checked from metadata (no host sync, so it
 stays cheap, ``torch.compile``-able and CUDA-graph capturable), then asks the backend registry
@@ -15,8 +15,9 @@ import numbers
 import torch
 
 from .backends import Backend, available_backends, check_quant, describe_backends, resolve_backend
+from .cluster_plan import ClusterPlan
 from .plan import BlockPlan
-from .tail import check_tail
+from .tail import CLUSTER_TAIL, check_tail
 from .token_plan import TokenPlan
 
 __all__ = ["Backend", "available_backends", "describe_backends", "sparse_attention"]
@@ -32,8 +33,8 @@ def _check_inputs(q, k, v, plan) -> None:
             raise ValueError(f"Expect {name} of shape (B, heads, L, D) (4-D) but got {t.dim()}-D shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"Expect {name}.dtype in float16, bfloat16, float32 but got {t.dtype}")
-    if not isinstance(plan, (BlockPlan, TokenPlan)):
-        raise TypeError(f"Expect plan to be a sparsevid.BlockPlan or sparsevid.TokenPlan but got {type(plan).__name__}")
+    if not isinstance(plan, (BlockPlan, TokenPlan, ClusterPlan)):
+        raise TypeError(f"Expect plan to be a sparsevid.BlockPlan, TokenPlan or ClusterPlan but got {type(plan).__name__}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"Expect q, k, v of one dtype but got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
@@ -74,12 +75,12 @@ def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    plan: BlockPlan | TokenPlan,
+    plan: BlockPlan | TokenPlan | ClusterPlan,
     *,
     scale: float | None = None,
     backend: str | Backend = "auto",
     quant: str | None = None,
-    tail: str | None = None,
+    tail: str | None = "auto",
 ) -> torch.Tensor:
     """Block-sparse attention ``softmax(q kᵀ · scale + plan mask) v``, in the original token order.
 
@@ -88,9 +89,9 @@ def sparse_attention(
             tensor ``.transpose(1, 2)`` is read in place on the GPU path).
         k (Tensor): ``(batch, heads, L, head_dim)``.
         v (Tensor): ``(batch, heads, L, head_dim)``.
-        plan (BlockPlan | TokenPlan): which blocks (or, for a ``TokenPlan``, which key tokens per query
-            block) to compute; ``L == plan.layout.num_tokens``; its batch and heads equal q's or are 1
-            (broadcast).
+        plan (BlockPlan | TokenPlan | ClusterPlan): which blocks (for a ``TokenPlan``, which key tokens per
+            query block; for a ``ClusterPlan``, which key clusters per query cluster) to compute;
+            ``L == plan.layout.num_tokens``; its batch and heads equal q's or are 1 (broadcast).
         scale (float, optional): softmax scale, default ``1 / sqrt(head_dim)``.
         backend (str): ``"auto"`` (the fastest registered backend that supports the inputs: ``fa4``
             on Hopper/Blackwell when installed, ``triton`` on other CUDA GPUs, ``reference`` on the
@@ -101,11 +102,14 @@ def sparse_attention(
             sm89+). Forward only. ``auto`` picks a quantized backend only when ``quant`` asks for one;
             a named quantized backend (``backend="triton-int8"``) runs its own quantization. The
             quantization and its error bounds: :mod:`sparsevid.kernels.reference_quant`.
-        tail (str | None): what the key blocks the plan skips contribute. ``None`` (default): nothing,
-            the kept probabilities are renormalised. A summary method of :mod:`sparsevid.tail`
-            (``"pooled-var"``, ``"pooled-var-32"``) keeps each skipped block in the same softmax as
-            summary terms of this call's k and v. A ``BlockPlan`` only; exact attention only
-            (``quant=None``); backends ``reference``, ``triton``, ``fa4`` (``auto`` picks among them).
+        tail (str | None): what the keys the plan skips contribute. ``"auto"`` (default): the plan type's
+            default, ``None`` for a ``BlockPlan`` or ``TokenPlan``, ``"centroid"`` for a ``ClusterPlan``.
+            ``None``: nothing, the kept probabilities are renormalised. A summary method of
+            :mod:`sparsevid.tail` (``"pooled-var"``, ``"pooled-var-32"``, a ``BlockPlan`` only) keeps each
+            skipped block in the same softmax as summary terms of this call's k and v; ``"centroid"`` (a
+            ``ClusterPlan`` only) keeps each key cluster a query's cluster drops as one term, logit
+            ``scale * q . k_mean + log n``, value the cluster's mean value of this call's v. Exact attention
+            only (``quant=None``); backends that declare a tail pass (``auto`` picks among them).
 
     Returns:
         Tensor ``(batch, heads, L, head_dim)`` in q's dtype. With ``tail=None``, entries outside the plan
@@ -123,14 +127,15 @@ def sparse_attention(
     _check_inputs(q, k, v, plan)
     scale = check_scale(scale, q.shape[-1])
     quant = check_quant(quant)
-    method = check_tail(tail)
+    method = check_tail(tail, plan)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if quant is not None and needs_grad:
         raise ValueError(f"Expect inputs without requires_grad with quant={quant!r} (8-bit attention is forward "
                          "only) but q, k or v requires grad; use quant=None to train, or torch.no_grad()")
     if method is not None:
         check_tail_plan(method, plan, quant)
-        method.group_size(plan.layout)
+        if method is not CLUSTER_TAIL:
+            method.group_size(plan.layout)
     spec = resolve_backend(backend, q, plan, needs_grad, quant, method)
     plan.validate_once()  # built by hand: checked once (host syncs), a planner's plan never
     if method is None:
@@ -139,10 +144,11 @@ def sparse_attention(
 
 
 def check_tail_plan(method, plan, quant) -> None:
-    """A tail needs a ``BlockPlan`` and exact attention."""
+    """A tail needs exact attention, and a ``BlockPlan`` (summaries) or a ``ClusterPlan`` (``"centroid"``,
+    matched by :func:`~sparsevid.tail.check_tail`)."""
     if quant is not None:
         raise ValueError(f"Expect quant=None with tail={method.name!r} (the 8-bit kernels have no tail pass) but got "
                          f"quant={quant!r}; use one of them")
-    if not isinstance(plan, BlockPlan):
+    if not isinstance(plan, (BlockPlan, ClusterPlan)):
         raise TypeError(f"Expect a BlockPlan with tail={method.name!r} but got a {type(plan).__name__} (NYI: summaries "
                         "of a token plan's skipped keys); use tail=None with it")

@@ -121,7 +121,7 @@ class BackendSpec:
         ``needs_grad``: q, k or v requires grad (and grad is enabled); ``tail``: a summary method is asked;
         ``needs``: capabilities of :data:`NEEDS` the caller uses."""
         return self.refusal_for(device=q.device, plan_type=type(plan), dtype=q.dtype, head_dim=q.shape[-1],
-                                block_size=plan.block_size, needs_grad=needs_grad, tail=tail, needs=needs)
+                                block_size=getattr(plan, "block_size", None), needs_grad=needs_grad, tail=tail, needs=needs)
 
     def refusal_for(self, *, device: torch.device | None = None, plan_type: type | None = None,
                     dtype: torch.dtype | None = None, head_dim: int | None = None, block_size: int | None = None,
@@ -313,7 +313,7 @@ def resolve_backend(backend: str | Backend, q: torch.Tensor, plan, needs_grad: b
         NotImplementedError: a named backend without a capability of ``needs`` (``NYI``).
     """
     return _choose(backend, quant, needs, dict(
-        device=q.device, plan_type=type(plan), dtype=q.dtype, head_dim=q.shape[-1], block_size=plan.block_size,
+        device=q.device, plan_type=type(plan), dtype=q.dtype, head_dim=q.shape[-1], block_size=getattr(plan, "block_size", None),
         needs_grad=needs_grad, tail=tail))
 
 
@@ -331,11 +331,14 @@ def check_settings(backend: str | Backend = "auto", *, device=None, dtype: torch
     Raises:
         ValueError / TypeError / NotImplementedError: as the call would.
     """
-    from .tail import check_tail
+    from .tail import auto_tail, check_tail
 
     device = None if device is None else as_device(device)
+    method = check_tail(tail)
+    if isinstance(method, str):  # "auto": the plan type's default tail (none where the plan type is unknown)
+        method = auto_tail(plan_type)
     meta = dict(device=device, plan_type=plan_type, dtype=dtype, head_dim=head_dim, block_size=block_size,
-                tail=check_tail(tail))
+                tail=method)
     return _choose(backend, quant, ("ring",) if ring else (), meta)
 
 

@@ -59,8 +59,10 @@ class SparseVidConfig:
             see ``sparse_attention``). Dense layers and steps keep the user's own attention backend;
             with ``method="dense"`` the layers past ``dense_layers``/``dense_steps`` run the full plan
             through the quantized kernel (``dense_layers=0, dense_steps=0`` quantizes every layer).
-        tail (str | None): what the key blocks a plan skips contribute (see ``sparse_attention`` and
-            :mod:`sparsevid.tail`): ``None`` drops them; ``"pooled-var"`` keeps them as summary terms.
+        tail (str | None): what the keys a plan skips contribute (see ``sparse_attention`` and
+            :mod:`sparsevid.tail`): ``"auto"`` (default) the plan type's default (``None`` for block and
+            token plans, the cluster tail ``"centroid"`` for ``clustered``); ``None`` drops them;
+            ``"pooled-var"`` keeps a block plan's skipped blocks as summary terms.
         head_balance (bool): under Ulysses context parallelism, deal the heads to the ranks so that each
             computes about the same score entries (:mod:`sparsevid.parallel.head_balance`); the result is the
             same either way. No effect without Ulysses.
@@ -76,7 +78,7 @@ class SparseVidConfig:
     planner_options: dict = field(default_factory=dict)
     tile_order: bool | None = None
     quant: str | None = None
-    tail: str | None = None
+    tail: str | None = "auto"
     head_balance: bool = False
 
     @classmethod
@@ -159,12 +161,12 @@ def _is_int(value) -> bool:
 def _check_native(config: SparseVidConfig) -> None:
     """``method=None`` (native attention, reuse only): no setting that shapes sparse attention."""
     from .backends import check_backend_name, check_quant
-    from .tail import check_tail
+    from .tail import AUTO, check_tail
 
     check_backend_name(config.backend)
     check_quant(config.quant)
     tail = check_tail(config.tail)
-    if tail is not None:
+    if tail not in (None, AUTO):
         raise ValueError(f"Expect a method with tail={tail.name!r} (it completes the plans sparsevid computes) but got "
                          "method=None")
     if config.quant is not None:
@@ -179,6 +181,7 @@ def _check_planner(config: SparseVidConfig):
     from .parallel.head_balance import separable
     from .layout import VideoLayout
     from .planners import available_planners
+    from .planners import TokenCountError
     from .planners import plan as make_plan
 
     if config.method not in available_planners():
@@ -191,7 +194,15 @@ def _check_planner(config: SparseVidConfig):
     tiling = config.layout_options
     layout = VideoLayout(2, 4, 4, **tiling) if tiling else VideoLayout(2, 4, 4, tile=(4, 4), block_size=16)
     q = torch.randn(1, 1, layout.num_tokens, 16, generator=torch.Generator().manual_seed(0))
-    return make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **config.plan_options)
+    options = config.plan_options
+    if "centroids" in options:
+        raise ValueError("Expect no centroids in the planner options of sparsevid.apply (the session keeps each layer's "
+                         "and CFG branch's last centroids and passes them itself) but got centroids=")
+    while True:
+        try:
+            return make_plan(q, q, layout, config.method, density=config.density, mass=config.mass, **options)
+        except TokenCountError as e:  # more than this tiny probe holds, not what the model's calls hold
+            options = {k: v for k, v in options.items() if k != e.option}
 
 
 def _check_tail(config: SparseVidConfig, plan) -> None:
@@ -199,12 +210,13 @@ def _check_tail(config: SparseVidConfig, plan) -> None:
     from .attention import check_tail_plan
     from .backends import check_quant
     from .layout import VideoLayout
-    from .tail import check_tail
+    from .tail import CLUSTER_TAIL, check_tail
 
-    tail = check_tail(config.tail)
+    tail = check_tail(config.tail, plan)
     if tail is not None:
         check_tail_plan(tail, plan, check_quant(config.quant))
-        tail.group_size(VideoLayout(2, 4, 4, **config.layout_options))  # the block size the model's layouts will have
+        if tail is not CLUSTER_TAIL:  # tile summaries: their group must divide the model's block size
+            tail.group_size(VideoLayout(2, 4, 4, **config.layout_options))
 
 
 def _check_backend(config: SparseVidConfig, plan, device) -> None:

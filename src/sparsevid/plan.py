@@ -12,7 +12,34 @@ from .layout import VideoLayout
 __all__ = ["BlockPlan"]
 
 
-class _CSRPlan:
+class PlanData:
+    """What every plan type shares with the backends: the launch structs derived from it, and whether its
+    tensors are known to meet the type's invariants (``trusted``: a planner built them so, or ``validate``
+    passed); ``sparse_attention`` validates any other plan (built by hand from user tensors) once before its first
+    launch, since a kernel reading an index out of range crashes the process."""
+
+    def __init__(self, *, trusted: bool = False):
+        self._launches: dict[tuple, object] = {}
+        self._trusted = trusted
+
+    def launch(self, kind: type, *key):
+        """The launch struct ``kind`` of this plan for ``key`` (e.g. the inputs' batch and heads): what a backend's
+        kernel launch reads of the plan, as one frozen dataclass built and checked by ``kind.build(self, *key)``
+        once per (kind, key) and kept with the plan, so a reused plan launches with no preparatory work. A struct
+        is made for one plan type (``kind.plan_type``); each backend defines its own."""
+        if not isinstance(self, kind.plan_type):
+            raise TypeError(f"Expect a {kind.plan_type.__name__} for {kind.__name__} but got a {type(self).__name__}")
+        cache_key = (kind, *key)
+        if cache_key not in self._launches:
+            self._launches[cache_key] = kind.build(self, *key)
+        return self._launches[cache_key]
+
+    def validate_once(self):
+        """:meth:`validate` unless the plan is known valid (a planner built it, or it passed before); returns it."""
+        return self if self._trusted else self.validate()
+
+
+class _CSRPlan(PlanData):
     """What both plan granularities share: per (batch, head, query block), a CSR list of kept keys.
 
     Subclasses name their two tensors (``_COUNTS``, ``_INDICES``, ``_WIDTH``), say what an index
@@ -43,35 +70,15 @@ class _CSRPlan:
             )
         if counts.device != indices.device:
             raise ValueError(f"Expect {c} and {i} on one device but got {counts.device} and {indices.device}")
+        super().__init__(trusted=trusted)
         self.layout = layout
         self._counts = counts
         self._indices = indices
         self.method = method
-        self._launches: dict[tuple, object] = {}
         self._keeps_last: torch.Tensor | None = None  # BlockPlan.keeps_last_block, kept once read
         # stated by the planner that keeps every block (``dense``): backends may then run dense attention
         # without reading the lists (a host-known fact; computing it from the lists would sync)
         self.keeps_everything = keeps_everything
-        # True where a planner built the lists to the invariants (``trusted=True``) or validate() passed;
-        # sparse_attention validates any other plan (built by hand from user tensors) once before its first
-        # launch: a kernel reading an index out of range crashes the process
-        self._trusted = trusted
-
-    def launch(self, kind: type, *key):
-        """The launch struct ``kind`` of this plan for ``key`` (e.g. the inputs' batch and heads): what a backend's
-        kernel launch reads of the plan, as one frozen dataclass built and checked by ``kind.build(self, *key)``
-        once per (kind, key) and kept with the plan, so a reused plan launches with no preparatory work. A struct
-        is made for one plan type (``kind.plan_type``); each backend defines its own."""
-        if not isinstance(self, kind.plan_type):
-            raise TypeError(f"Expect a {kind.plan_type.__name__} for {kind.__name__} but got a {type(self).__name__}")
-        cache_key = (kind, *key)
-        if cache_key not in self._launches:
-            self._launches[cache_key] = kind.build(self, *key)
-        return self._launches[cache_key]
-
-    def validate_once(self):
-        """:meth:`validate` unless the plan is known valid (a planner built it, or it passed before); returns it."""
-        return self if self._trusted else self.validate()
 
     # ------------------------------------------------------------------ what subclasses define
     @property
@@ -162,21 +169,7 @@ class _CSRPlan:
     def __getitem__(self, index):
         """Slice batch and heads: ``plan[b]``, ``plan[:, h]``, ``plan[-1]`` (integer indices keep the
         dimension, so the result is still a plan; out-of-range integers raise ``IndexError``)."""
-        if not isinstance(index, tuple):
-            index = (index,)
-        if len(index) > 2:
-            raise IndexError(f"Expect at most 2 indices (batch, head) but got {len(index)}")
-        slices = []
-        for dim, (i, size) in enumerate(zip(index, self.shape)):
-            if isinstance(i, int) and not isinstance(i, bool):
-                if not -size <= i < size:
-                    raise IndexError(f"Expect {('batch', 'head')[dim]} index in [{-size}, {size}) but got {i}")
-                i %= size
-                i = slice(i, i + 1)
-            elif not isinstance(i, slice):
-                raise TypeError(f"Expect int or slice indices but got {type(i).__name__}")
-            slices.append(i)
-        index = tuple(slices)
+        index = batch_head_slices(index, self.shape)
         counts, indices = self._counts[index], self._indices[index]
         if 0 in counts.shape[:2]:
             raise IndexError(f"Expect a non-empty selection but plan{list(index)} of shape {self.shape} is empty")
@@ -358,6 +351,26 @@ class BlockPlan(_CSRPlan):
             mask_mod=plan_mask,
             seq_lengths=(self.layout.num_slots, self.layout.num_slots),
         )
+
+
+def batch_head_slices(index, shape: tuple[int, int]) -> tuple[slice, ...]:
+    """A plan's ``[index]`` (ints and slices over batch, heads) as slices: integer indices keep the dimension,
+    out-of-range integers raise ``IndexError``."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if len(index) > 2:
+        raise IndexError(f"Expect at most 2 indices (batch, head) but got {len(index)}")
+    slices = []
+    for dim, (i, size) in enumerate(zip(index, shape)):
+        if isinstance(i, int) and not isinstance(i, bool):
+            if not -size <= i < size:
+                raise IndexError(f"Expect {('batch', 'head')[dim]} index in [{-size}, {size}) but got {i}")
+            i %= size
+            i = slice(i, i + 1)
+        elif not isinstance(i, slice):
+            raise TypeError(f"Expect int or slice indices but got {type(i).__name__}")
+        slices.append(i)
+    return tuple(slices)
 
 
 def _dense_to_csr(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,11 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .cluster_plan import ClusterPlan
 from .layout import VideoLayout
 from .kernels.pooling import group_mean_reference, group_tables
 
-__all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks", "summarize_reference", "tail_logits",
-           "tail_operands"]
+__all__ = ["AUTO", "CLUSTER_TAIL", "auto_tail", "TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks",
+           "summarize_reference", "tail_logits", "tail_operands"]
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,44 @@ TAIL_METHODS: dict[str, TailMethod] = {m.name: m for m in (
 )}
 
 
-def check_tail(tail) -> TailMethod | None:
-    """Validate a ``tail=`` value: ``None`` (drop the skipped blocks) or a name in :data:`TAIL_METHODS`."""
-    if tail is None:
-        return None
-    if isinstance(tail, TailMethod):
-        return tail
-    if not isinstance(tail, str) or tail not in TAIL_METHODS:
-        raise ValueError(f"Expect tail in (None, {', '.join(repr(n) for n in TAIL_METHODS)}) but got {tail!r}")
-    return TAIL_METHODS[tail]
+# The cluster tail of a ClusterPlan (sparsevid.cluster_plan): one term per dropped key cluster, logit
+# ``scale q.k_mean + log n``, value ``v_mean``; the plan carries its sizes and mean keys, v gives the mean values.
+CLUSTER_TAIL = TailMethod("centroid", None, "ClusterPlan only: one term per dropped key cluster: its mean key + "
+                                            "log size in the logit, its mean value")
+AUTO = "auto"  # the plan type's default tail: None for a BlockPlan or TokenPlan, "centroid" for a ClusterPlan
+
+
+def check_tail(tail, plan=None) -> TailMethod | str | None:
+    """Validate a ``tail=`` value: ``None`` (drop what the plan skips), ``"auto"`` (the plan type's default),
+    ``"centroid"`` (a ``ClusterPlan``'s cluster tail) or a name in :data:`TAIL_METHODS` (summaries of a
+    ``BlockPlan``'s skipped tiles). With ``plan``, ``"auto"`` is resolved and a tail the plan type does not
+    take is refused; without it, ``"auto"`` is returned as is."""
+    if tail is None or isinstance(tail, TailMethod):
+        method = tail
+    elif isinstance(tail, str) and tail == AUTO:
+        if plan is None:
+            return AUTO
+        method = auto_tail(type(plan))
+    elif isinstance(tail, str) and tail == CLUSTER_TAIL.name:
+        method = CLUSTER_TAIL
+    elif isinstance(tail, str) and tail in TAIL_METHODS:
+        method = TAIL_METHODS[tail]
+    else:
+        names = ", ".join(repr(n) for n in (AUTO, CLUSTER_TAIL.name, *TAIL_METHODS))
+        raise ValueError(f"Expect tail in (None, {names}) but got {tail!r}")
+    if plan is not None and method is not None:
+        if method is CLUSTER_TAIL and not isinstance(plan, ClusterPlan):
+            raise ValueError(f"Expect a ClusterPlan with tail='centroid' (one term per dropped key cluster) but got a "
+                             f"{type(plan).__name__}; use tail=None, 'auto' or one of {', '.join(TAIL_METHODS)}")
+        if method is not CLUSTER_TAIL and isinstance(plan, ClusterPlan):
+            raise ValueError(f"Expect tail in (None, 'auto', 'centroid') with a ClusterPlan but got tail={method.name!r} "
+                             "(summaries of a BlockPlan's skipped tiles); use tail='centroid' (its default)")
+    return method
+
+
+def auto_tail(plan_type: type | None) -> TailMethod | None:
+    """What ``tail="auto"`` means for plans of ``plan_type``: the cluster tail for a ``ClusterPlan``, else none."""
+    return CLUSTER_TAIL if plan_type is not None and issubclass(plan_type, ClusterPlan) else None
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ def apply(
     replan_every: int = 1,
     backend: str = "auto",
     quant: str | None = None,
-    tail: str | None = None,
+    tail: str | None = "auto",
     **planner_options,
 ):
     """A clone of ComfyUI ``ModelPatcher`` ``model`` whose video self-attention runs sparse.

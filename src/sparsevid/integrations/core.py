@@ -31,7 +31,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..attention import check_scale, sparse_attention
-from ..backends import _registry, backend_spec, resolve_backend
+from ..backends import resolve_backend
+from ..cluster_plan import ClusterPlan
 from ..config import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
 from ..parallel.head_balance import HeadBalance
 from ..layout import VideoLayout
@@ -86,6 +87,9 @@ class SparseSession:
         self._in_forward = threading.Lock()
         self._layouts: OrderedDict[tuple, VideoLayout] = OrderedDict()  # least recently used first
         self._plans: dict[tuple, tuple[int, object]] = {}  # cache key -> (step planned, plan)
+        # cache key (layer, call, CFG branch = call in step, shape, ...) -> the last plan's centroids: the next
+        # plan of that key starts from them (planners whose plans carry centroids: ``clustered``)
+        self._centroids: dict[tuple, tuple] = {}
         self._mask_reads: dict[tuple, object] = {}  # what this forward's masks hold, read once each
         self._warned: set[str] = set()  # warnings given once per session
         self._unchecked: set[VideoLayout] = set()  # cached layouts whose first plan's density is not compared yet
@@ -107,9 +111,10 @@ class SparseSession:
 
     # ------------------------------------------------------------------ schedule
     def reset(self) -> None:
-        """Forget the step counter and cached plans (a pipeline call ended); counts survive."""
+        """Forget the step counter, cached plans and centroids (a pipeline call ended); counts survive."""
         self.step, self.call_in_step, self._last_t, self._timesteps = -1, 0, None, None
         self._plans.clear()
+        self._centroids.clear()
 
     def release(self) -> None:
         """Drop what the session holds on the device (layouts, plans, mask reads); counts survive."""
@@ -182,8 +187,9 @@ class SparseSession:
         self.step = step
 
     def _new_generation(self, timesteps, steps: int | None) -> None:
-        """Drop the last generation's plans; fix this generation's dense warm-up from its schedule."""
+        """Drop the last generation's plans and centroids; fix this generation's dense warm-up from its schedule."""
         self._plans.clear()
+        self._centroids.clear()
         self.step, self.call_in_step, self._timesteps = -1, 0, timesteps
         asked = self.config.dense_steps
         if self.config.method is None:  # native attention (reuse only): no warm-up to fix
@@ -298,8 +304,12 @@ class SparseSession:
 
     def _new_plan(self, query, key, layout: VideoLayout, cache_key: tuple, tag: tuple):
         config = self.config
+        warm = self._centroids.get(cache_key)
+        options = config.plan_options if warm is None else {**config.plan_options, "centroids": warm}
         plan = make_plan(query, key, layout, config.method, density=config.density, mass=config.mass,
-                         validate=False, **config.plan_options)
+                         validate=False, **options)
+        if getattr(plan, "centroids", None) is not None:  # device tensors, kept as they are: no host read
+            self._centroids[cache_key] = plan.centroids
         if config.replan_every > 1:  # kept only for reuse: every layer's plan held at once costs GBs at 720p
             self._plans[cache_key] = (self.step, plan)
         self.plans_made += 1
@@ -354,6 +364,13 @@ class SparseSession:
         kind, asked, _ = budget(self.config)
         landed = plan.density if kind == "density" else None
         if landed is None or landed <= _OVERSHOOT * asked:
+            return
+        if isinstance(plan, ClusterPlan):  # no blocks: what it forces is the key clusters of its own tokens
+            self._warn_once("density", f"sparsevid: density={asked} asked but the clustered plans of this {self.name}'s "
+                            f"{layout.num_tokens}-token calls compute {landed:.2f} of the entries (every query keeps "
+                            f"the key clusters holding its cluster's own tokens{', and text is dense' if layout.text_tokens else ''}); "
+                            "more, smaller clusters (q_clusters, k_clusters) land closer")
+            self._unchecked.clear()
             return
         bs, nb = layout.block_size, layout.num_blocks
         forced = _forced_entries(layout) / layout.num_tokens**2

@@ -434,7 +434,7 @@ def apply(
     reuse=None,
     tile_order: bool | None = None,
     quant: str | None = None,
-    tail: str | None = None,
+    tail: str | None = "auto",
     head_balance: bool = False,
     **planner_options,
 ) -> SparseVidHandle:
@@ -455,9 +455,10 @@ def apply(
             sparse; dense layers and steps keep the user's attention backend. ``method="dense",
             quant="int8"`` asks for quantized dense attention (a full plan through the 8-bit kernel;
             add ``dense_layers=0, dense_steps=0`` for every layer and step). Forward only.
-        tail (str | None): what the key blocks a plan skips contribute: ``None`` (default) drops them;
-            ``"pooled-var"`` keeps each as a summary term in the same softmax (:mod:`sparsevid.tail`).
-            Backends ``fa4``, ``triton``, ``reference``; refused with ``quant=`` and token plans.
+        tail (str | None): what the keys a plan skips contribute: ``"auto"`` (default) the plan type's
+            default: nothing for block and token plans, the cluster tail ``"centroid"`` for
+            ``method="clustered"``; ``None`` drops them; ``"pooled-var"`` keeps each skipped block as a
+            summary term in the same softmax (:mod:`sparsevid.tail`). Refused with ``quant=`` and token plans.
         head_balance (bool): under diffusers' Ulysses (or hybrid) context parallelism, deal the heads to
             the ranks by the computed entries of their last plans (:mod:`sparsevid.parallel.head_balance`), so
             that ranks finish together; the output is the same. Refused for planners whose plan of a

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from ..backends import register_backend
+from ..cluster_plan import ClusterPlan
 from ..plan import BlockPlan
-from ..tail import TailSummaries, summarize_reference, tail_logits, tail_operands
+from ..tail import CLUSTER_TAIL, TailSummaries, kept_blocks, summarize_reference, tail_logits, tail_operands
 from ..token_plan import TokenPlan
 
 # Gathered key/value elements per chunk (float32): about 64 MiB each for k and v.
@@ -205,11 +206,15 @@ def _ring_step(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, *, t
 
 
 @register_backend(
-    "reference", plans=(BlockPlan, TokenPlan), devices=("cpu", "cuda", "mps", "xpu"), backward=True, priority=0,
-    auto_devices=("cpu", "cuda", "mps", "xpu"), summarize=summarize_reference, ring_step=_ring_step,
+    "reference", plans=(BlockPlan, TokenPlan, ClusterPlan), devices=("cpu", "cuda", "mps", "xpu"), backward=True,
+    priority=0, auto_devices=("cpu", "cuda", "mps", "xpu"), summarize=summarize_reference, ring_step=_ring_step,
     description="pure PyTorch, float32 math, chunked: any device, autograd, the oracle of the kernels",
 )
 def _reference_backend(q, k, v, plan, scale, tail=None):
+    if isinstance(plan, ClusterPlan):
+        from .reference_cluster import sparse_attention_reference_clusters  # it builds on this module's core
+
+        return sparse_attention_reference_clusters(q, k, v, plan, scale, centroid_tail=tail is CLUSTER_TAIL)
     if isinstance(plan, TokenPlan):
         return sparse_attention_reference_tokens(
             q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale

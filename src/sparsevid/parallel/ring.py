@@ -165,7 +165,7 @@ def ring_backend(backend: str, q: torch.Tensor, plan: BlockPlan, tail=None) -> s
         NotImplementedError: a backend without a ring step (``fa4``, the 8-bit ones).
         ValueError / TypeError: a named ring backend that cannot run these inputs.
     """
-    return resolve_backend(backend, q, plan, tail=check_tail(tail), needs=("ring",)).name
+    return resolve_backend(backend, q, plan, tail=check_tail(tail, plan), needs=("ring",)).name
 
 
 def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, rank: int,
@@ -186,7 +186,7 @@ def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         ``(out, steps)``: ``out`` ``(B, H, C, D)`` in q's dtype; ``steps``: the chunks whose step ran,
         in ring order (rank, rank + 1, ...).
     """
-    method = check_tail(tail)
+    method = check_tail(tail, plan)
     spec = resolve_backend(backend, q, plan, tail=method, needs=("ring",))
     B, H, size = q.shape[:3]
     tables = chunk_tables(plan.layout, chunks, q.device)

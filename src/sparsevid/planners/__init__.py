@@ -1,5 +1,6 @@
 """Planners: each turns (q, k, layout, options) into a :class:`~sparsevid.plan.BlockPlan`
-(or, for the M x 1 planner ``finegrained``, a :class:`~sparsevid.token_plan.TokenPlan`).
+(or, for the M x 1 planner ``finegrained``, a :class:`~sparsevid.token_plan.TokenPlan`; for ``clustered``, a
+:class:`~sparsevid.cluster_plan.ClusterPlan`).
 
 A planner is a function ``fn(q, k, layout, *, density=None, mass=None, **options) -> BlockPlan``
 registered under a name with :func:`register_planner`. :func:`plan` validates the common
@@ -15,13 +16,25 @@ from typing import Callable
 
 import torch
 
+from ..cluster_plan import ClusterPlan
 from ..layout import VideoLayout
 from ..plan import BlockPlan
 from ..token_plan import TokenPlan
 
-__all__ = ["PlannerSpec", "plan", "planner_spec", "planners_taking", "register_planner", "available_planners"]
+__all__ = ["PlannerSpec", "TokenCountError", "available_planners", "plan", "planner_spec", "planners_taking",
+           "register_planner"]
 
 _BUDGETS = ("density", "mass")
+
+
+class TokenCountError(ValueError):
+    """A planner option that this call's tokens cannot take (e.g. more clusters than video tokens), ``option``
+    naming it. Raised at plan; ``sparsevid.apply``'s check on a tiny input leaves the option out instead (the
+    model's calls have more tokens), having checked its type and range."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,7 @@ class PlannerSpec:
 
 _PLANNERS: dict[str, PlannerSpec] = {}
 # Import order is registration order, the order of the comparison tables (demo, bench frontier)
-_BUILTIN = ("draft", "xattn", "window", "finegrained", "random", "dense")
+_BUILTIN = ("draft", "xattn", "window", "finegrained", "random", "dense", "clustered")
 
 
 def register_planner(name: str, *, budgets: tuple[str, ...] = ("density",),
@@ -112,7 +125,7 @@ def plan(
     block_size: int | None = None,
     validate: bool = True,
     **options,
-) -> BlockPlan | TokenPlan:
+) -> BlockPlan | TokenPlan | ClusterPlan:
     """Choose which attention blocks to compute.
 
     Args:
@@ -124,7 +137,7 @@ def plan(
             achieved ``plan.density`` is within one key block per query block of it, or above it
             where the forced blocks (own block, text) alone exceed it.
         mass (float, optional): alternatively, the attention probability mass to keep, in (0, 1]
-            (planners with a probability estimate: ``draft``, ``xattn``).
+            (planners with a probability estimate: ``draft``, ``xattn``, ``clustered``).
         tile (tuple, optional), block_size (int, optional): override the layout's tiling (a
             ``block_size`` without ``tile`` picks the tile with :func:`auto_tile`).
         validate (bool): check that q and k are finite and the plan's invariants (``plan.validate()``;
@@ -133,7 +146,7 @@ def plan(
         **options: planner-specific options (see each planner's docstring).
 
     Returns:
-        BlockPlan on q's device (TokenPlan for ``method="finegrained"``).
+        BlockPlan on q's device (TokenPlan for ``method="finegrained"``, ClusterPlan for ``"clustered"``).
 
     Raises:
         TypeError / ValueError naming the argument: bad shapes, dtypes, devices, ``L`` that does not

@@ -32,9 +32,9 @@ def add_tail_argument(parser: argparse.ArgumentParser, what: str) -> None:
     """``--tail METHOD ...``: values of ``tail=``, one configuration each (``none``: the skipped blocks dropped);
     ``args.tail`` is their list with ``none`` as ``None``, each once; a repeated ``--tail`` adds its values.
     ``what``: what a value adds, for the help."""
-    from ...tail import TAIL_METHODS
+    from ...tail import AUTO, CLUSTER_TAIL, TAIL_METHODS
 
-    names = ("none", *TAIL_METHODS)
+    names = ("none", AUTO, CLUSTER_TAIL.name, *TAIL_METHODS)
 
     def tail_value(text: str) -> str | None:
         if text not in names:
@@ -43,7 +43,9 @@ def add_tail_argument(parser: argparse.ArgumentParser, what: str) -> None:
 
     parser.add_argument("--tail", nargs="+", type=tail_value, default=[None], action=_Values,
                         metavar="{" + ",".join(names) + "}",
-                        help=f"{what}: none (the skipped blocks dropped) or a summary method of sparsevid.tail; "
+                        help=f"{what}: none (the skipped keys dropped), auto (the plan type's default: the cluster tail for "
+                             "clustered plans, none otherwise), centroid (clustered plans) or a summary method of "
+                             "sparsevid.tail; "
                              "repeatable, each value once (default: none)")
 
 
