@@ -152,6 +152,23 @@ def test_matches_oracle(case, tail):
         assert rel_err(out, oracle(q, k, v, layout, truth, plan.k_means, scale, None)) > 10 * TOL[dtype]
 
 
+@pytest.mark.parametrize("tail", ["auto", None])
+def test_through_the_triton_backend(tail):
+    """fp16 through ``sparse_attention(backend="triton")`` with a real ClusterPlan (its module comes with the
+    clustered planner's branch), per-head plan, text first."""
+    cluster_plan = pytest.importorskip("sparsevid.cluster_plan")
+    import sparsevid as sv
+
+    layout = VideoLayout(frames=2, height=4, width=6, text_tokens=7, text_first=True)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = inputs(layout, 2, 2, 64, torch.float16, g, True)
+    fields, truth = make_plan(layout, 2, 2, 5, 6, 0.3, k.float(), g)
+    plan = cluster_plan.ClusterPlan(*fields).to(DEVICE)
+    out = sv.sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), plan, backend="triton", tail=tail)
+    ref = oracle(q, k, v, layout, truth, fields.k_means, 64 ** -0.5, tail == "auto")
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
 def test_tail_exact_for_constant_keys_in_each_cluster():
     """Keys equal within each key cluster: one centroid term is the cluster's exact mass, so the clustered
     output with the tail equals dense attention (whatever the plan keeps)."""
