@@ -116,7 +116,8 @@ class BackendSpec:
                                f"{q.dtype}{note}; use backend='reference'")
         if self.head_dims is not None and q.shape[-1] not in self.head_dims:
             return ValueError, f"Expect head_dim in {self.head_dims} for backend {name!r} but got {q.shape[-1]}"
-        if self.block_sizes is not None and plan.block_size not in self.block_sizes:
+        # a ClusterPlan has no block size (its clusters are token ranges)
+        if self.block_sizes is not None and getattr(plan, "block_size", None) not in (None, *self.block_sizes):
             return ValueError, (f"Expect plan.block_size in {self.block_sizes} for backend {name!r} but got "
                                 f"{plan.block_size}")
         if needs_grad and device.type not in self.backward:

@@ -1,9 +1,9 @@
 """The Triton backends: sparsevid's Triton kernels, with the tile permutation fused into their loads and
 stores — ``triton``: ``triton_blocksparse`` for a ``BlockPlan`` (with the tail fused in), ``triton_gather``
-for a ``TokenPlan``; ``triton-int8`` / ``triton-fp8``: ``triton_quant``. The portable GPU path (any CUDA GPU
-Triton supports); on the CPU only under the Triton interpreter (``TRITON_INTERPRET=1``, tests; float16
-only there). The kernel modules are imported at the first call, so registering these backends needs no
-Triton installed."""
+for a ``TokenPlan``, ``triton_cluster`` for a ``ClusterPlan`` (its cluster tail fused in); ``triton-int8`` /
+``triton-fp8``: ``triton_quant``. The portable GPU path (any CUDA GPU Triton supports); on the CPU only
+under the Triton interpreter (``TRITON_INTERPRET=1``, tests; float16 only there). The kernel modules are
+imported at the first call, so registering these backends needs no Triton installed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 import torch
 
 from ..backends import register_backend
+from ..cluster_plan import ClusterPlan
 from ..plan import BlockPlan
 from ..token_plan import TokenPlan
 
@@ -27,17 +28,23 @@ def _requires() -> str | None:
 
 
 @register_backend(
-    "triton", plans=(BlockPlan, TokenPlan),
+    "triton", plans=(BlockPlan, TokenPlan, ClusterPlan),
     devices=_DEVICES,
     dtypes=(torch.float16,) if _INTERPRET else (torch.float16, torch.bfloat16),
     dtype_note="the Triton interpreter, TRITON_INTERPRET=1, computes bfloat16 wrongly" if _INTERPRET else None,
     # the block is the query tile: tl.arange needs a power of two
     head_dims=(64, 96, 128), block_sizes=(16, 32, 64, 128), priority=20, auto_devices=("cuda",),
     requires=_requires, tail=True,
-    description="sparsevid's Triton kernels (FlashAttention-2 class), permutation fused; BlockPlan and TokenPlan",
+    description="sparsevid's Triton kernels (FlashAttention-2 class), permutation fused; BlockPlan, TokenPlan, "
+                "ClusterPlan",
 )
 def _triton_backend(q, k, v, plan, scale, tail=None):
     B, H = q.shape[:2]
+    if isinstance(plan, ClusterPlan):
+        from .triton_cluster import cluster_attention_triton, cluster_launch
+
+        launch = plan.derived("triton_cluster_launch", lambda: cluster_launch(plan))
+        return cluster_attention_triton(q, k, v, plan, scale, tail=getattr(tail, "name", None), launch=launch)
     if isinstance(plan, TokenPlan):
         from .triton_gather import token_sparse_attn
 
