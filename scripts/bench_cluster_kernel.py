@@ -28,6 +28,11 @@ from sparsevid.kernels.cluster_means import cluster_value_means
 from sparsevid.layout import VideoLayout
 
 
+# (packed, gather_kv, tail): the tile walks compared with the tail off, then the tail's cost
+VARIANTS = [(False, False, None), (False, True, None), (True, False, None), (True, True, None),
+            (True, False, "centroid"), (False, False, "centroid")]
+
+
 def synthetic_plan(layout, heads, cq, ck, density, spread, head_dim, k, g):
     """A clustered plan's fields (one batch, ``heads`` heads) and per-token labels ``(lq, lk)`` and ``keep``."""
     V, dev = layout.video_tokens, k.device
@@ -132,14 +137,15 @@ def main() -> None:
     for bm in args.block_m:
         launch_ms = time_ms(lambda: cluster_launch(fields, bm), **timer)
         launch = cluster_launch(fields, bm)
-        for gather in (False, True):
-            for tail in (None, "centroid"):
-                def fn():
-                    return cluster_attention_triton(q, k, v, fields, scale, tail=tail, launch=launch, gather_kv=gather)
-                ms = time_ms(fn, **timer)
-                err = check_rows(fn(), q, k, v, fields, truth, scale, tail, rows_idx)
-                name = f"clustered bm={bm} {'gathered k/v' if gather else 'k/v via k_order'} tail={tail}"
-                results.append([name, f"{launch_ms:.3f}", density, ms, dense_ms / ms, f"{err:.2e}"])
+        for packed, gather, tail in VARIANTS:
+            def fn():
+                return cluster_attention_triton(q, k, v, fields, scale, tail=tail, launch=launch, gather_kv=gather,
+                                                packed=packed)
+            ms = time_ms(fn, **timer)
+            err = check_rows(fn(), q, k, v, fields, truth, scale, tail, rows_idx)
+            name = (f"clustered bm={bm} {'packed' if packed else 'by range'} "
+                    f"{'gathered k/v' if gather else 'k/v via k_order'} tail={tail}")
+            results.append([name, f"{launch_ms:.3f}", density, ms, dense_ms / ms, f"{err:.2e}"])
     print(f"# clustered kernel: B={B} H={H} L={L} D={D} {args.dtype}, {args.q_clusters}/{args.k_clusters} clusters "
           f"(log-normal sigma {args.spread}), kept {args.density} of the keys; {environment()}")
     print(markdown_table(["kernel", "launch struct ms", "density", "ms", "vs dense", "rows rel-L2"],

@@ -124,26 +124,26 @@ def on_device(plan):
 
 SMALL = dict(frames=2, height=5, width=7)
 CASES = [
-    # layout, B, H, D, dtype, transposed, plan (B', H'), Cq, Ck, block_m, gather_kv
-    (dict(SMALL, text_tokens=9, text_first=False), 2, 2, 32, torch.float32, False, (2, 2), 7, 9, 16, False),
-    (dict(SMALL, text_tokens=9, text_first=True), 2, 2, 64, torch.float32, True, (2, 2), 6, 11, 32, True),
-    (dict(SMALL), 2, 2, 32, torch.float16, True, (2, 2), 9, 8, 16, False),
-    (dict(SMALL, text_tokens=5, text_first=True), 2, 3, 32, torch.float16, False, (2, 1), 5, 7, 16, True),
-    (dict(SMALL, text_tokens=20), 2, 2, 48, torch.float16, False, (1, 2), 8, 6, 16, False),
+    # layout, B, H, D, dtype, transposed, plan (B', H'), Cq, Ck, block_m, gather_kv, packed
+    (dict(SMALL, text_tokens=9, text_first=False), 2, 2, 32, torch.float32, False, (2, 2), 7, 9, 16, False, True),
+    (dict(SMALL, text_tokens=9, text_first=True), 2, 2, 64, torch.float32, True, (2, 2), 6, 11, 32, True, True),
+    (dict(SMALL), 2, 2, 32, torch.float16, True, (2, 2), 9, 8, 16, False, False),
+    (dict(SMALL, text_tokens=5, text_first=True), 2, 3, 32, torch.float16, False, (2, 1), 5, 7, 16, True, False),
+    (dict(SMALL, text_tokens=20), 2, 2, 48, torch.float16, False, (1, 2), 8, 6, 16, False, True),
 ]
 
 
 @pytest.mark.parametrize("tail", [None, "centroid"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_matches_oracle(case, tail):
-    lk_, B, H, D, dtype, transposed, (pb, ph), cq, ck, block_m, gather_kv = CASES[case]
+    lk_, B, H, D, dtype, transposed, (pb, ph), cq, ck, block_m, gather_kv, packed = CASES[case]
     layout = VideoLayout(**lk_)
     g = torch.Generator().manual_seed(case)
     q, k, v = inputs(layout, B, H, D, dtype, g, transposed)
     plan, truth = make_plan(layout, pb, ph, cq, ck, 0.3, k.float(), g)
     scale = 0.9 / math.sqrt(D)
     out = cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(plan), scale, tail=tail,
-                                   block_m=block_m, gather_kv=gather_kv)
+                                   block_m=block_m, gather_kv=gather_kv, packed=packed)
     assert out.shape == q.shape and out.dtype == dtype and out.stride() == q.stride()
     ref = oracle(q, k, v, layout, truth, plan.k_means, scale, tail)
     assert torch.isfinite(out).all()
@@ -226,6 +226,9 @@ def test_launch_tiles_and_merged_ranges():
                 got[lo:hi] = True
             ids = torch.nonzero(keep[0, h, c]).squeeze(1)
             assert torch.equal(got, keep[0, h, c][lk[0, h].sort(stable=True).values])
+            packed = torch.arange(int(launch.kept_num[0, h, c]))  # packed index -> position, by the search's rule
+            r = (launch.range_cum[0, h, c][None, :] <= packed[:, None]).sum(1)
+            assert torch.equal(packed + launch.range_shift[0, h, c][r], torch.nonzero(got).squeeze(1))
             starts, prev_ends = plan.k_offsets[0, h, ids[1:]], plan.k_offsets[0, h, ids[:-1] + 1]
             runs = int((starts != prev_ends).sum()) + 1 if ids.numel() else 0
             assert len(ranges) == runs
@@ -255,15 +258,16 @@ def test_refusals():
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong under the Triton interpreter (CPU); checked on CUDA")
-@pytest.mark.parametrize("dtype, gather_kv, block_m", [
-    (torch.float16, False, 64), (torch.bfloat16, True, 64), (torch.bfloat16, False, 128), (torch.float16, True, 128)])
-def test_cuda(dtype, gather_kv, block_m):
+@pytest.mark.parametrize("dtype, gather_kv, block_m, packed", [
+    (torch.float16, False, 64, True), (torch.bfloat16, True, 64, False), (torch.bfloat16, False, 128, False),
+    (torch.float16, True, 128, True)])
+def test_cuda(dtype, gather_kv, block_m, packed):
     layout = VideoLayout(frames=3, height=13, width=21, text_tokens=40)
     g = torch.Generator().manual_seed(block_m)
     q, k, v = inputs(layout, 2, 3, 128, dtype, g, True)
     plan, truth = make_plan(layout, 2, 3, 40, 50, 0.15, k.float(), g)
     for tail in (None, "centroid"):
         out = cluster_attention_triton(q.cuda(), k.cuda(), v.cuda(), on_device(plan), tail=tail, block_m=block_m,
-                                       gather_kv=gather_kv)
+                                       gather_kv=gather_kv, packed=packed)
         ref = oracle(q, k, v, layout, truth, plan.k_means, 128 ** -0.5, tail)
         assert rel_err(out, ref) < TOL[dtype]

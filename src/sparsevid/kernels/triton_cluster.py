@@ -61,6 +61,11 @@ class ClusterLaunch:
         ranges (Tensor): int32 ``(B', H', Cq, R, 2)``: each query cluster's kept keys as merged ranges
             ``[start, end)`` of positions in ``k_order``; entries past ``range_num`` unspecified.
         range_num (Tensor): int32 ``(B', H', Cq)``: ranges per query cluster.
+        range_cum, range_shift (Tensor): int32 ``(B', H', Cq, RP)``, ``RP`` a power of two > ``R``: the kept
+            keys of a query cluster packed end to end (packed index ``p``): each range's end in packed indices
+            (inclusive prefix sum of the lengths; ``2**31 - 1`` past ``range_num``), and ``start - packed start``,
+            so a packed index ``p`` in range ``r`` is position ``p + range_shift[r]`` of ``k_order``.
+        kept_num (Tensor): int32 ``(B', H', Cq)``: kept video keys per query cluster.
         kept (Tensor): uint8 ``(B', H', Cq, Ck)``: 1 where the query cluster keeps the key cluster.
         log_n (Tensor): float32 ``(B', H', Ck)``: log of each key cluster's size, ``-inf`` when empty.
         k_means (Tensor): float32 ``(B', H', Ck, D)``: the plan's mean keys.
@@ -73,6 +78,9 @@ class ClusterLaunch:
     tiles: torch.Tensor
     ranges: torch.Tensor
     range_num: torch.Tensor
+    range_cum: torch.Tensor
+    range_shift: torch.Tensor
+    kept_num: torch.Tensor
     kept: torch.Tensor
     log_n: torch.Tensor
     k_means: torch.Tensor
@@ -109,6 +117,14 @@ def cluster_launch(plan, block_m: int | None = None) -> ClusterLaunch:
     r_start = torch.zeros(shape, dtype=torch.long, device=dev).scatter_(-1, torch.where(opens, slot, mk), starts)
     r_end = torch.zeros(shape, dtype=torch.long, device=dev).scatter_reduce_(-1, slot, ends, "amax")
     ranges = torch.stack([r_start[..., :mk], r_end[..., :mk]], -1).int().contiguous()
+    range_num = opens.sum(-1)
+    rp = triton.next_power_of_2(mk + 1)  # >= one padding entry: the packed search never reads past the row
+    in_use = torch.arange(mk, device=dev) < range_num[..., None]
+    length = torch.where(in_use, r_end[..., :mk] - r_start[..., :mk], 0)
+    cum = length.cumsum(-1)
+    pad = (0, rp - mk)
+    range_cum = F.pad(torch.where(in_use, cum, 2**31 - 1), pad, value=2**31 - 1).int().contiguous()
+    range_shift = F.pad(torch.where(in_use, r_start[..., :mk] - (cum - length), 0), pad).int().contiguous()
     kept = torch.zeros(pb, ph, cq, ck + 1, dtype=torch.uint8, device=dev)
     kept = kept.scatter_(-1, torch.where(live, j, ck), 1)[..., :ck].contiguous()
 
@@ -130,7 +146,8 @@ def cluster_launch(plan, block_m: int | None = None) -> ClusterLaunch:
     log_n = torch.where(sizes > 0, sizes.clamp_min(1).float().log(), float("-inf"))
     text_start = 0 if layout.text_first else layout.video_tokens
     return ClusterLaunch(
-        tiles.int().contiguous(), ranges, opens.sum(-1).int().contiguous(), kept, log_n.contiguous(),
+        tiles.int().contiguous(), ranges, range_num.int().contiguous(), range_cum, range_shift,
+        cum[..., -1].int().contiguous() if mk else range_num.int(), kept, log_n.contiguous(),
         plan.k_means.float().contiguous(), plan.q_order.int().contiguous(), plan.k_order.int().contiguous(),
         plan.k_offsets.int().contiguous(), block_m, text_start, layout.text_tokens,
     )
@@ -160,6 +177,38 @@ def _range_inner(
         p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, qk)
         v = load_keys(v_base, tok, stride_vn, stride_vk, offs_d, HEAD_DIM, HEAD_DIM_P)
         acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _packed_inner(
+    acc, l_i, m_i, q,  #
+    k_base, v_base, idx_base, cum_base, shift_base, total,  #
+    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,  #
+    offs_n, offs_d,  #
+    GATHER: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
+    LOG_RP: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+):
+    """Online softmax over a query cluster's ``total`` kept keys packed end to end across its ranges, in
+    ``BLOCK_N`` chunks (only the last one masked): each lane finds its range by a branch-free binary search
+    over the ranges' packed ends (``cum_base``, ``2**LOG_RP`` entries), then its position in ``k_order``."""
+    for start in tl.range(0, total, BLOCK_N, num_stages=NUM_STAGES):
+        p = start + offs_n
+        ok = p < total
+        r = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for s in tl.static_range(LOG_RP):
+            half: tl.constexpr = 1 << (LOG_RP - 1 - s)
+            r = tl.where(tl.load(cum_base + r + (half - 1)) <= p, r + half, r)  # r = ranges ending at or before p
+        pos = p + tl.load(shift_base + r)
+        if GATHER:
+            tok = tl.load(idx_base + pos, mask=ok, other=0).to(tl.int64)
+        else:
+            tok = tl.where(ok, pos, 0).to(tl.int64)
+        k = load_keys(k_base, tok, stride_kn, stride_kk, offs_d, HEAD_DIM, HEAD_DIM_P)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(ok, 0.0, float("-inf"))[None, :]
+        p_ij, acc, l_i, m_i = softmax_update(acc, l_i, m_i, qk)
+        v = load_keys(v_base, tok, stride_vn, stride_vk, offs_d, HEAD_DIM, HEAD_DIM_P)
+        acc = tl.dot(p_ij.to(v.dtype), v, acc)
     return acc, l_i, m_i
 
 
@@ -200,17 +249,19 @@ def _configs():
 
 
 # --------------------------------------------------------------------------------------- kernel
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "TAIL", "PRE_GATHERED"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "TAIL", "PRE_GATHERED", "PACKED", "LOG_RP"])
 @triton.jit
 def _cluster_attn_fwd(
-    Q, K, V, Out, KG, VG, QOrder, KOrder, Tiles, Ranges, RangeNum, Kept, LogN, KMeans, VMeans, sm_scale,  #
+    Q, K, V, Out, KG, VG, QOrder, KOrder, Tiles, Ranges, RangeNum, RangeCum, RangeShift, KeptNum,  #
+    Kept, LogN, KMeans, VMeans, sm_scale,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
     stride_vz, stride_vh, stride_vn, stride_vk,  #
     stride_oz, stride_oh, stride_om, stride_ok,  #
     H, PLAN_H, PLAN_Z_STEP, PLAN_H_STEP, NV, NT, CQ, CK, R, TEXT0, NTEXT,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
-    BLOCK_T: tl.constexpr, TAIL: tl.constexpr, PRE_GATHERED: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+    BLOCK_T: tl.constexpr, TAIL: tl.constexpr, PRE_GATHERED: tl.constexpr, PACKED: tl.constexpr,  #
+    LOG_RP: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
     bh = tl.program_id(1).to(tl.int64)
     off_z = bh // H
@@ -243,22 +294,38 @@ def _cluster_attn_fwd(
     )
     # kept key clusters, as merged ranges of cluster-sorted positions
     crow = pbh * CQ + c
-    for r in range(0, tl.load(RangeNum + crow)):
-        bounds = Ranges + (crow * R + r) * 2
-        lo = tl.load(bounds)
-        hi = tl.load(bounds + 1)
-        if PRE_GATHERED:  # contiguous (B, H, V, D) copies in cluster order
-            acc, l_i, m_i = _range_inner(
-                acc, l_i, m_i, q, KG + bh * NV * HEAD_DIM, VG + bh * NV * HEAD_DIM, KOrder, lo, hi,  #
-                HEAD_DIM, 1, HEAD_DIM, 1, qk_scale, offs_n, offs_d,  #
-                False, BLOCK_N, HEAD_DIM, HEAD_DIM_P, NUM_STAGES,  #
+    if PACKED:
+        cum_base = RangeCum + crow * (1 << LOG_RP)
+        shift_base = RangeShift + crow * (1 << LOG_RP)
+        if PRE_GATHERED:
+            acc, l_i, m_i = _packed_inner(
+                acc, l_i, m_i, q, KG + bh * NV * HEAD_DIM, VG + bh * NV * HEAD_DIM, KOrder, cum_base, shift_base,  #
+                tl.load(KeptNum + crow), HEAD_DIM, 1, HEAD_DIM, 1, qk_scale, offs_n, offs_d,  #
+                False, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_RP, NUM_STAGES,  #
             )
         else:
-            acc, l_i, m_i = _range_inner(
-                acc, l_i, m_i, q, k_base, v_base, KOrder + pbh * NV, lo, hi,  #
-                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_n, offs_d,  #
-                True, BLOCK_N, HEAD_DIM, HEAD_DIM_P, NUM_STAGES,  #
+            acc, l_i, m_i = _packed_inner(
+                acc, l_i, m_i, q, k_base, v_base, KOrder + pbh * NV, cum_base, shift_base,  #
+                tl.load(KeptNum + crow), stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_n, offs_d,  #
+                True, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_RP, NUM_STAGES,  #
             )
+    else:  # range by range
+        for r in range(0, tl.load(RangeNum + crow)):
+            bounds = Ranges + (crow * R + r) * 2
+            lo = tl.load(bounds)
+            hi = tl.load(bounds + 1)
+            if PRE_GATHERED:  # contiguous (B, H, V, D) copies in cluster order
+                acc, l_i, m_i = _range_inner(
+                    acc, l_i, m_i, q, KG + bh * NV * HEAD_DIM, VG + bh * NV * HEAD_DIM, KOrder, lo, hi,  #
+                    HEAD_DIM, 1, HEAD_DIM, 1, qk_scale, offs_n, offs_d,  #
+                    False, BLOCK_N, HEAD_DIM, HEAD_DIM_P, NUM_STAGES,  #
+                )
+            else:
+                acc, l_i, m_i = _range_inner(
+                    acc, l_i, m_i, q, k_base, v_base, KOrder + pbh * NV, lo, hi,  #
+                    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_n, offs_d,  #
+                    True, BLOCK_N, HEAD_DIM, HEAD_DIM_P, NUM_STAGES,  #
+                )
     if TAIL:
         acc, l_i, m_i = _centroid_tail(
             acc, l_i, m_i, q,  #
@@ -326,6 +393,7 @@ def cluster_attention_triton(
     launch: ClusterLaunch | None = None,
     block_m: int | None = None,
     gather_kv: bool = False,
+    packed: bool = True,
     config: dict | None = None,
 ) -> torch.Tensor:
     """Execute a clustered plan.
@@ -340,6 +408,8 @@ def cluster_attention_triton(
         launch (ClusterLaunch | None): :func:`cluster_launch` of this plan, when the caller keeps it with the plan.
         block_m (int | None): query rows per tile when ``launch`` is not given (16, 32, 64, 128).
         gather_kv (bool): read kept keys from cluster-sorted copies of k and v made by this call.
+        packed (bool): walk a query cluster's kept keys packed end to end across its ranges (only the last
+            chunk masked) instead of range by range (each range's last chunk masked).
         config (dict | None): bypass the autotuner, e.g. ``{"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}``.
 
     Returns:
@@ -364,12 +434,14 @@ def cluster_attention_triton(
     grid = (launch.tiles.shape[2], B * H)
     args = (
         q, k, v, out, kg, vg, launch.q_order, launch.k_order, launch.tiles, launch.ranges, launch.range_num,  #
-        launch.kept, launch.log_n, launch.k_means, v_means, scale,  #
+        launch.range_cum, launch.range_shift, launch.kept_num, launch.kept, launch.log_n, launch.k_means, v_means,  #
+        scale,  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
         H, ph, int(pb > 1), int(ph > 1), nv, launch.tiles.shape[2], cq, ck, launch.ranges.shape[3], t0, nt,  #
     )
     meta = dict(HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), BLOCK_M=launch.block_m, BLOCK_T=BLOCK_T,
-                TAIL=tail is not None, PRE_GATHERED=gather_kv)
+                TAIL=tail is not None, PRE_GATHERED=gather_kv, PACKED=packed,
+                LOG_RP=launch.range_cum.shape[-1].bit_length() - 1)
     if config is None:
         _cluster_attn_fwd[grid](*args, **meta)
     else:
