@@ -110,7 +110,8 @@ def main() -> None:
 
     import sparsevid as sv
     from sparsevid.kernels.triton_blocksparse import block_sparse_attn, launch_tables
-    from sparsevid.kernels.triton_cluster import cluster_attention_triton, cluster_launch
+    from sparsevid.kernels.triton_cluster import (cluster_attention_triton, cluster_launch,
+                                                  cluster_value_means_triton)
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     layout = VideoLayout(frames=args.frames, height=args.height, width=args.width, text_tokens=args.text_tokens)
@@ -137,6 +138,10 @@ def main() -> None:
     for bm in args.block_m:
         launch_ms = time_ms(lambda: cluster_launch(fields, bm), **timer)
         launch = cluster_launch(fields, bm)
+        if bm == args.block_m[0]:  # the tail's mean values, a part of every tail=centroid time below
+            for name, means in (("torch", lambda: cluster_value_means(v, fields.k_order, fields.k_offsets)),
+                                ("triton", lambda: cluster_value_means_triton(v, launch))):
+                results.append([f"mean values ({name})", "-", density, time_ms(means, **timer), float("nan"), "-"])
         for packed, gather, tail in VARIANTS:
             def fn():
                 return cluster_attention_triton(q, k, v, fields, scale, tail=tail, launch=launch, gather_kv=gather,

@@ -16,7 +16,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from sparsevid.kernels.cluster_means import cluster_value_means  # noqa: E402
-from sparsevid.kernels.triton_cluster import cluster_attention_triton, cluster_launch  # noqa: E402
+from sparsevid.kernels.triton_cluster import (cluster_attention_triton, cluster_launch,  # noqa: E402
+                                              cluster_value_means_triton)
 from sparsevid.layout import VideoLayout  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -187,6 +188,7 @@ def test_tail_exact_for_constant_keys_in_each_cluster():
 
 
 def test_value_means_match_labels():
+    """The PyTorch segment means and their Triton twin against means taken over the labels."""
     layout = VideoLayout(frames=2, height=3, width=5, text_tokens=4, text_first=True)
     g = torch.Generator().manual_seed(3)
     q, k, v = inputs(layout, 2, 3, 16, torch.float16, g, True)
@@ -198,6 +200,9 @@ def test_value_means_match_labels():
     assert means.dtype == torch.float32 and means.shape == (2, 3, 6, 16)
     assert torch.allclose(means.double(), ref, atol=1e-6)
     assert (means[:, :, 0] == 0).all()  # the empty cluster
+    fast = cluster_value_means_triton(v.to(DEVICE), cluster_launch(on_device(plan)))
+    assert fast.dtype == torch.float32 and fast.shape == (2, 3, 6, 16)
+    assert torch.allclose(fast.double().cpu(), ref, atol=1e-6)
 
 
 def test_launch_tiles_and_merged_ranges():

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .cluster_means import cluster_value_means
 from .triton_common import INTERPRET, LOG2E, head_dim_padded, init_state, load_keys, load_rows, softmax_update, store_rows
 
-__all__ = ["ClusterLaunch", "cluster_attention_triton", "cluster_launch", "check_cluster_inputs"]
+__all__ = ["ClusterLaunch", "check_cluster_inputs", "cluster_attention_triton", "cluster_launch",
+           "cluster_value_means_triton"]
 
 BLOCK_T = 16 if INTERPRET else 64  # key clusters per tile of the tail scan
 BLOCK_MS = (16, 32, 64, 128)  # query rows per tile that the kernel compiles for
@@ -239,6 +239,50 @@ def _centroid_tail(
     return acc, l_i, m_i
 
 
+# --------------------------------------------------------------------------------------- mean values
+@triton.jit
+def _value_means(
+    V, KOrder, KOffsets, Out,  #
+    stride_vz, stride_vh, stride_vn, stride_vk,  #
+    H, PLAN_H, PLAN_Z_STEP, PLAN_H_STEP, NV, CK,  #
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, ROWS: tl.constexpr,  #
+):
+    """One program per (key cluster, batch x head): the mean of the cluster's v rows (read through
+    ``k_order``), float32, into a contiguous ``(B, H, Ck, D)``."""
+    j = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    off_z = bh // H
+    off_h = bh % H
+    pbh = off_z * PLAN_Z_STEP * PLAN_H + off_h * PLAN_H_STEP
+    lo = tl.load(KOffsets + pbh * (CK + 1) + j)
+    hi = tl.load(KOffsets + pbh * (CK + 1) + j + 1)
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    v_base = V + off_z * stride_vz + off_h * stride_vh
+    acc = tl.zeros([ROWS, HEAD_DIM_P], dtype=tl.float32)
+    for start in range(lo, hi, ROWS):
+        pos = start + offs_r
+        ok = pos < hi
+        tok = tl.load(KOrder + pbh * NV + pos, mask=ok, other=0).to(tl.int64)
+        acc += load_rows(v_base, tok, ok, stride_vn, stride_vk, offs_d, HEAD_DIM).to(tl.float32)
+    mean = tl.sum(acc, 0) / tl.maximum(hi - lo, 1).to(tl.float32)
+    tl.store(Out + (bh * CK + j) * HEAD_DIM + offs_d, mean, mask=offs_d < HEAD_DIM)
+
+
+def cluster_value_means_triton(v: torch.Tensor, launch: ClusterLaunch) -> torch.Tensor:
+    """:func:`~sparsevid.kernels.cluster_means.cluster_value_means` (its PyTorch twin) in one launch: float32
+    ``(B, H, Ck, D)``, contiguous, from ``v`` ``(B, H, L, D)`` (any strides) and the plan's key clusters."""
+    B, H, _, D = v.shape
+    pb, ph, nv = launch.k_order.shape
+    ck = launch.k_offsets.shape[-1] - 1
+    out = torch.empty(B, H, ck, D, dtype=torch.float32, device=v.device)
+    _value_means[(ck, B * H)](
+        v, launch.k_order, launch.k_offsets, out, *v.stride(), H, ph, int(pb > 1), int(ph > 1), nv, ck,  #
+        HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), ROWS=16 if INTERPRET else 32, num_warps=4,  #
+    )
+    return out
+
+
 # --------------------------------------------------------------------------------------- autotune
 def _configs():
     if INTERPRET:  # the CPU interpreter runs every config: one small one
@@ -425,7 +469,7 @@ def cluster_attention_triton(
         out[:, :, t0:t0 + nt] = F.scaled_dot_product_attention(q[:, :, t0:t0 + nt], k, v, scale=scale)
     pb, ph, nv = launch.q_order.shape
     cq, ck = launch.kept.shape[-2:]
-    v_means = cluster_value_means(v, launch.k_order, launch.k_offsets) if tail else q  # q: never read
+    v_means = cluster_value_means_triton(v, launch) if tail else q  # q: never read
     if gather_kv:
         index = launch.k_order.long()[..., None].expand(B, H, nv, D)
         kg, vg = torch.gather(k, 2, index).contiguous(), torch.gather(v, 2, index).contiguous()
