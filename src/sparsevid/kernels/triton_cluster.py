@@ -13,14 +13,17 @@ programs past the real tiles exit at once. Tiles run longest first (kept key tok
 A program's online softmax (FlashAttention-2, fp32 state, base 2, :mod:`triton_common`) walks:
 
 1. the text keys, one contiguous range of the original order;
-2. the kept key clusters as token ranges of the cluster-sorted keys: adjacent kept clusters are merged
-   into one range once per plan, and each range is read in ``BLOCK_N`` chunks, the last one masked. The
-   keys are read through ``k_order`` (``gather_kv=False``) or from a cluster-sorted copy of k and v made
-   once per call (``gather_kv=True``: contiguous ranges);
+2. the kept key clusters as token ranges of the cluster-sorted keys (adjacent kept clusters merged into one
+   range once per plan), in ``BLOCK_N`` chunks, either *packed* (``packed=True``: the ranges end to end, each
+   lane finding its range by a branch-free binary search over the ranges' packed ends, so only a row's last
+   chunk is partial) or range by range (each range's last chunk masked). The keys are read through
+   ``k_order`` (``gather_kv=False``) or from cluster-sorted copies of k and v made once per call
+   (``gather_kv=True``: contiguous ranges);
 3. with the cluster tail (``tail="centroid"``): every non-empty key cluster the row's query cluster does not
-   keep, as one term with logit ``scale * q·k̄_j + log n_j`` and value ``v̄_j`` (the plan's mean key, this
-   call's mean value, :func:`~sparsevid.kernels.cluster_means.cluster_value_means`); all ``Ck`` clusters are
-   scanned in ``BLOCK_T`` tiles against a keep mask, so the tail costs a ``Ck x D`` dot per row.
+   keep, as one term with logit ``scale * q·k̄_j + log n_j`` and value ``v̄_j`` (the plan's mean key; this
+   call's mean value, from one launch of ``_value_means`` before the kernel, the twin of
+   :func:`~sparsevid.kernels.cluster_means.cluster_value_means`); all ``Ck`` clusters are scanned in
+   ``BLOCK_T`` tiles against a keep mask, so the tail costs a ``Ck x D`` dot per row.
 
 The finished rows are written to their ORIGINAL positions (through ``q_order``), in q's dtype. Text query
 rows attend to every key: they are a separate dense pass (``scaled_dot_product_attention`` on the text
