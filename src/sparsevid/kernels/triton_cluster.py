@@ -200,7 +200,7 @@ def _packed_inner(
         ok = p < total
         r = tl.zeros([BLOCK_N], dtype=tl.int32)
         for s in tl.static_range(LOG_RP):
-            half: tl.constexpr = 1 << (LOG_RP - 1 - s)
+            half = 1 << (LOG_RP - 1 - s)
             r = tl.where(tl.load(cum_base + r + (half - 1)) <= p, r + half, r)  # r = ranges ending at or before p
         pos = p + tl.load(shift_base + r)
         if GATHER:
@@ -225,7 +225,7 @@ def _centroid_tail(
     joins the softmax as one term, logit ``scale q·k̄ + log n`` (natural units, converted to base 2), value
     ``v̄`` (``km_base`` / ``vm_base``: contiguous float32 ``(Ck, D)``)."""
     d_ok = offs_d < HEAD_DIM
-    for j0 in range(0, CK, BLOCK_T):
+    for j0 in tl.range(0, CK, BLOCK_T, num_stages=1):  # unpipelined: float32 tiles, 3 stages took 160 KB
         offs_j = j0 + tl.arange(0, BLOCK_T)
         j_ok = offs_j < CK
         dropped = tl.load(kept_base + offs_j, mask=j_ok, other=1) == 0
