@@ -158,6 +158,26 @@ def cluster_launch(plan, block_m: int | None = None) -> ClusterLaunch:
 
 # --------------------------------------------------------------------------------------- inner loops
 @triton.jit
+def _chunk(
+    acc, l_i, m_i, q,  #
+    k_base, v_base, idx_base, pos, ok, fallback,  #
+    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_d,  #
+    GATHER: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
+):
+    """One online-softmax step over the keys at positions ``pos`` (lanes where ``ok`` is False masked out):
+    rows ``idx_base[pos]`` of k/v with ``GATHER``, rows ``pos`` otherwise (masked lanes read row ``fallback``)."""
+    if GATHER:
+        tok = tl.load(idx_base + pos, mask=ok, other=0).to(tl.int64)
+    else:
+        tok = tl.where(ok, pos, fallback).to(tl.int64)
+    k = load_keys(k_base, tok, stride_kn, stride_kk, offs_d, HEAD_DIM, HEAD_DIM_P)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(ok, 0.0, float("-inf"))[None, :]
+    p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, qk)
+    v = load_keys(v_base, tok, stride_vn, stride_vk, offs_d, HEAD_DIM, HEAD_DIM_P)
+    return tl.dot(p.to(v.dtype), v, acc), l_i, m_i
+
+
+@triton.jit
 def _range_inner(
     acc, l_i, m_i, q,  #
     k_base, v_base, idx_base, lo, hi,  #
@@ -171,15 +191,9 @@ def _range_inner(
     for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         pos = start + offs_n
         ok = pos < hi
-        if GATHER:
-            tok = tl.load(idx_base + pos, mask=ok, other=0).to(tl.int64)
-        else:
-            tok = tl.where(ok, pos, lo).to(tl.int64)  # past the range: re-read its first row, masked out below
-        k = load_keys(k_base, tok, stride_kn, stride_kk, offs_d, HEAD_DIM, HEAD_DIM_P)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(ok, 0.0, float("-inf"))[None, :]
-        p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, qk)
-        v = load_keys(v_base, tok, stride_vn, stride_vk, offs_d, HEAD_DIM, HEAD_DIM_P)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc, l_i, m_i = _chunk(acc, l_i, m_i, q, k_base, v_base, idx_base, pos, ok, lo,  #
+                               stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_d,  #
+                               GATHER, HEAD_DIM, HEAD_DIM_P)
     return acc, l_i, m_i
 
 
@@ -202,16 +216,9 @@ def _packed_inner(
         for s in tl.static_range(LOG_RP):
             half = 1 << (LOG_RP - 1 - s)
             r = tl.where(tl.load(cum_base + r + (half - 1)) <= p, r + half, r)  # r = ranges ending at or before p
-        pos = p + tl.load(shift_base + r)
-        if GATHER:
-            tok = tl.load(idx_base + pos, mask=ok, other=0).to(tl.int64)
-        else:
-            tok = tl.where(ok, pos, 0).to(tl.int64)
-        k = load_keys(k_base, tok, stride_kn, stride_kk, offs_d, HEAD_DIM, HEAD_DIM_P)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale + tl.where(ok, 0.0, float("-inf"))[None, :]
-        p_ij, acc, l_i, m_i = softmax_update(acc, l_i, m_i, qk)
-        v = load_keys(v_base, tok, stride_vn, stride_vk, offs_d, HEAD_DIM, HEAD_DIM_P)
-        acc = tl.dot(p_ij.to(v.dtype), v, acc)
+        acc, l_i, m_i = _chunk(acc, l_i, m_i, q, k_base, v_base, idx_base, p + tl.load(shift_base + r), ok, 0,  #
+                               stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_d,  #
+                               GATHER, HEAD_DIM, HEAD_DIM_P)
     return acc, l_i, m_i
 
 
