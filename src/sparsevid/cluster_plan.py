@@ -306,13 +306,20 @@ def _labels(order: torch.Tensor, offsets: torch.Tensor, num_tokens: int) -> torc
 
 
 def cluster_value_means(v: torch.Tensor, plan: ClusterPlan) -> torch.Tensor:
-    """float32 ``(B, H, Ck, D)``: the mean value row of each key cluster of ``plan`` (zeros for an empty one),
-    from this call's ``v`` ``(B, H, L, D)``: the cluster tail's values, for every backend (differentiable)."""
+    """float32 ``(B, H, Ck, D)``, contiguous: the mean value row of each key cluster of ``plan`` (zeros for an
+    empty one), from this call's ``v`` ``(B, H, L, D)`` (any strides): the cluster tail's values, for every
+    backend (differentiable; the Triton twin is ``kernels.triton_cluster.cluster_value_means_triton``). Reads
+    only ``plan.k_order`` and ``plan.k_offsets``; sums are taken in float32."""
     B, H, _, D = v.shape
-    V, ck = plan.layout.video_tokens, plan.num_k_clusters
-    order = plan.k_order.long().expand(B, H, V)
-    rows = v.gather(2, order.unsqueeze(-1).expand(B, H, V, D)).float()  # (B, H, V, D), cluster-sorted
-    labels = plan.k_labels().expand(B, H, -1).gather(2, order)  # (B, H, V): the cluster of each sorted row
-    sums = torch.zeros(B, H, ck, D, dtype=torch.float32, device=v.device).scatter_add(
-        2, labels.unsqueeze(-1).expand(B, H, V, D), rows)
-    return sums / plan.k_sizes.clamp(min=1).expand(B, H, ck).unsqueeze(-1).float()
+    nv = plan.k_order.shape[-1]
+    ck = plan.k_offsets.shape[-1] - 1
+    order = plan.k_order.long().expand(B, H, nv)
+    offsets = plan.k_offsets.long()
+    rows = torch.gather(v, 2, order[..., None].expand(B, H, nv, D)).float()  # (B, H, V, D), cluster-sorted
+    # cluster of each sorted position: how many clusters end at or before it (empty clusters end where they start)
+    pos = torch.arange(nv, device=v.device).expand(*offsets.shape[:2], nv).contiguous()
+    labels = torch.searchsorted(offsets[..., 1:].contiguous(), pos, right=True).expand(B, H, nv)
+    segment = (torch.arange(B * H, device=v.device).view(B, H, 1) * ck + labels).reshape(-1)
+    sums = torch.zeros(B * H * ck, D, dtype=torch.float32, device=v.device).index_add(0, segment, rows.reshape(-1, D))
+    sizes = offsets.diff(dim=-1).clamp_min(1).expand(B, H, ck)
+    return sums.view(B, H, ck, D) / sizes[..., None]

@@ -1,9 +1,9 @@
 """The Triton backends: sparsevid's Triton kernels, with the tile permutation fused into their loads and
 stores — ``triton``: ``triton_blocksparse`` for a ``BlockPlan`` (with the tail fused in), ``triton_gather``
-for a ``TokenPlan``; ``triton-int8`` / ``triton-fp8``: ``triton_quant``. The portable GPU path (any CUDA GPU
-Triton supports); on the CPU only under the Triton interpreter (``TRITON_INTERPRET=1``, tests; float16
-only there). The kernel modules are imported at the first call, so registering these backends needs no
-Triton installed."""
+for a ``TokenPlan``, ``triton_cluster`` for a ``ClusterPlan`` (its cluster tail fused in); ``triton-int8`` /
+``triton-fp8``: ``triton_quant``. The portable GPU path (any CUDA GPU Triton supports); on the CPU only
+under the Triton interpreter (``TRITON_INTERPRET=1``, tests; float16 only there). The kernel modules are
+imported at the first call, so registering these backends needs no Triton installed."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..backends import register_backend, register_quant_backends
+from ..cluster_plan import ClusterPlan
 from ..plan import BlockPlan
 from ..tail import tail_operands
 from ..token_plan import TokenPlan
@@ -98,16 +99,22 @@ def _ring_step(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, *, t
 
 
 @register_backend(
-    "triton", plans=(BlockPlan, TokenPlan),
+    "triton", plans=(BlockPlan, TokenPlan, ClusterPlan),
     devices=_DEVICES,
     dtypes=(torch.float16,) if _INTERPRET else (torch.float16, torch.bfloat16),
     dtype_note="the Triton interpreter, TRITON_INTERPRET=1, computes bfloat16 wrongly" if _INTERPRET else None,
     head_dims=(64, 96, 128), block_sizes=BLOCK_SIZES, priority=20, auto_devices=("cuda",),
     requires=_requires, summarize=summarize_tail, ring_step=_ring_step,
-    description="sparsevid's Triton kernels (FlashAttention-2 class), permutation fused; BlockPlan and TokenPlan",
+    description="sparsevid's Triton kernels (FlashAttention-2 class), permutation fused; BlockPlan, TokenPlan, "
+                "ClusterPlan",
 )
 def _triton_backend(q, k, v, plan, scale, tail=None):
     B, H = q.shape[:2]
+    if isinstance(plan, ClusterPlan):
+        from .triton_cluster import ClusterLaunch, cluster_attention_triton
+
+        launch = plan.launch(ClusterLaunch, None)
+        return cluster_attention_triton(q, k, v, plan, scale, tail=getattr(tail, "name", None), launch=launch)
     if isinstance(plan, TokenPlan):
         from .triton_gather import token_sparse_attn
 
