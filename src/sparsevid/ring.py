@@ -34,7 +34,10 @@ module: there is no per-step transfer to skip, so skipping saves compute, not co
 **The tail** (``tail=``, :mod:`sparsevid.tail`): the summaries are the whole sequence's (from the
 gathered k and v, the one-GPU summaries), and each query row's summary terms join the softmax of its
 own chunk's step, the one never skipped: every skipped block's term is counted once, whichever
-chunks its tokens lie in, and the merge makes the result the one-GPU tail output.
+chunks its tokens lie in, and the merge makes the result the one-GPU tail output for a tail taken as it
+is (``TailMethod.fixed()``). How much of the tail a (batch, head) takes (:func:`~sparsevid.tail.decide_tail`)
+each rank decides from probe rows of its own chunk (it holds every key and value): it may differ from the
+one-GPU call's decision, which samples the whole sequence.
 
 A step is one launch of a block-sparse kernel with the query chunk's and the key chunk's tables and a
 log-sum-exp output (``key_perm=``, ``return_lse=``): the ``triton`` kernel on CUDA, its PyTorch twin
@@ -55,7 +58,7 @@ from .backends import backend_spec, check_backend_name
 from .kernels.reference import sparse_attention_reference
 from .layout import VideoLayout
 from .plan import BlockPlan, _dense_to_csr
-from .tail import check_tail, kept_blocks, summarize_reference
+from .tail import check_tail, decide_tail, kept_blocks, summarize_reference
 
 __all__ = ["RING_BACKENDS", "ChunkTable", "RingGroup", "all_gather", "chunk_tables", "gather_sequence",
            "merge_partials", "needed_steps", "ring_backend", "ring_rank_attention", "ring_steps", "simulate_ring"]
@@ -186,7 +189,7 @@ def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     B, H, size = q.shape[:3]
     tables = chunk_tables(plan.layout, chunks, q.device)
     steps = ring_steps(plan, chunks, rank)
-    summaries = kept = None
+    summaries = kept = gate = None
     if method is not None:
         if backend == "triton":
             from .kernels.triton_tail import summarize_triton
@@ -194,7 +197,11 @@ def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
             summaries = summarize_triton(k, v, plan.layout, method.group_size(plan.layout))
         else:
             summaries = summarize_reference(k, v, plan.layout, method)
-        kept = kept_blocks(plan)[:, :, tables[rank].blocks].expand(B, H, -1, -1)
+        blocks = kept_blocks(plan)
+        kept = blocks[:, :, tables[rank].blocks].expand(B, H, -1, -1)
+        # the rank decides from its own chunk's rows (it holds every key and value): its probe rows are
+        # the chunk's, so with a decision the ring's output may differ from the one-GPU call's
+        gate = decide_tail(q, k, v, plan.layout, blocks, summaries, scale, method.probes, offset=rank * size)
     out = lse = None
     ran = []
     for i in range(chunks):
@@ -209,12 +216,12 @@ def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
 
             part = sparse_attention_triton(
                 q, k[:, :, chunk], v[:, :, chunk], tables[rank].slots, counts, indices, plan.block_size, scale,
-                tail=summaries if own else None, kept=kept if own else None, key_perm=tables[j].slots,
+                tail=summaries if own else None, kept=kept if own else None, gate=gate, key_perm=tables[j].slots,
                 return_lse=True)
         else:
             part = sparse_attention_reference(
                 q, k[:, :, chunk], v[:, :, chunk], tables[rank].slots, counts, indices, plan.block_size, scale,
-                tail=summaries if own else None, kept=kept if own else None, key_perm=tables[j].slots,
+                tail=summaries if own else None, kept=kept if own else None, gate=gate, key_perm=tables[j].slots,
                 return_lse=True)
         out, lse = part if out is None else merge_partials(out, lse, *part)
         ran.append(j)

@@ -35,14 +35,20 @@ groups (``NB * block_size // group``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
 from .layout import VideoLayout
 from .pooling import group_mean_reference, group_tables
 
-__all__ = ["TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks", "summarize_reference", "tail_logits"]
+__all__ = ["PROBES", "TAIL_METHODS", "TAIL_WEIGHTS", "TailMethod", "TailSummaries", "check_tail", "choose_tail",
+           "decide_tail", "fixed_gate", "kept_blocks", "probe_rows", "summarize_reference", "tail_logits"]
+
+PROBES = 32  # exact query rows per (batch, head) that measure the tail in each call (tens: their cost is rows x L)
+TAIL_WEIGHTS = tuple(2.0 ** (-k / 2) for k in range(9))  # the weights w a summary may take: 1, 1/√2, ..., 1/16
+_KEY_CHUNK = 4096  # keys upcast to float32 at a time for the probe rows (never a float32 copy of k or v)
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,19 @@ class TailMethod:
         group (int | None): key tokens per summary (consecutive tile-order slots); ``None``: one
             summary per key block.
         description (str): one line for docs.
+        probes (int): exact query rows per (batch, head) from which each call decides how much of the tail
+            it takes (:func:`decide_tail`); ``0``: the summaries as they are (:meth:`fixed`).
     """
 
     name: str
     group: int | None
     description: str
+    probes: int = PROBES
+
+    def fixed(self) -> "TailMethod":
+        """The same summaries taken as they are, with no decision: what the tail costs and what its formula
+        gives (benchmarks, the formula's tests)."""
+        return replace(self, probes=0)
 
     def group_size(self, layout: VideoLayout) -> int:
         """Tokens per summary on ``layout`` (its block size, or the method's group where that divides it)."""
@@ -81,6 +95,8 @@ def check_tail(tail) -> TailMethod | None:
     if tail is None:
         return None
     if isinstance(tail, TailMethod):
+        if isinstance(tail.probes, bool) or not isinstance(tail.probes, int) or tail.probes < 0:
+            raise ValueError(f"Expect tail.probes as an int >= 0 but got {tail.probes!r}")
         return tail
     if not isinstance(tail, str) or tail not in TAIL_METHODS:
         raise ValueError(f"Expect tail in (None, {', '.join(repr(n) for n in TAIL_METHODS)}) but got {tail!r}")
@@ -131,9 +147,10 @@ def kept_blocks(plan) -> torch.Tensor:
     return plan.to_dense()
 
 
-def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> torch.Tensor:
-    """The logits ``z`` of query rows ``q`` (float ``(B, H, *, M, D)``) against every summary group ->
-    float32 ``(B, H, *, M, NS)`` (before the kept groups are masked out): the reference definition."""
+def _summary_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, correction)``, float32 ``(B, H, *, M, NS)``: the mean-key part of the logits of query rows
+    ``q`` (float ``(B, H, *, M, D)``) against every summary group, ``s q·k̄ + log n``, and the clipped
+    variance correction ``min(½ s² (q∘q)·σ², s |q| r)``."""
     q = q.float()
     extra = q.dim() - 4  # dims between heads and rows (the reference's chunk of query blocks)
     expand = (slice(None), slice(None)) + (None,) * extra
@@ -141,7 +158,137 @@ def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> torc
     def against(x):  # (B, H, NS, ...) -> broadcast over the extra dims
         return x.float()[expand]
 
-    z = torch.matmul(q, against(summaries.keys).transpose(-1, -2)) * scale + summaries.log_count.float()
+    mean = torch.matmul(q, against(summaries.keys).transpose(-1, -2)) * scale + summaries.log_count.float()
     gauss = torch.matmul(q.square(), against(summaries.key_var).transpose(-1, -2)) * (0.5 * scale * scale)
     bound = q.norm(dim=-1, keepdim=True) * against(summaries.key_radius).unsqueeze(-2) * scale
-    return z + torch.minimum(gauss, bound)
+    return mean, torch.minimum(gauss, bound)
+
+
+def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits ``z`` of query rows ``q`` (float ``(B, H, *, M, D)``) against every summary group ->
+    float32 ``(B, H, *, M, NS)`` (before the kept groups are masked out): the reference definition.
+    ``gate``: each (batch, head)'s decision (:func:`decide_tail`): ``z = mean + c · correction + log w``;
+    ``None``: ``c = 1``, ``w = 1``."""
+    mean, correction = _summary_logits(q, summaries, scale)
+    if gate is None:
+        return mean + correction
+    per_head = gate.float()[(slice(None), slice(None)) + (None,) * (q.dim() - 2)]  # (B, H, 1.., 2)
+    return mean + correction * per_head[..., 1] + per_head[..., 0]
+
+
+# --------------------------------------------------------------------------------------- the decision
+def fixed_gate(batch: int, heads: int, device) -> torch.Tensor:
+    """The decision that takes the summaries as they are: float32 ``(B, H, 2)`` of ``(log w, c) = (0, 1)``."""
+    return torch.tensor([0.0, 1.0], device=device).expand(batch, heads, 2).contiguous()
+
+
+def probe_rows(layout: VideoLayout, probes: int, device, lo: int = 0, hi: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, blocks)``, int64 ``(P,)``: a fixed sample of ``P = min(probes, hi - lo)`` of the tokens
+    ``[lo, hi)`` (default: all), evenly strided over the tile order (so over the query blocks and their plan
+    rows), as indices from ``lo``, and the query block of each. Built once per layout, sample and device."""
+    hi = layout.num_tokens if hi is None else hi
+    key = (str(torch.device(device)), "probes", probes, lo, hi)
+    tables = layout._device_tables.get(key)
+    return tables if tables is not None else _build_probe_rows(layout, key)
+
+
+@torch.compiler.disable  # eager, like the layout's tables: cached constants with integer divisions
+@torch.inference_mode(False)
+def _build_probe_rows(layout: VideoLayout, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    device, _, probes, lo, hi = key
+    slots = torch.arange(layout.num_tokens)
+    tokens = layout.perm[: layout.num_tokens]  # tile order has no padding before the last block
+    inside = (tokens >= lo) & (tokens < hi)
+    tokens, slots = tokens[inside], slots[inside]
+    n = tokens.numel()
+    count = min(probes, n)
+    pick = (torch.arange(count) * 2 + 1) * n // (2 * count)  # the middle of each of count equal strides
+    layout._device_tables[key] = ((tokens[pick] - lo).to(device), (slots[pick] // layout.block_size).to(device))
+    return layout._device_tables[key]
+
+
+def _partial(scores: torch.Tensor, values) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax partial over the last dim of ``scores`` (float32, ``-inf`` = not in the partial): ``(out, lse)``,
+    a row with no entry zero with ``-inf``. ``values(probs)`` multiplies the probabilities with the values."""
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
+    return values(probs), lse
+
+
+def choose_tail(exact: torch.Tensor, kept_out: torch.Tensor, kept_lse: torch.Tensor, tail_out: torch.Tensor,
+                tail_lse: torch.Tensor, weights: tuple[float, ...] = TAIL_WEIGHTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much of a tail each (batch, head) takes, from probe rows whose exact attention is known: the
+    decision every tail shares (tile summaries, cluster centroids).
+
+    Each option merges the kept-only partial with a tail candidate's partial, that partial's log-sum-exp
+    shifted by ``log w`` (flash-decoding's combine, :func:`sparsevid.ring.merge_partials`), and is scored by
+    its squared error to the exact rows, summed over the probe rows; dropping (``w = 0``, the kept partial
+    alone) is an option and wins ties, so the chosen option is never worse than dropping on the probe rows.
+
+    Args:
+        exact (Tensor): float32 ``(B, H, P, D)``: the probe rows' exact attention output (all keys).
+        kept_out, kept_lse (Tensor): float32 ``(B, H, P, D)``, ``(B, H, P)``: their partial over the kept keys.
+        tail_out, tail_lse (Tensor): float32 ``(C, B, H, P, D)``, ``(C, B, H, P)``: their partial over the tail
+            terms of each of ``C`` candidates (e.g. mean summaries, variance-corrected ones).
+        weights (tuple[float, ...]): the weights ``w`` in ``(0, 1]`` tried for each candidate.
+
+    Returns:
+        ``(choice, log_weight)``: int64 ``(B, H)``, the chosen candidate (``-1``: drop), and float32 ``(B, H)``,
+        ``log w`` (``-inf``: drop).
+    """
+    from .ring import merge_partials
+
+    log_w = torch.tensor(weights, dtype=torch.float32, device=exact.device).log()
+    shift = log_w[:, None, None, None, None]  # (W, 1, 1, 1, 1) against the candidates' (1, C, B, H, P)
+    merged, _ = merge_partials(kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0) + shift)
+    errors = (merged - exact).square().sum(dim=(-1, -2)).transpose(0, 1).flatten(0, 1)  # (C * W, B, H)
+    drop = (kept_out - exact).square().sum(dim=(-1, -2))
+    best = torch.cat([drop.unsqueeze(0), errors]).argmin(dim=0)  # the first minimum: dropping wins ties
+    option = (best - 1).clamp(min=0)
+    choice = torch.where(best == 0, -1, option // len(weights))
+    log_weight = torch.where(best == 0, float("-inf"), log_w[option % len(weights)])
+    return choice, log_weight
+
+
+@torch.no_grad()  # a discrete choice: no gradient flows through it
+def decide_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, kept: torch.Tensor,
+                summaries: TailSummaries, scale: float, probes: int = PROBES, offset: int = 0) -> torch.Tensor:
+    """The call's decision on its summaries, per (batch, head), from ``probes`` exact query rows
+    (:func:`probe_rows`): drop them, take the mean summaries or the variance-corrected ones, with a weight
+    ``w`` (:func:`choose_tail`). A device tensor, no host sync; the kernels read it and never decide.
+
+    Args:
+        q (Tensor): ``(B, H, M, D)``: the query rows at hand, tokens ``[offset, offset + M)`` of the layout
+            (all of them, or a ring rank's chunk).
+        k, v (Tensor): ``(B, H, L, D)``: every key and value.
+        layout (VideoLayout): the layout of the ``L`` tokens.
+        kept (Tensor): bool ``(B or 1, H or 1, NB, NB)``: the plan as a block mask (:func:`kept_blocks`).
+        summaries (TailSummaries): the summaries of ``k``, ``v``.
+        scale (float): softmax scale.
+        probes (int): rows sampled per call; ``0``: :func:`fixed_gate`.
+        offset (int): the token of ``q``'s first row.
+
+    Returns:
+        Tensor: float32 ``(B, H, 2)``: ``(log w, c)`` of each (batch, head), ``log w = -inf`` to drop the tail,
+        ``c`` the weight of the variance correction (0: mean summaries, 1: corrected); :func:`tail_logits`.
+    """
+    B, H, M, D = q.shape
+    if probes == 0:
+        return fixed_gate(B, H, q.device)
+    rows, blocks = probe_rows(layout, probes, q.device, offset, offset + M)
+    kept_rows = kept[:, :, blocks]  # (B', H', P, NB)
+    kept_keys = kept_rows[..., layout.on(q.device).block_of_token]  # (B', H', P, L)
+    qp = q[:, :, rows].float()
+    chunks = range(0, k.shape[2], _KEY_CHUNK)
+    scores = torch.cat([torch.matmul(qp, k[:, :, i:i + _KEY_CHUNK].float().transpose(-1, -2)) for i in chunks], -1)
+    scores = torch.stack([scores, scores.masked_fill(~kept_keys, float("-inf"))]) * scale  # (2, B, H, P, L)
+    (exact, kept_out), (_, kept_lse) = _partial(scores, lambda p: sum(
+        torch.matmul(p[..., i:i + _KEY_CHUNK], v[:, :, i:i + _KEY_CHUNK].float()) for i in chunks))
+    skipped = ~kept_rows.repeat_interleave(summaries.per_block, dim=-1) & (summaries.log_count > float("-inf"))
+    mean, correction = _summary_logits(qp, summaries, scale)  # (B, H, P, NS)
+    candidates = torch.stack([mean, mean + correction]).masked_fill(~skipped, float("-inf"))
+    tail_out, tail_lse = _partial(candidates, lambda p: torch.matmul(p, summaries.values.float()))
+    choice, log_weight = choose_tail(exact, kept_out, kept_lse, tail_out, tail_lse)
+    return torch.stack([log_weight, choice.clamp(min=0).float()], dim=-1)

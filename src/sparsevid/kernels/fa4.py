@@ -160,9 +160,11 @@ def fa4_attention(q, k, v, plan, scale, tail=None):
     if tail is None:
         out = _fa4_block_sparse(*tiles, *split, plan.block_size, scale)
         return out if layout.tiled else out.transpose(1, 2).index_select(1, tables.inverse_perm).transpose(1, 2)
+    from ..tail import decide_tail
     from .triton_tail import tail_merge, tail_operands
 
     partial, lse = _fa4_block_sparse_lse(*tiles, *split, plan.block_size, scale)
     s, kept = tail_operands(k, v, plan, tail)
+    gate = decide_tail(q, k, v, layout, kept, s, scale, tail.probes)
     return tail_merge(tiles[0], partial, lse, tables.perm, s.keys, s.values, s.key_var, s.key_radius, s.log_count,
-                      kept, s.per_block, plan.block_size, scale, q)
+                      kept, gate, s.per_block, plan.block_size, scale, q)

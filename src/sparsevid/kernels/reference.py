@@ -16,7 +16,7 @@ import torch
 
 from ..backends import register_backend
 from ..plan import BlockPlan
-from ..tail import TailSummaries, kept_blocks, summarize_reference, tail_logits
+from ..tail import TailSummaries, decide_tail, kept_blocks, summarize_reference, tail_logits
 from ..token_plan import TokenPlan
 
 # Gathered key/value elements per chunk (float32): about 64 MiB each for k and v.
@@ -35,6 +35,7 @@ def sparse_attention_reference(
     probs_fn=None,
     tail: TailSummaries | None = None,
     kept: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     key_perm: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +56,8 @@ def sparse_attention_reference(
             skipped key groups join its softmax as one term each; ``None`` drops them.
         kept (Tensor | None): with ``tail``, bool ``(B or 1, H or 1, NB, NS // per_block)``, the plan as a
             block mask (``plan.to_dense()``): which key blocks' groups are computed exactly, not summarised.
+        gate (Tensor | None): with ``tail``, float32 ``(B, H, 2)``, each head's decision on its summaries
+            (:func:`sparsevid.tail.decide_tail`); ``None``: the summaries as they are.
         key_perm (Tensor | None): int64 ``(NBk * block_size,)``: the key token (an index into k) of each
             slot of the key blocks, -1 missing; ``None``: ``perm`` (self-attention). A ring step's query
             and key chunks (:mod:`sparsevid.ring`) have different tables.
@@ -82,19 +85,19 @@ def sparse_attention_reference(
 
     if tail is not None:
         return _attend(q, k, v, slots, counts, keys, block_size, scale, return_lse=return_lse,
-                       tail=_tail_terms(tail, kept.expand(B, H, nb, kept.shape[-1]), scale))
+                       tail=_tail_terms(tail, kept.expand(B, H, nb, kept.shape[-1]), scale, gate))
     if probs_fn is None:
         return _attend(q, k, v, slots, counts, keys, block_size, scale, return_lse=return_lse)
     return _attend(q, k, v, slots, counts, keys, block_size, scale, probs_fn=probs_fn)
 
 
-def _tail_terms(tail: TailSummaries, kept: torch.Tensor, scale: float):
+def _tail_terms(tail: TailSummaries, kept: torch.Tensor, scale: float, gate: torch.Tensor | None):
     """``terms(qg, blocks) -> (logits, values)`` for :func:`_attend`: the summary groups of the key blocks
     that query blocks ``blocks`` skip, as extra softmax columns (kept blocks' groups masked out)."""
     values = tail.values.float().unsqueeze(2)  # (B, H, 1, NS, D)
 
     def terms(qg, blocks):
-        logits = tail_logits(qg, tail, scale)  # (B, H, c, bs, NS)
+        logits = tail_logits(qg, tail, scale, gate)  # (B, H, c, bs, NS)
         skipped = ~kept[:, :, blocks].repeat_interleave(tail.per_block, dim=-1)  # (B, H, c, NS)
         return logits.masked_fill(~skipped.unsqueeze(-2), float("-inf")), values
 
@@ -209,6 +212,10 @@ def _reference_backend(q, k, v, plan, scale, tail=None):
         return sparse_attention_reference_tokens(
             q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale
         )
-    summaries = None if tail is None else summarize_reference(k, v, plan.layout, tail)
+    if tail is None:
+        return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size,
+                                          scale)
+    summaries, kept = summarize_reference(k, v, plan.layout, tail), kept_blocks(plan)
+    gate = decide_tail(q, k, v, plan.layout, kept, summaries, scale, tail.probes)
     return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size, scale,
-                                      tail=summaries, kept=None if tail is None else kept_blocks(plan))
+                                      tail=summaries, kept=kept, gate=gate)

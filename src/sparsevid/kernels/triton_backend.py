@@ -56,11 +56,14 @@ def _triton_backend(q, k, v, plan, scale, tail=None):
         return block_sparse_attn(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, block_real,
                                  order)
     from .triton_blocksparse import block_sparse_attn_tail
+    from ..tail import decide_tail
     from .triton_tail import tail_operands
 
     s, kept = tail_operands(k, v, plan, tail)
+    gate = decide_tail(q, k, v, plan.layout, kept, s, scale, tail.probes)
     return block_sparse_attn_tail(q, k, v, plan.perm, kv_num_blocks, kv_indices, plan.block_size, scale, block_real,
-                                  order, s.keys, s.values, s.key_var, s.key_radius, s.log_count, kept, s.per_block)
+                                  order, s.keys, s.values, s.key_var, s.key_radius, s.log_count, kept, gate,
+                                  s.per_block)
 
 
 @register_backend(
