@@ -25,6 +25,18 @@ Measured on testbed-l (8 held-out cases, 20 steps, default warm-up, H200; README
 mean-key term alone (no variance) lost PSNR to dropping at densities 0.25 and 0.5 (−0.67, −0.39 dB);
 with the variance term both methods gained at every density tried.
 
+**The decision** (issue 31): the formula is an estimate, right on one model and wrong on another (the
+variance term overshoots where a plan keeps most of the mass). So each call measures it: ``PROBES`` (32)
+query rows per (batch, head), a fixed sample strided over the tile order, get their exact attention
+over all keys (rows x L, a few percent of a sparse pass at these sizes), their partial over the kept
+keys, and the partial over their summary terms with and without the variance correction; per (batch,
+head) the call then takes the option whose merge (flash-decoding's combine, the summaries' log-sum-exp
+shifted by ``log w``, ``w`` in :data:`TAIL_WEIGHTS`) is nearest the exact rows, dropping included and
+winning ties (:func:`choose_tail`, shared with any other tail). The result is a device tensor, the
+*gate* ``(log w, c)`` of each (batch, head) (:func:`decide_tail`), that adds ``c · correction + log w``
+to the summary logits in every backend: no host sync, and the kernels never decide. ``method.fixed()``
+takes the summaries as they are (the formula's tests, the tail's cost).
+
 Cost, per query row and skipped group: three ``D``-dots (mean key, variance, value) against two per
 exact key, so about ``1.5 / (density · group)`` of the sparse pass's arithmetic (11.7% at density
 0.1 and 128-token groups, 47% with 32-token groups), plus one pass over k and v for the summaries.
@@ -179,8 +191,11 @@ def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float,
 
 # --------------------------------------------------------------------------------------- the decision
 def fixed_gate(batch: int, heads: int, device) -> torch.Tensor:
-    """The decision that takes the summaries as they are: float32 ``(B, H, 2)`` of ``(log w, c) = (0, 1)``."""
-    return torch.tensor([0.0, 1.0], device=device).expand(batch, heads, 2).contiguous()
+    """The decision that takes the summaries as they are: float32 ``(B, H, 2)`` of ``(log w, c) = (0, 1)``
+    (built by device kernels, no host copy: CUDA-graph capturable)."""
+    gate = torch.zeros(batch, heads, 2, device=device)
+    gate[..., 1] = 1.0
+    return gate
 
 
 def probe_rows(layout: VideoLayout, probes: int, device, lo: int = 0, hi: int | None = None
@@ -218,7 +233,7 @@ def _partial(scores: torch.Tensor, values) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def choose_tail(exact: torch.Tensor, kept_out: torch.Tensor, kept_lse: torch.Tensor, tail_out: torch.Tensor,
-                tail_lse: torch.Tensor, weights: tuple[float, ...] = TAIL_WEIGHTS) -> tuple[torch.Tensor, torch.Tensor]:
+                tail_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """How much of a tail each (batch, head) takes, from probe rows whose exact attention is known: the
     decision every tail shares (tile summaries, cluster centroids).
 
@@ -226,13 +241,13 @@ def choose_tail(exact: torch.Tensor, kept_out: torch.Tensor, kept_lse: torch.Ten
     shifted by ``log w`` (flash-decoding's combine, :func:`sparsevid.ring.merge_partials`), and is scored by
     its squared error to the exact rows, summed over the probe rows; dropping (``w = 0``, the kept partial
     alone) is an option and wins ties, so the chosen option is never worse than dropping on the probe rows.
+    The weights tried for each candidate are :data:`TAIL_WEIGHTS`.
 
     Args:
         exact (Tensor): float32 ``(B, H, P, D)``: the probe rows' exact attention output (all keys).
         kept_out, kept_lse (Tensor): float32 ``(B, H, P, D)``, ``(B, H, P)``: their partial over the kept keys.
         tail_out, tail_lse (Tensor): float32 ``(C, B, H, P, D)``, ``(C, B, H, P)``: their partial over the tail
             terms of each of ``C`` candidates (e.g. mean summaries, variance-corrected ones).
-        weights (tuple[float, ...]): the weights ``w`` in ``(0, 1]`` tried for each candidate.
 
     Returns:
         ``(choice, log_weight)``: int64 ``(B, H)``, the chosen candidate (``-1``: drop), and float32 ``(B, H)``,
@@ -240,15 +255,16 @@ def choose_tail(exact: torch.Tensor, kept_out: torch.Tensor, kept_lse: torch.Ten
     """
     from .ring import merge_partials
 
-    log_w = torch.tensor(weights, dtype=torch.float32, device=exact.device).log()
+    weights = len(TAIL_WEIGHTS)  # log w = -k/2 log 2, made on the device (no host copy: CUDA-graph capturable)
+    log_w = torch.arange(weights, dtype=torch.float32, device=exact.device) * (-0.5 * math.log(2.0))
     shift = log_w[:, None, None, None, None]  # (W, 1, 1, 1, 1) against the candidates' (1, C, B, H, P)
     merged, _ = merge_partials(kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0) + shift)
     errors = (merged - exact).square().sum(dim=(-1, -2)).transpose(0, 1).flatten(0, 1)  # (C * W, B, H)
     drop = (kept_out - exact).square().sum(dim=(-1, -2))
     best = torch.cat([drop.unsqueeze(0), errors]).argmin(dim=0)  # the first minimum: dropping wins ties
     option = (best - 1).clamp(min=0)
-    choice = torch.where(best == 0, -1, option // len(weights))
-    log_weight = torch.where(best == 0, float("-inf"), log_w[option % len(weights)])
+    choice = torch.where(best == 0, -1, option // weights)
+    log_weight = torch.where(best == 0, float("-inf"), log_w[option % weights])
     return choice, log_weight
 
 
