@@ -28,7 +28,8 @@ with the variance term both methods gained at every density tried.
 **The decision** (issue 31): the formula is an estimate, right on one model and wrong on another (the
 variance term overshoots where a plan keeps most of the mass). So each call measures it: ``PROBES`` (32)
 query rows per (batch, head), a fixed sample strided over the tile order, get their exact attention
-over all keys (rows x L, a few percent of a sparse pass at these sizes), their partial over the kept
+over all keys (computed densely: ``32 / (density · L)`` of the sparse pass's arithmetic, 1% at density
+0.1 and Wan 1.3B 480p's L = 32760; one more read of k and v), their partial over the kept
 keys, and the partial over their summary terms with and without the variance correction; per (batch,
 head) the call then takes the option whose merge (flash-decoding's combine, the summaries' log-sum-exp
 shifted by ``log w``, ``w`` in :data:`TAIL_WEIGHTS`) is nearest the exact rows, dropping included and
