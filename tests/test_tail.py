@@ -224,7 +224,8 @@ def test_fp16_keys_with_in_block_spread_1e3_stay_finite():
     k[..., 0] = 1000 * torch.randn(k.shape[:3], generator=torch.Generator().manual_seed(9)).sign().to(DEVICE)
     q[..., 0] *= 0.01  # the variance term stays under its clip (about 1.3 against 1000): it is what is measured
     q, k, v = (t.half() for t in (q, k, v))
-    plan = sv.BlockPlan.from_block_mask(layout, torch.eye(layout.num_blocks, dtype=torch.bool, device=DEVICE)[None, None])
+    eye = torch.eye(layout.num_blocks, dtype=torch.bool, device=DEVICE)
+    plan = sv.BlockPlan.from_block_mask(layout, eye[None, None])
     scale, method = 64 ** -0.5, TAIL_METHODS["pooled-var"]
     want = oracle(q.cpu(), k.cpu(), v.cpu(), plan.to("cpu"), layout.block_size, scale)
     ref = sv.sparse_attention(q, k, v, plan, tail=method.fixed(), backend="reference")

@@ -236,7 +236,8 @@ def tail_merge(q_tiles: torch.Tensor, out_tiles: torch.Tensor, lse: torch.Tensor
     out = torch.empty_like(like)
     kept_u8 = kept.view(torch.uint8)
     _tail_merge[(nb, B * H)](
-        q_tiles, out_tiles, lse, out, perm, keys, values, key_var, key_radius, log_count, kept_u8, gate, float(scale),  #
+        q_tiles, out_tiles, lse, out, perm, keys, values, key_var, key_radius, log_count, kept_u8, gate,  #
+        float(scale),  #
         *q_tiles.stride(), *out_tiles.stride(), *lse.stride(), *out.stride(), *kept_u8.stride(),  #
         H, L, keys.shape[2],  #
         BLOCK_SIZE=block_size, HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), PER_BLOCK=per_block, BLOCK_T=BLOCK_T,  #
