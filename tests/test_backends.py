@@ -272,7 +272,7 @@ def test_a_registered_ring_step_runs_the_ring_and_its_summary_builder_the_tail()
     from sparsevid.backends import _REGISTRY
     from sparsevid.kernels.reference import _ring_step
     from sparsevid.parallel.ring import ring_backend, simulate_ring
-    from sparsevid.tail import summarize_reference
+    from sparsevid.tail import TAIL_METHODS, summarize_reference
 
     calls = []
 
@@ -293,9 +293,10 @@ def test_a_registered_ring_step_runs_the_ring_and_its_summary_builder_the_tail()
         q = torch.randn(1, 2, RING.num_tokens, 16)
         plan = sv.plan(q, q, RING, method="draft", density=0.3)
         assert ring_backend("auto", q, plan) == "test-ring"
-        out, _ = simulate_ring(q, q, q, plan, 2, tail="pooled-var")
+        fixed = TAIL_METHODS["pooled-var"].fixed()  # as it is: with the call's decision each rank decides alone
+        out, _ = simulate_ring(q, q, q, plan, 2, tail=fixed)
         assert calls.count("summarize") == 2 and calls.count("step") >= 2  # one summary pass per rank
-        torch.testing.assert_close(out, sv.sparse_attention(q, q, q, plan, tail="pooled-var", backend="reference"))
+        torch.testing.assert_close(out, sv.sparse_attention(q, q, q, plan, tail=fixed, backend="reference"))
     finally:
         _REGISTRY.pop("test-ring")
     assert {d["name"]: d["ring"] for d in sv.describe_backends()} == {
@@ -378,7 +379,7 @@ def test_every_triton_launcher_checks_its_tiles_before_launching(monkeypatch):
         (triton_tail, "_summarize", lambda: triton_tail.tail_summaries(x, x, perm, 24), "multiple of 16"),
         (triton_tail, "_tail_merge", lambda: triton_tail.tail_merge(
             x, x.float(), x[..., 0].float(), perm, *(x,) * 4, x[0, 0, :2, 0].float(),
-            torch.ones(1, 2, 2, 2, dtype=torch.bool), 1, 48, 0.1, x), "block_size in"),
+            torch.ones(1, 2, 2, 2, dtype=torch.bool), torch.zeros(1, 2, 2), 1, 48, 0.1, x), "block_size in"),
         (triton_quant, "_quant_prepass", lambda: triton_quant.quantize_triton(x, x, x, perm, 16, "fp8"),
          r"block_size in \(32, 64, 128\)"),
         (triton_quant, "_quant_prepass", lambda: triton_quant.quantize_triton(

@@ -2,7 +2,8 @@
 
 Ulysses degree 2 must give exactly the single-process output with the same plans, whichever of
 ``sparsevid.apply`` and ``enable_parallelism`` comes first, and with head balance; ring attention
-(degree 2 and 4, with and without the tail) and hybrid Ulysses 2 x ring 2 must give it up to float
+(degree 2 and 4, with and without the tail taken as it is: with the call's decision on it each rank
+decides from its own rows) and hybrid Ulysses 2 x ring 2 must give it up to float
 rounding (the ring merges its steps' partials in another summation order).
 """
 
@@ -16,6 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytest.importorskip("diffusers")
+
+from sparsevid.tail import TAIL_METHODS  # noqa: E402
+
+FIXED = TAIL_METHODS["pooled-var"].fixed()
 
 
 def _free_port() -> int:
@@ -31,10 +36,10 @@ SCENARIOS = {
     "parallel-first": (2, False, 2, 1, {}),
     "balance": (2, True, 2, 1, dict(head_balance=True, density=None, mass=0.6)),
     "ring": (2, True, 1, 2, {}),
-    "ring-tail": (2, False, 1, 2, dict(tail="pooled-var")),
+    "ring-tail": (2, False, 1, 2, dict(tail=FIXED)),
     "ring-4": (4, True, 1, 4, {}),
     "hybrid": (4, True, 2, 2, dict(head_balance=True, density=None, mass=0.6)),
-    "hybrid-tail": (4, False, 2, 2, dict(tail="pooled-var")),
+    "hybrid-tail": (4, False, 2, 2, dict(tail=FIXED)),
     "ring-finegrained": (2, True, 1, 2, dict(method="finegrained")),
 }
 STEPS = 3  # forwards per scenario, one denoising step each: head balance switches order from the second

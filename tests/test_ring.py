@@ -11,6 +11,7 @@ import sparsevid as sv
 from sparsevid.parallel.head_balance import HeadBalance, balanced_order, imbalance, separable
 from sparsevid.kernels.reference import sparse_attention_reference
 from sparsevid.parallel.ring import chunk_tables, merge_partials, needed_steps, simulate_ring
+from sparsevid.tail import TAIL_METHODS
 
 LAYOUTS = [
     sv.VideoLayout(4, 6, 8, tile=(2, 4), block_size=16),  # chunk boundaries inside frames for R = 3
@@ -35,7 +36,11 @@ def _chunkings(layout):
     return [r for r in (1, 2, 3, 4) if layout.num_tokens % r == 0]
 
 
-@pytest.mark.parametrize("tail", [None, "pooled-var"])
+# The summaries taken as they are: with the call's decision a rank decides from its own rows (test_tail.py)
+FIXED = TAIL_METHODS["pooled-var"].fixed()
+
+
+@pytest.mark.parametrize("tail", [None, FIXED], ids=["none", "pooled-var"])
 @pytest.mark.parametrize("name", sorted(PLANS))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 def test_simulated_ring_equals_one_process_output(layout, name, tail):
@@ -51,9 +56,10 @@ def test_simulated_ring_with_sub_block_summaries():
     layout = sv.VideoLayout(4, 6, 8, tile=(4, 8), block_size=64)  # pooled-var-32: two summaries per block
     q, k, v = _inputs(layout)
     plan = sv.plan(q, k, layout, method="draft", density=0.4)
-    single = sv.sparse_attention(q, k, v, plan, tail="pooled-var-32", backend="reference")
+    fixed = TAIL_METHODS["pooled-var-32"].fixed()
+    single = sv.sparse_attention(q, k, v, plan, tail=fixed, backend="reference")
     for chunks in (2, 3):
-        torch.testing.assert_close(simulate_ring(q, k, v, plan, chunks, tail="pooled-var-32")[0], single,
+        torch.testing.assert_close(simulate_ring(q, k, v, plan, chunks, tail=fixed)[0], single,
                                    atol=5e-5, rtol=1e-4)
 
 
@@ -173,7 +179,7 @@ def test_triton_step_kernel_equals_its_reference_twin():
         assert bool((lse[0, 1, empty] == float("-inf")).all()) and bool((out[0, 1, empty] == 0).all())
 
 
-@pytest.mark.parametrize("tail", [None, "pooled-var"])
+@pytest.mark.parametrize("tail", [None, FIXED], ids=["none", "pooled-var"])
 def test_simulated_ring_on_the_triton_backend(tail):
     _triton()
     layout = LAYOUTS[0]

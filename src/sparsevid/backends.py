@@ -211,10 +211,11 @@ def register_backend(
             step builds its summaries with it); ``auto`` skips a backend without one when a tail is asked.
         dtype_note (str | None): why ``dtypes`` leaves out a dtype, said when one is refused.
         ring_step (callable | None): one step of ring attention (:mod:`sparsevid.parallel.ring`), ``ring_step(q, k, v, perm,
-            kv_num_blocks, kv_indices, block_size, scale, *, tail, kept, key_perm) -> (out, lse)``: query rows
+            kv_num_blocks, kv_indices, block_size, scale, *, tail, kept, gate, key_perm) -> (out, lse)``: query rows
             through ``perm``, the key chunk's blocks through its own table ``key_perm``, float32 output and each
             row's natural-log log-sum-exp (zeros and ``-inf`` for a row that computes nothing); ``tail``/``kept``
-            as the summary terms and keep mask of the rows' own chunk, or ``None``.
+            as the summary terms and keep mask of the rows' own chunk, or ``None``; ``gate`` the call's decision on
+            them (:func:`sparsevid.tail.decide_tail`).
     """
 
     def wrap(fn):

@@ -25,6 +25,19 @@ Measured on testbed-l (8 held-out cases, 20 steps, default warm-up, H200; README
 mean-key term alone (no variance) lost PSNR to dropping at densities 0.25 and 0.5 (−0.67, −0.39 dB);
 with the variance term both methods gained at every density tried.
 
+**The decision** (issue 31): the formula is an estimate, right on one model and wrong on another (the
+variance term overshoots where a plan keeps most of the mass). So each call measures it: ``PROBES`` (32)
+query rows per (batch, head), a fixed sample strided over the tile order, get their exact attention
+over all keys (computed densely: ``32 / (density · L)`` of the sparse pass's arithmetic, 1% at density
+0.1 and Wan 1.3B 480p's L = 32760; one more read of k and v), their partial over the kept
+keys, and the partial over their summary terms with and without the variance correction; per (batch,
+head) the call then takes the option whose merge (flash-decoding's combine, the summaries' log-sum-exp
+shifted by ``log w``, ``w`` in :data:`TAIL_WEIGHTS`) is nearest the exact rows, dropping included and
+winning ties (:func:`choose_tail`, shared with any other tail). The result is a device tensor, the
+*gate* ``(log w, c)`` of each (batch, head) (:func:`decide_tail`), that adds ``c · correction + log w``
+to the summary logits in every backend: no host sync, and the kernels never decide. ``method.fixed()``
+takes the summaries as they are (the formula's tests, the tail's cost).
+
 Cost, per query row and skipped group: three ``D``-dots (mean key, variance, value) against two per
 exact key, so about ``1.5 / (density · group)`` of the sparse pass's arithmetic (11.7% at density
 0.1 and 128-token groups, 47% with 32-token groups), plus one pass over k and v for the summaries.
@@ -35,7 +48,8 @@ groups (``NB * block_size // group``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,8 +57,13 @@ from .cluster_plan import ClusterPlan
 from .layout import VideoLayout
 from .kernels.pooling import group_mean_reference, group_tables
 
-__all__ = ["AUTO", "CLUSTER_TAIL", "auto_tail", "TAIL_METHODS", "TailMethod", "TailSummaries", "check_tail", "kept_blocks",
-           "summarize_reference", "tail_logits", "tail_operands"]
+__all__ = ["AUTO", "CLUSTER_TAIL", "PROBES", "TAIL_METHODS", "TAIL_WEIGHTS", "TailMethod", "TailSummaries", "auto_tail",
+           "check_tail", "choose_tail", "decide_tail", "fixed_gate", "kept_blocks", "probe_rows", "summarize_reference",
+           "tail_logits", "tail_operands"]
+
+PROBES = 32  # exact query rows per (batch, head) that measure the tail in each call (tens: their cost is rows x L)
+TAIL_WEIGHTS = tuple(2.0 ** (-k / 2) for k in range(9))  # the weights w a summary may take: 1, 1/√2, ..., 1/16
+_KEY_CHUNK = 4096  # keys upcast to float32 at a time for the probe rows (never a float32 copy of k or v)
 
 
 @dataclass(frozen=True)
@@ -56,11 +75,19 @@ class TailMethod:
         group (int | None): key tokens per summary (consecutive tile-order slots); ``None``: one
             summary per key block.
         description (str): one line for docs.
+        probes (int): exact query rows per (batch, head) from which each call decides how much of the tail
+            it takes (:func:`decide_tail`); ``0``: the summaries as they are (:meth:`fixed`).
     """
 
     name: str
     group: int | None
     description: str
+    probes: int = PROBES
+
+    def fixed(self) -> "TailMethod":
+        """The same summaries taken as they are, with no decision: what the tail costs and what its formula
+        gives (benchmarks, the formula's tests)."""
+        return replace(self, probes=0)
 
     def group_size(self, layout: VideoLayout) -> int:
         """Tokens per summary on ``layout`` (its block size, or the method's group where that divides it)."""
@@ -80,8 +107,9 @@ TAIL_METHODS: dict[str, TailMethod] = {m.name: m for m in (
 
 # The cluster tail of a ClusterPlan (sparsevid.cluster_plan): one term per dropped key cluster, logit
 # ``scale q.k_mean + log n``, value ``v_mean``; the plan carries its sizes and mean keys, v gives the mean values.
+# Its terms are taken as they are (probes=0): the call's decision (choose_tail) is not wired into it yet.
 CLUSTER_TAIL = TailMethod("centroid", None, "ClusterPlan only: one term per dropped key cluster: its mean key + "
-                                            "log size in the logit, its mean value")
+                                            "log size in the logit, its mean value", probes=0)
 AUTO = "auto"  # the plan type's default tail: None for a BlockPlan or TokenPlan, "centroid" for a ClusterPlan
 
 
@@ -90,8 +118,15 @@ def check_tail(tail, plan=None) -> TailMethod | str | None:
     ``"centroid"`` (a ``ClusterPlan``'s cluster tail) or a name in :data:`TAIL_METHODS` (summaries of a
     ``BlockPlan``'s skipped tiles). With ``plan``, ``"auto"`` is resolved and a tail the plan type does not
     take is refused; without it, ``"auto"`` is returned as is."""
-    if tail is None or isinstance(tail, TailMethod):
-        method = tail
+    if tail is None:
+        method = None
+    elif isinstance(tail, TailMethod):
+        if isinstance(tail.probes, bool) or not isinstance(tail.probes, int) or tail.probes < 0:
+            raise ValueError(f"Expect tail.probes as an int >= 0 but got {tail.probes!r}")
+        if tail.name == CLUSTER_TAIL.name and tail.probes:
+            raise ValueError(f"Expect tail.probes=0 with tail='centroid' (the cluster tail takes its terms as they "
+                             f"are) but got {tail.probes}")
+        method = CLUSTER_TAIL if tail.name == CLUSTER_TAIL.name else tail
     elif isinstance(tail, str) and tail == AUTO:
         if plan is None:
             return AUTO
@@ -162,18 +197,23 @@ def kept_blocks(plan) -> torch.Tensor:
     return plan.to_dense()
 
 
-def tail_operands(summarize, k: torch.Tensor, v: torch.Tensor, plan, method: TailMethod
-                  ) -> tuple[TailSummaries, torch.Tensor]:
+def tail_operands(summarize, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, method: TailMethod,
+                  scale: float, offset: int = 0) -> tuple[TailSummaries, torch.Tensor, torch.Tensor]:
     """What a tail pass reads: the summaries of ``k``, ``v`` built by ``summarize`` (the backend's declared
-    builder, see ``sparsevid.register_backend``) and the plan's keep mask expanded to k's batch and heads (a
-    stride-0 view where the plan broadcasts)."""
+    builder, see ``sparsevid.register_backend``), the plan's keep mask expanded to k's batch and heads (a
+    stride-0 view where the plan broadcasts), and the call's decision on the summaries (:func:`decide_tail`
+    from probe rows of ``q``, tokens ``[offset, offset + M)``: a ring rank's chunk decides from its own rows),
+    made here once, right after the summaries, for every backend and the ring."""
     B, H = k.shape[:2]
-    return summarize(k, v, plan.layout, method), kept_blocks(plan).expand(B, H, -1, -1)
+    summaries, kept = summarize(k, v, plan.layout, method), kept_blocks(plan)
+    gate = decide_tail(q, k, v, plan.layout, kept, summaries, scale, method.probes, offset)
+    return summaries, kept.expand(B, H, -1, -1), gate
 
 
-def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> torch.Tensor:
-    """The logits ``z`` of query rows ``q`` (float ``(B, H, *, M, D)``) against every summary group ->
-    float32 ``(B, H, *, M, NS)`` (before the kept groups are masked out): the reference definition."""
+def _summary_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, correction)``, float32 ``(B, H, *, M, NS)``: the mean-key part of the logits of query rows
+    ``q`` (float ``(B, H, *, M, D)``) against every summary group, ``s q·k̄ + log n``, and the clipped
+    variance correction ``min(½ s² (q∘q)·σ², s |q| r)``."""
     q = q.float()
     extra = q.dim() - 4  # dims between heads and rows (the reference's chunk of query blocks)
     expand = (slice(None), slice(None)) + (None,) * extra
@@ -181,7 +221,141 @@ def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float) -> torc
     def against(x):  # (B, H, NS, ...) -> broadcast over the extra dims
         return x.float()[expand]
 
-    z = torch.matmul(q, against(summaries.keys).transpose(-1, -2)) * scale + summaries.log_count.float()
+    mean = torch.matmul(q, against(summaries.keys).transpose(-1, -2)) * scale + summaries.log_count.float()
     gauss = torch.matmul(q.square(), against(summaries.key_var).transpose(-1, -2)) * (0.5 * scale * scale)
     bound = q.norm(dim=-1, keepdim=True) * against(summaries.key_radius).unsqueeze(-2) * scale
-    return z + torch.minimum(gauss, bound)
+    return mean, torch.minimum(gauss, bound)
+
+
+def tail_logits(q: torch.Tensor, summaries: TailSummaries, scale: float,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits ``z`` of query rows ``q`` (float ``(B, H, *, M, D)``) against every summary group ->
+    float32 ``(B, H, *, M, NS)`` (before the kept groups are masked out): the reference definition.
+    ``gate``: each (batch, head)'s decision (:func:`decide_tail`): ``z = mean + c · correction + log w``;
+    ``None``: ``c = 1``, ``w = 1``."""
+    mean, correction = _summary_logits(q, summaries, scale)
+    if gate is None:
+        return mean + correction
+    per_head = gate.float()[(slice(None), slice(None)) + (None,) * (q.dim() - 2)]  # (B, H, 1.., 2)
+    return mean + correction * per_head[..., 1] + per_head[..., 0]
+
+
+# --------------------------------------------------------------------------------------- the decision
+def fixed_gate(batch: int, heads: int, device) -> torch.Tensor:
+    """The decision that takes the summaries as they are: float32 ``(B, H, 2)`` of ``(log w, c) = (0, 1)``
+    (built by device kernels, no host copy: CUDA-graph capturable)."""
+    gate = torch.zeros(batch, heads, 2, device=device)
+    gate[..., 1] = 1.0
+    return gate
+
+
+def probe_rows(layout: VideoLayout, probes: int, device, lo: int = 0, hi: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, blocks)``, int64 ``(P,)``: a fixed sample of ``P = min(probes, hi - lo)`` of the tokens
+    ``[lo, hi)`` (default: all), evenly strided over the tile order (so over the query blocks and their plan
+    rows), as indices from ``lo``, and the query block of each. Built once per layout, sample and device."""
+    hi = layout.num_tokens if hi is None else hi
+    key = (str(torch.device(device)), "probes", probes, lo, hi)
+    tables = layout._device_tables.get(key)
+    return tables if tables is not None else _build_probe_rows(layout, key)
+
+
+@torch.compiler.disable  # eager, like the layout's tables: cached constants with integer divisions
+@torch.inference_mode(False)
+def _build_probe_rows(layout: VideoLayout, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    device, _, probes, lo, hi = key
+    slots = torch.arange(layout.num_tokens)
+    tokens = layout.perm[: layout.num_tokens]  # tile order has no padding before the last block
+    inside = (tokens >= lo) & (tokens < hi)
+    tokens, slots = tokens[inside], slots[inside]
+    n = tokens.numel()
+    count = min(probes, n)
+    pick = (torch.arange(count) * 2 + 1) * n // (2 * count)  # the middle of each of count equal strides
+    layout._device_tables[key] = ((tokens[pick] - lo).to(device), (slots[pick] // layout.block_size).to(device))
+    return layout._device_tables[key]
+
+
+def _partial(scores: torch.Tensor, values) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax partial over the last dim of ``scores`` (float32, ``-inf`` = not in the partial): ``(out, lse)``,
+    a row with no entry zero with ``-inf``. ``values(probs)`` multiplies the probabilities with the values."""
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
+    return values(probs), lse
+
+
+def choose_tail(exact: torch.Tensor, kept_out: torch.Tensor, kept_lse: torch.Tensor, tail_out: torch.Tensor,
+                tail_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much of a tail each (batch, head) takes, from probe rows whose exact attention is known: the
+    decision every tail shares (tile summaries, cluster centroids).
+
+    Each option merges the kept-only partial with a tail candidate's partial, that partial's log-sum-exp
+    shifted by ``log w`` (flash-decoding's combine, :func:`sparsevid.kernels.reference.merge_partials`), and is
+    scored by its squared error to the exact rows, summed over the probe rows; dropping (``w = 0``, the kept
+    partial alone) is an option and wins ties, so the chosen option is never worse than dropping on the probe rows.
+    The weights tried for each candidate are :data:`TAIL_WEIGHTS`.
+
+    Args:
+        exact (Tensor): float32 ``(B, H, P, D)``: the probe rows' exact attention output (all keys).
+        kept_out, kept_lse (Tensor): float32 ``(B, H, P, D)``, ``(B, H, P)``: their partial over the kept keys.
+        tail_out, tail_lse (Tensor): float32 ``(C, B, H, P, D)``, ``(C, B, H, P)``: their partial over the tail
+            terms of each of ``C`` candidates (e.g. mean summaries, variance-corrected ones).
+
+    Returns:
+        ``(choice, log_weight)``: int64 ``(B, H)``, the chosen candidate (``-1``: drop), and float32 ``(B, H)``,
+        ``log w`` (``-inf``: drop).
+    """
+    from .kernels.reference import merge_partials  # here: kernels.reference imports this module
+
+    weights = len(TAIL_WEIGHTS)  # log w = -k/2 log 2, made on the device (no host copy: CUDA-graph capturable)
+    log_w = torch.arange(weights, dtype=torch.float32, device=exact.device) * (-0.5 * math.log(2.0))
+    shift = log_w[:, None, None, None, None]  # (W, 1, 1, 1, 1) against the candidates' (1, C, B, H, P)
+    merged, _ = merge_partials(kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0) + shift)
+    errors = (merged - exact).square().sum(dim=(-1, -2)).transpose(0, 1).flatten(0, 1)  # (C * W, B, H)
+    drop = (kept_out - exact).square().sum(dim=(-1, -2))
+    best = torch.cat([drop.unsqueeze(0), errors]).argmin(dim=0)  # the first minimum: dropping wins ties
+    option = (best - 1).clamp(min=0)
+    choice = torch.where(best == 0, -1, option // weights)
+    log_weight = torch.where(best == 0, float("-inf"), log_w[option % weights])
+    return choice, log_weight
+
+
+@torch.no_grad()  # a discrete choice: no gradient flows through it
+def decide_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, kept: torch.Tensor,
+                summaries: TailSummaries, scale: float, probes: int = PROBES, offset: int = 0) -> torch.Tensor:
+    """The call's decision on its summaries, per (batch, head), from ``probes`` exact query rows
+    (:func:`probe_rows`): drop them, take the mean summaries or the variance-corrected ones, with a weight
+    ``w`` (:func:`choose_tail`). A device tensor, no host sync; the kernels read it and never decide.
+
+    Args:
+        q (Tensor): ``(B, H, M, D)``: the query rows at hand, tokens ``[offset, offset + M)`` of the layout
+            (all of them, or a ring rank's chunk).
+        k, v (Tensor): ``(B, H, L, D)``: every key and value.
+        layout (VideoLayout): the layout of the ``L`` tokens.
+        kept (Tensor): bool ``(B or 1, H or 1, NB, NB)``: the plan as a block mask (:func:`kept_blocks`).
+        summaries (TailSummaries): the summaries of ``k``, ``v``.
+        scale (float): softmax scale.
+        probes (int): rows sampled per call; ``0``: :func:`fixed_gate`.
+        offset (int): the token of ``q``'s first row.
+
+    Returns:
+        Tensor: float32 ``(B, H, 2)``: ``(log w, c)`` of each (batch, head), ``log w = -inf`` to drop the tail,
+        ``c`` the weight of the variance correction (0: mean summaries, 1: corrected); :func:`tail_logits`.
+    """
+    B, H, M, D = q.shape
+    if probes == 0:
+        return fixed_gate(B, H, q.device)
+    rows, blocks = probe_rows(layout, probes, q.device, offset, offset + M)
+    kept_rows = kept[:, :, blocks]  # (B', H', P, NB)
+    kept_keys = kept_rows[..., layout.on(q.device).block_of_token]  # (B', H', P, L)
+    qp = q[:, :, rows].float()
+    chunks = range(0, k.shape[2], _KEY_CHUNK)
+    scores = torch.cat([torch.matmul(qp, k[:, :, i:i + _KEY_CHUNK].float().transpose(-1, -2)) for i in chunks], -1)
+    scores = torch.stack([scores, scores.masked_fill(~kept_keys, float("-inf"))]) * scale  # (2, B, H, P, L)
+    (exact, kept_out), (_, kept_lse) = _partial(scores, lambda p: sum(
+        torch.matmul(p[..., i:i + _KEY_CHUNK], v[:, :, i:i + _KEY_CHUNK].float()) for i in chunks))
+    skipped = ~kept_rows.repeat_interleave(summaries.per_block, dim=-1) & (summaries.log_count > float("-inf"))
+    mean, correction = _summary_logits(qp, summaries, scale)  # (B, H, P, NS)
+    candidates = torch.stack([mean, mean + correction]).masked_fill(~skipped, float("-inf"))
+    tail_out, tail_lse = _partial(candidates, lambda p: torch.matmul(p, summaries.values.float()))
+    choice, log_weight = choose_tail(exact, kept_out, kept_lse, tail_out, tail_lse)
+    return torch.stack([log_weight, choice.clamp(min=0).float()], dim=-1)

@@ -179,6 +179,6 @@ def fa4_attention(q, k, v, plan, scale, tail=None):
     from .triton_tail import tail_merge
 
     partial, lse = _fa4_block_sparse_lse(*tiles, *split, plan.block_size, scale)
-    s, kept = tail_operands(summarize_tail, k, v, plan, tail)
+    s, kept, gate = tail_operands(summarize_tail, q, k, v, plan, tail, scale)
     return tail_merge(tiles[0], partial, lse, tables.perm, s.keys, s.values, s.key_var, s.key_radius, s.log_count,
-                      kept, s.per_block, plan.block_size, scale, q)
+                      kept, gate, s.per_block, plan.block_size, scale, q)

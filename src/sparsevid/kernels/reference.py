@@ -17,7 +17,7 @@ import torch
 from ..backends import register_backend
 from ..cluster_plan import ClusterPlan
 from ..plan import BlockPlan
-from ..tail import CLUSTER_TAIL, TailSummaries, kept_blocks, summarize_reference, tail_logits, tail_operands
+from ..tail import CLUSTER_TAIL, TailSummaries, summarize_reference, tail_logits, tail_operands
 from ..token_plan import TokenPlan
 
 # Gathered key/value elements per chunk (float32): about 64 MiB each for k and v.
@@ -36,6 +36,7 @@ def sparse_attention_reference(
     probs_fn=None,
     tail: TailSummaries | None = None,
     kept: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     key_perm: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +57,13 @@ def sparse_attention_reference(
             skipped key groups join its softmax as one term each; ``None`` drops them.
         kept (Tensor | None): with ``tail``, bool ``(B or 1, H or 1, NB, NS // per_block)``, the plan as a
             block mask (``plan.to_dense()``): which key blocks' groups are computed exactly, not summarised.
+        gate (Tensor | None): with ``tail``, float32 ``(B, H, 2)``, each head's decision on its summaries
+            (:func:`sparsevid.tail.decide_tail`); ``None``: the summaries as they are.
         key_perm (Tensor | None): int64 ``(NBk * block_size,)``: the key token (an index into k) of each
             slot of the key blocks, -1 missing; ``None``: ``perm`` (self-attention). A ring step's query
             and key chunks (:mod:`sparsevid.parallel.ring`) have different tables.
         return_lse (bool): also return each row's natural-log log-sum-exp over its computed entries, and
-            the output in float32: a partial that :func:`sparsevid.parallel.ring.merge_partials` merges (a row
+            the output in float32: a partial that :func:`merge_partials` merges (a row
             that computes nothing gets zeros and ``-inf``).
 
     Returns:
@@ -83,19 +86,19 @@ def sparse_attention_reference(
 
     if tail is not None:
         return _attend(q, k, v, slots, counts, keys, block_size, scale, return_lse=return_lse,
-                       tail=_tail_terms(tail, kept.expand(B, H, nb, kept.shape[-1]), scale))
+                       tail=_tail_terms(tail, kept.expand(B, H, nb, kept.shape[-1]), scale, gate))
     if probs_fn is None:
         return _attend(q, k, v, slots, counts, keys, block_size, scale, return_lse=return_lse)
     return _attend(q, k, v, slots, counts, keys, block_size, scale, probs_fn=probs_fn)
 
 
-def _tail_terms(tail: TailSummaries, kept: torch.Tensor, scale: float):
+def _tail_terms(tail: TailSummaries, kept: torch.Tensor, scale: float, gate: torch.Tensor | None):
     """``terms(qg, blocks) -> (logits, values)`` for :func:`_attend`: the summary groups of the key blocks
     that query blocks ``blocks`` skip, as extra softmax columns (kept blocks' groups masked out)."""
     values = tail.values.float().unsqueeze(2)  # (B, H, 1, NS, D)
 
     def terms(qg, blocks):
-        logits = tail_logits(qg, tail, scale)  # (B, H, c, bs, NS)
+        logits = tail_logits(qg, tail, scale, gate)  # (B, H, c, bs, NS)
         skipped = ~kept[:, :, blocks].repeat_interleave(tail.per_block, dim=-1)  # (B, H, c, NS)
         return logits.masked_fill(~skipped.unsqueeze(-2), float("-inf")), values
 
@@ -200,9 +203,22 @@ def _attend(q, k, v, slots, counts, keys, key_unit, scale, probs_fn=None, tail=N
     return (out, lse) if return_lse else out
 
 
-def _ring_step(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, *, tail, kept, key_perm):
+def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                   lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two partial attentions over disjoint keys -> the attention over both (flash-decoding's combine):
+    ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``.
+
+    ``out_*`` float32 ``(..., D)``, ``lse_*`` float32 ``(...)``; a row empty in both stays zero with ``-inf``.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    base = lse.masked_fill(lse == float("-inf"), 0.0)  # empty rows: exp(-inf - 0) = 0, not nan
+    out = torch.exp(lse_a - base).unsqueeze(-1) * out_a + torch.exp(lse_b - base).unsqueeze(-1) * out_b
+    return out, lse
+
+
+def _ring_step(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, *, tail, kept, gate, key_perm):
     return sparse_attention_reference(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, tail=tail,
-                                      kept=kept, key_perm=key_perm, return_lse=True)
+                                      kept=kept, gate=gate, key_perm=key_perm, return_lse=True)
 
 
 @register_backend(
@@ -222,6 +238,6 @@ def _reference_backend(q, k, v, plan, scale, tail=None):
     if tail is None:
         return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size,
                                           scale)
-    summaries, kept = tail_operands(summarize_reference, k, v, plan, tail)
+    summaries, kept, gate = tail_operands(summarize_reference, q, k, v, plan, tail, scale)
     return sparse_attention_reference(q, k, v, plan.perm, plan.kv_num_blocks, plan.kv_indices, plan.block_size, scale,
-                                      tail=summaries, kept=kept)
+                                      tail=summaries, kept=kept, gate=gate)

@@ -91,11 +91,11 @@ def summarize_tail(k, v, layout, method):
     return summarize_triton(k, v, layout, method.group_size(layout))
 
 
-def _ring_step(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, *, tail, kept, key_perm):
+def _ring_step(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, *, tail, kept, gate, key_perm):
     from .triton_blocksparse import sparse_attention_triton
 
     return sparse_attention_triton(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, tail=tail, kept=kept,
-                                   key_perm=key_perm, return_lse=True)
+                                   gate=gate, key_perm=key_perm, return_lse=True)
 
 
 @register_backend(
@@ -129,10 +129,10 @@ def _triton_backend(q, k, v, plan, scale, tail=None):
                                  scale, launch.block_real, launch.order)
     from .triton_blocksparse import block_sparse_attn_tail
 
-    s, kept = tail_operands(summarize_tail, k, v, plan, tail)
+    s, kept, gate = tail_operands(summarize_tail, q, k, v, plan, tail, scale)
     return block_sparse_attn_tail(q, k, v, launch.perm, launch.kv_num_blocks, launch.kv_indices, launch.block_size,
                                   scale, launch.block_real, launch.order, s.keys, s.values, s.key_var, s.key_radius,
-                                  s.log_count, kept, s.per_block)
+                                  s.log_count, kept, gate, s.per_block)
 
 
 def _quant_attention(q, k, v, plan, scale, quant):

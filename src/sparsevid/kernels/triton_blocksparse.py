@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tail import TailSummaries
+from ..tail import TailSummaries, fixed_gate
 from .triton_backend import BLOCK_SIZES
 from .triton_common import (INTERPRET, LOG2E, check_tiling, head_dim_padded, init_state, kept_tile, load_keys,
                             load_rows, query_rows, softmax_update, store_rows)
@@ -122,7 +122,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _sparse_attn_fwd(
     Q, K, V, Out, Perm, KPerm, Lse, BlockReal, KVNum, KVIdx, Order, sm_scale,  #
-    KS, VS, KVar, KRad, LogN, Kept,  #
+    KS, VS, KVar, KRad, LogN, Kept, Gate,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
     stride_vz, stride_vh, stride_vn, stride_vk,  #
@@ -169,16 +169,17 @@ def _sparse_attn_fwd(
         BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_P,  #
         MASK_PADDING, NUM_STAGES,  #
     )
-    if TAIL:  # the skipped blocks' summary terms join the same softmax
+    if TAIL:  # the skipped blocks' summary terms join the same softmax, unless the call's decision drops them
         bh = off_hz.to(tl.int64)
         summary = bh * NS * HEAD_DIM
-        acc, l_i, m_i = tail_inner(
-            acc, l_i, m_i, q,  #
-            KS + summary, VS + summary, KVar + summary, KRad + bh * NS, LogN,  #
-            Kept + off_z * stride_kpz + off_h * stride_kph + m64 * stride_kpm, stride_kpn,  #
-            NS, sm_scale, offs_d,  #
-            PER_BLOCK, BLOCK_T, HEAD_DIM, HEAD_DIM_P,  #
-        )
+        if tl.load(Gate + bh * 2) > float("-inf"):
+            acc, l_i, m_i = tail_inner(
+                acc, l_i, m_i, q,  #
+                KS + summary, VS + summary, KVar + summary, KRad + bh * NS, LogN,  #
+                Kept + off_z * stride_kpz + off_h * stride_kph + m64 * stride_kpm, stride_kpn,  #
+                Gate + bh * 2, NS, sm_scale, offs_d,  #
+                PER_BLOCK, BLOCK_T, HEAD_DIM, HEAD_DIM_P,  #
+            )
     o_base = Out + off_z * stride_oz + off_h * stride_oh
     if RETURN_LSE:  # a row that computed nothing (a ring step's empty row) stores 0 and -inf, not 0/0
         has = l_i > 0
@@ -206,6 +207,7 @@ def sparse_attention_triton(
     order: torch.Tensor | None = None,
     tail: TailSummaries | None = None,
     kept: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     key_perm: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +232,8 @@ def sparse_attention_triton(
         tail (TailSummaries | None): summaries from :func:`sparsevid.kernels.triton_tail.summarize_triton`:
             each query block's skipped key groups join its softmax (after its kept blocks);
             ``kept`` is then the plan as a bool block mask ``(B, H, NB, NS // PER_BLOCK)`` (expanded views
-            welcome).
+            welcome) and ``gate`` each head's decision, float32 contiguous ``(B, H, 2)``
+            (:func:`sparsevid.tail.decide_tail`; ``None``: the summaries as they are).
         key_perm (Tensor | None): int64 ``(NBk * BS,)``: the key token (a row of k, which may have another
             length) of each slot of the key blocks ``kv_indices`` addresses, ``-1`` = padding at the end
             of a block; ``None``: ``perm``. ``block_real`` then counts ``key_perm``'s blocks.
@@ -255,7 +258,7 @@ def sparse_attention_triton(
         if key_perm is not None:
             block_real = (key_perm.view(-1, block_size) >= 0).sum(1, dtype=torch.int32)
     grid, args, meta = _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, block_real,
-                                    order, mask_padding, tail, kept, key_perm, lse)
+                                    order, mask_padding, tail, kept, gate, key_perm, lse)
     if config is None:
         _sparse_attn_fwd[grid](*args, **meta)
     else:
@@ -274,16 +277,17 @@ def launch_tables(perm, kv_num_blocks, block_size: int, B: int, H: int) -> tuple
 
 
 def _launch_args(q, k, v, out, perm, kv_num_blocks, kv_indices, block_size, scale, block_real, order,
-                 mask_padding=True, tail=None, kept=None, key_perm=None, lse=None):
+                 mask_padding=True, tail=None, kept=None, gate=None, key_perm=None, lse=None):
     """``(grid, positional args, constexpr kwargs)`` of one launch; the grid uses shapes only."""
     B, H, L, D = q.shape
     NB = kv_num_blocks.shape[-1]
     grid = (NB, B * H)
     if tail is None:  # the tail's pointers are never read: any tensor stands in
-        summaries, kept_strides, ns, per_block = (q,) * 6, (0, 0, 0, 0), 0, 1
+        summaries, kept_strides, ns, per_block = (q,) * 7, (0, 0, 0, 0), 0, 1
     else:
         kept_u8 = kept.view(torch.uint8)
-        summaries = (tail.keys, tail.values, tail.key_var, tail.key_radius, tail.log_count, kept_u8)
+        gate = fixed_gate(B, H, q.device) if gate is None else gate
+        summaries = (tail.keys, tail.values, tail.key_var, tail.key_radius, tail.log_count, kept_u8, gate)
         kept_strides, ns, per_block = kept_u8.stride(), tail.keys.shape[2], tail.per_block
     args = (
         q, k, v, out, perm, perm if key_perm is None else key_perm, q if lse is None else lse,  #
@@ -357,18 +361,19 @@ def block_sparse_attn_tail(
     key_radius: torch.Tensor,
     log_count: torch.Tensor,
     kept: torch.Tensor,
+    gate: torch.Tensor,
     per_block: int,
 ) -> torch.Tensor:
     """``torch.ops.sparsevid.block_sparse_attn_tail``: the same kernel with the tail's summary terms in its
     softmax (the summaries' tensors of :class:`~sparsevid.tail.TailSummaries`; ``kept`` the plan as a
-    bool block mask)."""
+    bool block mask; ``gate`` each head's decision, :func:`sparsevid.tail.decide_tail`)."""
     tail = TailSummaries(keys, values, log_count, key_var, key_radius, per_block)
     return sparse_attention_triton(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale,
-                                   block_real=block_real, order=order, tail=tail, kept=kept)
+                                   block_real=block_real, order=order, tail=tail, kept=kept, gate=gate)
 
 
 @block_sparse_attn_tail.register_fake
 def _(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, block_real, order, keys, values, key_var,
-      key_radius, log_count, kept, per_block):
+      key_radius, log_count, kept, gate, per_block):
     return torch.empty_like(q)
 

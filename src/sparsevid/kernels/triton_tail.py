@@ -36,7 +36,6 @@ __all__ = ["summarize_triton", "tail_inner", "tail_merge", "tail_summaries"]
 
 BLOCK_T = 16 if INTERPRET else 64  # summary groups per tile of the tail loop
 _ROWS = 16  # rows per load of the summary kernel: a group is a whole number of them
-_VAR_PRESCALE = tl.constexpr(0.0625)  # q² in the input dtype as (q/16)²: no float16 overflow below |q| = 4096
 
 
 # --------------------------------------------------------------------------------------- summaries
@@ -136,20 +135,25 @@ def _(k, v, perm, group):
 @triton.jit
 def tail_inner(
     acc, l_i, m_i, q,  #
-    ks_base, vs_base, var_base, rad_base, LogN, kept_ptr, stride_kpn,  #
+    ks_base, vs_base, var_base, rad_base, LogN, kept_ptr, stride_kpn, gate_ptr,  #
     NS, sm_scale, offs_d,  #
     PER_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
 ):
     """Online softmax over every summary group a query block skips (``ks_base`` etc.: one (batch, head)'s
-    contiguous ``(NS, D)`` summaries; ``kept_ptr``: its plan row of ``NB`` keep flags).
+    contiguous ``(NS, D)`` summaries; ``kept_ptr``: its plan row of ``NB`` keep flags; ``gate_ptr``: its
+    decision ``(log w, variance weight)``, :func:`sparsevid.tail.decide_tail`).
 
-    Logit (natural units) ``s q·k̄ + log n + min(½ s² (q∘q)·σ², s |q| r)``, converted to base 2 for
-    the shared softmax step."""
+    Logit (natural units) ``s q·k̄ + log n + c · min(½ s² (q∘q)·σ², s |q| r) + log w``, converted to base 2
+    for the shared softmax step."""
     d_ok = offs_d < HEAD_DIM
+    log_w = tl.load(gate_ptr)
+    var_w = tl.load(gate_ptr + 1)
     qf = q.to(tl.float32)
-    q_sq = (qf * qf * (_VAR_PRESCALE * _VAR_PRESCALE)).to(q.dtype)
-    q_norm = tl.sqrt(tl.sum(qf * qf, 1))
-    var_scale = 0.5 * sm_scale * sm_scale / (_VAR_PRESCALE * _VAR_PRESCALE)
+    # The variance term's dot runs in float32 (TF32 on the GPU): σ² overflows float16 at an in-group spread
+    # above ~256, and q² underflows it below |q| ~ 0.004.
+    q_sq = qf * qf
+    q_norm = tl.sqrt(tl.sum(q_sq, 1))
+    var_scale = 0.5 * sm_scale * sm_scale
     for j0 in range(0, NS, BLOCK_T):
         offs_j = j0 + tl.arange(0, BLOCK_T)
         j_ok = offs_j < NS
@@ -160,10 +164,10 @@ def tail_inner(
         tile_ok = j_ok[:, None] & d_ok[None, :]
         ks = tl.load(ks_base + tile, mask=tile_ok, other=0.0)
         z = tl.dot(q, tl.trans(ks)) * sm_scale + log_n[None, :]
-        var = tl.load(var_base + tile, mask=tile_ok, other=0.0).to(q.dtype)
+        var = tl.load(var_base + tile, mask=tile_ok, other=0.0)  # float32
         gauss = tl.dot(q_sq, tl.trans(var)) * var_scale
         bound = q_norm[:, None] * tl.load(rad_base + offs_j, mask=j_ok, other=0.0)[None, :] * sm_scale
-        z += tl.minimum(gauss, bound)
+        z += var_w * tl.minimum(gauss, bound) + log_w
         z = tl.where(live[None, :], z * LOG2E, float("-inf"))
         p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, z)
         vs = tl.load(vs_base + tile, mask=tile_ok, other=0.0)
@@ -174,7 +178,7 @@ def tail_inner(
 # --------------------------------------------------------------------------------------- merge kernel
 @triton.jit
 def _tail_merge(
-    Q, O, LSE, Out, Perm, KS, VS, KVar, KRad, LogN, Kept, sm_scale,  #
+    Q, O, LSE, Out, Perm, KS, VS, KVar, KRad, LogN, Kept, Gate, sm_scale,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_oz, stride_oh, stride_om, stride_ok,  #
     stride_lz, stride_lh, stride_lm,  #
@@ -199,13 +203,14 @@ def _tail_merge(
     m_i = tl.load(LSE + off_z * stride_lz + off_h * stride_lh + slot * stride_lm, mask=real, other=0.0) * LOG2E
     l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32) + 1.0
     summary = bh * NS * HEAD_DIM
-    acc, l_i, m_i = tail_inner(
-        acc, l_i, m_i, q,  #
-        KS + summary, VS + summary, KVar + summary, KRad + bh * NS, LogN,  #
-        Kept + off_z * stride_kpz + off_h * stride_kph + start_m.to(tl.int64) * stride_kpm, stride_kpn,  #
-        NS, sm_scale, offs_d,  #
-        PER_BLOCK, BLOCK_T, HEAD_DIM, HEAD_DIM_P,  #
-    )
+    if tl.load(Gate + bh * 2) > float("-inf"):  # a head that drops its tail: the partial as it is
+        acc, l_i, m_i = tail_inner(
+            acc, l_i, m_i, q,  #
+            KS + summary, VS + summary, KVar + summary, KRad + bh * NS, LogN,  #
+            Kept + off_z * stride_kpz + off_h * stride_kph + start_m.to(tl.int64) * stride_kpm, stride_kpn,  #
+            Gate + bh * 2, NS, sm_scale, offs_d,  #
+            PER_BLOCK, BLOCK_T, HEAD_DIM, HEAD_DIM_P,  #
+        )
     tok = tl.load(Perm + slot, mask=real, other=0)  # write to the rows' original positions
     out = acc / l_i[:, None]
     mask = real[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -216,12 +221,13 @@ def _tail_merge(
 @torch.library.custom_op("sparsevid::tail_merge", mutates_args=())
 def tail_merge(q_tiles: torch.Tensor, out_tiles: torch.Tensor, lse: torch.Tensor, perm: torch.Tensor,
                keys: torch.Tensor, values: torch.Tensor, key_var: torch.Tensor, key_radius: torch.Tensor,
-               log_count: torch.Tensor, kept: torch.Tensor, per_block: int, block_size: int, scale: float,
-               like: torch.Tensor) -> torch.Tensor:
+               log_count: torch.Tensor, kept: torch.Tensor, gate: torch.Tensor, per_block: int, block_size: int,
+               scale: float, like: torch.Tensor) -> torch.Tensor:
     """Merge an exact partial with the tail: ``out_tiles`` ``(B, H, L, D)`` and its natural-log ``lse``
     ``(B, H, L)``, both in tile order (computed from ``q_tiles``, in tile order too), plus the summary
     terms of each row's skipped groups (:class:`~sparsevid.tail.TailSummaries`' tensors; ``kept``: bool
-    ``(B, H, NB, NB)``, stride-0 views welcome). Returns a tensor shaped and strided like ``like``, each
+    ``(B, H, NB, NB)``, stride-0 views welcome; ``gate``: float32 contiguous ``(B, H, 2)``, each head's decision,
+    :func:`sparsevid.tail.decide_tail`). Returns a tensor shaped and strided like ``like``, each
     row at ``perm`` (the original position of each tile-order slot)."""
     B, H, L, D = q_tiles.shape
     check_tiling("the Triton tail merge", block_size, BLOCK_SIZES, D)
@@ -229,7 +235,8 @@ def tail_merge(q_tiles: torch.Tensor, out_tiles: torch.Tensor, lse: torch.Tensor
     out = torch.empty_like(like)
     kept_u8 = kept.view(torch.uint8)
     _tail_merge[(nb, B * H)](
-        q_tiles, out_tiles, lse, out, perm, keys, values, key_var, key_radius, log_count, kept_u8, float(scale),  #
+        q_tiles, out_tiles, lse, out, perm, keys, values, key_var, key_radius, log_count, kept_u8, gate,  #
+        float(scale),  #
         *q_tiles.stride(), *out_tiles.stride(), *lse.stride(), *out.stride(), *kept_u8.stride(),  #
         H, L, keys.shape[2],  #
         BLOCK_SIZE=block_size, HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), PER_BLOCK=per_block, BLOCK_T=BLOCK_T,  #
@@ -239,6 +246,6 @@ def tail_merge(q_tiles: torch.Tensor, out_tiles: torch.Tensor, lse: torch.Tensor
 
 
 @tail_merge.register_fake
-def _(q_tiles, out_tiles, lse, perm, keys, values, key_var, key_radius, log_count, kept, per_block, block_size, scale,
-      like):
+def _(q_tiles, out_tiles, lse, perm, keys, values, key_var, key_radius, log_count, kept, gate, per_block, block_size,
+      scale, like):
     return torch.empty_like(like)

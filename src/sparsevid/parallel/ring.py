@@ -34,7 +34,10 @@ module: there is no per-step transfer to skip, so skipping saves compute, not co
 **The tail** (``tail=``, :mod:`sparsevid.tail`): the summaries are the whole sequence's (from the
 gathered k and v, the one-GPU summaries), and each query row's summary terms join the softmax of its
 own chunk's step, the one never skipped: every skipped block's term is counted once, whichever
-chunks its tokens lie in, and the merge makes the result the one-GPU tail output.
+chunks its tokens lie in, and the merge makes the result the one-GPU tail output for a tail taken as it
+is (``TailMethod.fixed()``). How much of the tail a (batch, head) takes (:func:`~sparsevid.tail.decide_tail`)
+each rank decides from probe rows of its own chunk (it holds every key and value): it may differ from the
+one-GPU call's decision, which samples the whole sequence.
 
 A step is one launch of a block-sparse kernel with the query chunk's and the key chunk's tables and a
 log-sum-exp output: the ``ring_step`` a backend declares at registration (``sparsevid.register_backend``;
@@ -55,9 +58,10 @@ import torch
 
 from ..backends import _registry, resolve_backend
 from ..kernels.csr import dense_to_csr
+from ..kernels.reference import merge_partials  # the steps' combine (the tail's decision uses it too)
 from ..layout import VideoLayout
 from ..plan import BlockPlan
-from ..tail import check_tail, kept_blocks
+from ..tail import check_tail, kept_blocks, tail_operands
 
 __all__ = ["RING_BACKENDS", "ChunkTable", "RingGroup", "RingSteps", "all_gather", "chunk_tables", "gather_sequence",
            "merge_partials", "needed_steps", "ring_backend", "ring_rank_attention", "ring_steps", "simulate_ring"]
@@ -144,19 +148,6 @@ def needed_steps(plan: BlockPlan, chunks: int) -> torch.Tensor:
     return torch.tensor([[step is not None for step in ring_steps(plan, chunks, r)] for r in range(chunks)])
 
 
-def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                   lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two partial attentions over disjoint keys -> the attention over both (flash-decoding's combine):
-    ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``.
-
-    ``out_*`` float32 ``(..., D)``, ``lse_*`` float32 ``(...)``; a row empty in both stays zero with ``-inf``.
-    """
-    lse = torch.logaddexp(lse_a, lse_b)
-    base = lse.masked_fill(lse == float("-inf"), 0.0)  # empty rows: exp(-inf - 0) = 0, not nan
-    out = torch.exp(lse_a - base).unsqueeze(-1) * out_a + torch.exp(lse_b - base).unsqueeze(-1) * out_b
-    return out, lse
-
-
 def ring_backend(backend: str, q: torch.Tensor, plan: BlockPlan, tail=None) -> str:
     """The backend that runs the ring steps of ``q`` (a rank's chunk) with ``plan``: the registry's choice among
     the backends with a ring step (:data:`RING_BACKENDS`), named or ``"auto"``.
@@ -191,10 +182,10 @@ def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     B, H, size = q.shape[:3]
     tables = chunk_tables(plan.layout, chunks, q.device)
     steps = ring_steps(plan, chunks, rank)
-    summaries = kept = None
+    summaries = kept = gate = None
     if method is not None:
-        summaries = spec.summarize(k, v, plan.layout, method)
-        kept = kept_blocks(plan)[:, :, tables[rank].blocks].expand(B, H, -1, -1)
+        summaries, kept, gate = tail_operands(spec.summarize, q, k, v, plan, method, scale, offset=rank * size)
+        kept = kept[:, :, tables[rank].blocks]  # the rank's query blocks
     out = lse = None
     ran = []
     for i in range(chunks):
@@ -205,7 +196,7 @@ def ring_rank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         counts, indices = (t.expand(B, H, *t.shape[2:]) for t in steps[j])
         chunk = slice(j * size, (j + 1) * size)
         part = spec.ring_step(q, k[:, :, chunk], v[:, :, chunk], tables[rank].slots, counts, indices, plan.block_size,
-                              scale, tail=summaries if own else None, kept=kept if own else None,
+                              scale, tail=summaries if own else None, kept=kept if own else None, gate=gate,
                               key_perm=tables[j].slots)
         out, lse = part if out is None else merge_partials(out, lse, *part)
         ran.append(j)
