@@ -16,8 +16,8 @@ P = 8
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graph capture needs a CUDA device (the CPU has no graphs)")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# the CPU-path tests of the Triton MLP: bit-equal host and device paths hold where every row count runs the same
-# tile config, as under the interpreter; on a GPU the CUDA tests below compare graph and eager with the same kernels
+# the CPU-path tests of the Triton MLP (host and device paths with the same kernels); on a GPU the CUDA tests below
+# compare graph and eager with the same kernels
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="the Triton MLP on CPU tensors needs TRITON_INTERPRET=1")
 
 
@@ -89,9 +89,16 @@ def test_device_decision_equals_host_reference_and_hooks():
 @needs_interpreter
 def test_triton_mlp_decoder_equals_host_reference():
     """The predicated Triton MLP (interpreter) decides and computes like the host reference with the same
-    kernels, bit for bit: decode at batch 4 (rows in place, one tile) and a frame-parallel forward of
-    3 x 8 rows (kept rows sorted first, tiles past the device-side count skipped). Against cuBLAS only
-    the last bits of the MLP outputs differ: same tokens and decisions here."""
+    kernels: decode at batch 4 (rows in place, one tile) and a frame-parallel forward of 3 x 8 rows
+    (kept rows sorted first, tiles past the device-side count skipped). Against cuBLAS only the last
+    bits of the MLP outputs differ: same tokens and decisions here.
+
+    Bit for bit only where both paths run the same tile shape. Decode: the host's kept rows and the
+    device's 4 rows each fill one 16-row tile. Frames: the host runs its at most 16 kept rows in 16-row
+    tiles, the device all 24 sorted rows in 32-row tiles; the interpreter's ``tl.dot`` is
+    ``numpy.matmul`` (OpenBLAS), and OpenBLAS's FMA kernels (Haswell, Zen: picked at run time from the
+    CPU) round a row differently in a 16-row and a 32-row product, its AVX kernels (Sandybridge) do not,
+    so the ring is compared at float32 rounding there (the CPU decided the bitwise outcome)."""
     model, prompt = tiny_llama(layers=3), prompts(batch=4)
     thresholds = fastcar.calibrate(model, prompt, P, 0.4, 3 * P)
     ref_tokens, ref_log, ref_stats = decode(model, prompt, 3 * P, thresholds, decision="host", mlp="triton")
@@ -116,8 +123,10 @@ def test_triton_mlp_decoder_equals_host_reference():
         results.append((engine.teacher_forced_frames(frames), engine.ring.clone(), engine.log, engine.stats()))
     (ref_preds, ref_ring, ref_log, ref_stats), (preds, ring, log, stats) = results
     assert 0 < ref_stats["replay_rate"] < 1
-    assert torch.equal(preds, ref_preds) and torch.equal(ring, ref_ring) and stats["replayed"] == ref_stats["replayed"]
+    assert torch.equal(preds, ref_preds) and stats["replayed"] == ref_stats["replayed"]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(log, ref_log))
+    # a replayed row computed, or a kept row skipped, is off by the outputs' own size, not by 1e-5 of it
+    torch.testing.assert_close(ring, ref_ring, rtol=1e-5, atol=1e-5 * ref_ring.abs().max().item())
 
 
 def test_capture_warm_up_counts_no_replays():
