@@ -230,6 +230,46 @@ def test_bad_arguments_and_shares():
     assert 0 < m < 1 and 0 < f < 1
 
 
+def test_faster_mlp_keeps_the_least_time():
+    assert fastcar_graph.faster_mlp({"cublas": 0.30, "triton": 0.21}) == "triton"
+    assert fastcar_graph.faster_mlp({"cublas": 0.20, "triton": 0.21}) == "cublas"
+    assert fastcar_graph.faster_mlp({"triton": 0.25, "cublas": 0.25}) == "cublas"  # a tie: no Triton kernels
+    assert fastcar_graph.faster_mlp({"triton": 0.25}) == "triton"
+    for bad in ({}, {"cublas": math.nan, "triton": 0.2}, {"cublas": -1.0}, {"cutlass": 0.1, "triton": 0.2}):
+        with pytest.raises(ValueError, match="timings"):
+            fastcar_graph.faster_mlp(bad)
+
+
+@pytest.mark.parametrize("mlp", ["auto", "cublas", pytest.param("triton", marks=needs_interpreter)])
+def test_mlp_choice_without_cuda_is_the_one_asked_or_cublas(mlp):
+    """On the CPU "auto" (the default) is cuBLAS, untimed: the same tokens and decisions as mlp="cublas";
+    explicit kernels stay what was asked. capacity with "auto" is the cuBLAS compaction."""
+    model, prompt = tiny_llama(layers=2), prompts(batch=2)
+    thresholds = [0.0, 0.0]
+    engine = StaticDecoder(model, 2, 3 * P, P, thresholds, mlp=mlp)
+    tokens = engine.generate(prompt, 2 * P, graph=False)
+    chosen = "cublas" if mlp == "auto" else mlp
+    assert engine.mlp == chosen and engine.stats()["mlp"] == dict(requested=mlp, chosen=chosen, rate=None, ms=None)
+    explicit = StaticDecoder(model, 2, 3 * P, P, thresholds, mlp=chosen)
+    assert torch.equal(explicit.generate(prompt, 2 * P, graph=False), tokens)
+    assert explicit.stats()["replayed"] == engine.stats()["replayed"] > 0
+    assert StaticDecoder(model, 2, 3 * P, P, thresholds).mlp_request == "auto"
+    if mlp == "auto":
+        assert StaticDecoder(model, 2, 3 * P, P, thresholds, mlp=mlp, capacity=4).mlp == "cublas"
+
+
+def test_measured_replay_rate_leaves_the_counters():
+    """What mlp="auto" times the kernels at: the replay rate of an uncaptured decode, the counters as before."""
+    model, prompt = tiny_llama(layers=3), prompts(batch=4)
+    thresholds = fastcar.calibrate(model, prompt, P, 0.4, 3 * P)
+    eager = StaticDecoder(model, 4, 4 * P, P, thresholds)
+    eager.generate(prompt, 3 * P, graph=False)
+    engine = StaticDecoder(model, 4, 4 * P, P, thresholds, track=False)
+    rate = engine._measure_replay(lambda: engine._decode(prompt, 3 * P, graph=False))
+    assert rate == pytest.approx(eager.stats()["replay_rate"]) and 0 < rate < 1
+    assert engine.stats()["rows"] == 0 and engine.stats()["replayed"] == 0 and not engine.track
+
+
 def test_no_import_circle_between_the_two_decoders():
     """fastcar (hooks) may use fastcar_graph (calibration for agreement); fastcar_graph never imports fastcar."""
     import ast
@@ -260,8 +300,9 @@ def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):
                      "--reps", "1", "--speed-model", "llama3.2-1b", "--no-test-model", "--no-eager", "--graph",
                      "--frame-batches", "1", "--out", str(tmp_path), "--record", "--benchmarks-md", str(md)]) == 0
     data = json.loads((tmp_path / "decode.json").read_text())
-    # cond only where torch has IF nodes; the two baselines, then rates and the breakdown x variants
-    variants = ["cond"] * fastcar_graph.conditional_nodes_available() + ["select", "predicated"]
+    # cond only where torch has IF nodes; the two baselines, then rates and the breakdown x variants; auto without
+    # CUDA: cuBLAS, untimed
+    variants = ["cond"] * fastcar_graph.conditional_nodes_available() + ["select", "predicated", "auto: select"]
     assert [(r["target"], r["variant"]) for r in data["graph_rows"]] == [
         ("none (graph baseline)", "- (cuBLAS MLP)"), ("none (graph baseline)", "- (Triton MLP)"),
         *[(t, v) for t in (0.3, "r=0: decision only", "r=1: all replayed") for v in variants]]
@@ -269,6 +310,8 @@ def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):
     assert rows[(0.3, "predicated")]["achieved"] > 0 and rows[(0.3, "predicated")]["bound"] > 1
     assert rows[("r=0: decision only", "select")]["achieved"] == 0
     assert rows[("r=1: all replayed", "predicated")]["achieved"] == 1
+    assert rows[(0.3, "auto: select")]["mlp_choice"] == dict(requested="auto", chosen="cublas", rate=None, ms=None)
+    assert rows[(0.3, "auto: select")]["achieved"] == rows[(0.3, "select")]["achieved"]
     frames = data["frame_rows"]
     assert [(r["target"], r["mlp"]) for r in frames] == [(0.0, "cuBLAS"), (0.0, "Triton"), (0.3, "cuBLAS"), (0.3, "Triton")]
     assert frames[2]["capacity"] < frames[2]["rows"] and frames[3]["capacity"] == "device count"
@@ -311,6 +354,34 @@ def test_cuda_graph_frame_parallel_compaction(mlp, capacity):
     compact = StaticDecoder(model, 4, 3 * P, P, thresholds, mlp=mlp, capacity=capacity)
     assert torch.equal(compact.teacher_forced_frames(tokens, graph=True), expected)
     assert compact.stats()["replayed"] == masked.stats()["replayed"] > 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("frames", [False, True])
+def test_cuda_auto_mlp_times_both_and_keeps_the_faster(frames):
+    """mlp="auto" on CUDA: both kernels timed at the capture, the faster kept, at the replay rate of the
+    uncaptured decode (frame); the graph then gives what an explicit decoder with the chosen kernels gives."""
+    model = tiny_llama(layers=3, device="cuda")
+    if frames:
+        tokens = prompts(batch=4, frames=3, seed=4, device="cuda")
+        thresholds = [0.0, 0.0, 0.0]
+        run = lambda e, graph: e.teacher_forced_frames(tokens, graph=graph)  # noqa: E731
+    else:
+        prompt = prompts(batch=4, device="cuda")
+        thresholds = fastcar.calibrate(model, prompt, P, 0.4, 3 * P)
+        run = lambda e, graph: e.generate(prompt, 3 * P, graph=graph)  # noqa: E731
+    auto = StaticDecoder(model, 4, 4 * P, P, thresholds)
+    got = run(auto, True)
+    choice = auto.stats()["mlp"]
+    assert choice["requested"] == "auto" and set(choice["ms"]) == {"cublas", "triton"}
+    assert all(ms > 0 for ms in choice["ms"].values()) and choice["chosen"] == fastcar_graph.faster_mlp(choice["ms"])
+    explicit = StaticDecoder(model, 4, 4 * P, P, thresholds, mlp=choice["chosen"])
+    assert torch.equal(got, run(explicit, False))
+    assert auto.stats()["replayed"] == explicit.stats()["replayed"] > 0  # the timing's replays not counted
+    if not frames:  # the replay rate of the decode uncaptured with cuBLAS (a frame: of the first frame captured)
+        cublas = StaticDecoder(model, 4, 4 * P, P, thresholds, mlp="cublas")
+        run(cublas, False)
+        assert choice["rate"] == pytest.approx(cublas.stats()["replay_rate"])
 
 
 @needs_cuda

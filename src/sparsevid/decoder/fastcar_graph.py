@@ -47,9 +47,8 @@ default) measures instead of guessing: with the device decision on CUDA, the fir
 both paths above (cuBLAS as this decoder captures it, and the predicated Triton kernels) on this
 device at the replay rate just measured, and keeps the faster (:func:`faster_mlp`; ``stats()["mlp"]``
 says which, and the timings). Everywhere else (CPU, ``decision`` "none"/"host", a ``capacity``)
-``"auto"`` is cuBLAS, untimed. Without a graph (CPU,
-tests) the conditional bodies always run and their results are masked, so every mode gives the same
-values as the reference with the same ``mlp``.
+``"auto"`` is cuBLAS, untimed. Without a graph (CPU, tests) the conditional bodies always run and
+their results are masked, so every mode gives the same values as the reference with the same ``mlp``.
 
 Shape legend: ``B`` batch, ``T`` tokens per sequence in one forward (1 for a decode step, ``P``
 for a frame), ``L`` decoder layers, ``H``/``KVH`` query/key heads, ``D`` head_dim, ``P`` tokens per
