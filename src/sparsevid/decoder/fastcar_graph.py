@@ -676,7 +676,8 @@ def calibrate_agreement(model, prompts: torch.Tensor, tokens_per_frame: int, tar
         raise ValueError(f"Expect target_agreement in (0, 1] but got {target_agreement!r}")
     floor = target_agreement - 0.15 if floor is None else floor
     B, T0 = prompts.shape
-    engine = StaticDecoder(model, B, T0 + new_tokens, tokens_per_frame, None, decision="device", fuse=fuse)
+    # cuBLAS, not "auto": the thresholds and agreements found must not hang on which kernels a timing picked
+    engine = StaticDecoder(model, B, T0 + new_tokens, tokens_per_frame, None, decision="device", mlp="cublas", fuse=fuse)
     reference, tas = engine.decode_tas(prompts, new_tokens)
     if any(not len(tas[i]) for i in hooked):
         raise ValueError(f"Expect prompts and new_tokens that decode tokens with a previous frame "
