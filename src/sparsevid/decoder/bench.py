@@ -26,7 +26,9 @@ same run:
 6. **Graph rows** (``--graph``): the static-cache decoder of :mod:`sparsevid.decoder.fastcar_graph`,
    one decode step captured as a CUDA graph, the decision on the device; ms per decode step against
    the same graph without FastCar (cuBLAS MLP), for the variants cond (IF node), select (MLP always
-   run) and predicated (Triton MLP kernels that skip replayed rows themselves), beside the bound
+   run), predicated (Triton MLP kernels that skip replayed rows themselves) and auto (the decoder's
+   ``mlp="auto"``: it times cuBLAS and Triton at capture and keeps the faster; the row names the path it
+   chose), beside the bound
    ``1/(1 - r*m)``. ``--breakdown`` adds replay 0 and 1 (the decision's cost, and what is left when
    everything replays); with ``--speed-model`` and ``--agreement`` the speed model also runs at the
    replay the test model reached at that agreement.
@@ -74,13 +76,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: on CUDA; on the CPU the same decoder runs without a graph)")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="the transformers-hook rows (eager decode, host-side decision) (default: on)")
-    parser.add_argument("--variants", nargs="+", choices=["cond", "select", "predicated"],
-                        default=["cond", "select", "predicated"],
+    parser.add_argument("--variants", nargs="+", choices=["cond", "select", "predicated", "auto"],
+                        default=["cond", "select", "predicated", "auto"],
                         help="graph FastCar variants: cond = cuBLAS MLP in a CUDA graph IF node (skipped when every "
                              "row replays; not measured where torch has no IF nodes), select = cuBLAS MLP always run, "
                              "replayed rows selected on the device, predicated = Triton MLP kernels that read the "
                              "replay mask and skip replayed rows themselves (also adds the Triton-MLP baseline and "
-                             "frame-parallel rows) (default: %(default)s)")
+                             "frame-parallel rows), auto = the decoder's mlp='auto': both MLP paths timed at capture "
+                             "at the measured replay rate, the faster kept (the row names it; cuBLAS on the CPU) "
+                             "(default: %(default)s)")
     parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="graph rows at replay 0 (the decision's cost, every MLP row run) and 1 (every eligible "
                              "row replayed: what the skip leaves) (default: on)")
@@ -225,31 +229,47 @@ def run(args) -> int:
             print(f"[decode] graph {name} batch {batch} baseline, {_MLP_NAMES[mlp]} MLP: {ms:.3f} ms/token")
         for label, th in targets.items():
             tracked = {}  # per MLP kernels: the decisions and tokens (counted on the device, no IF node)
+
+            def track(mlp):
+                if mlp not in tracked:
+                    eng = graph_engine(model, batch, th, mlp, conditional=False)
+                    tokens = eng.generate(prompt, new_tokens, graph=graph)
+                    stats = eng.stats()  # of the free-running decode
+                    forced = eng.generate(prompt, new_tokens, teacher=reference, graph=graph) if fidelity else None
+                    tracked[mlp] = (tokens, forced, stats)
+                return tracked[mlp]
+
             for mlp in kernels:
-                eng = graph_engine(model, batch, th, mlp, conditional=False)
-                tokens = eng.generate(prompt, new_tokens, graph=graph)
-                stats = eng.stats()  # of the free-running decode
-                forced = eng.generate(prompt, new_tokens, teacher=reference, graph=graph) if fidelity else None
-                tracked[mlp] = (tokens, forced, stats)
-                del eng
+                track(mlp)
             for variant in variants:
-                mlp = "triton" if variant == "predicated" else "cublas"
-                tokens, forced, stats = tracked[mlp]
-                r = stats["replay_rate"] or 0.0
-                eng = graph_engine(model, batch, th, mlp, conditional=variant == "cond", track=False)
+                mlp = {"predicated": "triton", "auto": "auto"}.get(variant, "cublas")
+                eng = graph_engine(model, batch, th, mlp, conditional=None if variant == "auto" else variant == "cond",
+                                   track=False)
                 try:
                     ms = decode_ms(eng, prompt)
+                    chosen = eng.stats()["mlp"]
                 except RuntimeError as error:  # e.g. a torch whose IF nodes do not capture these ops: say so, go on
                     print(f"[decode] graph {name} batch {batch} {label} {variant} FAILED: {error}")
+                    r = track("cublas" if mlp == "auto" else mlp)[2]["replay_rate"] or 0.0
                     out.append(dict(model=name, batch=batch, target=label, variant=f"{variant} FAILED: "
                                     f"{str(error).splitlines()[0][:80]}", achieved=r, ms=math.nan, speedup=math.nan, m=m))
                     continue
                 finally:
+                    conditional = eng.conditional
                     del eng
+                mlp = chosen["chosen"]
+                tokens, forced, stats = track(mlp)
+                r = stats["replay_rate"] or 0.0
+                if variant == "auto":  # the path the decoder chose, by its own timing where it timed
+                    variant = f"auto: {'predicated' if mlp == 'triton' else 'cond' if conditional else 'select'}"
+                    timed = chosen["ms"]
+                    print(f"[decode] graph {name} batch {batch} {label} auto chose {_MLP_NAMES[mlp]}: "
+                          + (", ".join(f"{_MLP_NAMES[k]} {v:.4f} ms" for k, v in timed.items())
+                             + f" for every layer's MLP at replay {chosen['rate']:.3f}" if timed else "untimed (no CUDA)"))
                 row = dict(model=name, batch=batch, target=label, variant=variant, mlp=_MLP_NAMES[mlp], achieved=r,
                            per_layer=[l["rate"] for l in stats["per_layer"]], ms=ms, eager_ms=eager.get(label),
                            speedup=base_ms / ms, m=m, bound=1 / (1 - r * m) if r * m < 1 else math.inf,
-                           allowed=(1 - ms / base_ms) / (r * m) if r else None)
+                           allowed=(1 - ms / base_ms) / (r * m) if r else None, mlp_choice=chosen)
                 if fidelity:
                     row.update(agreement=float((tokens == reference).float().mean()),
                                forced_agreement=float((forced == reference).float().mean()),
@@ -425,7 +445,9 @@ def run(args) -> int:
             f"(nothing skipped: their cost against cuBLAS); variants: cond = cuBLAS MLP in a CUDA graph IF node "
             f"(conditional nodes {'available' if cond_ok else 'NOT available here: not measured'}), select = cuBLAS "
             f"MLP always run, replayed rows selected, predicated = Triton MLP kernels that read the replay mask and "
-            f"return before loading weights when every row of a tile replays (batch 1: the row); r=0/r=1 rows: "
+            f"return before loading weights when every row of a tile replays (batch 1: the row), auto = the "
+            f"decoder's mlp='auto' (both MLP paths timed at capture at the replay rate of an uncaptured decode, the "
+            f"faster kept; the path it chose after the colon); r=0/r=1 rows: "
             f"thresholds inf/-inf (the decision's cost / what is left when everything replays); agreement per MLP "
             f"kernels, vs the cuBLAS baseline's tokens; bound = 1/(1 - r*m), m = MLP share of weight bytes; "
             f"allowed = share of the bound's saving achieved, (1 - t/t0)/(r*m) (target >= 0.8 at batch 1)"

@@ -42,9 +42,13 @@ MLP modes (``decision``/``mlp``/``capacity``)::
                        (frame-parallel: ``forward_frame`` over B x P rows)
 
 ``mlp`` picks the kernels for the rows that run in every mode (``"triton"`` with ``decision="none"``
-is the Triton kernels with nothing skipped, to compare them with cuBLAS). Without a graph (CPU,
-tests) the conditional bodies always run and their results are masked, so every mode gives the same
-values as the reference with the same ``mlp``.
+is the Triton kernels with nothing skipped, to compare them with cuBLAS). ``mlp="auto"`` (the
+default) measures instead of guessing: with the device decision on CUDA, the first capture times
+both paths above (cuBLAS as this decoder captures it, and the predicated Triton kernels) on this
+device at the replay rate just measured, and keeps the faster (:func:`faster_mlp`; ``stats()["mlp"]``
+says which, and the timings). Everywhere else (CPU, ``decision`` "none"/"host", a ``capacity``)
+``"auto"`` is cuBLAS, untimed. Without a graph (CPU, tests) the conditional bodies always run and
+their results are masked, so every mode gives the same values as the reference with the same ``mlp``.
 
 Shape legend: ``B`` batch, ``T`` tokens per sequence in one forward (1 for a decode step, ``P``
 for a frame), ``L`` decoder layers, ``H``/``KVH`` query/key heads, ``D`` head_dim, ``P`` tokens per
@@ -53,6 +57,7 @@ frame.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -60,8 +65,10 @@ import torch.nn.functional as F
 
 from ._llama import decoder_layers, parse_thresholds, quantile_threshold, rotate_half
 
-__all__ = ["StaticDecoder", "calibrate_agreement", "conditional_nodes_available", "mlp_flop_share", "mlp_weight_share",
-           "plot_frontier"]
+__all__ = ["MLP_KERNELS", "StaticDecoder", "calibrate_agreement", "conditional_nodes_available", "faster_mlp",
+           "mlp_flop_share", "mlp_weight_share", "plot_frontier"]
+
+MLP_KERNELS = ("cublas", "triton")  # what mlp="auto" chooses from, in the order a tie keeps
 
 
 def conditional_nodes_available() -> bool:
@@ -111,6 +118,14 @@ def _compact(replay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _FUSABLE = ("_rms", "_rope", "_silu_mul", "_decide", "_select")
 
 
+def faster_mlp(timings: dict) -> str:
+    """The MLP kernels with the least time in ``timings`` (``{"cublas": ms, "triton": ms}``, from
+    :meth:`StaticDecoder.capture`); a tie keeps cuBLAS (no Triton kernels to compile for other shapes)."""
+    if not timings or set(timings) - set(MLP_KERNELS) or not all(ms >= 0 for ms in timings.values()):
+        raise ValueError(f"Expect timings as {{kernels in {MLP_KERNELS}: ms >= 0}} but got {timings!r}")
+    return min((k for k in MLP_KERNELS if k in timings), key=timings.__getitem__)
+
+
 # ---------------------------------------------------------------------------------------- shares for the bounds
 def mlp_weight_share(model: torch.nn.Module) -> float:
     """``m``: the MLP's share of the weight bytes a batch-1 decode step reads (one embedding row)."""
@@ -150,10 +165,13 @@ class StaticDecoder:
         tokens_per_frame (int | None): ``P``; None = no FastCar (then ``decision`` must be "none").
         thresholds: TAS thresholds (one float, or one per layer; ``inf`` never replays).
         decision (str): "none", "host" (reference, one host sync per layer) or "device".
-        mlp (str): kernels for the MLP rows that run: "cublas" (``F.linear``) or "triton" (the predicated
-            kernels; with the device decision they skip replayed rows themselves).
+        mlp (str): kernels for the MLP rows that run: "cublas" (``F.linear``), "triton" (the predicated
+            kernels; with the device decision they skip replayed rows themselves) or "auto" (the faster
+            of the two, timed at the first capture with the device decision on CUDA; else cuBLAS).
+            Uncaptured runs before that choice use cuBLAS; one choice per decoder (the first capture's
+            shape: a decode step or a frame).
         capacity (int | None): device decision with cuBLAS only: rows of the compacted MLP buffer (None:
-            no compaction).
+            no compaction; with ``mlp="auto"`` a capacity means cuBLAS).
         conditional (bool | None): put the MLP calls in CUDA graph IF nodes while capturing
             (default: where available).
         fuse (bool): ``torch.compile`` the element-wise pieces and concatenate q/k/v and gate/up weights.
@@ -161,13 +179,13 @@ class StaticDecoder:
     """
 
     def __init__(self, model, batch: int, max_len: int, tokens_per_frame: int | None = None, thresholds=None, *,
-                 decision: str = "device", mlp: str = "cublas", capacity: int | None = None,
+                 decision: str = "device", mlp: str = "auto", capacity: int | None = None,
                  conditional: bool | None = None, fuse: bool = False, track: bool = True):
         layers = decoder_layers(model)
         if decision not in ("none", "host", "device"):
             raise ValueError(f"Expect decision in ('none', 'host', 'device') but got {decision!r}")
-        if mlp not in ("cublas", "triton"):
-            raise ValueError(f"Expect mlp in ('cublas', 'triton') but got {mlp!r}")
+        if mlp not in ("auto", *MLP_KERNELS):
+            raise ValueError(f"Expect mlp in {('auto', *MLP_KERNELS)} but got {mlp!r}")
         if mlp == "triton" and capacity is not None:
             raise ValueError(f"Expect capacity=None with mlp='triton' (it compacts on the device-side count) "
                              f"but got {capacity!r}")
@@ -188,11 +206,17 @@ class StaticDecoder:
         self.scaling = getattr(attn, "scaling", self.D**-0.5)
         self.B, self.P = batch, tokens_per_frame
         self.max_len = -(-max_len // 64) * 64
-        self.decision, self.mlp, self.capacity, self.track = decision, mlp, capacity, track
+        self.decision, self.capacity, self.track = decision, capacity, track
         self.conditional = conditional_nodes_available() if conditional is None else conditional
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        if mlp == "triton":
+        # mlp: the kernels that run now; "auto" runs cuBLAS until the first capture has timed both
+        self.mlp_request, self.mlp = mlp, "cublas" if mlp == "auto" else mlp
+        self.mlp_rate: float | None = None  # the replay rate "auto" timed the kernels at
+        self.mlp_ms: dict | None = None  # ms of every layer's MLP per kernels, as "auto" timed them
+        self._auto = (mlp == "auto" and self.device.type == "cuda" and decision == "device" and capacity is None
+                      and importlib.util.find_spec("triton") is not None)
+        if mlp == "triton" or self._auto:
             from . import triton_mlp
 
             if self.device.type != "cuda" and not triton_mlp.INTERPRET:
@@ -250,11 +274,13 @@ class StaticDecoder:
         self.host_replayed = [0] * len(self.layers)
 
     def stats(self) -> dict:
-        """Replay rate per layer and overall over eligible rows (one host read)."""
+        """Replay rate per layer and overall over eligible rows (one host read), and ``mlp``: the kernels
+        asked for and running, with the rate and ms per kernels where "auto" timed them."""
         replayed = [a + b for a, b in zip(self.replayed.tolist(), self.host_replayed)]
         per = [dict(layer=i, rows=r, replayed=n, rate=n / r if r else None) for i, (r, n) in enumerate(zip(self.rows, replayed))]
         rows, n = sum(self.rows), sum(replayed)
-        return dict(per_layer=per, rows=rows, replayed=n, replay_rate=n / rows if rows else None)
+        mlp = dict(requested=self.mlp_request, chosen=self.mlp, rate=self.mlp_rate, ms=self.mlp_ms)
+        return dict(per_layer=per, rows=rows, replayed=n, replay_rate=n / rows if rows else None, mlp=mlp)
 
     # ------------------------------------------------------------------------------------ one forward
     def _count(self, start: int, T: int) -> None:
@@ -264,6 +290,54 @@ class StaticDecoder:
         eligible = max(0, start + T - max(start, self.P)) * self.B
         for i in range(len(self.layers)):
             self.rows[i] += eligible
+
+    def _measure_replay(self, run) -> float:
+        """Replay rate of ``run()`` (uncaptured: it counts its eligible rows with ``_count``) over every
+        layer; the counters are left as they were."""
+        replayed, rows, track = self.replayed.clone(), list(self.rows), self.track
+        self.track = True
+        try:
+            run()
+            eligible = sum(self.rows) - sum(rows)
+            return float((self.replayed - replayed).sum()) / eligible if eligible else 0.0
+        finally:
+            self.replayed.copy_(replayed)
+            self.rows, self.track = rows, track
+
+    def _time_mlp(self, mlp: str, T: int, rate: float, reps: int = 8, rounds: int = 3) -> float:
+        """Milliseconds of every layer's replay-aware MLP on ``B x T`` rows with ``mlp`` kernels, as this
+        decoder captures it: one CUDA graph replayed on ``reps`` masks drawn at ``rate`` (the mask copied
+        in between, the same for every kernels), CUDA events around them; the median of ``rounds``."""
+        dev = self.device
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(self.B, T, self.hidden, device=dev, dtype=self.dtype, generator=g)
+        prev = torch.randn(self.B, T, self.hidden, device=dev, dtype=self.dtype, generator=g)
+        masks = torch.rand(reps, self.B, T, device=dev, generator=g) < rate
+        replay = masks[0].clone()
+        running, replayed = self.mlp, self.replayed.clone()
+        self.mlp = mlp
+        try:
+            graph = self._capture(lambda: [self._replay_mlp(i, x, replay, prev) for i in range(len(self.layers))])
+            times = []
+            for _ in range(rounds):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for k in range(reps):
+                    replay.copy_(masks[k])
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / reps)
+            return sorted(times)[rounds // 2]
+        finally:
+            self.mlp = running
+            self.replayed.copy_(replayed)  # the replays counted their masks
+
+    @torch.no_grad()
+    def _choose_mlp(self, T: int, rate: float) -> None:
+        """``mlp="auto"``: time both kernels at ``rate`` on ``B x T`` rows, keep the faster (once)."""
+        self.mlp_ms = {mlp: self._time_mlp(mlp, T, rate) for mlp in MLP_KERNELS}
+        self.mlp_rate, self.mlp, self._auto = rate, faster_mlp(self.mlp_ms), False
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """The MLP on every row of ``x`` (..., hidden)."""
@@ -455,10 +529,21 @@ class StaticDecoder:
             self._capturing = False
         return graph
 
-    def capture(self) -> None:
-        """Record one decode step as a CUDA graph (CUDA only); ``generate(graph=True)`` replays it."""
+    def capture(self, rate: float | None = None) -> None:
+        """Record one decode step as a CUDA graph (CUDA only); ``generate(graph=True)`` replays it.
+
+        Args:
+            rate: with ``mlp="auto"`` still to choose, the replay rate to time the MLP kernels at
+                (default: the rate counted so far, ``stats()``; ``generate`` passes the rate of an
+                uncaptured decode of its prompt).
+        """
         if self.device.type != "cuda":
             raise RuntimeError(f"Expect a CUDA model to capture a CUDA graph but it is on {self.device}")
+        if self._auto:
+            rate = self.stats()["replay_rate"] if rate is None else rate
+            if rate is None:
+                raise ValueError("Expect a replay rate to choose mlp='auto' at: pass rate, or decode uncaptured first")
+            self._choose_mlp(1, rate)
         self.pos.fill_(self.P or 0)
         self.step_idx.zero_()
         self.graphs[self.use_teacher] = self._capture(self._step)
@@ -486,7 +571,7 @@ class StaticDecoder:
             graph: replay the captured decode step (captured on first use); default: on CUDA when the
                 decision is not "host".
         """
-        B, T0 = prompt.shape
+        T0 = prompt.shape[1]
         if T0 + new_tokens > self.max_len:
             raise ValueError(f"Expect prompt + new_tokens <= max_len {self.max_len} but got {T0} + {new_tokens}")
         if graph is None:
@@ -494,10 +579,18 @@ class StaticDecoder:
         if graph and (self.log is not None or self.tas_log is not None):
             raise ValueError("Expect graph=False while logging replay masks or TAS (logging reads the device)")
         self.use_teacher = teacher is not None
-        if graph and self.use_teacher not in self.graphs:
-            self.capture()
         if teacher is not None:
             self.teacher[:, :new_tokens] = teacher
+        if graph and self.use_teacher not in self.graphs:
+            rate = None
+            if self._auto:  # the replay rate of this very decode, uncaptured (cuBLAS), for the MLP timing
+                rate = self._measure_replay(lambda: self._decode(prompt, new_tokens, graph=False))
+            self.capture(rate)
+        return self._decode(prompt, new_tokens, graph)
+
+    def _decode(self, prompt: torch.Tensor, new_tokens: int, graph: bool) -> torch.Tensor:
+        """Prefill, then ``new_tokens - 1`` steps: replays of the captured step, or uncaptured."""
+        T0 = prompt.shape[1]
         self.prefill(prompt)
         for _ in range(new_tokens - 1):
             self.graphs[self.use_teacher].replay() if graph else self._step()
@@ -536,6 +629,8 @@ class StaticDecoder:
         self._count(start, P)
         if graph:
             if self.frame_graph is None:  # warmed up on this very frame: repeating it rewrites the same values
+                if self._auto:  # this frame's replay rate (counted once more, then uncounted)
+                    self._choose_mlp(P, self._measure_replay(lambda: (self._count(start, P), self._frame_step())))
                 self.frame_graph = self._capture(self._frame_step)
             self.frame_graph.replay()
         else:
@@ -581,7 +676,8 @@ def calibrate_agreement(model, prompts: torch.Tensor, tokens_per_frame: int, tar
         raise ValueError(f"Expect target_agreement in (0, 1] but got {target_agreement!r}")
     floor = target_agreement - 0.15 if floor is None else floor
     B, T0 = prompts.shape
-    engine = StaticDecoder(model, B, T0 + new_tokens, tokens_per_frame, None, decision="device", fuse=fuse)
+    # cuBLAS, not "auto": the thresholds and agreements found must not hang on which kernels a timing picked
+    engine = StaticDecoder(model, B, T0 + new_tokens, tokens_per_frame, None, decision="device", mlp="cublas", fuse=fuse)
     reference, tas = engine.decode_tas(prompts, new_tokens)
     if any(not len(tas[i]) for i in hooked):
         raise ValueError(f"Expect prompts and new_tokens that decode tokens with a previous frame "
