@@ -195,31 +195,42 @@ def _prefix(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ a given plan's view
 def plan_mass(q: torch.Tensor, k: torch.Tensor, plan, *, scale: float | None = None, chunk_rows: int = 1024) -> torch.Tensor:
     """The true attention mass a plan computes: per head, the mean over the video rows (and batch) of
-    ``sum(p)`` over the keys the plan keeps for the row's query block — what ``block@f``/``token@f``
-    bound from above for a plan of that density (text keys, always kept, count).
+    ``sum(p)`` over the keys the plan computes exactly for the row (its query block's, or with a
+    ``ClusterPlan`` its query cluster's) — what ``block@f``/``token@f`` bound from above for a plan of
+    that density (text keys, always kept, count; a ``ClusterPlan``'s centroid terms do not).
 
     Args:
         q, k (Tensor): ``(batch, heads, L, head_dim)``, ``L == plan.layout.num_tokens``.
-        plan (BlockPlan | TokenPlan): broadcasts over batch/heads like :func:`sparsevid.sparse_attention`.
+        plan (BlockPlan | TokenPlan | ClusterPlan): broadcasts over batch/heads like :func:`sparsevid.sparse_attention`.
         scale (float, optional): score scale; default ``head_dim ** -0.5``.
 
     Returns:
         Tensor: float64 ``(heads,)`` on the CPU.
     """
+    from ..cluster_plan import ClusterPlan
     from ..plan import BlockPlan
 
     layout = plan.layout
     _check(q, k, layout, chunk_rows)
     B, H = q.shape[:2]
     t, lt = _token_tables(layout, q.device), layout.on(q.device)
-    keep = plan.to(q.device).to_dense()  # (B', H', NB, NB) blocks or (B', H', NB, L) tokens
-    by_block = isinstance(plan, BlockPlan)
+    plan = plan.to(q.device)
+    by_cluster, by_block = isinstance(plan, ClusterPlan), isinstance(plan, BlockPlan)
+    if by_cluster:  # a row keeps its query cluster's kept key clusters and every text key (label -1)
+        q_labels, k_labels, kept = plan.q_labels(), plan.k_labels(), plan.kept_clusters()
+    else:
+        keep = plan.to_dense()  # (B', H', NB, NB) blocks or (B', H', NB, L) tokens
     sums = torch.zeros(H, dtype=torch.float64, device=q.device)
     for b, h, _, rows, logp in _row_chunks(q, k, layout, scale, chunk_rows, t["video"]):
         p = logp.exp()
-        if by_block:  # mass per key block first: (n, NB), not (n, L) masks
-            p = torch.zeros(p.shape[0], layout.num_blocks, device=p.device).index_add_(1, lt.block_of_token, p)
-        mask = keep[min(b, keep.shape[0] - 1), min(h, keep.shape[1] - 1), lt.block_of_token[rows]]
+        pb, ph = min(b, plan.shape[0] - 1), min(h, plan.shape[1] - 1)
+        if by_cluster:
+            labels = k_labels[pb, ph]
+            mask = kept[pb, ph][q_labels[pb, ph, rows]][:, labels.clamp(min=0)] | (labels < 0)
+        else:
+            if by_block:  # mass per key block first: (n, NB), not (n, L) masks
+                p = torch.zeros(p.shape[0], layout.num_blocks, device=p.device).index_add_(1, lt.block_of_token, p)
+            mask = keep[pb, ph, lt.block_of_token[rows]]
         sums[h] += (p * mask).sum().double()
     return sums.cpu() / (B * int(t["video"].sum()))
 
