@@ -54,7 +54,7 @@ import torch
 
 from ..layout import VideoLayout
 
-__all__ = ["FRACTIONS", "attention_stats", "plan_mass", "block_mass", "layer_stats", "summarize_stats", "format_stats_table", "write_stats"]
+__all__ = ["FRACTIONS", "attention_stats", "plan_mass", "block_coverage", "block_mass", "layer_stats", "summarize_stats", "format_stats_table", "write_stats"]
 
 FRACTIONS = (0.05, 0.1, 0.25)
 _LOCALITY = ("own_frame", "near_frames", "neighbourhood", "text")
@@ -233,6 +233,33 @@ def plan_mass(q: torch.Tensor, k: torch.Tensor, plan, *, scale: float | None = N
             mask = keep[pb, ph, lt.block_of_token[rows]]
         sums[h] += (p * mask).sum().double()
     return sums.cpu() / (B * int(t["video"].sum()))
+
+
+def block_coverage(plan) -> torch.Tensor:
+    """What a plan computes at block resolution: ``[b, h, m, n]`` = the share of the score entries between
+    query block ``m``'s and key block ``n``'s real tokens that the plan computes exactly (0 or 1 for a
+    ``BlockPlan``, the share of the key block's tokens for a ``TokenPlan``, of the token pairs for a
+    ``ClusterPlan``); what a mask picture draws, never an ``L x L`` mask.
+
+    Returns:
+        Tensor: float32 ``(B', H', NB, NB)`` on the plan's device.
+    """
+    from ..cluster_plan import ClusterPlan
+
+    if not isinstance(plan, ClusterPlan):
+        return plan._block_coverage().float()
+    tables, nb = plan.layout.on(plan.device), plan.layout.num_blocks
+
+    def per_block(labels: torch.Tensor, clusters: int) -> torch.Tensor:
+        """float ``(B', H', NB, 1 + clusters)``: tokens of each block in each cluster; column 0 the text tokens."""
+        slots = tables.block_of_token * (clusters + 1) + labels + 1  # label -1 (text) lands in column 0
+        counts = torch.zeros(*labels.shape[:2], nb * (clusters + 1), device=plan.device)
+        return counts.scatter_add_(-1, slots, torch.ones_like(counts[..., :1]).expand_as(slots)).unflatten(-1, (nb, -1))
+
+    kept = torch.nn.functional.pad(plan.kept_clusters().float(), (1, 0, 1, 0), value=1.0)  # text rows/keys: all
+    pairs = per_block(plan.q_labels(), plan.num_q_clusters) @ kept @ per_block(plan.k_labels(), plan.num_k_clusters).mT
+    tokens = tables.block_tokens.float()
+    return pairs / (tokens[:, None] * tokens[None, :])
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, *, scale: float | None = None,
