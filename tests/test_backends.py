@@ -256,7 +256,7 @@ def test_apply_refuses_a_block_size_the_named_backend_cannot_tile():
     pytest.importorskip("diffusers")
     from tiny_models import tiny_wan
 
-    model = tiny_wan(num_layers=2, heads=1, head_dim=64).half()
+    model = tiny_wan(num_layers=2, heads=1, head_dim=64).half().to(DEVICE)  # elsewhere the device is refused first
     with pytest.raises(ValueError, match=r"block_size in \(16, 32, 64, 128\) for backend 'triton' but got 48"):
         sv.apply(model, method="draft", density=0.3, backend="triton", tile=(2, 4), block_size=48)
     with pytest.raises(ValueError, match=r"block_size in \(64, 128\) for backend 'fa4' but got 32|backend 'fa4'"):
@@ -397,7 +397,7 @@ def test_every_triton_launcher_checks_its_tiles_before_launching(monkeypatch):
 
 def test_the_pooling_kernel_tiles_every_layout_block_size():
     """Defect F11: the GPU's configs read 32 or 64 rows per load past a block of 48 slots; now a config's rows
-    divide the block size, and the interpreter's result equals the PyTorch twin at 48."""
+    divide the block size, and the kernel's result (the interpreter's on the CPU) equals the PyTorch twin at 48."""
     triton = pytest.importorskip("triton")
     from sparsevid.kernels.triton_pool import _prune, pool_blocks_triton, tiles
     from sparsevid.kernels.pooling import pool_blocks_reference
@@ -407,7 +407,7 @@ def test_the_pooling_kernel_tiles_every_layout_block_size():
         kept = _prune(gpu_configs, {"BLOCK_SIZE": block_size})
         assert kept and all(block_size % c.kwargs["ROWS"] == 0 for c in kept) and tiles(block_size)
     layout = sv.VideoLayout(2, 4, 8, tile=(4, 8), block_size=48)
-    x = torch.randn(1, 2, layout.num_tokens, 64, dtype=torch.float16)
-    tables = layout.on("cpu")
+    x = torch.randn(1, 2, layout.num_tokens, 64, dtype=torch.float16, device=DEVICE)
+    tables = layout.on(DEVICE)
     torch.testing.assert_close(pool_blocks_triton(x, tables.perm, tables.block_tokens, 48),
                                pool_blocks_reference(x, layout))

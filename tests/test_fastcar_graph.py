@@ -300,23 +300,38 @@ def test_bench_decode_graph_and_frame_rows(tmp_path, monkeypatch):
                      "--reps", "1", "--speed-model", "llama3.2-1b", "--no-test-model", "--no-eager", "--graph",
                      "--frame-batches", "1", "--out", str(tmp_path), "--record", "--benchmarks-md", str(md)]) == 0
     data = json.loads((tmp_path / "decode.json").read_text())
-    # cond only where torch has IF nodes; the two baselines, then rates and the breakdown x variants; auto without
-    # CUDA: cuBLAS, untimed
-    variants = ["cond"] * fastcar_graph.conditional_nodes_available() + ["select", "predicated", "auto: select"]
+    # cond only where torch has IF nodes; the two baselines, then rates and the breakdown x variants, auto last
+    cond = fastcar_graph.conditional_nodes_available()
+    variants = ["cond"] * cond + ["select", "predicated"]
+    targets = (0.3, "r=0: decision only", "r=1: all replayed")
+    rows = {(r["target"], r["variant"]): r for r in data["graph_rows"]}
+    autos = {r["target"]: r for r in data["graph_rows"] if r["variant"].startswith("auto")}
     assert [(r["target"], r["variant"]) for r in data["graph_rows"]] == [
         ("none (graph baseline)", "- (cuBLAS MLP)"), ("none (graph baseline)", "- (Triton MLP)"),
-        *[(t, v) for t in (0.3, "r=0: decision only", "r=1: all replayed") for v in variants]]
-    rows = {(r["target"], r["variant"]): r for r in data["graph_rows"]}
+        *[(t, v) for t in targets for v in (*variants, autos[t]["variant"])]]
+    # auto's label names the path its recorded choice runs: on CUDA the faster of the two it timed (either may win
+    # on a given device), elsewhere cuBLAS, untimed; its replays are those of the explicit variant of that path
+    labels = {"cublas": {"auto: select", *["auto: cond"] * cond}, "triton": {"auto: predicated"}}
+    for t, auto in autos.items():
+        choice = auto["mlp_choice"]
+        assert auto["variant"] in labels[choice["chosen"]]
+        assert auto["mlp"] == {"cublas": "cuBLAS", "triton": "Triton"}[choice["chosen"]]
+        if CUDA:
+            assert choice["requested"] == "auto" and set(choice["ms"]) == {"cublas", "triton"}
+            assert choice["chosen"] == fastcar_graph.faster_mlp(choice["ms"])
+        else:
+            assert choice == dict(requested="auto", chosen="cublas", rate=None, ms=None)
+        explicit = "predicated" if choice["chosen"] == "triton" else "select"
+        assert auto["achieved"] == rows[(t, explicit)]["achieved"]
     assert rows[(0.3, "predicated")]["achieved"] > 0 and rows[(0.3, "predicated")]["bound"] > 1
     assert rows[("r=0: decision only", "select")]["achieved"] == 0
     assert rows[("r=1: all replayed", "predicated")]["achieved"] == 1
-    assert rows[(0.3, "auto: select")]["mlp_choice"] == dict(requested="auto", chosen="cublas", rate=None, ms=None)
-    assert rows[(0.3, "auto: select")]["achieved"] == rows[(0.3, "select")]["achieved"]
     frames = data["frame_rows"]
     assert [(r["target"], r["mlp"]) for r in frames] == [(0.0, "cuBLAS"), (0.0, "Triton"), (0.3, "cuBLAS"), (0.3, "Triton")]
     assert frames[2]["capacity"] < frames[2]["rows"] and frames[3]["capacity"] == "device count"
     text = md.read_text()
     assert "FastCar under CUDA graphs" in text and "frame-parallel" in text and "predicated" in text
+    assert all(f"| {t} | {auto['variant']} |" in text for t, auto in autos.items())  # the table says what json says
 
 
 # ---------------------------------------------------------------------------------------- CUDA only

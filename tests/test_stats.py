@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sparsevid as sv
-from sparsevid.lab.stats import attention_stats, block_mass, plan_mass, stat_names, summarize_stats
+from sparsevid.lab.stats import attention_stats, block_coverage, block_mass, plan_mass, stat_names, summarize_stats
 
 FRACTIONS = (0.1, 0.25, 0.5)
 
@@ -80,18 +80,26 @@ def test_stats_match_full_probability_matrix(text):
 
 
 @pytest.mark.parametrize("text", [(0, False), (7, False), (5, True)], ids=["no-text", "text-last", "text-first"])
-@pytest.mark.parametrize("method", ["draft", "window", "finegrained"])  # head plans, a broadcast plan, a TokenPlan
-def test_plan_mass_and_block_mass_match_full_probability_matrix(text, method):
+# head plans, a broadcast plan, a TokenPlan, a ClusterPlan (rows keep their query cluster's key clusters)
+@pytest.mark.parametrize("method", ["draft", "window", "finegrained", "clustered"])
+def test_plan_mass_block_coverage_and_block_mass_match_full_matrices(text, method):
     layout = sv.VideoLayout(4, 6, 9, text_tokens=text[0], text_first=text[1], tile=(2, 3), block_size=16)
     g = torch.Generator().manual_seed(0)
     q, k = (3 * torch.randn(2, 2, layout.num_tokens, 8, generator=g) for _ in range(2))
     P = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(8), -1)
     video = torch.tensor([not (i < text[0] if text[1] else i >= layout.video_tokens) for i in range(layout.num_tokens)])
-    plan = sv.plan(q, k, layout, method=method, density=0.3)
+    # clustered: more clusters than its default 6 here, so that each query cluster drops some key clusters
+    options = dict(q_clusters=16, k_clusters=16) if method == "clustered" else {}
+    plan = sv.plan(q, k, layout, method=method, density=0.3, **options)
+    assert plan.density < 0.8
     want = (P * plan.to_mask()).sum(-1)[:, :, video].mean(-1).mean(0)
     for chunk in (16, 1024):
         torch.testing.assert_close(plan_mass(q, k, plan, chunk_rows=chunk), want, rtol=0, atol=1e-6)
     blocks = layout.on("cpu").block_of_token
+    onehot = torch.nn.functional.one_hot(blocks, layout.num_blocks).double()  # (L, NB)
+    tokens = onehot.sum(0)
+    want_coverage = onehot.T @ plan.to_mask().double() @ onehot / (tokens[:, None] * tokens[None, :])
+    torch.testing.assert_close(block_coverage(plan).double(), want_coverage, rtol=0, atol=1e-6)
     per_block = torch.zeros(2, 2, layout.num_tokens, layout.num_blocks, dtype=torch.float64).index_add_(-1, blocks, P)
     want_map = torch.stack([per_block[:, :, video & (blocks == m)].mean(2) for m in range(layout.num_blocks)], 2)
     got_map = block_mass(q, k, layout, chunk_rows=16).double()

@@ -182,7 +182,8 @@ def _mixed_gate(B, H):
 def test_triton_kernels_read_the_decision_as_the_reference_does(layout):
     """fp32, calling the kernels directly: the fused kernel and the merge kernel with a per-head decision
     (one head dropping, one taking mean summaries at half weight, ...) against the reference twin and the
-    oracle; batch 2, per-head plans."""
+    oracle; batch 2, per-head plans. The decision is given (``gate``), so both read the same one; on CUDA the
+    kernels differ from the twin by their TF32 dots only."""
     from sparsevid.kernels.reference import sparse_attention_reference
     from sparsevid.kernels.triton_blocksparse import sparse_attention_triton
     from sparsevid.kernels.triton_tail import summarize_triton, tail_merge
@@ -209,7 +210,13 @@ def test_triton_kernels_read_the_decision_as_the_reference_does(layout):
         merged = tail_merge(q[:, :, order], partial, lse, perm, s.keys, s.values, s.key_var, s.key_radius, s.log_count,
                             kept, gate, s.per_block, bs, scale, q)
         for got in (fused, merged):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=method)
+            if CUDA:  # the kernels' float32 tl.dot runs in TF32 there (10-bit mantissa; the reference's matmuls do not):
+                # rounding q, k, v alone to TF32 moves a head's output by up to 4e-4 (rel. L2, emulated on the CPU),
+                # P's rounding adds about as much, while a head reading another head's decision moves by >= 4e-2
+                err = ((got - want).flatten(2).norm(dim=-1) / want.flatten(2).norm(dim=-1)).max()
+                assert err < 3e-3, (method, float(err))
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=method)
         dropped = sparse_attention_reference(q, k, v, perm, counts, indices, bs, scale)
         torch.testing.assert_close(fused[0, 0], dropped[0, 0], rtol=1e-4, atol=2e-5)  # the head that drops
 

@@ -277,13 +277,16 @@ class SparseSession:
     def _sparse(self, query, key, value, scale, tag) -> torch.Tensor:
         layout, cache_key = self._plan_key(query.shape, tag)
         plan = self._cached_plan(cache_key)
-        if plan is None:
+        fresh = plan is None
+        if fresh:
             plan = self._new_plan(query, key, layout, cache_key, tag)
+        tail = check_tail(self.config.tail, plan)  # "auto" is the plan type's tail: known only with the plan
+        if fresh:
             needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
             self.backends.add(resolve_backend(self.config.backend, query, plan, needs_grad, self.config.quant,
-                                              check_tail(self.config.tail)).name)
+                                              tail).name)
         out = sparse_attention(query, key, value, plan, scale=scale, backend=self.config.backend,
-                               quant=self.config.quant, tail=self.config.tail)
+                               quant=self.config.quant, tail=tail)
         for observe in self.observers:
             observe(tag[0], self.step, query, key, value, out, scale)
         return out

@@ -284,8 +284,8 @@ def planner_pictures(table, layers, grid, text_first, first: int, densities, out
     for config in table["configs"]:
         p = make_plan(q, k, layout, config.method, density=config.density, mass=config.mass, **config.options)
         kept = float(stats.plan_mass(q, k, p, scale=scale)[h])
-        # block coverage: a token plan's (NB, L) mask is a hair-thin strip drawn as it is
-        coverage = p._block_coverage()
+        # block coverage: a token plan's (NB, L) mask is a hair-thin strip drawn as it is, a cluster plan's (L, L) huge
+        coverage = stats.block_coverage(p)
         masks[textwrap.fill(config.name, 30) + f"\nkeeps {kept:.2f} here"] = coverage[0, min(h, coverage.shape[1] - 1)]
     files.append(viz.save_block_masks(
         masks, out_dir / "masks.png", columns=len(TABLE_METHODS),

@@ -54,7 +54,7 @@ import torch
 
 from ..layout import VideoLayout
 
-__all__ = ["FRACTIONS", "attention_stats", "plan_mass", "block_mass", "layer_stats", "summarize_stats", "format_stats_table", "write_stats"]
+__all__ = ["FRACTIONS", "attention_stats", "plan_mass", "block_coverage", "block_mass", "layer_stats", "summarize_stats", "format_stats_table", "write_stats"]
 
 FRACTIONS = (0.05, 0.1, 0.25)
 _LOCALITY = ("own_frame", "near_frames", "neighbourhood", "text")
@@ -195,33 +195,71 @@ def _prefix(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ a given plan's view
 def plan_mass(q: torch.Tensor, k: torch.Tensor, plan, *, scale: float | None = None, chunk_rows: int = 1024) -> torch.Tensor:
     """The true attention mass a plan computes: per head, the mean over the video rows (and batch) of
-    ``sum(p)`` over the keys the plan keeps for the row's query block — what ``block@f``/``token@f``
-    bound from above for a plan of that density (text keys, always kept, count).
+    ``sum(p)`` over the keys the plan computes exactly for the row (its query block's, or with a
+    ``ClusterPlan`` its query cluster's) — what ``block@f``/``token@f`` bound from above for a plan of
+    that density (text keys, always kept, count; a ``ClusterPlan``'s centroid terms do not).
 
     Args:
         q, k (Tensor): ``(batch, heads, L, head_dim)``, ``L == plan.layout.num_tokens``.
-        plan (BlockPlan | TokenPlan): broadcasts over batch/heads like :func:`sparsevid.sparse_attention`.
+        plan (BlockPlan | TokenPlan | ClusterPlan): broadcasts over batch/heads like :func:`sparsevid.sparse_attention`.
         scale (float, optional): score scale; default ``head_dim ** -0.5``.
 
     Returns:
         Tensor: float64 ``(heads,)`` on the CPU.
     """
+    from ..cluster_plan import ClusterPlan
     from ..plan import BlockPlan
 
     layout = plan.layout
     _check(q, k, layout, chunk_rows)
     B, H = q.shape[:2]
     t, lt = _token_tables(layout, q.device), layout.on(q.device)
-    keep = plan.to(q.device).to_dense()  # (B', H', NB, NB) blocks or (B', H', NB, L) tokens
-    by_block = isinstance(plan, BlockPlan)
+    plan = plan.to(q.device)
+    by_cluster, by_block = isinstance(plan, ClusterPlan), isinstance(plan, BlockPlan)
+    if by_cluster:  # a row keeps its query cluster's kept key clusters and every text key (label -1)
+        q_labels, k_labels, kept = plan.q_labels(), plan.k_labels(), plan.kept_clusters()
+    else:
+        keep = plan.to_dense()  # (B', H', NB, NB) blocks or (B', H', NB, L) tokens
     sums = torch.zeros(H, dtype=torch.float64, device=q.device)
     for b, h, _, rows, logp in _row_chunks(q, k, layout, scale, chunk_rows, t["video"]):
         p = logp.exp()
-        if by_block:  # mass per key block first: (n, NB), not (n, L) masks
-            p = torch.zeros(p.shape[0], layout.num_blocks, device=p.device).index_add_(1, lt.block_of_token, p)
-        mask = keep[min(b, keep.shape[0] - 1), min(h, keep.shape[1] - 1), lt.block_of_token[rows]]
+        pb, ph = min(b, plan.shape[0] - 1), min(h, plan.shape[1] - 1)
+        if by_cluster:
+            labels = k_labels[pb, ph]
+            mask = kept[pb, ph][q_labels[pb, ph, rows]][:, labels.clamp(min=0)] | (labels < 0)
+        else:
+            if by_block:  # mass per key block first: (n, NB), not (n, L) masks
+                p = torch.zeros(p.shape[0], layout.num_blocks, device=p.device).index_add_(1, lt.block_of_token, p)
+            mask = keep[pb, ph, lt.block_of_token[rows]]
         sums[h] += (p * mask).sum().double()
     return sums.cpu() / (B * int(t["video"].sum()))
+
+
+def block_coverage(plan) -> torch.Tensor:
+    """What a plan computes at block resolution: ``[b, h, m, n]`` = the share of the score entries between
+    query block ``m``'s and key block ``n``'s real tokens that the plan computes exactly (0 or 1 for a
+    ``BlockPlan``, the share of the key block's tokens for a ``TokenPlan``, of the token pairs for a
+    ``ClusterPlan``); what a mask picture draws, never an ``L x L`` mask.
+
+    Returns:
+        Tensor: float32 ``(B', H', NB, NB)`` on the plan's device.
+    """
+    from ..cluster_plan import ClusterPlan
+
+    if not isinstance(plan, ClusterPlan):
+        return plan._block_coverage().float()
+    tables, nb = plan.layout.on(plan.device), plan.layout.num_blocks
+
+    def per_block(labels: torch.Tensor, clusters: int) -> torch.Tensor:
+        """float ``(B', H', NB, 1 + clusters)``: tokens of each block in each cluster; column 0 the text tokens."""
+        slots = tables.block_of_token * (clusters + 1) + labels + 1  # label -1 (text) lands in column 0
+        counts = torch.zeros(*labels.shape[:2], nb * (clusters + 1), device=plan.device)
+        return counts.scatter_add_(-1, slots, torch.ones_like(counts[..., :1]).expand_as(slots)).unflatten(-1, (nb, -1))
+
+    kept = torch.nn.functional.pad(plan.kept_clusters().float(), (1, 0, 1, 0), value=1.0)  # text rows/keys: all
+    pairs = per_block(plan.q_labels(), plan.num_q_clusters) @ kept @ per_block(plan.k_labels(), plan.num_k_clusters).mT
+    tokens = tables.block_tokens.float()
+    return pairs / (tokens[:, None] * tokens[None, :])
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, *, scale: float | None = None,

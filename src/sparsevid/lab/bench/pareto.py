@@ -217,7 +217,8 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
                   checkpoint=None) -> tuple[dict, dict]:
     """Forward times at ``shape`` as ``bench e2e`` measures them: ``(native, {setting name: row})``, native
     default SDPA and cuDNN (the faster is 1x), each setting with every step sparse. ``checkpoint(native,
-    rows)``: called after every setting with what is measured so far (a run cut off keeps it)."""
+    rows)``: called after the native baselines and after every setting with what is measured so far (a run
+    cut off keeps it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from .e2e import MODELS, _build, _forward, _inputs
@@ -246,6 +247,8 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
                   video_tokens=tokens, model=model_name, resolution=resolution, reps=reps, device=_device_line(device))
     print(f"[pareto] {shape}: native {native_ms:.1f} ms, cuDNN {fmt(native['cudnn_ms'], '.1f')} ms")
     result = {}
+    if checkpoint is not None:
+        checkpoint(native, result)
     for config in tqdm(settings, desc=f"speed {shape}", unit="setting", disable=not progress):
         handle = replace(config, dense_steps=0).apply(target)
         try:
