@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import sparsevid as sv
 from sparsevid.planners import TokenCountError
+from sparsevid.tail import CLUSTER_TAIL, decide_cluster_tail
 
 DENSE_TEXT = [dict(text_tokens=6, text_first=True), dict(text_tokens=5, text_first=False), dict()]
 
@@ -98,9 +99,10 @@ def test_execution_equals_masked_sdpa_and_the_centroid_formula(text, budget):
     scale = 1 / math.sqrt(16)
     plain = sv.sparse_attention(q, k, v, plan, tail=None)
     torch.testing.assert_close(plain, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=2e-6, rtol=1e-5)
-    tailed = sv.sparse_attention(q, k, v, plan, tail="centroid")
+    tailed = sv.sparse_attention(q, k, v, plan, tail=CLUSTER_TAIL.fixed())  # the formula, no decision
     torch.testing.assert_close(tailed, oracle_centroid_tail(q, k, v, plan, scale), atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(sv.sparse_attention(q, k, v, plan), tailed, atol=0, rtol=0)  # "auto" -> centroid
+    decided = sv.sparse_attention(q, k, v, plan, tail="centroid")
+    torch.testing.assert_close(sv.sparse_attention(q, k, v, plan), decided, atol=0, rtol=0)  # "auto" -> centroid
     assert not torch.allclose(tailed, plain, atol=1e-3)
     # per-head and per-batch plans: a slice runs the slice
     torch.testing.assert_close(sv.sparse_attention(q[1:, 2:], k[1:, 2:], v[1:, 2:], plan[1, 2]), tailed[1:, 2:],
@@ -141,11 +143,11 @@ def hand_plan(layout, q_lab, k_lab, keep, k):
 
 def test_keys_identical_within_each_cluster_make_the_tail_exact():
     layout = sv.VideoLayout(2, 4, 6, text_tokens=4, text_first=True)
-    B, H, V, D, cq, ck = 2, 2, layout.video_tokens, 8, 3, 5
+    B, H, V, D, cq, ck = 2, 2, layout.video_tokens, 8, 3, 6
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, H, layout.num_tokens, D, generator=g) for _ in range(3))
-    k_lab = torch.randint(0, ck, (B, H, V), generator=g)
     q_lab = torch.randint(0, cq, (B, H, V), generator=g)
+    k_lab = 2 * q_lab + torch.randint(0, 2, (B, H, V), generator=g)  # query cluster c keeps key clusters 2c, 2c + 1
     centres = torch.randn(B, H, ck, D, generator=g)
     k[:, :, 4:] = centres.gather(2, k_lab[..., None].expand(-1, -1, -1, D))  # each key is its cluster's centre
     own = torch.zeros(B, H, cq, ck, dtype=torch.bool)
@@ -153,8 +155,45 @@ def test_keys_identical_within_each_cluster_make_the_tail_exact():
     plan = hand_plan(layout, q_lab, k_lab, own, k)
     assert not plan.to_mask().all()
     dense = F.scaled_dot_product_attention(q, k, v)
+    # the call's probe rows see the terms exact: every head keeps them at full weight (log w = 0)
+    assert torch.equal(decide_cluster_tail(q, k, v, plan, D ** -0.5), torch.zeros(B, H))
     torch.testing.assert_close(sv.sparse_attention(q, k, v, plan), dense, atol=1e-5, rtol=1e-5)
     assert (sv.sparse_attention(q, k, v, plan, tail=None) - dense).abs().max() > 1e-2
+
+
+def planted_overshoot(batch=2, heads=2, dim=16, seed=3):
+    """q, k, v and a hand plan whose one dropped key cluster's centroid term is worse than dropping it at every
+    weight: video queries of cluster 0 point along ``u`` (``q = 4u``, scale 1/4) and keep key cluster 0 (values
+    ``c``); key cluster 1, which they drop, has one key ``u`` (value ``c + d``) and 15 keys ``-u`` (value
+    ``c - x d``, ``x = e^2 / 15``), so its exact share of the output is ``c``: dropping it is (nearly) exact,
+    while its term adds mass with the mean value ``c - 0.4 d`` (the term's mass stays under the cluster's,
+    Jensen; its mean value misstates the attention-weighted one). Queries of cluster 1 keep both key clusters."""
+    layout = sv.VideoLayout(2, 4, 4, text_tokens=3, text_first=False)
+    V, D = layout.video_tokens, dim
+    g = torch.Generator().manual_seed(seed)
+    u = F.normalize(torch.randn(batch, heads, 1, D, generator=g), dim=-1)
+    c, d = torch.randn(batch, heads, 1, D, generator=g), torch.randn(batch, heads, 1, D, generator=g)
+    q = 4 * u + 0.01 * torch.randn(batch, heads, layout.num_tokens, D, generator=g)
+    k = 0.3 * torch.randn(batch, heads, layout.num_tokens, D, generator=g)
+    v = c.expand(batch, heads, layout.num_tokens, D).clone()
+    k[:, :, 16:17], v[:, :, 16:17] = u, c + d
+    k[:, :, 17:V], v[:, :, 17:V] = -u, c - math.exp(2) / 15 * d
+    labels = (torch.arange(V) >= 16).long().expand(batch, heads, V)
+    keep = torch.tensor([[True, False], [True, True]]).expand(batch, heads, 2, 2)
+    return q, k, v, hand_plan(layout, labels, labels, keep, k)
+
+
+def test_planted_overshoot_falls_back_to_dropping():
+    q, k, v, plan = planted_overshoot()
+    B, H, _, D = q.shape
+    gate = decide_cluster_tail(q, k, v, plan, D ** -0.5)
+    assert torch.equal(gate, torch.full((B, H), float("-inf")))
+    dropped = sv.sparse_attention(q, k, v, plan, tail=None)
+    formula = sv.sparse_attention(q, k, v, plan, tail=CLUSTER_TAIL.fixed())
+    exact = F.scaled_dot_product_attention(q, k, v)
+    assert (formula - exact).norm() > 10 * (dropped - exact).norm()  # the term is planted worse than dropping
+    torch.testing.assert_close(sv.sparse_attention(q, k, v, plan, tail="centroid"), dropped, atol=1e-3, rtol=0)
+    torch.testing.assert_close(sv.sparse_attention(q, k, v, plan), dropped, atol=1e-3, rtol=0)  # "auto"
 
 
 def test_validate_names_each_broken_invariant():

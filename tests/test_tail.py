@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsevid as sv
-from sparsevid.tail import (TAIL_METHODS, TAIL_WEIGHTS, choose_tail, decide_tail, kept_blocks, probe_rows,
+from sparsevid.tail import (PROBES, TAIL_METHODS, TAIL_WEIGHTS, choose_tail, decide_tail, kept_blocks, probe_rows,
                             summarize_reference)
 
 CUDA = torch.cuda.is_available()
@@ -533,16 +533,20 @@ def test_ring_ranks_decide_from_their_own_rows():
                                    single, rtol=1e-4, atol=1e-5)
 
 
-def test_a_tail_method_value_is_checked_and_the_cluster_tail_stays_one_object():
-    """``probes`` must be an int >= 0; the cluster tail takes its terms as they are (no decision yet), and a copy
-    of it (``fixed()``) is the one object the cluster paths recognise."""
-    from sparsevid.tail import CLUSTER_TAIL, check_tail
+def test_a_tail_method_value_is_checked_and_the_cluster_tail_is_decided_unless_fixed():
+    """``probes`` must be an int >= 0; ``"centroid"`` (and ``"auto"`` on a ClusterPlan) is the decided cluster
+    tail, its ``fixed()`` copy (probes=0) is kept as given, and either is refused with a BlockPlan."""
+    from sparsevid.tail import AUTO, CLUSTER_TAIL, auto_tail, check_tail
 
-    method = TAIL_METHODS["pooled-var"]
-    assert check_tail(method.fixed()).probes == 0 and check_tail(method).probes > 0
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="tail.probes"):
-            check_tail(dataclasses.replace(method, probes=bad))
-    assert check_tail(CLUSTER_TAIL.fixed()) is CLUSTER_TAIL and check_tail("centroid") is CLUSTER_TAIL
-    with pytest.raises(ValueError, match="probes=0 with tail='centroid'"):
-        check_tail(dataclasses.replace(CLUSTER_TAIL, probes=8))
+    for method in (TAIL_METHODS["pooled-var"], CLUSTER_TAIL):
+        assert check_tail(method.fixed()).probes == 0 and check_tail(method).probes == PROBES
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="tail.probes"):
+                check_tail(dataclasses.replace(method, probes=bad))
+    assert check_tail("centroid") is CLUSTER_TAIL and auto_tail(sv.ClusterPlan) is CLUSTER_TAIL
+    assert check_tail(dataclasses.replace(CLUSTER_TAIL, probes=8)).probes == 8
+    layout = sv.VideoLayout(2, 4, 4, block_size=16)
+    plan = sv.plan(*(torch.randn(1, 1, layout.num_tokens, 16) for _ in range(2)), layout, method="dense")
+    with pytest.raises(ValueError, match="Expect a ClusterPlan"):
+        check_tail(CLUSTER_TAIL.fixed(), plan)
+    assert check_tail(AUTO, plan) is None

@@ -134,7 +134,7 @@ def sparse_attention(
                          "only) but q, k or v requires grad; use quant=None to train, or torch.no_grad()")
     if method is not None:
         check_tail_plan(method, plan, quant)
-        if method is not CLUSTER_TAIL:
+        if method.name != CLUSTER_TAIL.name:
             method.group_size(plan.layout)
     spec = resolve_backend(backend, q, plan, needs_grad, quant, method)
     plan.validate_once()  # built by hand: checked once (host syncs), a planner's plan never

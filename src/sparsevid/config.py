@@ -215,7 +215,7 @@ def _check_tail(config: SparseVidConfig, plan) -> None:
     tail = check_tail(config.tail, plan)
     if tail is not None:
         check_tail_plan(tail, plan, check_quant(config.quant))
-        if tail is not CLUSTER_TAIL:  # tile summaries: their group must divide the model's block size
+        if tail.name != CLUSTER_TAIL.name:  # tile summaries: their group must divide the model's block size
             tail.group_size(VideoLayout(2, 4, 4, **config.layout_options))
 
 

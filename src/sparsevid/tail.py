@@ -53,12 +53,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .cluster_plan import ClusterPlan
+from .cluster_plan import ClusterPlan, cluster_value_means
 from .layout import VideoLayout
 from .kernels.pooling import group_mean_reference, group_tables
 
 __all__ = ["AUTO", "CLUSTER_TAIL", "PROBES", "TAIL_METHODS", "TAIL_WEIGHTS", "TailMethod", "TailSummaries", "auto_tail",
-           "check_tail", "choose_tail", "decide_tail", "fixed_gate", "kept_blocks", "probe_rows", "summarize_reference",
+           "check_tail", "choose_tail", "decide_cluster_tail", "decide_tail", "fixed_gate", "kept_blocks", "probe_rows", "summarize_reference",
            "tail_logits", "tail_operands"]
 
 PROBES = 32  # exact query rows per (batch, head) that measure the tail in each call (tens: their cost is rows x L)
@@ -107,9 +107,10 @@ TAIL_METHODS: dict[str, TailMethod] = {m.name: m for m in (
 
 # The cluster tail of a ClusterPlan (sparsevid.cluster_plan): one term per dropped key cluster, logit
 # ``scale q.k_mean + log n``, value ``v_mean``; the plan carries its sizes and mean keys, v gives the mean values.
-# Its terms are taken as they are (probes=0): the call's decision (choose_tail) is not wired into it yet.
+# Each call decides, per (batch, head), how much of it to take (decide_cluster_tail); fixed(): the terms as they are.
 CLUSTER_TAIL = TailMethod("centroid", None, "ClusterPlan only: one term per dropped key cluster: its mean key + "
-                                            "log size in the logit, its mean value", probes=0)
+                                            "log size in the logit, its mean value, weighted per head by the "
+                                            "call's probe rows")
 AUTO = "auto"  # the plan type's default tail: None for a BlockPlan or TokenPlan, "centroid" for a ClusterPlan
 
 
@@ -123,10 +124,7 @@ def check_tail(tail, plan=None) -> TailMethod | str | None:
     elif isinstance(tail, TailMethod):
         if isinstance(tail.probes, bool) or not isinstance(tail.probes, int) or tail.probes < 0:
             raise ValueError(f"Expect tail.probes as an int >= 0 but got {tail.probes!r}")
-        if tail.name == CLUSTER_TAIL.name and tail.probes:
-            raise ValueError(f"Expect tail.probes=0 with tail='centroid' (the cluster tail takes its terms as they "
-                             f"are) but got {tail.probes}")
-        method = CLUSTER_TAIL if tail.name == CLUSTER_TAIL.name else tail
+        method = tail
     elif isinstance(tail, str) and tail == AUTO:
         if plan is None:
             return AUTO
@@ -139,17 +137,18 @@ def check_tail(tail, plan=None) -> TailMethod | str | None:
         names = ", ".join(repr(n) for n in (AUTO, CLUSTER_TAIL.name, *TAIL_METHODS))
         raise ValueError(f"Expect tail in (None, {names}) but got {tail!r}")
     if plan is not None and method is not None:
-        if method is CLUSTER_TAIL and not isinstance(plan, ClusterPlan):
+        if method.name == CLUSTER_TAIL.name and not isinstance(plan, ClusterPlan):
             raise ValueError(f"Expect a ClusterPlan with tail='centroid' (one term per dropped key cluster) but got a "
                              f"{type(plan).__name__}; use tail=None, 'auto' or one of {', '.join(TAIL_METHODS)}")
-        if method is not CLUSTER_TAIL and isinstance(plan, ClusterPlan):
+        if method.name != CLUSTER_TAIL.name and isinstance(plan, ClusterPlan):
             raise ValueError(f"Expect tail in (None, 'auto', 'centroid') with a ClusterPlan but got tail={method.name!r} "
                              "(summaries of a BlockPlan's skipped tiles); use tail='centroid' (its default)")
     return method
 
 
 def auto_tail(plan_type: type | None) -> TailMethod | None:
-    """What ``tail="auto"`` means for plans of ``plan_type``: the cluster tail for a ``ClusterPlan``, else none."""
+    """What ``tail="auto"`` means for plans of ``plan_type``: the cluster tail (decided per call) for a
+    ``ClusterPlan``, else none."""
     return CLUSTER_TAIL if plan_type is not None and issubclass(plan_type, ClusterPlan) else None
 
 
@@ -283,6 +282,19 @@ def _partial(scores: torch.Tensor, values) -> tuple[torch.Tensor, torch.Tensor]:
     return values(probs), lse
 
 
+def _probe_partials(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_keys: torch.Tensor, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(exact, kept_out, kept_lse)`` of probe rows ``qp`` (float32 ``(B, H, P, D)``): their exact attention over
+    every key of ``k``, ``v`` ``(B, H, L, D)`` and their partial over the keys ``kept_keys`` (bool, broadcasting to
+    ``(B, H, P, L)``), keys upcast a chunk at a time."""
+    chunks = range(0, k.shape[2], _KEY_CHUNK)
+    scores = torch.cat([torch.matmul(qp, k[:, :, i:i + _KEY_CHUNK].float().transpose(-1, -2)) for i in chunks], -1)
+    scores = torch.stack([scores, scores.masked_fill(~kept_keys, float("-inf"))]) * scale  # (2, B, H, P, L)
+    (exact, kept_out), (_, kept_lse) = _partial(scores, lambda p: sum(
+        torch.matmul(p[..., i:i + _KEY_CHUNK], v[:, :, i:i + _KEY_CHUNK].float()) for i in chunks))
+    return exact, kept_out, kept_lse
+
+
 def choose_tail(exact: torch.Tensor, kept_out: torch.Tensor, kept_lse: torch.Tensor, tail_out: torch.Tensor,
                 tail_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """How much of a tail each (batch, head) takes, from probe rows whose exact attention is known: the
@@ -348,14 +360,50 @@ def decide_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Video
     kept_rows = kept[:, :, blocks]  # (B', H', P, NB)
     kept_keys = kept_rows[..., layout.on(q.device).block_of_token]  # (B', H', P, L)
     qp = q[:, :, rows].float()
-    chunks = range(0, k.shape[2], _KEY_CHUNK)
-    scores = torch.cat([torch.matmul(qp, k[:, :, i:i + _KEY_CHUNK].float().transpose(-1, -2)) for i in chunks], -1)
-    scores = torch.stack([scores, scores.masked_fill(~kept_keys, float("-inf"))]) * scale  # (2, B, H, P, L)
-    (exact, kept_out), (_, kept_lse) = _partial(scores, lambda p: sum(
-        torch.matmul(p[..., i:i + _KEY_CHUNK], v[:, :, i:i + _KEY_CHUNK].float()) for i in chunks))
+    exact, kept_out, kept_lse = _probe_partials(qp, k, v, kept_keys, scale)
     skipped = ~kept_rows.repeat_interleave(summaries.per_block, dim=-1) & (summaries.log_count > float("-inf"))
     mean, correction = _summary_logits(qp, summaries, scale)  # (B, H, P, NS)
     candidates = torch.stack([mean, mean + correction]).masked_fill(~skipped, float("-inf"))
     tail_out, tail_lse = _partial(candidates, lambda p: torch.matmul(p, summaries.values.float()))
     choice, log_weight = choose_tail(exact, kept_out, kept_lse, tail_out, tail_lse)
     return torch.stack([log_weight, choice.clamp(min=0).float()], dim=-1)
+
+
+@torch.no_grad()  # a discrete choice: no gradient flows through it
+def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, scale: float,
+                        probes: int = PROBES) -> torch.Tensor:
+    """The call's decision on a ``ClusterPlan``'s cluster tail, per (batch, head): ``log w`` of the weight its
+    centroid terms take (``-inf``: drop them), from ``probes`` exact video query rows (:func:`probe_rows`; text
+    rows keep every key) and :func:`choose_tail` with one candidate, the centroid terms as the kernels compute
+    them. A device tensor, no host sync; the cluster kernels add it to every centroid logit and never decide.
+
+    Args:
+        q, k, v (Tensor): ``(B, H, L, D)``.
+        plan (ClusterPlan): broadcasts to q's batch and heads.
+        scale (float): softmax scale.
+        probes (int): rows sampled per call; ``0``: the terms as they are (``log w = 0``).
+
+    Returns:
+        Tensor: float32 ``(B, H)``.
+    """
+    B, H = q.shape[:2]
+    if probes == 0:
+        return torch.zeros(B, H, device=q.device)
+    lo = plan.video_offset
+    rows, _ = probe_rows(plan.layout, probes, q.device, lo, lo + plan.layout.video_tokens)
+    rows = rows + lo
+    clusters = plan.q_labels()[:, :, rows]  # (B', H', P)
+    table = plan.kept_clusters()  # (B', H', Cq, Ck)
+    kept_rows = table.gather(2, clusters.unsqueeze(-1).expand(-1, -1, -1, table.shape[-1]))  # (B', H', P, Ck)
+    k_labels = plan.k_labels()  # (B', H', L), -1: text keys, always kept
+    kept_keys = kept_rows.gather(-1, k_labels.clamp(min=0).unsqueeze(2).expand(-1, -1, rows.numel(), -1))
+    kept_keys |= (k_labels < 0).unsqueeze(2)
+    qp = q[:, :, rows].float()
+    exact, kept_out, kept_lse = _probe_partials(qp, k, v, kept_keys, scale)
+    sizes = plan.k_sizes
+    logits = torch.matmul(qp, plan.k_means.float().transpose(-1, -2)) * scale + sizes.float().log().unsqueeze(-2)
+    logits = logits.masked_fill(kept_rows | (sizes == 0).unsqueeze(-2), float("-inf"))  # (B, H, P, Ck)
+    values = cluster_value_means(v, plan)
+    tail_out, tail_lse = _partial(logits, lambda p: torch.matmul(p, values))
+    _, log_weight = choose_tail(exact, kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0))
+    return log_weight

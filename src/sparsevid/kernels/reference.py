@@ -17,7 +17,7 @@ import torch
 from ..backends import register_backend
 from ..cluster_plan import ClusterPlan
 from ..plan import BlockPlan
-from ..tail import CLUSTER_TAIL, TailSummaries, summarize_reference, tail_logits, tail_operands
+from ..tail import TailSummaries, decide_cluster_tail, summarize_reference, tail_logits, tail_operands
 from ..token_plan import TokenPlan
 
 # Gathered key/value elements per chunk (float32): about 64 MiB each for k and v.
@@ -230,7 +230,8 @@ def _reference_backend(q, k, v, plan, scale, tail=None):
     if isinstance(plan, ClusterPlan):
         from .reference_cluster import sparse_attention_reference_clusters  # it builds on this module's core
 
-        return sparse_attention_reference_clusters(q, k, v, plan, scale, centroid_tail=tail is CLUSTER_TAIL)
+        gate = None if tail is None else decide_cluster_tail(q, k, v, plan, scale, tail.probes)
+        return sparse_attention_reference_clusters(q, k, v, plan, scale, gate)
     if isinstance(plan, TokenPlan):
         return sparse_attention_reference_tokens(
             q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale

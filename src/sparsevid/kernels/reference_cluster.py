@@ -7,7 +7,8 @@ tokens of the key clusters its query cluster keeps, cluster by cluster in ``k_or
 reference's one chunked core (:func:`~sparsevid.kernels.reference._attend`, one unit per "block", batch and heads
 flattened into the sequence), so memory stays O(rows x kept) per chunk. With the cluster tail, every non-empty
 key cluster the unit's cluster drops joins the same softmax as one term: logit ``scale * q . k_means[j] +
-log n_j``, value :func:`~sparsevid.cluster_plan.cluster_value_means`. Differentiable in q, k (exact keys) and v
+log n_j + log w``, value :func:`~sparsevid.cluster_plan.cluster_value_means`, with ``log w`` the (batch, head)'s
+gate (:func:`~sparsevid.tail.decide_cluster_tail`: read here, decided there; ``-inf`` drops the terms). Differentiable in q, k (exact keys) and v
 (exact keys and the mean values); the tail's mean keys are the plan's.
 """
 
@@ -24,14 +25,15 @@ _ROWS = 64  # query rows per unit: a cluster's rows share one gather of its keys
 
 
 def sparse_attention_reference_clusters(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan,
-                                        scale: float, centroid_tail: bool = False) -> torch.Tensor:
-    """``sparse_attention(q, k, v, plan, tail="centroid" if centroid_tail else None)`` for a ClusterPlan.
+                                        scale: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``sparse_attention(q, k, v, plan, tail="centroid" if gate is not None else None)`` for a ClusterPlan.
 
     Args:
         q, k, v (Tensor): ``(B, H, L, D)``, one dtype and device (inputs already validated).
         plan (ClusterPlan): broadcasts to q's batch and heads.
         scale (float): softmax scale.
-        centroid_tail (bool): add the cluster tail (one term per dropped key cluster).
+        gate (Tensor | None): float32 ``(B, H)``: add the cluster tail (one term per dropped key cluster), each
+            (batch, head)'s logits shifted by its ``log w`` (``-inf``: none); ``None``: no tail.
 
     Returns:
         Tensor ``(B, H, L, D)`` in q's dtype, original token order.
@@ -89,16 +91,17 @@ def sparse_attention_reference_clusters(q: torch.Tensor, k: torch.Tensor, v: tor
         tok = torch.where(c[:, None] < 0, p, tok)  # a text unit keeps every key, in order
         return (base[b, None] + tok).view(1, 1, -1, width), (p < widths[units, None]).view(1, 1, -1, width)
 
-    tail = _centroid_terms(plan, v, u_bh, u_c, scale) if centroid_tail else None
+    tail = None if gate is None else _centroid_terms(plan, v, u_bh, u_c, scale, gate.reshape(bh))
     flat = [t.reshape(1, 1, bh * L, D) for t in (q, k, v)]
     out = _attend(*flat, rows, widths.view(1, 1, -1), keys, 1, scale, tail=tail)
     return out.view(B, H, L, D)
 
 
-def _centroid_terms(plan: ClusterPlan, v: torch.Tensor, u_bh: torch.Tensor, u_c: torch.Tensor, scale: float):
+def _centroid_terms(plan: ClusterPlan, v: torch.Tensor, u_bh: torch.Tensor, u_c: torch.Tensor, scale: float,
+                    gate: torch.Tensor):
     """``terms(qg, units) -> (logits (1, 1, n, rows, Ck), values (1, 1, n, Ck, D))`` for ``_attend``: each key
-    cluster a unit's query cluster drops (non-empty), as one softmax column; kept clusters and text units get
-    ``-inf``."""
+    cluster a unit's query cluster drops (non-empty), as one softmax column shifted by its (batch, head)'s
+    ``gate`` (float32 ``(B * H,)``); kept clusters and text units get ``-inf``."""
     B, H = v.shape[:2]
     ck = plan.num_k_clusters
     means = plan.k_means.expand(B, H, ck, -1).reshape(B * H, ck, -1)
@@ -108,7 +111,7 @@ def _centroid_terms(plan: ClusterPlan, v: torch.Tensor, u_bh: torch.Tensor, u_c:
 
     def terms(qg, units):
         b, c = u_bh[units], u_c[units]
-        logits = torch.matmul(qg, means[b].transpose(-1, -2)) * scale + log_n[b].unsqueeze(-2)
+        logits = torch.matmul(qg, means[b].transpose(-1, -2)) * scale + (log_n[b] + gate[b, None]).unsqueeze(-2)
         drop = dropped[b, c.clamp(min=0)] & (c >= 0).unsqueeze(-1)  # (n, Ck)
         return logits.masked_fill(~drop.unsqueeze(-2), float("-inf")), values[b].unsqueeze(0).unsqueeze(0)
 

@@ -17,7 +17,7 @@ import torch
 from ..backends import register_backend, register_quant_backends
 from ..cluster_plan import ClusterPlan
 from ..plan import BlockPlan
-from ..tail import tail_operands
+from ..tail import decide_cluster_tail, tail_operands
 from ..token_plan import TokenPlan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -114,7 +114,9 @@ def _triton_backend(q, k, v, plan, scale, tail=None):
         from .triton_cluster import ClusterLaunch, cluster_attention_triton
 
         launch = plan.launch(ClusterLaunch, None)
-        return cluster_attention_triton(q, k, v, plan, scale, tail=getattr(tail, "name", None), launch=launch)
+        gate = None if tail is None else decide_cluster_tail(q, k, v, plan, scale, tail.probes)
+        return cluster_attention_triton(q, k, v, plan, scale, tail=getattr(tail, "name", None), gate=gate,
+                                        launch=launch)
     if isinstance(plan, TokenPlan):
         from .triton_gather import token_sparse_attn
 

@@ -20,7 +20,9 @@ A program's online softmax (FlashAttention-2, fp32 state, base 2, :mod:`triton_c
    ``k_order`` (``gather_kv=False``) or from cluster-sorted copies of k and v made once per call
    (``gather_kv=True``: contiguous ranges);
 3. with the cluster tail (``tail="centroid"``): every non-empty key cluster the row's query cluster does not
-   keep, as one term with logit ``scale * q·k̄_j + log n_j`` and value ``v̄_j`` (the plan's mean key; this
+   keep, as one term with logit ``scale * q·k̄_j + log n_j + log w`` and value ``v̄_j`` (``log w``: the (batch,
+   head)'s gate, one float load, decided before the launch by :func:`~sparsevid.tail.decide_cluster_tail`;
+   ``-inf`` skips the scan; the plan's mean key; this
    call's mean value, from one launch of ``_value_means`` before the kernel, the twin of
    :func:`~sparsevid.cluster_plan.cluster_value_means`); all ``Ck`` clusters are scanned in
    ``BLOCK_T`` tiles against a keep mask, so the tail costs a ``Ck x D`` dot per row.
@@ -45,6 +47,7 @@ import triton
 import triton.language as tl
 
 from ..cluster_plan import ClusterPlan
+from ..plan import _describe
 from .triton_common import INTERPRET, LOG2E, head_dim_padded, init_state, load_keys, load_rows, softmax_update, store_rows
 
 __all__ = ["ClusterLaunch", "check_cluster_inputs", "cluster_attention_triton", "cluster_launch",
@@ -233,11 +236,11 @@ def _packed_inner(
 @triton.jit
 def _centroid_tail(
     acc, l_i, m_i, q,  #
-    km_base, vm_base, logn_base, kept_base, CK, sm_scale, offs_d,  #
+    km_base, vm_base, logn_base, kept_base, CK, sm_scale, log_w, offs_d,  #
     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr,  #
 ):
     """The cluster tail: every non-empty key cluster not kept (``kept_base``: the query cluster's ``Ck`` flags)
-    joins the softmax as one term, logit ``scale q·k̄ + log n`` (natural units, converted to base 2), value
+    joins the softmax as one term, logit ``scale q·k̄ + log n + log w`` (natural units, converted to base 2), value
     ``v̄`` (``km_base`` / ``vm_base``: contiguous float32 ``(Ck, D)``)."""
     d_ok = offs_d < HEAD_DIM
     for j0 in tl.range(0, CK, BLOCK_T, num_stages=1):  # unpipelined: float32 tiles, 3 stages took 160 KB
@@ -249,7 +252,7 @@ def _centroid_tail(
         tile = offs_j[:, None] * HEAD_DIM + offs_d[None, :]
         tile_ok = j_ok[:, None] & d_ok[None, :]
         km = tl.load(km_base + tile, mask=tile_ok, other=0.0).to(q.dtype)
-        z = (tl.dot(q, tl.trans(km)) * sm_scale + log_n[None, :]) * LOG2E
+        z = (tl.dot(q, tl.trans(km)) * sm_scale + (log_n + log_w)[None, :]) * LOG2E
         z = tl.where(live[None, :], z, float("-inf"))
         p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, z)
         vm = tl.load(vm_base + tile, mask=tile_ok, other=0.0).to(q.dtype)
@@ -315,7 +318,7 @@ def _configs():
 @triton.jit
 def _cluster_attn_fwd(
     Q, K, V, Out, KG, VG, QOrder, KOrder, Tiles, Ranges, RangeNum, RangeCum, RangeShift, KeptNum,  #
-    Kept, LogN, KMeans, VMeans, sm_scale,  #
+    Kept, LogN, KMeans, VMeans, Gate, sm_scale,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
     stride_vz, stride_vh, stride_vn, stride_vk,  #
@@ -389,11 +392,13 @@ def _cluster_attn_fwd(
                     True, BLOCK_N, HEAD_DIM, HEAD_DIM_P, NUM_STAGES,  #
                 )
     if TAIL:
-        acc, l_i, m_i = _centroid_tail(
-            acc, l_i, m_i, q,  #
-            KMeans + pbh * CK * HEAD_DIM, VMeans + bh * CK * HEAD_DIM, LogN + pbh * CK, Kept + crow * CK, CK,  #
-            sm_scale, offs_d, BLOCK_T, HEAD_DIM,  #
-        )
+        log_w = tl.load(Gate + bh)  # this (batch, head)'s decision on its tail
+        if log_w > float("-inf"):
+            acc, l_i, m_i = _centroid_tail(
+                acc, l_i, m_i, q,  #
+                KMeans + pbh * CK * HEAD_DIM, VMeans + bh * CK * HEAD_DIM, LogN + pbh * CK, Kept + crow * CK, CK,  #
+                sm_scale, log_w, offs_d, BLOCK_T, HEAD_DIM,  #
+            )
     store_rows(Out + off_z * stride_oz + off_h * stride_oh, q_tok, q_real, acc, l_i, stride_om, stride_ok, offs_d,
                HEAD_DIM)
 
@@ -407,9 +412,9 @@ def _block_m(block_m: int | None) -> int:
     return block_m
 
 
-def check_cluster_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, tail=None) -> None:
+def check_cluster_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan, tail=None, gate=None) -> None:
     """What the kernel can run: raises ``ValueError`` naming the argument (shapes, dtypes, head dim, devices,
-    the plan's fields against the tensors)."""
+    the plan's fields against the tensors, the tail's gate)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"Expect {name} to be a 4-D tensor (batch, heads, L, head_dim) but got "
@@ -428,6 +433,10 @@ def check_cluster_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan
         raise ValueError(f"Expect q, k, v on one device but got {q.device}, {k.device}, {v.device}")
     if tail not in (None, "centroid"):
         raise ValueError(f"Expect tail in (None, 'centroid') for a clustered plan but got {tail!r}")
+    if gate is not None and (tail is None or not isinstance(gate, torch.Tensor) or gate.dtype != torch.float32
+                             or gate.shape != q.shape[:2] or gate.device != q.device):
+        raise ValueError(f"Expect gate as a float32 (batch, heads) = {tuple(q.shape[:2])} tensor on {q.device} with "
+                         f"tail='centroid' but got {_describe(gate)} with tail={tail!r}")
     layout = plan.layout
     if L != layout.num_tokens:
         raise ValueError(f"Expect q.shape[2] == layout.num_tokens = {layout.num_tokens} but got {L}")
@@ -452,6 +461,7 @@ def cluster_attention_triton(
     scale: float | None = None,
     *,
     tail: str | None = "centroid",
+    gate: torch.Tensor | None = None,
     launch: ClusterLaunch | None = None,
     block_m: int | None = None,
     gather_kv: bool = False,
@@ -467,6 +477,9 @@ def cluster_attention_triton(
             ``k_order``, ``k_offsets``, ``kv_num_clusters``, ``kv_clusters``, ``k_means``) on q's device.
         scale (float | None): softmax scale, default ``D ** -0.5``.
         tail (str | None): ``"centroid"``: each dropped non-empty key cluster as one term; ``None``: dropped.
+        gate (Tensor | None): float32 ``(B, H)``, contiguous: ``log w`` added to each (batch, head)'s centroid
+            logits (``-inf``: its tail skipped), :func:`~sparsevid.tail.decide_cluster_tail`; ``None``: ``0``
+            (the terms as they are).
         launch (ClusterLaunch | None): :func:`cluster_launch` of this plan, when the caller keeps it with the plan.
         block_m (int | None): query rows per tile when ``launch`` is not given (16, 32, 64, 128).
         gather_kv (bool): read kept keys from cluster-sorted copies of k and v made by this call.
@@ -477,7 +490,7 @@ def cluster_attention_triton(
     Returns:
         Tensor: ``(B, H, L, D)`` in the ORIGINAL token order, q's dtype, strided like q (``empty_like``).
     """
-    check_cluster_inputs(q, k, v, plan, tail)
+    check_cluster_inputs(q, k, v, plan, tail, gate)
     launch = cluster_launch(plan, block_m) if launch is None else launch
     B, H, L, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
@@ -488,6 +501,10 @@ def cluster_attention_triton(
     pb, ph, nv = launch.q_order.shape
     cq, ck = launch.kept.shape[-2:]
     v_means = cluster_value_means_triton(v, launch) if tail else q  # q: never read
+    if tail:
+        gate = torch.zeros(B, H, device=q.device) if gate is None else gate.contiguous()
+    else:
+        gate = q  # never read
     if gather_kv:
         index = launch.k_order.long()[..., None].expand(B, H, nv, D)
         kg, vg = torch.gather(k, 2, index).contiguous(), torch.gather(v, 2, index).contiguous()
@@ -497,7 +514,7 @@ def cluster_attention_triton(
     args = (
         q, k, v, out, kg, vg, launch.q_order, launch.k_order, launch.tiles, launch.ranges, launch.range_num,  #
         launch.range_cum, launch.range_shift, launch.kept_num, launch.kept, launch.log_n, launch.k_means, v_means,  #
-        scale,  #
+        gate, scale,  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
         H, ph, int(pb > 1), int(ph > 1), nv, launch.tiles.shape[2], cq, ck, launch.ranges.shape[3], t0, nt,  #
     )
