@@ -163,7 +163,7 @@ def test_keys_identical_within_each_cluster_make_the_tail_exact():
 
 def planted_overshoot(batch=2, heads=2, dim=16, seed=3):
     """q, k, v and a hand plan whose one dropped key cluster's centroid term is worse than dropping it at every
-    weight: video queries of cluster 0 point along ``u`` (``q = 4u``, scale 1/4) and keep key cluster 0 (values
+    weight: video queries of cluster 0 point along ``u`` (``q = √D u``, scale ``1/√D``) and keep key cluster 0 (values
     ``c``); key cluster 1, which they drop, has one key ``u`` (value ``c + d``) and 15 keys ``-u`` (value
     ``c - x d``, ``x = e^2 / 15``), so its exact share of the output is ``c``: dropping it is (nearly) exact,
     while its term adds mass with the mean value ``c - 0.4 d`` (the term's mass stays under the cluster's,
@@ -173,7 +173,7 @@ def planted_overshoot(batch=2, heads=2, dim=16, seed=3):
     g = torch.Generator().manual_seed(seed)
     u = F.normalize(torch.randn(batch, heads, 1, D, generator=g), dim=-1)
     c, d = torch.randn(batch, heads, 1, D, generator=g), torch.randn(batch, heads, 1, D, generator=g)
-    q = 4 * u + 0.01 * torch.randn(batch, heads, layout.num_tokens, D, generator=g)
+    q = math.sqrt(D) * u + 0.01 * torch.randn(batch, heads, layout.num_tokens, D, generator=g)  # q.k scale = ±1
     k = 0.3 * torch.randn(batch, heads, layout.num_tokens, D, generator=g)
     v = c.expand(batch, heads, layout.num_tokens, D).clone()
     k[:, :, 16:17], v[:, :, 16:17] = u, c + d

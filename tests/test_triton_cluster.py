@@ -153,12 +153,15 @@ def test_matches_oracle(case, tail):
         assert rel_err(out, oracle(q, k, v, layout, truth, plan.k_means, scale, None)) > 10 * TOL[dtype]
 
 
-@pytest.mark.parametrize("tail", ["auto", None])
+@pytest.mark.parametrize("tail", ["fixed", None])
 def test_through_the_triton_backend(tail):
     """fp16 through ``sparse_attention(backend="triton")`` with a real ClusterPlan (its module comes with the
-    clustered planner's branch), per-head plan, text first."""
+    clustered planner's branch), per-head plan, text first; the cluster tail as its formula (``fixed()``)."""
     cluster_plan = pytest.importorskip("sparsevid.cluster_plan")
     import sparsevid as sv
+    from sparsevid.tail import CLUSTER_TAIL
+
+    tail = CLUSTER_TAIL.fixed() if tail else None
 
     layout = VideoLayout(frames=2, height=4, width=6, text_tokens=7, text_first=True)
     g = torch.Generator().manual_seed(5)
@@ -166,8 +169,66 @@ def test_through_the_triton_backend(tail):
     fields, truth = make_plan(layout, 2, 2, 5, 6, 0.3, k.float(), g)
     plan = cluster_plan.ClusterPlan(*fields).to(DEVICE)
     out = sv.sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), plan, backend="triton", tail=tail)
-    ref = oracle(q, k, v, layout, truth, fields.k_means, 64 ** -0.5, tail == "auto")
+    ref = oracle(q, k, v, layout, truth, fields.k_means, 64 ** -0.5, tail is not None)
     assert rel_err(out, ref) < TOL[torch.float16]
+
+
+def test_the_kernel_reads_a_given_gate_as_the_reference_does():
+    """fp32, the kernel called directly with per-head gates (``log w``: 0, ``-inf`` = the tail skipped, and in
+    between) against the reference twin given the same gate; a head at 0 is the formula, at ``-inf`` no tail."""
+    import sparsevid as sv
+    from sparsevid.kernels.reference_cluster import sparse_attention_reference_clusters
+
+    layout = VideoLayout(frames=2, height=4, width=6, text_tokens=5, text_first=True)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = inputs(layout, 2, 3, 32, torch.float32, g, False)
+    fields, truth = make_plan(layout, 2, 3, 5, 6, 0.3, k, g)
+    gate = torch.tensor([[0.0, float("-inf"), -1.5], [-0.35, -3.0, 0.0]])
+    scale = 32 ** -0.5
+    out = cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields), scale,
+                                   gate=gate.to(DEVICE))
+    ref = sparse_attention_reference_clusters(q, k, v, sv.ClusterPlan(*fields), scale, gate)
+    assert rel_err(out, ref.double()) < TOL[torch.float32]
+    formula, dropped = (oracle(q, k, v, layout, truth, fields.k_means, scale, t) for t in (True, False))
+    assert rel_err(out[0, 0], formula[0, 0]) < TOL[torch.float32]
+    assert rel_err(out[0, 1], dropped[0, 1]) < TOL[torch.float32]
+    for b, h in ((0, 2), (1, 0), (1, 1)):  # a weight in between moves the output off both
+        assert min(rel_err(out[b, h], formula[b, h]), rel_err(out[b, h], dropped[b, h])) > 10 * TOL[torch.float32]
+    with pytest.raises(ValueError, match="gate"):
+        cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields), gate=gate[:1])
+
+
+def test_the_decision_through_the_triton_backend():
+    """fp16 through ``sparse_attention(backend="triton")``, the call deciding: the planted overshoot (see
+    tests/test_clustered.py) falls back to dropping, within 1e-3 of ``tail=None``; keys identical within each
+    key cluster keep the tail (log w = 0) and equal dense attention."""
+    import sparsevid as sv
+    from test_clustered import hand_plan, planted_overshoot
+
+    from sparsevid.tail import decide_cluster_tail
+
+    q, k, v, plan = planted_overshoot(dim=64)
+    q, k, v, plan = q.half().to(DEVICE), k.half().to(DEVICE), v.half().to(DEVICE), plan.to(DEVICE)
+    assert torch.equal(decide_cluster_tail(q, k, v, plan, 64 ** -0.5).cpu(), torch.full((2, 2), float("-inf")))
+    dropped = sv.sparse_attention(q, k, v, plan, tail=None, backend="triton")
+    decided = sv.sparse_attention(q, k, v, plan, tail="centroid", backend="triton")
+    assert (decided.float() - dropped.float()).abs().max() <= 1e-3
+
+    layout = VideoLayout(frames=2, height=4, width=6, text_tokens=7, text_first=False)
+    V = layout.video_tokens
+    g = torch.Generator().manual_seed(13)
+    q, k, v = inputs(layout, 2, 2, 64, torch.float16, g, False)  # fp16 values, exact in float32
+    q_lab = torch.randint(0, 3, (2, 2, V), generator=g)
+    k_lab = 2 * q_lab + torch.randint(0, 2, (2, 2, V), generator=g)  # query cluster c keeps key clusters 2c, 2c + 1
+    k[:, :, :V] = torch.randn(2, 2, 6, 64, generator=g).half().gather(2, k_lab[..., None].expand(-1, -1, -1, 64))
+    keep = torch.zeros(2, 2, 3, 6, dtype=torch.bool)
+    keep.view(2, 2, -1).scatter_(2, q_lab * 6 + k_lab, True)
+    plan = hand_plan(layout, q_lab, k_lab, keep, k.float()).to(DEVICE)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    assert torch.equal(decide_cluster_tail(q, k, v, plan, 64 ** -0.5).cpu(), torch.zeros(2, 2))
+    dense = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert rel_err(sv.sparse_attention(q, k, v, plan, backend="triton"), dense.cpu()) < TOL[torch.float16]
+    assert rel_err(sv.sparse_attention(q, k, v, plan, tail=None, backend="triton"), dense.cpu()) > 1e-2
 
 
 def test_tail_exact_for_constant_keys_in_each_cluster():
@@ -298,7 +359,7 @@ def build(fn, pointers, constants, **options):
 half, i32 = "*fp16", "*i32"
 pointers = dict(Q=half, K=half, V=half, Out=half, KG=half, VG=half, QOrder=i32, KOrder=i32, Tiles=i32, Ranges=i32,
                 RangeNum=i32, RangeCum=i32, RangeShift=i32, KeptNum=i32, Kept="*u8", LogN="*fp32", KMeans="*fp32",
-                VMeans="*fp32", sm_scale="fp32")
+                VMeans="*fp32", Gate="*fp32", sm_scale="fp32")
 for packed, gathered, tail in ((True, True, True), (False, False, False)):
     constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, TAIL=tail,
                      PRE_GATHERED=gathered, PACKED=packed, LOG_RP=6, NUM_STAGES=3)
