@@ -196,6 +196,8 @@ def test_the_kernel_reads_a_given_gate_as_the_reference_does():
         assert min(rel_err(out[b, h], formula[b, h]), rel_err(out[b, h], dropped[b, h])) > 10 * TOL[torch.float32]
     with pytest.raises(ValueError, match="gate"):
         cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields), gate=gate[:1])
+    with pytest.raises(ValueError, match="v_means"):
+        cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields), v_means=v[:, :, :6])
 
 
 def test_the_decision_through_the_triton_backend():

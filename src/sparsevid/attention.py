@@ -108,8 +108,10 @@ def sparse_attention(
             :mod:`sparsevid.tail` (``"pooled-var"``, ``"pooled-var-32"``, a ``BlockPlan`` only) keeps each
             skipped block in the same softmax as summary terms of this call's k and v; ``"centroid"`` (a
             ``ClusterPlan`` only) keeps each key cluster a query's cluster drops as one term, logit
-            ``scale * q . k_mean + log n``, value the cluster's mean value of this call's v. Exact attention
-            only (``quant=None``); backends that declare a tail pass (``auto`` picks among them).
+            ``scale * q . k_mean + log n``, value the cluster's mean value of this call's v. Either tail is
+            weighted per (batch, head) by the call's decision from exact probe rows, never worse than dropping
+            on them (a :class:`~sparsevid.tail.TailMethod`'s ``fixed()`` takes the terms as they are). Exact
+            attention only (``quant=None``); backends that declare a tail pass (``auto`` picks among them).
 
     Returns:
         Tensor ``(batch, heads, L, head_dim)`` in q's dtype. With ``tail=None``, entries outside the plan

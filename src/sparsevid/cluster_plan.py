@@ -57,7 +57,8 @@ class ClusterPlan(PlanData):
     - ``density`` counts the computed score entries over ``L**2``, text rows and columns included.
     - Execution (``sparsevid.sparse_attention``): ``tail=None`` is SDPA under :meth:`to_mask`; the default
       ``tail="centroid"`` adds, for every non-empty key cluster ``j`` a query's cluster does not keep, one
-      term of logit ``scale * q . k_means[j] + log n_j`` and value ``v_mean[j]`` to the same softmax.
+      term of logit ``scale * q . k_means[j] + log n_j`` and value ``v_mean[j]`` to the same softmax, weighted
+      per (batch, head) by the call's decision from exact probe rows (``sparsevid.tail.decide_cluster_tail``).
     """
 
     layout: VideoLayout

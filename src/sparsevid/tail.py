@@ -36,7 +36,9 @@ shifted by ``log w``, ``w`` in :data:`TAIL_WEIGHTS`) is nearest the exact rows, 
 winning ties (:func:`choose_tail`, shared with any other tail). The result is a device tensor, the
 *gate* ``(log w, c)`` of each (batch, head) (:func:`decide_tail`), that adds ``c · correction + log w``
 to the summary logits in every backend: no host sync, and the kernels never decide. ``method.fixed()``
-takes the summaries as they are (the formula's tests, the tail's cost).
+takes the summaries as they are (the formula's tests, the tail's cost). A ``ClusterPlan``'s cluster tail
+(``"centroid"``, one term per dropped key cluster) is decided the same way with one candidate, its centroid terms
+(:func:`decide_cluster_tail`: a gate ``log w`` per (batch, head)).
 
 Cost, per query row and skipped group: three ``D``-dots (mean key, variance, value) against two per
 exact key, so about ``1.5 / (density · group)`` of the sparse pass's arithmetic (11.7% at density
@@ -371,7 +373,7 @@ def decide_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Video
 
 @torch.no_grad()  # a discrete choice: no gradient flows through it
 def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, scale: float,
-                        probes: int = PROBES) -> torch.Tensor:
+                        probes: int = PROBES, values: torch.Tensor | None = None) -> torch.Tensor:
     """The call's decision on a ``ClusterPlan``'s cluster tail, per (batch, head): ``log w`` of the weight its
     centroid terms take (``-inf``: drop them), from ``probes`` exact video query rows (:func:`probe_rows`; text
     rows keep every key) and :func:`choose_tail` with one candidate, the centroid terms as the kernels compute
@@ -382,6 +384,8 @@ def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         plan (ClusterPlan): broadcasts to q's batch and heads.
         scale (float): softmax scale.
         probes (int): rows sampled per call; ``0``: the terms as they are (``log w = 0``).
+        values (Tensor | None): float32 ``(B, H, Ck, D)``: this call's mean values where the backend has built
+            them (its kernel reads the same); ``None``: :func:`~sparsevid.cluster_plan.cluster_value_means`.
 
     Returns:
         Tensor: float32 ``(B, H)``.
@@ -403,7 +407,7 @@ def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     sizes = plan.k_sizes
     logits = torch.matmul(qp, plan.k_means.float().transpose(-1, -2)) * scale + sizes.float().log().unsqueeze(-2)
     logits = logits.masked_fill(kept_rows | (sizes == 0).unsqueeze(-2), float("-inf"))  # (B, H, P, Ck)
-    values = cluster_value_means(v, plan)
+    values = cluster_value_means(v, plan) if values is None else values
     tail_out, tail_lse = _partial(logits, lambda p: torch.matmul(p, values))
     _, log_weight = choose_tail(exact, kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0))
     return log_weight

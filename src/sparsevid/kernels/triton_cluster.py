@@ -462,6 +462,7 @@ def cluster_attention_triton(
     *,
     tail: str | None = "centroid",
     gate: torch.Tensor | None = None,
+    v_means: torch.Tensor | None = None,
     launch: ClusterLaunch | None = None,
     block_m: int | None = None,
     gather_kv: bool = False,
@@ -480,6 +481,8 @@ def cluster_attention_triton(
         gate (Tensor | None): float32 ``(B, H)``, contiguous: ``log w`` added to each (batch, head)'s centroid
             logits (``-inf``: its tail skipped), :func:`~sparsevid.tail.decide_cluster_tail`; ``None``: ``0``
             (the terms as they are).
+        v_means (Tensor | None): :func:`cluster_value_means_triton` of ``v`` and this plan when the caller built
+            them (for the decision); ``None``: built here.
         launch (ClusterLaunch | None): :func:`cluster_launch` of this plan, when the caller keeps it with the plan.
         block_m (int | None): query rows per tile when ``launch`` is not given (16, 32, 64, 128).
         gather_kv (bool): read kept keys from cluster-sorted copies of k and v made by this call.
@@ -500,11 +503,16 @@ def cluster_attention_triton(
         out[:, :, t0:t0 + nt] = F.scaled_dot_product_attention(q[:, :, t0:t0 + nt], k, v, scale=scale)
     pb, ph, nv = launch.q_order.shape
     cq, ck = launch.kept.shape[-2:]
-    v_means = cluster_value_means_triton(v, launch) if tail else q  # q: never read
-    if tail:
-        gate = torch.zeros(B, H, device=q.device) if gate is None else gate.contiguous()
+    if not tail:
+        v_means = gate = q  # never read
     else:
-        gate = q  # never read
+        if v_means is None:
+            v_means = cluster_value_means_triton(v, launch)
+        elif (v_means.shape != (B, H, ck, D) or v_means.dtype != torch.float32 or not v_means.is_contiguous()
+              or v_means.device != q.device):
+            raise ValueError(f"Expect v_means as a contiguous float32 {(B, H, ck, D)} tensor on {q.device} "
+                             f"(cluster_value_means_triton) but got {_describe(v_means)}")
+        gate = torch.zeros(B, H, device=q.device) if gate is None else gate.contiguous()
     if gather_kv:
         index = launch.k_order.long()[..., None].expand(B, H, nv, D)
         kg, vg = torch.gather(k, 2, index).contiguous(), torch.gather(v, 2, index).contiguous()
