@@ -163,8 +163,8 @@ def test_keys_identical_within_each_cluster_make_the_tail_exact():
 
 def planted_overshoot(batch=2, heads=2, dim=16, seed=3):
     """q, k, v and a hand plan whose one dropped key cluster's centroid term is worse than dropping it at every
-    weight: video queries of cluster 0 point along ``u`` (``q = √D u``, scale ``1/√D``) and keep key cluster 0 (values
-    ``c``); key cluster 1, which they drop, has one key ``u`` (value ``c + d``) and 15 keys ``-u`` (value
+    weight: video queries of cluster 0 point along ``u`` (``q = √D u``, scale ``1/√D``) and keep key cluster 0
+    (values ``c``); key cluster 1, which they drop, has one key ``u`` (value ``c + d``) and 15 keys ``-u`` (value
     ``c - x d``, ``x = e^2 / 15``), so its exact share of the output is ``c``: dropping it is (nearly) exact,
     while its term adds mass with the mean value ``c - 0.4 d`` (the term's mass stays under the cluster's,
     Jensen; its mean value misstates the attention-weighted one). Queries of cluster 1 keep both key clusters."""

@@ -8,8 +8,8 @@ reference's one chunked core (:func:`~sparsevid.kernels.reference._attend`, one 
 flattened into the sequence), so memory stays O(rows x kept) per chunk. With the cluster tail, every non-empty
 key cluster the unit's cluster drops joins the same softmax as one term: logit ``scale * q . k_means[j] +
 log n_j + log w``, value :func:`~sparsevid.cluster_plan.cluster_value_means`, with ``log w`` the (batch, head)'s
-gate (:func:`~sparsevid.tail.decide_cluster_tail`: read here, decided there; ``-inf`` drops the terms). Differentiable in q, k (exact keys) and v
-(exact keys and the mean values); the tail's mean keys are the plan's.
+gate (:func:`~sparsevid.tail.decide_cluster_tail`: read here, decided there; ``-inf`` drops the terms).
+Differentiable in q, k (exact keys) and v (exact keys and the mean values); the tail's mean keys are the plan's.
 """
 
 from __future__ import annotations
