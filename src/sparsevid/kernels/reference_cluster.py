@@ -25,7 +25,8 @@ _ROWS = 64  # query rows per unit: a cluster's rows share one gather of its keys
 
 
 def sparse_attention_reference_clusters(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan,
-                                        scale: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+                                        scale: float, gate: torch.Tensor | None = None,
+                                        values: torch.Tensor | None = None) -> torch.Tensor:
     """``sparse_attention(q, k, v, plan, tail="centroid" if gate is not None else None)`` for a ClusterPlan.
 
     Args:
@@ -34,6 +35,8 @@ def sparse_attention_reference_clusters(q: torch.Tensor, k: torch.Tensor, v: tor
         scale (float): softmax scale.
         gate (Tensor | None): float32 ``(B, H)``: add the cluster tail (one term per dropped key cluster), each
             (batch, head)'s logits shifted by its ``log w`` (``-inf``: none); ``None``: no tail.
+        values (Tensor | None): float32 ``(B, H, Ck, D)``: this call's mean values where the caller has built them;
+            ``None``: :func:`~sparsevid.cluster_plan.cluster_value_means` (read only with a ``gate``).
 
     Returns:
         Tensor ``(B, H, L, D)`` in q's dtype, original token order.
@@ -91,23 +94,28 @@ def sparse_attention_reference_clusters(q: torch.Tensor, k: torch.Tensor, v: tor
         tok = torch.where(c[:, None] < 0, p, tok)  # a text unit keeps every key, in order
         return (base[b, None] + tok).view(1, 1, -1, width), (p < widths[units, None]).view(1, 1, -1, width)
 
-    tail = None if gate is None else _centroid_terms(plan, v, u_bh, u_c, scale, gate.reshape(bh))
+    if gate is None:
+        tail = None
+    else:
+        values = cluster_value_means(v, plan) if values is None else values
+        tail = _centroid_terms(plan, values, u_bh, u_c, scale, gate.reshape(bh))
     flat = [t.reshape(1, 1, bh * L, D) for t in (q, k, v)]
     out = _attend(*flat, rows, widths.view(1, 1, -1), keys, 1, scale, tail=tail)
     return out.view(B, H, L, D)
 
 
-def _centroid_terms(plan: ClusterPlan, v: torch.Tensor, u_bh: torch.Tensor, u_c: torch.Tensor, scale: float,
+def _centroid_terms(plan: ClusterPlan, values: torch.Tensor, u_bh: torch.Tensor, u_c: torch.Tensor, scale: float,
                     gate: torch.Tensor):
     """``terms(qg, units) -> (logits (1, 1, n, rows, Ck), values (1, 1, n, Ck, D))`` for ``_attend``: each key
     cluster a unit's query cluster drops (non-empty), as one softmax column shifted by its (batch, head)'s
-    ``gate`` (float32 ``(B * H,)``); kept clusters and text units get ``-inf``."""
-    B, H = v.shape[:2]
+    ``gate`` (float32 ``(B * H,)``), value its mean value (``values`` float32 ``(B, H, Ck, D)``); kept clusters and
+    text units get ``-inf``."""
+    B, H = values.shape[:2]
     ck = plan.num_k_clusters
     means = plan.k_means.expand(B, H, ck, -1).reshape(B * H, ck, -1)
     log_n = plan.k_sizes.expand(B, H, ck).reshape(B * H, ck).float().log()  # -inf: an empty cluster never enters
     dropped = ~plan.kept_clusters().expand(B, H, -1, ck).reshape(B * H, -1, ck)  # (BH, Cq, Ck)
-    values = cluster_value_means(v, plan).reshape(B * H, ck, -1)
+    values = values.reshape(B * H, ck, -1)
 
     def terms(qg, units):
         b, c = u_bh[units], u_c[units]
