@@ -140,6 +140,7 @@ def test_command_end_to_end_writes_every_output(tmp_path):
     assert names == [pareto._NATIVE, "draft@0.5", "draft@0.5 tail=pooled-var", "random@0.5 [seed=1]"]
     for row in res["rows"][1:]:
         assert row["speed"]["tiny"]["forward_ms"] > 0 and row["speed"]["tiny"]["finite"]
+        assert row["speed"]["tiny"]["sparse_calls"] > 0  # the setting's forward really ran sparse
         q = row["quality"]["small"]
         assert q["videos"] == 2 and 0 < q["psnr"] <= 100 and 0 < q["ssim"] <= 1 and q["tdiff_err"] >= 0
     assert res["testbed_runs"]["small"]["names"] == ["bigbuckbunny seed 0", "bikes seed 0"]

@@ -258,8 +258,11 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
             stats = handle.stats()
         finally:
             handle.remove()
+        if not stats["sparse_calls"]:  # a forward that ran dense would time native attention as this setting
+            raise RuntimeError(f"Expect sparse attention calls in the forward of {config.name} but sparsevid counted "
+                               "none; its time would be native attention's")
         result[config.name] = dict(forward_ms=ms, speedup=best / ms, achieved=stats["mean_density"],
-                                   finite=bool(torch.isfinite(out).all()))
+                                   sparse_calls=stats["sparse_calls"], finite=bool(torch.isfinite(out).all()))
         if checkpoint is not None:
             checkpoint(native, result)
     return native, result
