@@ -102,6 +102,9 @@ def main() -> None:
     p.add_argument("--spread", type=float, default=0.8, help="sigma of the log-normal cluster sizes")
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     p.add_argument("--block-m", type=int, nargs="+", default=[64, 128], help="query rows per tile to time")
+    p.add_argument("--configs", nargs="+", default=["64:4:3", "64:8:2", "128:8:2"], metavar="BLOCK_N:WARPS:STAGES",
+                   help="kernel configs to time each variant with (the autotuner bypassed: its compiles took minutes); "
+                        "the fastest is reported")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--check-rows", type=int, default=256)
     p.add_argument("--device", default="cuda")
@@ -143,13 +146,20 @@ def main() -> None:
                                 ("triton", lambda: cluster_value_means_triton(v, launch))):
                 results.append([f"mean values ({name})", "-", density, time_ms(means, **timer), float("nan"), "-"])
         for packed, gather, tail in VARIANTS:
-            def fn():
-                return cluster_attention_triton(q, k, v, fields, scale, tail=tail, launch=launch, gather_kv=gather,
-                                                packed=packed)
-            ms = time_ms(fn, **timer)
+            timed = []
+            for text in args.configs:
+                bn, warps, stages = (int(x) for x in text.split(":"))
+                config = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+                def fn():
+                    return cluster_attention_triton(q, k, v, fields, scale, tail=tail, launch=launch,
+                                                    gather_kv=gather, packed=packed, config=config)
+                timed.append((time_ms(fn, **timer), text, fn))
+            ms, best, fn = min(timed, key=lambda t: t[0])
             err = check_rows(fn(), q, k, v, fields, truth, scale, tail, rows_idx)
             name = (f"clustered bm={bm} {'packed' if packed else 'by range'} "
-                    f"{'gathered k/v' if gather else 'k/v via k_order'} tail={tail}")
+                    f"{'gathered k/v' if gather else 'k/v via k_order'} tail={tail} [{best}; "
+                    + " ".join(f"{c}:{t:.2f}" for t, c, _ in timed) + "]")
             results.append([name, f"{launch_ms:.3f}", density, ms, dense_ms / ms, f"{err:.2e}"])
     print(f"# clustered kernel: B={B} H={H} L={L} D={D} {args.dtype}, {args.q_clusters}/{args.k_clusters} clusters "
           f"(log-normal sigma {args.spread}), kept {args.density} of the keys; {environment()}")

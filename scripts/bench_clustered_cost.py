@@ -45,8 +45,12 @@ def run(shape: str, args) -> list[list]:
     layout = sv.VideoLayout(frames, height, width)
     L = layout.num_tokens
     dtype = getattr(torch, args.dtype)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, heads, L, D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+    if args.inputs == "clip":
+        from sparsevid.lab.data import attention_inputs
+        q, k, v = attention_inputs(layout=layout, heads=heads, head_dim=D, dtype=dtype, device="cuda")
+    else:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, heads, L, D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
     rows = []
     dense = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps=args.reps)
     rows.append([shape, "dense SDPA", "-", f"{dense:.3f}", "1.00"])
@@ -72,6 +76,11 @@ def run(shape: str, args) -> list[list]:
                     row(f"clustered plan warm ({eng}, {iters} it) @{density}",
                         time_ms(lambda: sv.plan(q, k, layout, centroids=cold.centroids, iters=iters, **opts),
                                 reps=args.reps), f"{cold.density:.3f}")
+        q_sizes = cold.q_offsets.diff(dim=-1).float()
+        fill = {bm: (q_sizes.sum() / ((q_sizes / bm).ceil() * bm).sum()).item() for bm in (32, 64, 128)}
+        rows.append([shape, f"clustered plan @{density}: query tiles filled " + ", ".join(
+            f"{f:.2f} (block_m {bm})" for bm, f in fill.items()) + f"; largest query / key cluster "
+            f"{int(q_sizes.max())} / {int(cold.k_offsets.diff(dim=-1).max())}", f"{cold.density:.3f}", "-", "-"])
         for tail in (None, "centroid"):
             row(f"clustered kernel (triton, tail={tail}) @{density}",
                 time_ms(lambda: sv.sparse_attention(q, k, v, cold, backend="triton", tail=tail), reps=args.reps),
@@ -88,6 +97,7 @@ def main(argv=None) -> None:
     p.add_argument("--clusters", type=int, default=512, help="query and key clusters per head")
     p.add_argument("--warm-iters", type=int, nargs="+", default=[1, 2])
     p.add_argument("--engines", nargs="+", default=["flash", "torch"], choices=["flash", "torch"])
+    p.add_argument("--inputs", default="random", choices=["random", "clip"])
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args(argv)
