@@ -5,7 +5,7 @@ Synthetic clusters: per head, ``--q-clusters`` / ``--k-clusters`` clusters of un
 sigma ``--spread``, at least one token) over randomly scattered video tokens; each query cluster keeps random
 key clusters until ``--density`` of the video keys are kept. The block-sparse contender is a ``random`` plan at
 the clustered plan's density. Timing: CUDA events, warm-up, median of ``--reps`` (``bench.common.time_ms``);
-each clustered variant's time includes its per-call work (the mean values of the tail, the k/v gather), not
+each clustered variant's time includes its per-call work (the mean keys and values of the tail, the k/v gather), not
 the launch struct, derived once per plan (timed separately). Check: ``--check-rows`` random video rows per head
 against a float32 PyTorch evaluation of the same formula.
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsevid.lab.bench.common import environment, markdown_table, time_ms
-from sparsevid.cluster_plan import cluster_value_means
+from sparsevid.cluster_plan import cluster_means
 from sparsevid.layout import VideoLayout
 
 
@@ -57,7 +57,7 @@ def synthetic_plan(layout, heads, cq, ck, density, spread, head_dim, k, g):
     keep = torch.zeros(heads, cq, ck, dtype=torch.bool, device=dev).scatter_(-1, priority, first)
     num = keep.sum(-1)
     ids = torch.where(keep, torch.arange(ck, device=dev), ck).sort(-1).values[..., : int(num.max())]
-    k_means = cluster_value_means(k, SimpleNamespace(k_order=k_order, k_offsets=k_offsets))[:1]  # the mean KEY: a segment mean of k
+    k_means = cluster_means(k, SimpleNamespace(k_order=k_order, k_offsets=k_offsets))[:1]  # the mean KEY: a segment mean of k
     fields = SimpleNamespace(layout=layout, q_order=q_order, q_offsets=q_offsets, k_order=k_order,
                              k_offsets=k_offsets, kv_num_clusters=num[None].int(), kv_clusters=ids[None].int(),
                              k_means=k_means)
@@ -81,9 +81,9 @@ def check_rows(out, q, k, v, fields, truth, scale, tail, rows):
     values = v.float()
     if tail:
         n = fields.k_offsets.diff(dim=-1).float()
-        t = qr @ fields.k_means.transpose(-1, -2) * scale + n.clamp_min(1).log()[:, :, None, :]
+        t = qr @ cluster_means(k, fields).transpose(-1, -2) * scale + n.clamp_min(1).log()[:, :, None, :]
         s = torch.cat([s, t.masked_fill(keep_r | (n == 0)[:, :, None, :], float("-inf"))], -1)
-        values = torch.cat([values, cluster_value_means(v, fields)], 2)
+        values = torch.cat([values, cluster_means(v, fields)], 2)
     ref = torch.softmax(s, -1) @ values
     return ((out[:, :, rows].float() - ref).norm() / ref.norm()).item()
 
@@ -114,7 +114,7 @@ def main() -> None:
     import sparsevid as sv
     from sparsevid.kernels.triton_blocksparse import block_sparse_attn, launch_tables
     from sparsevid.kernels.triton_cluster import (cluster_attention_triton, cluster_launch,
-                                                  cluster_value_means_triton)
+                                                  cluster_means_triton)
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     layout = VideoLayout(frames=args.frames, height=args.height, width=args.width, text_tokens=args.text_tokens)
@@ -141,10 +141,10 @@ def main() -> None:
     for bm in args.block_m:
         launch_ms = time_ms(lambda: cluster_launch(fields, bm), **timer)
         launch = cluster_launch(fields, bm)
-        if bm == args.block_m[0]:  # the tail's mean values, a part of every tail=centroid time below
-            for name, means in (("torch", lambda: cluster_value_means(v, fields)),
-                                ("triton", lambda: cluster_value_means_triton(v, launch))):
-                results.append([f"mean values ({name})", "-", density, time_ms(means, **timer), float("nan"), "-"])
+        if bm == args.block_m[0]:  # the tail's mean keys (and values: the same cost), a part of every tail=centroid time below
+            for name, means in (("torch", lambda: cluster_means(v, fields)),
+                                ("triton", lambda: cluster_means_triton(v, launch))):
+                results.append([f"cluster means of v ({name})", "-", density, time_ms(means, **timer), float("nan"), "-"])
         for packed, gather, tail in VARIANTS:
             timed = []
             for text in args.configs:

@@ -15,9 +15,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from sparsevid.cluster_plan import cluster_value_means  # noqa: E402
+from sparsevid.cluster_plan import cluster_means  # noqa: E402
 from sparsevid.kernels.triton_cluster import (cluster_attention_triton, cluster_launch,  # noqa: E402
-                                              cluster_value_means_triton)
+                                              cluster_means_triton)
 from sparsevid.layout import VideoLayout  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -80,7 +80,7 @@ def full_labels(layout, labels):
     return out
 
 
-def oracle(q, k, v, layout, truth, k_means, scale, tail):
+def oracle(q, k, v, layout, truth, scale, tail):
     lq, lk, keep = truth
     B, H, L, D = q.shape
     q, k, v = (t.double().cpu() for t in (q, k, v))
@@ -98,7 +98,7 @@ def oracle(q, k, v, layout, truth, k_means, scale, tail):
         onehot = torch.nn.functional.one_hot(ck_lab.clamp_min(0), ck).double() * (~text_k)[..., None]
         n = onehot.sum(2)  # (B, H, Ck)
         v_mean = (onehot.transpose(-1, -2) @ v) / n.clamp_min(1)[..., None]
-        k_mean = k_means.double().expand(B, H, ck, D)
+        k_mean = (onehot.transpose(-1, -2) @ k) / n.clamp_min(1)[..., None]  # this call's keys, not the plan's
         t = q @ k_mean.transpose(-1, -2) * scale + n.clamp_min(1).log()[:, :, None, :]
         live = ~pair & ~text_q[..., None] & (n > 0)[:, :, None, :]
         scores = torch.cat([scores, t.masked_fill(~live, float("-inf"))], -1)
@@ -141,22 +141,25 @@ def test_matches_oracle(case, tail):
     layout = VideoLayout(**lk_)
     g = torch.Generator().manual_seed(case)
     q, k, v = inputs(layout, B, H, D, dtype, g, transposed)
-    plan, truth = make_plan(layout, pb, ph, cq, ck, 0.3, k.float(), g)
+    # the plan made from other keys (a plan reused from an earlier step): the tail's mean keys are this call's
+    plan, truth = make_plan(layout, pb, ph, cq, ck, 0.3, k.float() + torch.randn(k.shape, generator=g), g)
     scale = 0.9 / math.sqrt(D)
     out = cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(plan), scale, tail=tail,
                                    block_m=block_m, gather_kv=gather_kv, packed=packed)
     assert out.shape == q.shape and out.dtype == dtype and out.stride() == q.stride()
-    ref = oracle(q, k, v, layout, truth, plan.k_means, scale, tail)
+    ref = oracle(q, k, v, layout, truth, scale, tail)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[dtype]
     if tail:  # the tail moves the output: the test tells the two apart
-        assert rel_err(out, oracle(q, k, v, layout, truth, plan.k_means, scale, None)) > 10 * TOL[dtype]
+        assert rel_err(out, oracle(q, k, v, layout, truth, scale, None)) > 10 * TOL[dtype]
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("tail", ["fixed", None])
-def test_through_the_triton_backend(tail):
-    """fp16 through ``sparse_attention(backend="triton")`` with a real ClusterPlan (its module comes with the
-    clustered planner's branch), per-head plan, text first; the cluster tail as its formula (``fixed()``)."""
+def test_through_the_backends(tail, backend):
+    """fp16 through ``sparse_attention(backend=...)`` with a real ClusterPlan made from other keys (reused from an
+    earlier step: the tail's mean keys are this call's), per-head plan, text first; the cluster tail as its
+    formula (``fixed()``)."""
     cluster_plan = pytest.importorskip("sparsevid.cluster_plan")
     import sparsevid as sv
     from sparsevid.tail import CLUSTER_TAIL
@@ -166,10 +169,10 @@ def test_through_the_triton_backend(tail):
     layout = VideoLayout(frames=2, height=4, width=6, text_tokens=7, text_first=True)
     g = torch.Generator().manual_seed(5)
     q, k, v = inputs(layout, 2, 2, 64, torch.float16, g, True)
-    fields, truth = make_plan(layout, 2, 2, 5, 6, 0.3, k.float(), g)
+    fields, truth = make_plan(layout, 2, 2, 5, 6, 0.3, k.float() + torch.randn(k.shape, generator=g), g)
     plan = cluster_plan.ClusterPlan(*fields).to(DEVICE)
-    out = sv.sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), plan, backend="triton", tail=tail)
-    ref = oracle(q, k, v, layout, truth, fields.k_means, 64 ** -0.5, tail is not None)
+    out = sv.sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), plan, backend=backend, tail=tail)
+    ref = oracle(q, k, v, layout, truth, 64 ** -0.5, tail is not None)
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
@@ -189,15 +192,16 @@ def test_the_kernel_reads_a_given_gate_as_the_reference_does():
                                    gate=gate.to(DEVICE))
     ref = sparse_attention_reference_clusters(q, k, v, sv.ClusterPlan(*fields), scale, gate)
     assert rel_err(out, ref.double()) < TOL[torch.float32]
-    formula, dropped = (oracle(q, k, v, layout, truth, fields.k_means, scale, t) for t in (True, False))
+    formula, dropped = (oracle(q, k, v, layout, truth, scale, t) for t in (True, False))
     assert rel_err(out[0, 0], formula[0, 0]) < TOL[torch.float32]
     assert rel_err(out[0, 1], dropped[0, 1]) < TOL[torch.float32]
     for b, h in ((0, 2), (1, 0), (1, 1)):  # a weight in between moves the output off both
         assert min(rel_err(out[b, h], formula[b, h]), rel_err(out[b, h], dropped[b, h])) > 10 * TOL[torch.float32]
     with pytest.raises(ValueError, match="gate"):
         cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields), gate=gate[:1])
-    with pytest.raises(ValueError, match="v_means"):
-        cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields), v_means=v[:, :, :6])
+    with pytest.raises(ValueError, match=r"means\[1\]"):
+        cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields),
+                                 means=(torch.zeros(2, 3, 6, 32, device=DEVICE), v[:, :, :6].to(DEVICE)))
 
 
 def test_the_decision_through_the_triton_backend():
@@ -252,20 +256,20 @@ def test_tail_exact_for_constant_keys_in_each_cluster():
     assert rel_err(dropped, dense) > 1e-2
 
 
-def test_value_means_match_labels():
+def test_cluster_means_match_labels():
     """The PyTorch segment means and their Triton twin against means taken over the labels."""
     layout = VideoLayout(frames=2, height=3, width=5, text_tokens=4, text_first=True)
     g = torch.Generator().manual_seed(3)
     q, k, v = inputs(layout, 2, 3, 16, torch.float16, g, True)
     plan, (_, lk, _) = make_plan(layout, 1, 3, 4, 6, 0.5, k.float(), g)
-    means = cluster_value_means(v, plan)
+    means = cluster_means(v, plan)
     video = v[:, :, 4:].double()
     onehot = torch.nn.functional.one_hot(lk, 6).double().expand(2, 3, -1, -1)
     ref = (onehot.transpose(-1, -2) @ video) / onehot.sum(2).clamp_min(1)[..., None]
     assert means.dtype == torch.float32 and means.shape == (2, 3, 6, 16)
     assert torch.allclose(means.double(), ref, atol=1e-6)
     assert (means[:, :, 0] == 0).all()  # the empty cluster
-    fast = cluster_value_means_triton(v.to(DEVICE), cluster_launch(on_device(plan)))
+    fast = cluster_means_triton(v.to(DEVICE), cluster_launch(on_device(plan)))
     assert fast.dtype == torch.float32 and fast.shape == (2, 3, 6, 16)
     assert torch.allclose(fast.double().cpu(), ref, atol=1e-6)
 
@@ -343,7 +347,7 @@ def test_cuda(dtype, gather_kv, block_m, packed):
     for tail in (None, "centroid"):
         out = cluster_attention_triton(q.cuda(), k.cuda(), v.cuda(), on_device(plan), tail=tail, block_m=block_m,
                                        gather_kv=gather_kv, packed=packed)
-        ref = oracle(q, k, v, layout, truth, plan.k_means, 128 ** -0.5, tail)
+        ref = oracle(q, k, v, layout, truth, 128 ** -0.5, tail)
         assert rel_err(out, ref) < TOL[dtype]
 
 
@@ -366,7 +370,7 @@ for packed, gathered, tail in ((True, True, True), (False, False, False)):
     constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, TAIL=tail,
                      PRE_GATHERED=gathered, PACKED=packed, LOG_RP=6, NUM_STAGES=3)
     print("shared", build(tc._cluster_attn_fwd.fn, pointers, constants, num_warps=4, num_stages=3).metadata.shared)
-build(tc._value_means, dict(V=half, KOrder=i32, KOffsets=i32, Out="*fp32"), dict(HEAD_DIM=128, HEAD_DIM_P=128, ROWS=32),
+build(tc._cluster_means, dict(V=half, KOrder=i32, KOffsets=i32, Out="*fp32"), dict(HEAD_DIM=128, HEAD_DIM_P=128, ROWS=32),
       num_warps=4)
 """
 

@@ -13,7 +13,7 @@ import torch
 from .layout import VideoLayout
 from .plan import PlanData, _describe, batch_head_slices
 
-__all__ = ["ClusterPlan", "cluster_value_means"]
+__all__ = ["ClusterPlan", "cluster_means"]
 
 
 class ClusterPlan(PlanData):
@@ -32,9 +32,10 @@ class ClusterPlan(PlanData):
     - ``kv_num_clusters`` ``(B', H', Cq)``: how many key clusters query cluster ``c`` computes exactly;
       ``kv_clusters`` ``(B', H', Cq, max_kept)``: their ids, strictly ascending in the first
       ``kv_num_clusters`` entries (the rest unspecified).
-    - ``k_means`` float32 ``(B', H', Ck, D)``: the exact mean key of each key cluster's members (zeros when
-      empty); the sizes are ``k_offsets.diff(-1)``. Mean VALUES are computed per call from v
-      (:func:`cluster_value_means`), never stored.
+    - ``k_means`` float32 ``(B', H', Ck, D)``: the exact mean key of each key cluster's members in the keys the
+      plan was made from (zeros when empty): what the selection estimated from; the sizes are
+      ``k_offsets.diff(-1)``. The tail's mean keys and values are this call's (:func:`cluster_means` of k and
+      v), never stored: equal to ``k_means`` for a fresh plan, fresh for one reused across steps.
     - ``centroids``: ``(q_centroids (B', H', Cq, D), k_centroids (B', H', Ck, D))`` float32 (or ``None``
       for a plan built by hand), what ``sparsevid.plan(..., centroids=plan.centroids)`` takes to warm-start
       the next call of the same layer and CFG branch.
@@ -57,7 +58,7 @@ class ClusterPlan(PlanData):
     - ``density`` counts the computed score entries over ``L**2``, text rows and columns included.
     - Execution (``sparsevid.sparse_attention``): ``tail=None`` is SDPA under :meth:`to_mask`; the default
       ``tail="centroid"`` adds, for every non-empty key cluster ``j`` a query's cluster does not keep, one
-      term of logit ``scale * q . k_means[j] + log n_j`` and value ``v_mean[j]`` to the same softmax, weighted
+      term of logit ``scale * q . k̄_j + log n_j`` and value ``v̄_j`` (this call's means) to the same softmax, weighted
       per (batch, head) by the call's decision from exact probe rows (``sparsevid.tail.decide_cluster_tail``).
     """
 
@@ -306,21 +307,21 @@ def _labels(order: torch.Tensor, offsets: torch.Tensor, num_tokens: int) -> torc
     return labels.scatter_(-1, order.long(), cluster)
 
 
-def cluster_value_means(v: torch.Tensor, plan: ClusterPlan) -> torch.Tensor:
-    """float32 ``(B, H, Ck, D)``, contiguous: the mean value row of each key cluster of ``plan`` (zeros for an
-    empty one), from this call's ``v`` ``(B, H, L, D)`` (any strides): the cluster tail's values, for every
-    backend (differentiable; the Triton twin is ``kernels.triton_cluster.cluster_value_means_triton``). Reads
+def cluster_means(x: torch.Tensor, plan: ClusterPlan) -> torch.Tensor:
+    """float32 ``(B, H, Ck, D)``, contiguous: the mean row of ``x`` ``(B, H, L, D)`` (any strides) over each key
+    cluster of ``plan`` (zeros for an empty one). Of this call's k and v: the cluster tail's keys and values, for
+    every backend (differentiable; the Triton twin is ``kernels.triton_cluster.cluster_means_triton``). Reads
     only ``plan.k_order`` and ``plan.k_offsets``; sums are taken in float32."""
-    B, H, _, D = v.shape
+    B, H, _, D = x.shape
     nv = plan.k_order.shape[-1]
     ck = plan.k_offsets.shape[-1] - 1
     order = plan.k_order.long().expand(B, H, nv)
     offsets = plan.k_offsets.long()
-    rows = torch.gather(v, 2, order[..., None].expand(B, H, nv, D)).float()  # (B, H, V, D), cluster-sorted
+    rows = torch.gather(x, 2, order[..., None].expand(B, H, nv, D)).float()  # (B, H, V, D), cluster-sorted
     # cluster of each sorted position: how many clusters end at or before it (empty clusters end where they start)
-    pos = torch.arange(nv, device=v.device).expand(*offsets.shape[:2], nv).contiguous()
+    pos = torch.arange(nv, device=x.device).expand(*offsets.shape[:2], nv).contiguous()
     labels = torch.searchsorted(offsets[..., 1:].contiguous(), pos, right=True).expand(B, H, nv)
-    segment = (torch.arange(B * H, device=v.device).view(B, H, 1) * ck + labels).reshape(-1)
-    sums = torch.zeros(B * H * ck, D, dtype=torch.float32, device=v.device).index_add(0, segment, rows.reshape(-1, D))
+    segment = (torch.arange(B * H, device=x.device).view(B, H, 1) * ck + labels).reshape(-1)
+    sums = torch.zeros(B * H * ck, D, dtype=torch.float32, device=x.device).index_add(0, segment, rows.reshape(-1, D))
     sizes = offsets.diff(dim=-1).clamp_min(1).expand(B, H, ck)
     return sums.view(B, H, ck, D) / sizes[..., None]

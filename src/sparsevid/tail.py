@@ -55,7 +55,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .cluster_plan import ClusterPlan, cluster_value_means
+from .cluster_plan import ClusterPlan, cluster_means
 from .layout import VideoLayout
 from .kernels.pooling import group_mean_reference, group_tables
 
@@ -108,7 +108,7 @@ TAIL_METHODS: dict[str, TailMethod] = {m.name: m for m in (
 
 
 # The cluster tail of a ClusterPlan (sparsevid.cluster_plan): one term per dropped key cluster, logit
-# ``scale q.k_mean + log n``, value ``v_mean``; the plan carries its sizes and mean keys, v gives the mean values.
+# ``scale q.k_mean + log n``, value ``v_mean``; the plan carries the sizes, this call's k and v the means.
 # Each call decides, per (batch, head), how much of it to take (decide_cluster_tail); fixed(): the terms as they are.
 CLUSTER_TAIL = TailMethod("centroid", None, "ClusterPlan only: one term per dropped key cluster: its mean key + "
                                             "log size in the logit, its mean value, weighted per head by the "
@@ -373,7 +373,8 @@ def decide_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Video
 
 @torch.no_grad()  # a discrete choice: no gradient flows through it
 def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, scale: float,
-                        probes: int = PROBES, values: torch.Tensor | None = None) -> torch.Tensor:
+                        probes: int = PROBES, means: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> torch.Tensor:
     """The call's decision on a ``ClusterPlan``'s cluster tail, per (batch, head): ``log w`` of the weight its
     centroid terms take (``-inf``: drop them), from ``probes`` exact video query rows (:func:`probe_rows`; text
     rows keep every key) and :func:`choose_tail` with one candidate, the centroid terms as the kernels compute
@@ -384,8 +385,9 @@ def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         plan (ClusterPlan): broadcasts to q's batch and heads.
         scale (float): softmax scale.
         probes (int): rows sampled per call; ``0``: the terms as they are (``log w = 0``).
-        values (Tensor | None): float32 ``(B, H, Ck, D)``: this call's mean values where the backend has built
-            them (its kernel reads the same); ``None``: :func:`~sparsevid.cluster_plan.cluster_value_means`.
+        means (tuple | None): float32 ``(B, H, Ck, D)`` mean keys and mean values of this call's k and v over the
+            plan's key clusters where the backend has built them (its kernel reads the same); ``None``:
+            :func:`~sparsevid.cluster_plan.cluster_means`.
 
     Returns:
         Tensor: float32 ``(B, H)``.
@@ -405,9 +407,9 @@ def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     qp = q[:, :, rows].float()
     exact, kept_out, kept_lse = _probe_partials(qp, k, v, kept_keys, scale)
     sizes = plan.k_sizes
-    logits = torch.matmul(qp, plan.k_means.float().transpose(-1, -2)) * scale + sizes.float().log().unsqueeze(-2)
+    k_means, values = (cluster_means(k, plan), cluster_means(v, plan)) if means is None else means
+    logits = torch.matmul(qp, k_means.transpose(-1, -2)) * scale + sizes.float().log().unsqueeze(-2)
     logits = logits.masked_fill(kept_rows | (sizes == 0).unsqueeze(-2), float("-inf"))  # (B, H, P, Ck)
-    values = cluster_value_means(v, plan) if values is None else values
     tail_out, tail_lse = _partial(logits, lambda p: torch.matmul(p, values))
     _, log_weight = choose_tail(exact, kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0))
     return log_weight

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import register_backend
-from ..cluster_plan import ClusterPlan, cluster_value_means
+from ..cluster_plan import ClusterPlan, cluster_means
 from ..plan import BlockPlan
 from ..tail import TailSummaries, decide_cluster_tail, summarize_reference, tail_logits, tail_operands
 from ..token_plan import TokenPlan
@@ -232,9 +232,9 @@ def _reference_backend(q, k, v, plan, scale, tail=None):
 
         if tail is None:
             return sparse_attention_reference_clusters(q, k, v, plan, scale)
-        values = cluster_value_means(v, plan)  # built once: the decision and the tail read them
-        gate = decide_cluster_tail(q, k, v, plan, scale, tail.probes, values)
-        return sparse_attention_reference_clusters(q, k, v, plan, scale, gate, values)
+        means = cluster_means(k, plan), cluster_means(v, plan)  # built once: the decision and the tail read them
+        gate = decide_cluster_tail(q, k, v, plan, scale, tail.probes, means)
+        return sparse_attention_reference_clusters(q, k, v, plan, scale, gate, means)
     if isinstance(plan, TokenPlan):
         return sparse_attention_reference_tokens(
             q, k, v, plan.perm, plan.kv_num_tokens, plan.kv_tokens, plan.block_size, scale

@@ -6,17 +6,18 @@ runs of the text queries, which keep every key). A unit gathers its kept keys on
 tokens of the key clusters its query cluster keeps, cluster by cluster in ``k_order`` — and runs through the
 reference's one chunked core (:func:`~sparsevid.kernels.reference._attend`, one unit per "block", batch and heads
 flattened into the sequence), so memory stays O(rows x kept) per chunk. With the cluster tail, every non-empty
-key cluster the unit's cluster drops joins the same softmax as one term: logit ``scale * q . k_means[j] +
-log n_j + log w``, value :func:`~sparsevid.cluster_plan.cluster_value_means`, with ``log w`` the (batch, head)'s
-gate (:func:`~sparsevid.tail.decide_cluster_tail`: read here, decided there; ``-inf`` drops the terms).
-Differentiable in q, k (exact keys) and v (exact keys and the mean values); the tail's mean keys are the plan's.
+key cluster the unit's cluster drops joins the same softmax as one term: logit ``scale * q . k̄_j +
+log n_j + log w``, value ``v̄_j`` (this call's mean key and value of the cluster,
+:func:`~sparsevid.cluster_plan.cluster_means`), with ``log w`` the (batch, head)'s gate
+(:func:`~sparsevid.tail.decide_cluster_tail`: read here, decided there; ``-inf`` drops the terms).
+Differentiable in q, k and v (exact keys and the means).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..cluster_plan import ClusterPlan, cluster_value_means
+from ..cluster_plan import ClusterPlan, cluster_means
 from .reference import _attend
 
 __all__ = ["sparse_attention_reference_clusters"]
@@ -26,7 +27,7 @@ _ROWS = 64  # query rows per unit: a cluster's rows share one gather of its keys
 
 def sparse_attention_reference_clusters(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan,
                                         scale: float, gate: torch.Tensor | None = None,
-                                        values: torch.Tensor | None = None) -> torch.Tensor:
+                                        means: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``sparse_attention(q, k, v, plan, tail="centroid" if gate is not None else None)`` for a ClusterPlan.
 
     Args:
@@ -35,8 +36,9 @@ def sparse_attention_reference_clusters(q: torch.Tensor, k: torch.Tensor, v: tor
         scale (float): softmax scale.
         gate (Tensor | None): float32 ``(B, H)``: add the cluster tail (one term per dropped key cluster), each
             (batch, head)'s logits shifted by its ``log w`` (``-inf``: none); ``None``: no tail.
-        values (Tensor | None): float32 ``(B, H, Ck, D)``: this call's mean values where the caller has built them;
-            ``None``: :func:`~sparsevid.cluster_plan.cluster_value_means` (read only with a ``gate``).
+        means (tuple | None): float32 ``(B, H, Ck, D)`` mean keys and mean values of this call's k and v over
+            the plan's key clusters, where the caller has built them; ``None``:
+            :func:`~sparsevid.cluster_plan.cluster_means` (read only with a ``gate``).
 
     Returns:
         Tensor ``(B, H, L, D)`` in q's dtype, original token order.
@@ -97,22 +99,22 @@ def sparse_attention_reference_clusters(q: torch.Tensor, k: torch.Tensor, v: tor
     if gate is None:
         tail = None
     else:
-        values = cluster_value_means(v, plan) if values is None else values
-        tail = _centroid_terms(plan, values, u_bh, u_c, scale, gate.reshape(bh))
+        means = (cluster_means(k, plan), cluster_means(v, plan)) if means is None else means
+        tail = _centroid_terms(plan, *means, u_bh, u_c, scale, gate.reshape(bh))
     flat = [t.reshape(1, 1, bh * L, D) for t in (q, k, v)]
     out = _attend(*flat, rows, widths.view(1, 1, -1), keys, 1, scale, tail=tail)
     return out.view(B, H, L, D)
 
 
-def _centroid_terms(plan: ClusterPlan, values: torch.Tensor, u_bh: torch.Tensor, u_c: torch.Tensor, scale: float,
-                    gate: torch.Tensor):
+def _centroid_terms(plan: ClusterPlan, k_means: torch.Tensor, values: torch.Tensor, u_bh: torch.Tensor,
+                    u_c: torch.Tensor, scale: float, gate: torch.Tensor):
     """``terms(qg, units) -> (logits (1, 1, n, rows, Ck), values (1, 1, n, Ck, D))`` for ``_attend``: each key
     cluster a unit's query cluster drops (non-empty), as one softmax column shifted by its (batch, head)'s
-    ``gate`` (float32 ``(B * H,)``), value its mean value (``values`` float32 ``(B, H, Ck, D)``); kept clusters and
-    text units get ``-inf``."""
+    ``gate`` (float32 ``(B * H,)``), key ``k_means`` and value ``values`` (float32 ``(B, H, Ck, D)``); kept clusters
+    and text units get ``-inf``."""
     B, H = values.shape[:2]
     ck = plan.num_k_clusters
-    means = plan.k_means.expand(B, H, ck, -1).reshape(B * H, ck, -1)
+    means = k_means.reshape(B * H, ck, -1)
     log_n = plan.k_sizes.expand(B, H, ck).reshape(B * H, ck).float().log()  # -inf: an empty cluster never enters
     dropped = ~plan.kept_clusters().expand(B, H, -1, ck).reshape(B * H, -1, ck)  # (BH, Cq, Ck)
     values = values.reshape(B * H, ck, -1)

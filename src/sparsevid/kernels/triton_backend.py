@@ -111,15 +111,14 @@ def _ring_step(q, k, v, perm, kv_num_blocks, kv_indices, block_size, scale, *, t
 def _triton_backend(q, k, v, plan, scale, tail=None):
     B, H = q.shape[:2]
     if isinstance(plan, ClusterPlan):
-        from .triton_cluster import ClusterLaunch, cluster_attention_triton, cluster_value_means_triton
+        from .triton_cluster import ClusterLaunch, cluster_attention_triton, cluster_means_triton
 
         launch = plan.launch(ClusterLaunch, None)
         if tail is None:
             return cluster_attention_triton(q, k, v, plan, scale, tail=None, launch=launch)
-        v_means = cluster_value_means_triton(v, launch)  # built once: the decision and the kernel read them
-        gate = decide_cluster_tail(q, k, v, plan, scale, tail.probes, v_means)
-        return cluster_attention_triton(q, k, v, plan, scale, tail=tail.name, gate=gate, v_means=v_means,
-                                        launch=launch)
+        means = cluster_means_triton(k, launch), cluster_means_triton(v, launch)  # the decision and the kernel
+        gate = decide_cluster_tail(q, k, v, plan, scale, tail.probes, means)
+        return cluster_attention_triton(q, k, v, plan, scale, tail=tail.name, gate=gate, means=means, launch=launch)
     if isinstance(plan, TokenPlan):
         from .triton_gather import token_sparse_attn
 

@@ -22,9 +22,9 @@ A program's online softmax (FlashAttention-2, fp32 state, base 2, :mod:`triton_c
 3. with the cluster tail (``tail="centroid"``): every non-empty key cluster the row's query cluster does not
    keep, as one term with logit ``scale * q·k̄_j + log n_j + log w`` and value ``v̄_j`` (``log w``: the (batch,
    head)'s gate, one float load, decided before the launch by :func:`~sparsevid.tail.decide_cluster_tail`;
-   ``-inf`` skips the scan; the plan's mean key; this
-   call's mean value, from one launch of ``_value_means`` before the kernel, the twin of
-   :func:`~sparsevid.cluster_plan.cluster_value_means`); all ``Ck`` clusters are scanned in
+   ``-inf`` skips the scan; ``k̄_j`` / ``v̄_j``: this call's mean key and value, one launch of ``_cluster_means``
+   each before the kernel, the twin of :func:`~sparsevid.cluster_plan.cluster_means`); all ``Ck`` clusters are
+   scanned in
    ``BLOCK_T`` tiles against a keep mask, so the tail costs a ``Ck x D`` dot per row.
 
 The finished rows are written to their ORIGINAL positions (through ``q_order``), in q's dtype. Text query
@@ -51,7 +51,7 @@ from ..plan import _describe
 from .triton_common import INTERPRET, LOG2E, head_dim_padded, init_state, load_keys, load_rows, softmax_update, store_rows
 
 __all__ = ["ClusterLaunch", "check_cluster_inputs", "cluster_attention_triton", "cluster_launch",
-           "cluster_value_means_triton"]
+           "cluster_means_triton"]
 
 BLOCK_T = 16 if INTERPRET else 64  # key clusters per tile of the tail scan
 BLOCK_MS = (16, 32, 64, 128)  # query rows per tile that the kernel compiles for
@@ -76,7 +76,6 @@ class ClusterLaunch:
         kept_num (Tensor): int32 ``(B', H', Cq)``: kept video keys per query cluster.
         kept (Tensor): uint8 ``(B', H', Cq, Ck)``: 1 where the query cluster keeps the key cluster.
         log_n (Tensor): float32 ``(B', H', Ck)``: log of each key cluster's size, ``-inf`` when empty.
-        k_means (Tensor): float32 ``(B', H', Ck, D)``: the plan's mean keys.
         q_order, k_order (Tensor): int32 ``(B', H', V)``: the plan's orders.
         k_offsets (Tensor): int32 ``(B', H', Ck + 1)``: the plan's key cluster boundaries.
         block_m (int): query rows per tile.
@@ -92,7 +91,6 @@ class ClusterLaunch:
     kept_num: torch.Tensor
     kept: torch.Tensor
     log_n: torch.Tensor
-    k_means: torch.Tensor
     q_order: torch.Tensor
     k_order: torch.Tensor
     k_offsets: torch.Tensor
@@ -162,7 +160,7 @@ def cluster_launch(plan, block_m: int | None = None) -> ClusterLaunch:
     return ClusterLaunch(
         tiles.int().contiguous(), ranges, range_num.int().contiguous(), range_cum, range_shift,
         cum[..., -1].int().contiguous() if mk else range_num.int(), kept, log_n.contiguous(),
-        plan.k_means.float().contiguous(), plan.q_order.int().contiguous(), plan.k_order.int().contiguous(),
+        plan.q_order.int().contiguous(), plan.k_order.int().contiguous(),
         plan.k_offsets.int().contiguous(), block_m, text_start, layout.text_tokens,
     )
 
@@ -241,7 +239,7 @@ def _centroid_tail(
 ):
     """The cluster tail: every non-empty key cluster not kept (``kept_base``: the query cluster's ``Ck`` flags)
     joins the softmax as one term, logit ``scale q·k̄ + log n + log w`` (natural units, converted to base 2), value
-    ``v̄`` (``km_base`` / ``vm_base``: contiguous float32 ``(Ck, D)``)."""
+    ``v̄`` (``km_base`` / ``vm_base``: this call's means, contiguous float32 ``(Ck, D)``)."""
     d_ok = offs_d < HEAD_DIM
     for j0 in tl.range(0, CK, BLOCK_T, num_stages=1):  # unpipelined: float32 tiles, 3 stages took 160 KB
         offs_j = j0 + tl.arange(0, BLOCK_T)
@@ -260,15 +258,15 @@ def _centroid_tail(
     return acc, l_i, m_i
 
 
-# --------------------------------------------------------------------------------------- mean values
+# --------------------------------------------------------------------------------------- cluster means
 @triton.jit
-def _value_means(
+def _cluster_means(
     V, KOrder, KOffsets, Out,  #
     stride_vz, stride_vh, stride_vn, stride_vk,  #
     H, PLAN_H, PLAN_Z_STEP, PLAN_H_STEP, NV, CK,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, ROWS: tl.constexpr,  #
 ):
-    """One program per (key cluster, batch x head): the mean of the cluster's v rows (read through
+    """One program per (key cluster, batch x head): the mean of the cluster's rows of ``V`` (k or v, read through
     ``k_order``), float32, into a contiguous ``(B, H, Ck, D)``."""
     j = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
@@ -290,15 +288,15 @@ def _value_means(
     tl.store(Out + (bh * CK + j) * HEAD_DIM + offs_d, mean, mask=offs_d < HEAD_DIM)
 
 
-def cluster_value_means_triton(v: torch.Tensor, launch: ClusterLaunch) -> torch.Tensor:
-    """:func:`~sparsevid.cluster_plan.cluster_value_means` (its PyTorch twin) in one launch: float32
-    ``(B, H, Ck, D)``, contiguous, from ``v`` ``(B, H, L, D)`` (any strides) and the plan's key clusters."""
-    B, H, _, D = v.shape
+def cluster_means_triton(x: torch.Tensor, launch: ClusterLaunch) -> torch.Tensor:
+    """:func:`~sparsevid.cluster_plan.cluster_means` (its PyTorch twin) in one launch: float32
+    ``(B, H, Ck, D)``, contiguous, from ``x`` ``(B, H, L, D)`` (k or v, any strides) and the plan's key clusters."""
+    B, H, _, D = x.shape
     pb, ph, nv = launch.k_order.shape
     ck = launch.k_offsets.shape[-1] - 1
-    out = torch.empty(B, H, ck, D, dtype=torch.float32, device=v.device)
-    _value_means[(ck, B * H)](
-        v, launch.k_order, launch.k_offsets, out, *v.stride(), H, ph, int(pb > 1), int(ph > 1), nv, ck,  #
+    out = torch.empty(B, H, ck, D, dtype=torch.float32, device=x.device)
+    _cluster_means[(ck, B * H)](
+        x, launch.k_order, launch.k_offsets, out, *x.stride(), H, ph, int(pb > 1), int(ph > 1), nv, ck,  #
         HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), ROWS=16 if INTERPRET else 32, num_warps=4,  #
     )
     return out
@@ -396,7 +394,7 @@ def _cluster_attn_fwd(
         if log_w > float("-inf"):
             acc, l_i, m_i = _centroid_tail(
                 acc, l_i, m_i, q,  #
-                KMeans + pbh * CK * HEAD_DIM, VMeans + bh * CK * HEAD_DIM, LogN + pbh * CK, Kept + crow * CK, CK,  #
+                KMeans + bh * CK * HEAD_DIM, VMeans + bh * CK * HEAD_DIM, LogN + pbh * CK, Kept + crow * CK, CK,  #
                 sm_scale, log_w, offs_d, BLOCK_T, HEAD_DIM,  #
             )
     store_rows(Out + off_z * stride_oz + off_h * stride_oh, q_tok, q_real, acc, l_i, stride_om, stride_ok, offs_d,
@@ -462,7 +460,7 @@ def cluster_attention_triton(
     *,
     tail: str | None = "centroid",
     gate: torch.Tensor | None = None,
-    v_means: torch.Tensor | None = None,
+    means: tuple[torch.Tensor, torch.Tensor] | None = None,
     launch: ClusterLaunch | None = None,
     block_m: int | None = None,
     gather_kv: bool = False,
@@ -481,8 +479,8 @@ def cluster_attention_triton(
         gate (Tensor | None): float32 ``(B, H)``, contiguous: ``log w`` added to each (batch, head)'s centroid
             logits (``-inf``: its tail skipped), :func:`~sparsevid.tail.decide_cluster_tail`; ``None``: ``0``
             (the terms as they are).
-        v_means (Tensor | None): :func:`cluster_value_means_triton` of ``v`` and this plan when the caller built
-            them (for the decision); ``None``: built here.
+        means (tuple | None): :func:`cluster_means_triton` of ``k`` and of ``v`` with this plan, when the caller
+            built them (for the decision); ``None``: built here.
         launch (ClusterLaunch | None): :func:`cluster_launch` of this plan, when the caller keeps it with the plan.
         block_m (int | None): query rows per tile when ``launch`` is not given (16, 32, 64, 128).
         gather_kv (bool): read kept keys from cluster-sorted copies of k and v made by this call.
@@ -504,14 +502,15 @@ def cluster_attention_triton(
     pb, ph, nv = launch.q_order.shape
     cq, ck = launch.kept.shape[-2:]
     if not tail:
-        v_means = gate = q  # never read
+        k_means = v_means = gate = q  # never read
     else:
-        if v_means is None:
-            v_means = cluster_value_means_triton(v, launch)
-        elif (v_means.shape != (B, H, ck, D) or v_means.dtype != torch.float32 or not v_means.is_contiguous()
-              or v_means.device != q.device):
-            raise ValueError(f"Expect v_means as a contiguous float32 {(B, H, ck, D)} tensor on {q.device} "
-                             f"(cluster_value_means_triton) but got {_describe(v_means)}")
+        if means is None:
+            means = cluster_means_triton(k, launch), cluster_means_triton(v, launch)
+        for name, m in zip(("means[0]", "means[1]"), means):
+            if m.shape != (B, H, ck, D) or m.dtype != torch.float32 or not m.is_contiguous() or m.device != q.device:
+                raise ValueError(f"Expect {name} as a contiguous float32 {(B, H, ck, D)} tensor on {q.device} "
+                                 f"(cluster_means_triton) but got {_describe(m)}")
+        k_means, v_means = means
         gate = torch.zeros(B, H, device=q.device) if gate is None else gate.contiguous()
     if gather_kv:
         index = launch.k_order.long()[..., None].expand(B, H, nv, D)
@@ -521,7 +520,7 @@ def cluster_attention_triton(
     grid = (launch.tiles.shape[2], B * H)
     args = (
         q, k, v, out, kg, vg, launch.q_order, launch.k_order, launch.tiles, launch.ranges, launch.range_num,  #
-        launch.range_cum, launch.range_shift, launch.kept_num, launch.kept, launch.log_n, launch.k_means, v_means,  #
+        launch.range_cum, launch.range_shift, launch.kept_num, launch.kept, launch.log_n, k_means, v_means,  #
         gate, scale,  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
         H, ph, int(pb > 1), int(ph > 1), nv, launch.tiles.shape[2], cq, ck, launch.ranges.shape[3], t0, nt,  #
