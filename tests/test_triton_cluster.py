@@ -201,7 +201,7 @@ def test_the_kernel_reads_a_given_gate_as_the_reference_does():
         cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields), gate=gate[:1])
     with pytest.raises(ValueError, match=r"means\[1\]"):
         cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields),
-                                 means=(torch.zeros(2, 3, 6, 32, device=DEVICE), v[:, :, :6].to(DEVICE)))
+                                 means=(torch.zeros(2, 3, 6, 32, device=DEVICE), torch.zeros(2, 3, 5, 32, device=DEVICE)))
 
 
 def test_the_decision_through_the_triton_backend():
