@@ -343,3 +343,23 @@ def test_summary_pairs_each_tail_config_with_its_no_tail_twin():
     assert rows[plain.name]["vs_no_tail"] is None
     assert rows["mine"]["vs_no_tail"] == pytest.approx(10.0)  # paired with draft@0.1, not with itself
     assert rows[tailed.name]["step_err"] == pytest.approx(0.2) and rows[tailed.name]["step_err_max"] == pytest.approx(0.3)
+
+
+def test_replan_every_configs_reach_sparsevid_apply(capsys):
+    """``--replan-every`` is an axis of every sparse config (dense replans every step: one config), named, passed
+    to sparsevid.apply, and a config's per-layer error is its twin's that replans every step (a fresh plan)."""
+    from sparsevid.lab.eval import Config, make_configs, summarize
+
+    configs = make_configs(["dense", "draft"], [0.25], masses=[0.9], replan_every=[1, 4])
+    assert [c.name for c in configs] == ["dense", "draft@0.25", "draft@0.25 (replan=4)", "draft mass=0.9",
+                                         "draft mass=0.9 (replan=4)"]
+    reused = configs[2]
+    assert reused.settings.replan_every == 4 and reused.attention == Config("draft", 0.25)
+    assert Config("draft", 0.25, dense_steps=2, replan_every=2).name == "draft@0.25 (ds=2, replan=2)"
+    videos = [dict(case="a", config=reused.name, psnr=20.0, ssim=0.5, achieved=0.25, seconds=1.0, dense_seconds=1.0)]
+    layers = [dict(case="a", config="draft@0.25", layer=1, rel_err=0.3, attn_ms=None, dense_ms=None)]
+    (row,) = summarize(videos, layers, [reused])
+    assert row["replan_every"] == 4 and row["layer_err"] == pytest.approx(0.3)
+    with pytest.raises(SystemExit) as exit_info:  # refused before the pipeline loads
+        cli.main(["eval", *REDUCED, "--replan-every", "0"])
+    assert exit_info.value.code == 2 and "--replan-every" in capsys.readouterr().err

@@ -104,6 +104,97 @@ def test_settings_grid_refuses_a_value_no_combination_takes(methods, masses, tai
         pareto.make_settings(methods, [0.25] if methods != ["window"] else [], masses, tails, options)
 
 
+def test_settings_grid_replan_every_is_a_setting_not_a_planner_option():
+    settings = pareto.make_settings(["draft", "clustered"], [0.25], [], [None],
+                                    [("clustered", "replan_every", 1), ("clustered", "replan_every", 2),
+                                     ("clustered", "q_clusters", 8)])
+    assert [s.name for s in settings] == ["draft@0.25", "clustered@0.25 [q_clusters=8]",
+                                          "clustered@0.25 (replan=2) [q_clusters=8]"]
+    assert [s.replan_every for s in settings] == [1, 1, 2] and settings[2].options == {"q_clusters": 8}
+    assert settings[2].settings.replan_every == 2  # what sparsevid.apply gets
+
+
+@pytest.mark.parametrize("value", [0, -1, "x", 1.5])
+def test_settings_grid_refuses_a_bad_replan_every(value):
+    with pytest.raises(ValueError, match="replan_every"):
+        pareto.make_settings(["draft"], [0.25], [], [None], [(None, "replan_every", value)])
+
+
+def _speed_with_recorded_plans(monkeypatch, settings, reps):
+    """``measure_speed`` at the tiny shape with every planner call recorded (whether it was given centroids,
+    i.e. warm-started) and each timed call's plans counted; a timed call returns 30 ms (+1 per call) where its
+    forwards planned, 10 ms (+1 per call) where they did not, so the rows' arithmetic is checked exactly."""
+    from sparsevid.integrations import core
+
+    planned, timed = [], []
+    make_plan, time_ms = core.make_plan, pareto.time_ms
+
+    def recording_plan(*args, **kwargs):
+        planned.append("centroids" in kwargs)
+        return make_plan(*args, **kwargs)
+
+    def recording_time(fn, **kwargs):
+        before = len(planned)
+        time_ms(fn, **kwargs)
+        made = len(planned) - before
+        timed.append(made)
+        return (30.0 if made else 10.0) + len(timed)
+
+    monkeypatch.setattr(core, "make_plan", recording_plan)
+    monkeypatch.setattr(pareto, "time_ms", recording_time)
+    _, rows = pareto.measure_speed("tiny", settings, reps, "cpu", False)
+    return rows, planned, timed
+
+
+def test_speed_of_a_replan_every_setting_is_amortised_over_its_steps(monkeypatch):
+    """A setting replanning every 2 steps: ``reps`` planning forwards (warm-started from the last plan's
+    centroids, as a generation's) alternate with reusing forwards that plan nothing; forward_ms is
+    (plan + reuse) / 2 of their medians. A setting replanning every step plans at every timed forward, warm."""
+    pytest.importorskip("diffusers")
+    settings = pareto.make_settings(["clustered"], [0.5], [], [None],
+                                    [(None, "replan_every", 1), (None, "replan_every", 2), (None, "q_clusters", 4),
+                                     (None, "k_clusters", 4)])
+    rows, planned, timed = _speed_with_recorded_plans(monkeypatch, settings, reps=2)
+    every_step, reused = (rows[s.name] for s in settings)
+    assert settings[1].name == "clustered@0.5 (replan=2) [q_clusters=4, k_clusters=4]"
+    # native (no plan), replan=1 (one call of 2 forwards, each plans), replan=2: plan, reuse, plan, reuse
+    assert [made > 0 for made in timed] == [False, True, True, False, True, False]
+    # a cold plan in each warm-up forward (one sparse layer), every later plan from the last plan's centroids
+    assert planned == [False, True, True, False, True, True]
+    assert "plan_forward_ms" not in every_step and every_step["forward_ms"] == 32.0
+    assert reused["plan_forward_ms"] == 34.0 and reused["reuse_forward_ms"] == 15.0  # medians of 33, 35 and 14, 16
+    assert reused["forward_ms"] == pytest.approx((34.0 + 15.0) / 2) and reused["replan_every"] == 2
+    assert reused["speedup"] == pytest.approx(every_step["speedup"] * 32.0 / 24.5)
+    assert reused["sparse_calls"] > 0 and reused["finite"]
+
+
+def test_a_reusing_forward_that_plans_is_an_error(monkeypatch):
+    pytest.importorskip("diffusers")
+    from sparsevid.integrations import core
+
+    monkeypatch.setattr(core.SparseSession, "_cached_plan", lambda self, key: None)  # plans never reused
+    settings = pareto.make_settings(["draft"], [0.5], [], [None], [(None, "replan_every", 3)])
+    with pytest.raises(RuntimeError, match="reusing forward of draft@0.5 \\(replan=3\\) at step 9"):
+        pareto.measure_speed("tiny", settings, 1, "cpu", False)
+
+
+def test_amortised_rows_in_the_outputs(tmp_path):
+    pytest.importorskip("diffusers")
+    assert cli.main(["bench", "pareto", "--shapes", "tiny", "--testbeds", "--reps", "1", "--quiet", "--methods",
+                     "draft", "--densities", "0.5", "--option", "replan_every=1", "--option", "replan_every=2",
+                     "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "pareto.json").read_text())
+    rows = {r["setting"]: r for r in res["rows"]}
+    assert rows["draft@0.5 (replan=2)"]["replan_every"] == 2 and rows["draft@0.5"]["replan_every"] == 1
+    assert "amortised over N steps" in res["header"] and "N = 2" in res["header"]
+    with open(tmp_path / "pareto.csv") as f:
+        flat = {r["setting"]: r for r in csv.DictReader(f)}
+    reused = flat["draft@0.5 (replan=2)"]
+    plan, reuse = float(reused["tiny plan_forward_ms"]), float(reused["tiny reuse_forward_ms"])
+    assert float(reused["tiny forward_ms"]) == pytest.approx((plan + reuse) / 2)
+    assert flat["draft@0.5"]["tiny plan_forward_ms"] == ""
+
+
 def test_weights_version(tmp_path):
     loose = tmp_path / "w.bin"
     loose.write_bytes(b"weights")
@@ -225,6 +316,9 @@ BAD = [
     "--option :seed=1",
     "--option budget",
     "--option draft:tail=bogus",
+    "--option replan_every=0",
+    "--option draft:replan_every=-1",
+    "--option replan_every=x",
     "--tail bogus",
     "--methods finegrained --tail pooled-var",
     "--cases 0",

@@ -1,8 +1,8 @@
 """``python -m sparsevid eval``: does sparse attention change what the model generates?
 
 For each case (label x seed) the pipeline generates a **dense** video, then one video per sparse
-configuration (method x density x ``--dense-steps`` x ``--dense-layers``) from the same seed,
-through :func:`sparsevid.apply` exactly as a user would run it. Reported per video:
+configuration (method x density x ``--dense-steps`` x ``--dense-layers`` x ``--replan-every``) from the
+same seed, through :func:`sparsevid.apply` exactly as a user would run it. Reported per video:
 
 - **PSNR** and **SSIM** of the sparse video against the dense one (torchmetrics, data range 1,
   frames as a batch; identical videos are reported as 100 dB), and the max absolute pixel
@@ -26,7 +26,9 @@ with each setting, measuring reuse alone. Rows carry ``reuse`` and, with token r
 ``replay_rate`` (FFN rows replayed / rows seen). The per-layer error is of the attention plan alone:
 reuse does not change it, so it is computed once per attention configuration (a reuse config's
 summary reports its no-reuse twin's) and ``none`` has no per-layer rows. In the quality curve each
-reuse setting is its own line; ``none`` sits at density 1 (full attention).
+reuse setting is its own line; ``none`` sits at density 1 (full attention). The per-layer error is of a
+fresh plan, so a ``--replan-every`` config reports its twin's that replans every step; what plans
+reused across steps cost shows in its video and its per-step errors.
 
 Writes to ``--out``: ``results.json`` (settings, per-video rows, per-layer rows, summary),
 ``videos.csv``, ``layers.csv``, ``summary.csv``, ``side_by_side_<label>_s<seed>.mp4`` and
@@ -162,6 +164,7 @@ class Config:
     mass: float | None = None  # a mass budget instead of a density (draft, xattn)
     quant: str | None = None  # 8-bit attention (sparsevid.apply(quant=...))
     tail: str | None = None  # summaries of the skipped blocks (sparsevid.apply(tail=...))
+    replan_every: int = 1  # plans reused across steps (sparsevid.apply(replan_every=...))
     label: str | None = None  # shown instead of the generated name (which does not show ``options``)
 
     @property
@@ -173,6 +176,8 @@ class Config:
             warm.append(f"ds={self.dense_steps:g}")
         if self.dense_layers != 1:
             warm.append(f"dl={self.dense_layers}")
+        if self.replan_every != 1:
+            warm.append(f"replan={self.replan_every}")
         density = "" if self.method in ("dense", "none") else (
             f" mass={self.mass:g}" if self.mass is not None else f"@{self.density:g}")
         return (f"{self.method}{density}" + (f" {self.quant}" if self.quant else "")
@@ -181,15 +186,15 @@ class Config:
 
     @property
     def attention(self) -> Config:
-        """This configuration without reuse (whose plans the per-layer error measures)."""
-        return replace(self, reuse=None)
+        """This configuration without reuse, replanning every step: the fresh plans the per-layer error measures."""
+        return replace(self, reuse=None, replan_every=1)
 
     @property
     def settings(self) -> SparseVidConfig:
         """The :class:`~sparsevid.config.SparseVidConfig` that :func:`sparsevid.apply` gets."""
         return SparseVidConfig(None if self.method == "none" else self.method, self.density, self.mass,
                                self.dense_steps, self.dense_layers, planner_options=dict(self.options),
-                               quant=self.quant, tail=self.tail)
+                               replan_every=self.replan_every, quant=self.quant, tail=self.tail)
 
     def check(self, device=None, layers: int | None = None) -> None:
         """Raise the error :func:`sparsevid.apply` would raise for this configuration, before any work
@@ -210,8 +215,9 @@ def _parse_dense_steps(text: str):
 
 
 def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reuse=(), options=None,
-                 masses=(), quants=(), device=None, tails=(None,), layers: int | None = None) -> list[Config]:
-    """Every method x density x warm-up, each without reuse and with every ``reuse`` SPEC;
+                 masses=(), quants=(), device=None, tails=(None,), layers: int | None = None,
+                 replan_every=(1,)) -> list[Config]:
+    """Every method x density x warm-up x ``replan_every``, each without reuse and with every ``reuse`` SPEC;
     ``none`` (native attention) with every SPEC only. ``options`` (planner keyword arguments, e.g.
     ``block_size``) go to every sparse config. ``masses``: also a config per mass budget for the
     methods that take one (declared at their registration: ``draft``, ``xattn``, ``finegrained``).
@@ -221,6 +227,8 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
     (``None``: skipped blocks dropped), the same plans with and without summaries in one run.
     ``device``: where they will run (an 8-bit mode no backend runs there is refused now); ``layers``: the
     pipeline's video self-attention layers, where known (``dense_layers`` must leave one sparse).
+    ``replan_every``: plans reused across that many steps, one config per value (``dense`` replans every step:
+    its plan is the same at every step).
     A configuration asked twice (a repeated density or tail) runs once.
 
     Raises:
@@ -237,19 +245,22 @@ def make_configs(methods, densities, dense_steps=(None,), dense_layers=(1,), reu
     if "none" in methods and not reuse:
         raise ValueError("Expect --reuse SPEC with --methods none (native attention, reuse only) but got no --reuse")
     configs, seen = [], set()
-    for method, density, ds, dl, spec in itertools.product(methods, densities, dense_steps, dense_layers, [None, *reuse]):
+    for method, density, ds, dl, every, spec in itertools.product(methods, densities, dense_steps, dense_layers,
+                                                                 replan_every, [None, *reuse]):
         if method == "none":
             if spec is None:
                 continue
             config = Config("none", None, reuse=spec)  # warm-up options only shape sparse attention
+        elif method == "dense":
+            config = Config(method, 1.0, ds, dl, spec, dict(options or {}))
         else:
-            config = Config(method, 1.0 if method == "dense" else density, ds, dl, spec, dict(options or {}))
+            config = Config(method, density, ds, dl, spec, dict(options or {}), replan_every=every)
         if config not in seen:
             seen.add(config)
             configs.append(config)
-    for method, mass, ds, dl in itertools.product(methods, masses, dense_steps, dense_layers):
+    for method, mass, ds, dl, every in itertools.product(methods, masses, dense_steps, dense_layers, replan_every):
         if method in planners_taking("mass"):
-            configs.append(Config(method, None, ds, dl, None, dict(options or {}), mass=mass))
+            configs.append(Config(method, None, ds, dl, None, dict(options or {}), mass=mass, replan_every=every))
     skipped = {}
     for config, quant in itertools.product(list(configs), quants):
         if config.method == "dense":
@@ -509,9 +520,9 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
             metrics = video_metrics(video, dense)
             video_rows.append(dict(
                 case=name, **_case_fields(case), config=config.name, method=config.method, density=config.density,
-                mass=config.mass, quant=config.quant, dense_steps=config.dense_steps, dense_layers=config.dense_layers, reuse=config.reuse,
-                achieved=stats["mean_density"], replay_rate=_replay_rate(stats), seconds=seconds,
-                dense_seconds=dense_s, **metrics,
+                mass=config.mass, quant=config.quant, dense_steps=config.dense_steps, dense_layers=config.dense_layers,
+                replan_every=config.replan_every, reuse=config.reuse, achieved=stats["mean_density"],
+                replay_rate=_replay_rate(stats), seconds=seconds, dense_seconds=dense_s, **metrics,
             ))
             videos[config.name] = video
             if checkpoint is not None:
@@ -567,7 +578,8 @@ def summarize(video_rows: list[dict], layer_rows: list[dict], configs: list[Conf
             paired = _mean(diffs)
         summary.append(dict(
             config=name, method=config.method, density=config.density, mass=config.mass, quant=config.quant,
-            dense_steps=config.dense_steps, dense_layers=config.dense_layers, reuse=config.reuse, videos=len(rows),
+            dense_steps=config.dense_steps, dense_layers=config.dense_layers, replan_every=config.replan_every,
+            reuse=config.reuse, videos=len(rows),
             achieved=mean("achieved"), replay_rate=mean("replay_rate"), psnr=mean("psnr"),
             psnr_min=min(r["psnr"] for r in rows), ssim=mean("ssim"), ssim_min=min(r["ssim"] for r in rows),
             tdiff_err=mean("tdiff_err"), seconds=mean("seconds"), dense_seconds=mean("dense_seconds"),
@@ -664,7 +676,8 @@ def write_outputs(out_dir: Path, result: dict, summary: list[dict], settings: di
             continue
         key = _series(r) + (
             f" ds={r['dense_steps']}" if r["dense_steps"] is not None else "") + (
-            f" dl={r['dense_layers']}" if r["dense_layers"] != 1 else "") + (f" + {r['reuse']}" if r["reuse"] else "")
+            f" dl={r['dense_layers']}" if r["dense_layers"] != 1 else "") + (
+            f" replan={r['replan_every']}" if r["replan_every"] != 1 else "") + (f" + {r['reuse']}" if r["reuse"] else "")
         curves.setdefault(key, []).append((achieved, min(r["psnr"], 60.0), r["ssim"]))
     if curves:
         files.append(viz.save_quality_curves(curves, out_dir / "quality_vs_density.png",
@@ -768,6 +781,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-steps", type=_parse_dense_steps, nargs="+", default=[None],
                         help="warm-up steps run dense: int count, fraction, or 'auto' (20%%) (default: auto)")
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[1], help="leading dense blocks (default: %(default)s)")
+    parser.add_argument("--replan-every", type=positive_int, nargs="+", default=[1], metavar="N",
+                        help="plans reused across N steps (sparsevid.apply(replan_every=N)), one config per value "
+                             "(default: %(default)s)")
     add_reuse_argument(parser, "every config runs without reuse and with each setting")
     add_option_argument(parser, "planner option for every sparse config")
     parser.add_argument("--capture-step", type=non_negative_int, default=None, help="step whose q/k/v give the per-layer errors (default: first sparse step)")
@@ -798,7 +814,7 @@ def run(args) -> int:
         return run_stats(target, args, device)
     configs = make_configs(args.methods, args.densities, args.dense_steps, args.dense_layers, args.reuse, dict(args.option),
                            masses=args.masses, quants=args.quant, device=device, tails=args.tail,
-                           layers=target.layers(args))
+                           layers=target.layers(args), replan_every=args.replan_every)
     pipe = target.load(args, device)
     low_precision = getattr(pipe, "dtype", torch.float32) != torch.float32
     if args.noise_floor is None:

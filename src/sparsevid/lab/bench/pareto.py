@@ -7,7 +7,10 @@ A **setting** is what :func:`sparsevid.apply` is called with: a method, a densit
 that method only, and a key given several times is an axis of the grid (one setting per value), so any
 registered planner and its options pass through unnamed here. The key ``tail`` sets ``tail=`` the same
 way (``--option clustered:tail=none --option clustered:tail=centroid``): for that method it replaces the
-``--tail`` axis. Every setting is checked as
+``--tail`` axis. The key ``replan_every`` (an int >= 1, default 1) sets ``replan_every=`` of
+:func:`sparsevid.apply` (plans reused across that many steps), not a planner option: ``--option
+clustered:replan_every=1 --option clustered:replan_every=4`` is an axis of two settings, the second named
+``(replan=4)``. Every setting is checked as
 ``sparsevid.apply`` checks it before any work; a combination no method can take (a mass budget for a
 planner without one, a tail for a token plan) is left out with one line, but a value of any axis that
 no combination takes is an error.
@@ -16,11 +19,16 @@ Measured, every setting in the same run:
 
 - **speed** (``--shapes``): one transformer forward at a real model's shape, random weights, bf16, batch
   1, as ``bench e2e`` times it: native SDPA (PyTorch's default and cuDNN forced; the faster is the
-  reference) and each setting with every step sparse (a bare transformer replans every forward:
-  planning, clustering and tail included), the first block dense; one warm-up forward, then the median of
-  ``--reps``. ``wan1.3b-480p`` (Wan2.1-1.3B, 81 frames 480x832), ``wan14b-720p`` (Wan2.1-14B, 81
-  frames 720x1280); ``tiny`` is a two-layer Wan for CPU smoke runs (not a benchmark). Without CUDA the
-  full-size shapes are skipped with one line.
+  reference) and each setting with every step sparse (planning, clustering and tail included), the first
+  block dense; one warm-up forward, then the median of ``--reps``, each forward a step after the last (so
+  a forward plans as a generation's next step does: ``clustered`` from the last step's centroids). A
+  setting with ``replan_every=N`` > 1 times ``--reps`` pairs: a planning forward (the plans of N steps
+  before expired) and a forward reusing its plans (checked by the plans counted: a forward doing the
+  other is an error); its ``forward_ms`` is amortised over N steps, ``(plan + (N - 1) * reuse) / N``,
+  beside ``plan_forward_ms`` and ``reuse_forward_ms``, and its speedup is of that mean. ``wan1.3b-480p``
+  (Wan2.1-1.3B, 81 frames 480x832), ``wan14b-720p`` (Wan2.1-14B, 81 frames 720x1280); ``tiny`` is a
+  two-layer Wan for CPU smoke runs (not a benchmark). Without CUDA the full-size shapes are skipped with
+  one line.
 - **quality** (``--testbeds``): each testbed generates ``--cases`` videos dense and under every setting
   from the same seeds, through ``sparsevid.apply`` as ``eval`` runs them (``--steps``, the default
   warm-up: the first 20% of steps dense); PSNR, SSIM and ``tdiff`` (relative error of the frame
@@ -51,6 +59,7 @@ import hashlib
 import itertools
 import json
 import math
+import statistics
 import subprocess
 import types
 from dataclasses import replace
@@ -98,11 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="planner option, repeatable: for every method, or with METHOD: for that one; a key "
                              "given several times is a grid axis (e.g. --option clustered:q_clusters=128 "
                              "--option clustered:q_clusters=512); the key tail sets tail= (none: off) for the "
-                             "method instead of --tail")
+                             "method instead of --tail; the key replan_every sets sparsevid.apply's replan_every "
+                             "(speed amortised over its steps)")
     parser.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=["wan1.3b-480p", "wan14b-720p"],
                         help="model shapes timed (random weights; none: no speed) (default: %(default)s)")
     parser.add_argument("--reps", type=positive_int, default=3,
-                        help="timed forwards per setting and shape, median reported (default: %(default)s)")
+                        help="timed forwards per setting and shape, median reported; with replan_every > 1, "
+                             "planning and reusing forwards each (default: %(default)s)")
     parser.add_argument("--testbeds", nargs="*", choices=list(TESTBEDS), default=["large", "small"],
                         help="testbeds generating the videos (none: no quality) (default: %(default)s)")
     parser.add_argument("--cases", type=positive_int, default=8,
@@ -153,12 +164,14 @@ def make_settings(methods, densities, masses, tails, options, device=None) -> li
         for opts, (density, mass) in itertools.product(_option_sets(method, options), budgets):
             opts = dict(opts)
             method_tails = [opts.pop("tail")] if "tail" in opts else tails  # the method's own tail axis
+            every = opts.pop("replan_every", 1)  # a setting of sparsevid.apply, not a planner option
             for tail in method_tails:
-                config = Config(method, density, options=opts, mass=mass, tail=tail)
+                config = Config(method, density, options=opts, mass=mass, tail=tail, replan_every=every)
                 if opts:
                     config = replace(config, label=config.name + " [" + ", ".join(f"{k}={v!r}" for k, v in opts.items())
                                      + "]")
                 axes = {("method", method), ("budget", (density, mass)), ("tail", tail),
+                        (("option", method, "replan_every"), repr(every)),
                         *((("option", method, k), repr(v)) for k, v in opts.items())}
                 try:
                     config.check(device)
@@ -216,9 +229,13 @@ def frontiers(rows: list[dict], shapes, testbeds) -> dict[str, list[str]]:
 def measure_speed(shape: str, settings: list, reps: int, device: str, progress: bool,
                   checkpoint=None) -> tuple[dict, dict]:
     """Forward times at ``shape`` as ``bench e2e`` measures them: ``(native, {setting name: row})``, native
-    default SDPA and cuDNN (the faster is 1x), each setting with every step sparse. ``checkpoint(native,
-    rows)``: called after the native baselines and after every setting with what is measured so far (a run
-    cut off keeps it)."""
+    default SDPA and cuDNN (the faster is 1x), each setting with every step sparse. Each forward of a setting
+    stands one step of a generation after the last (a step index the model reads from its scheduler): a
+    forward repeated at one step would be another call of that step (a CFG branch), which has plans and
+    centroids of its own and neither reuses nor warm-starts. A setting replanning every N > 1 steps gets the
+    planning and the reusing forward timed (:func:`_plan_and_reuse_ms`), its ``forward_ms`` the mean over N
+    steps. ``checkpoint(native, rows)``: called after the native baselines and after every setting with what
+    is measured so far (a run cut off keeps it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from .e2e import MODELS, _build, _forward, _inputs
@@ -228,9 +245,13 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
     height, width = spec["resolutions"][resolution]
     model = _build(spec, device)
     inputs = _inputs(spec, spec["frames"], height, width, device)
-    # a generation mid-way (step 5 of 50, every step sparse): sparsevid reads the step as inside a pipeline
-    target = types.SimpleNamespace(transformer=model, scheduler=types.SimpleNamespace(
-        step_index=5, timesteps=torch.linspace(999, 0, 50)))
+    # a generation mid-way (from step 5 of 50, every step sparse): sparsevid reads the step as inside a pipeline
+    scheduler = types.SimpleNamespace(step_index=5, timesteps=torch.linspace(999, 0, 50))
+    target = types.SimpleNamespace(transformer=model, scheduler=scheduler)
+
+    def forward_at(step: int | None = None):  # None: the step after the last forward's
+        scheduler.step_index = scheduler.step_index + 1 if step is None else step
+        return _forward(model, inputs)
 
     def timed(fn, warmup=1):
         return time_ms(fn, reps=reps, warmup=warmup, device=device)
@@ -251,21 +272,51 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
         checkpoint(native, result)
     for config in tqdm(settings, desc=f"speed {shape}", unit="setting", disable=not progress):
         handle = replace(config, dense_steps=0).apply(target)
+        every, row = config.replan_every, {}
         try:
             with context():
-                out = _forward(model, inputs)  # the warm-up forward (compilation, first plans, stored state)
-                ms = timed(lambda: _forward(model, inputs), warmup=0)
+                out = forward_at(5)  # the warm-up forward (compilation, first plans, stored state)
+                if every == 1:  # every forward plans, from the last step's centroids where the planner keeps them
+                    ms = timed(forward_at, warmup=0)
+                else:
+                    plan_ms, reuse_ms = _plan_and_reuse_ms(config.name, lambda: handle.stats()["plans"], forward_at,
+                                                           every, reps, device)
+                    ms = (plan_ms + (every - 1) * reuse_ms) / every
+                    row = dict(replan_every=every, plan_forward_ms=plan_ms, reuse_forward_ms=reuse_ms)
             stats = handle.stats()
         finally:
             handle.remove()
         if not stats["sparse_calls"]:  # a forward that ran dense would time native attention as this setting
             raise RuntimeError(f"Expect sparse attention calls in the forward of {config.name} but sparsevid counted "
                                "none; its time would be native attention's")
-        result[config.name] = dict(forward_ms=ms, speedup=best / ms, achieved=stats["mean_density"],
+        result[config.name] = dict(forward_ms=ms, speedup=best / ms, **row, achieved=stats["mean_density"],
                                    sparse_calls=stats["sparse_calls"], finite=bool(torch.isfinite(out).all()))
         if checkpoint is not None:
             checkpoint(native, result)
     return native, result
+
+
+def _plan_and_reuse_ms(name: str, plans, forward_at, every: int, reps: int, device: str) -> tuple[float, float]:
+    """Median milliseconds of the planning and of the reusing forwards of a setting that replans every
+    ``every`` steps, its warm-up forward planned at step 5: ``reps`` pairs, each a forward ``every`` steps
+    after the last plan (the cached plans expired: it plans, from the last plan's centroids where the planner
+    keeps them, as in a generation) and one a step after it (it reuses those plans). ``plans()``: the plans
+    made so far (the handle's count), which checks that each forward did what it is timed as.
+
+    Raises:
+        RuntimeError: a planning forward made no plan, or a reusing forward made one.
+    """
+    planned, times = 5, ([], [])
+    for _ in range(reps):
+        for step, kept, plans_expected in ((planned + every, times[0], True), (planned + every + 1, times[1], False)):
+            before = plans()
+            kept.append(time_ms(functools.partial(forward_at, step), reps=1, warmup=0, device=device))
+            if (plans() > before) != plans_expected:
+                raise RuntimeError(f"Expect the {'planning' if plans_expected else 'reusing'} forward of {name} at step "
+                                   f"{step} to make {'new plans' if plans_expected else 'no plan'} but it made "
+                                   f"{plans() - before}")
+        planned += every
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 # ---------------------------------------------------------------------------------------- quality
@@ -362,9 +413,10 @@ def run(args) -> int:
         shapes = [s for s in shapes if s not in skipped]
     joined = load_joined(args.join, shapes, testbeds)
     out = Path(args.out)
-    rows = [dict(setting=_NATIVE, method=None, density=1.0, mass=None, tail=None, options={}, speed={}, quality={})]
-    rows += [dict(setting=c.name, method=c.method, density=c.density, mass=c.mass, tail=c.tail, options=dict(c.options),
-                  speed={}, quality={}) for c in settings]
+    rows = [dict(setting=_NATIVE, method=None, density=1.0, mass=None, tail=None, replan_every=None, options={},
+                 speed={}, quality={})]
+    rows += [dict(setting=c.name, method=c.method, density=c.density, mass=c.mass, tail=c.tail,
+                  replan_every=c.replan_every, options=dict(c.options), speed={}, quality={}) for c in settings]
     record = dict(command=command_line(), environment=environment(), device=_device_line(device), shapes=shapes,
                   testbeds=testbeds, skipped_shapes=skipped, native={}, testbed_runs={}, joined=[])
     by_name = {r["setting"]: r for r in rows}
@@ -418,7 +470,7 @@ def _device_line(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- outputs
-def _header(record: dict) -> str:
+def _header(record: dict, rows: list[dict]) -> str:
     def where(part: dict) -> str:  # a measurement of another device or run says so
         device = f", on {part['device']}" if part["device"] != record["device"] else ""
         return device + (f", joined from {part['joined']}" if "joined" in part else "")
@@ -430,8 +482,14 @@ def _header(record: dict) -> str:
                      f"{native['default_sdpa_ms']:.1f}, cuDNN {fmt(native['cudnn_ms'], '.1f')}), median of "
                      f"{native['reps']}{where(native)}")
     if record["native"]:
-        parts.append("forward: one warm-up, every step sparse (planning and tail included), first block dense; "
-                     "speedup vs the faster native SDPA")
+        amortised = sorted({s["replan_every"] for r in rows for s in r["speed"].values() if "replan_every" in s})
+        parts.append("forward: one warm-up, then each forward a step later, every step sparse (planning and tail "
+                     "included: a forward plans, from the last step's centroids where the planner keeps them), first "
+                     "block dense; "
+                     + (f"a setting replanning every N steps (N = {', '.join(map(str, amortised))}): its planning "
+                        "forward and N - 1 forwards reusing those plans, amortised over N steps (plan and reuse times "
+                        "in pareto.csv/json); " if amortised else "")
+                     + "speedup vs the faster native SDPA")
     for testbed, run in record["testbed_runs"].items():
         parts.append(f"{TESTBEDS[testbed]}: {run['count']} {'held-out ' if testbed == 'large' else ''}cases "
                      f"({run['frames']}x{run['height']}x{run['width']}), {run['steps']} steps, default warm-up, "
@@ -492,11 +550,12 @@ def _csv_rows(rows: list[dict], record: dict) -> list[dict]:
     flat = []
     for row in rows:
         out = dict(setting=row["setting"], method=row["method"], density=row["density"], mass=row["mass"],
-                   tail=row["tail"], options=json.dumps(row["options"], default=repr) if row["options"] else "")
+                   tail=row["tail"], replan_every=row.get("replan_every"),  # absent from a joined older run's rows
+                   options=json.dumps(row["options"], default=repr) if row["options"] else "")
         for shape in record["native"]:
             s = row["speed"].get(shape, {})
-            out.update({f"{shape} forward_ms": s.get("forward_ms"), f"{shape} speedup": s.get("speedup"),
-                        f"{shape} achieved": s.get("achieved")})
+            out.update({f"{shape} {key}": s.get(key) for key in ("forward_ms", "speedup", "achieved", "plan_forward_ms",
+                                                                  "reuse_forward_ms")})
         for testbed in record["testbed_runs"]:
             q = row["quality"].get(testbed, {})
             out.update({f"{testbed} {k}": q.get(k) for k in ("achieved", "psnr", "psnr_min", "ssim", "tdiff_err")})
@@ -509,7 +568,7 @@ def write_tables(out: Path, rows: list[dict], record: dict) -> tuple[str, str, s
     """``pareto.txt``, ``pareto.csv`` and ``pareto.json`` from what is measured so far; returns the header,
     the table and the frontiers as text."""
     fronts = frontiers(rows, list(record["native"]), list(record["testbed_runs"]))
-    header, table, text = _header(record), format_table(rows, record), _format_frontiers(fronts, rows)
+    header, table, text = _header(record, rows), format_table(rows, record), _format_frontiers(fronts, rows)
     (out / "pareto.txt").write_text(f"{header}\n\n{table}\n\n{text}\n")
     flat = _csv_rows(rows, record)
     with open(out / "pareto.csv", "w", newline="") as f:
