@@ -17,7 +17,6 @@ against a float32 PyTorch evaluation of the same formula.
 from __future__ import annotations
 
 import argparse
-import math
 from types import SimpleNamespace
 
 import torch

@@ -85,6 +85,14 @@ def run(shape: str, args) -> list[list]:
             row(f"clustered kernel (triton, tail={tail}) @{density}",
                 time_ms(lambda: sv.sparse_attention(q, k, v, cold, backend="triton", tail=tail), reps=args.reps),
                 f"{cold.density:.3f}")
+        if args.profile:  # what a warm plan and a call with the tail spend their GPU time on
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    warm = sv.plan(q, k, layout, centroids=cold.centroids, iters=2, **opts)
+                    sv.sparse_attention(q, k, v, warm, backend="triton", tail="centroid")
+                torch.cuda.synchronize()
+            print(f"# {shape} @{density}: 3 x (warm plan, 2 it + clustered call with tail), GPU time by kernel")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     del q, k, v
     torch.cuda.empty_cache()
     return rows
@@ -100,6 +108,7 @@ def main(argv=None) -> None:
     p.add_argument("--inputs", default="random", choices=["random", "clip"])
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="print the GPU time by kernel of warm plans and calls")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")

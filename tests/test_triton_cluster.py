@@ -364,8 +364,8 @@ def build(fn, pointers, constants, **options):
 
 half, i32 = "*fp16", "*i32"
 pointers = dict(Q=half, K=half, V=half, Out=half, KG=half, VG=half, QOrder=i32, KOrder=i32, Tiles=i32, Ranges=i32,
-                RangeNum=i32, RangeCum=i32, RangeShift=i32, KeptNum=i32, Kept="*u8", LogN="*fp32", KMeans="*fp32",
-                VMeans="*fp32", Gate="*fp32", sm_scale="fp32")
+                RangeNum=i32, RangeCum=i32, RangeShift=i32, KeptNum=i32, Kept="*u8", LogN="*fp32", KMeans=half,
+                VMeans=half, Gate="*fp32", sm_scale="fp32")
 for packed, gathered, tail in ((True, True, True), (False, False, False)):
     constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, TAIL=tail,
                      PRE_GATHERED=gathered, PACKED=packed, LOG_RP=6, NUM_STAGES=3)

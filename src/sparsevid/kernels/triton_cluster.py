@@ -239,9 +239,9 @@ def _centroid_tail(
 ):
     """The cluster tail: every non-empty key cluster not kept (``kept_base``: the query cluster's ``Ck`` flags)
     joins the softmax as one term, logit ``scale q·k̄ + log n + log w`` (natural units, converted to base 2), value
-    ``v̄`` (``km_base`` / ``vm_base``: this call's means, contiguous float32 ``(Ck, D)``)."""
+    ``v̄`` (``km_base`` / ``vm_base``: this call's means in q's dtype, contiguous ``(Ck, D)``)."""
     d_ok = offs_d < HEAD_DIM
-    for j0 in tl.range(0, CK, BLOCK_T, num_stages=1):  # unpipelined: float32 tiles, 3 stages took 160 KB
+    for j0 in tl.range(0, CK, BLOCK_T, num_stages=1):  # unpipelined: the kept keys' loop holds the shared memory
         offs_j = j0 + tl.arange(0, BLOCK_T)
         j_ok = offs_j < CK
         dropped = tl.load(kept_base + offs_j, mask=j_ok, other=1) == 0
@@ -249,11 +249,11 @@ def _centroid_tail(
         live = dropped & (log_n > float("-inf"))
         tile = offs_j[:, None] * HEAD_DIM + offs_d[None, :]
         tile_ok = j_ok[:, None] & d_ok[None, :]
-        km = tl.load(km_base + tile, mask=tile_ok, other=0.0).to(q.dtype)
+        km = tl.load(km_base + tile, mask=tile_ok, other=0.0)
         z = (tl.dot(q, tl.trans(km)) * sm_scale + (log_n + log_w)[None, :]) * LOG2E
         z = tl.where(live[None, :], z, float("-inf"))
         p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, z)
-        vm = tl.load(vm_base + tile, mask=tile_ok, other=0.0).to(q.dtype)
+        vm = tl.load(vm_base + tile, mask=tile_ok, other=0.0)
         acc = tl.dot(p.to(vm.dtype), vm, acc)
     return acc, l_i, m_i
 
@@ -463,7 +463,7 @@ def cluster_attention_triton(
     means: tuple[torch.Tensor, torch.Tensor] | None = None,
     launch: ClusterLaunch | None = None,
     block_m: int | None = None,
-    gather_kv: bool = False,
+    gather_kv: bool = True,
     packed: bool = True,
     config: dict | None = None,
 ) -> torch.Tensor:
@@ -483,7 +483,9 @@ def cluster_attention_triton(
             built them (for the decision); ``None``: built here.
         launch (ClusterLaunch | None): :func:`cluster_launch` of this plan, when the caller keeps it with the plan.
         block_m (int | None): query rows per tile when ``launch`` is not given (16, 32, 64, 128).
-        gather_kv (bool): read kept keys from cluster-sorted copies of k and v made by this call.
+        gather_kv (bool): read kept keys from cluster-sorted copies of k and v made by this call (contiguous
+            ranges: 5.3 vs 5.8 ms through ``k_order`` at Wan2.1-1.3B 480p, density 0.1, H100,
+            ``scripts/bench_cluster_kernel.py``).
         packed (bool): walk a query cluster's kept keys packed end to end across its ranges (only the last
             chunk masked) instead of range by range (each range's last chunk masked).
         config (dict | None): bypass the autotuner, e.g. ``{"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}``.
@@ -510,7 +512,7 @@ def cluster_attention_triton(
             if m.shape != (B, H, ck, D) or m.dtype != torch.float32 or not m.is_contiguous() or m.device != q.device:
                 raise ValueError(f"Expect {name} as a contiguous float32 {(B, H, ck, D)} tensor on {q.device} "
                                  f"(cluster_means_triton) but got {_describe(m)}")
-        k_means, v_means = means
+        k_means, v_means = (m.to(q.dtype) for m in means)  # half the bytes of the tail scan; float32 stays for tests
         gate = torch.zeros(B, H, device=q.device) if gate is None else gate.contiguous()
     if gather_kv:
         index = launch.k_order.long()[..., None].expand(B, H, nv, D)
