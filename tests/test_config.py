@@ -56,10 +56,32 @@ def test_register_planner_refuses_an_unknown_budget():
         register_planner("never-registered", default=("tokens", 3))
 
 
-def test_named_settings_refuse_an_unknown_name():
-    with pytest.raises(ValueError, match="Expect a name in"):
-        SparseVidConfig.named("fast")
-    assert NAMED_SETTINGS == {}  # a later issue states them, from measured frontier points
+def test_presets_are_what_the_docs_say():
+    from sparsevid.integrations.core import budget
+
+    assert NAMED_SETTINGS == {"fast": dict(method="draft", density=0.1), "balanced": dict(method="draft", density=0.25)}
+    assert SparseVidConfig.named("balanced") == SparseVidConfig(density=0.25)
+    # "fast" is what apply runs with no options: draft's declared default density
+    assert budget(SparseVidConfig()) == ("density", NAMED_SETTINGS["fast"]["density"], True)
+    assert SparseVidConfig.named(None, dense_layers=2) == SparseVidConfig(dense_layers=2)
+
+
+def test_a_preset_keeps_the_other_settings_and_their_defaults():
+    config = SparseVidConfig.named("balanced", method="draft", density=None, dense_layers=2, tail=None)
+    assert (config.method, config.density, config.dense_layers, config.tail) == ("draft", 0.25, 2, None)
+
+
+@pytest.mark.parametrize("name, settings, match", [
+    ("balanced", dict(density=0.3), "Expect either preset='balanced' or density=0.3, not both: the preset sets density"),
+    ("fast", dict(density=0.1), "preset='fast' or density=0.1"),  # explicit, even at the preset's own value
+    ("fast", dict(method="xattn"), "the preset sets method"),
+    ("fast", dict(method=None), "the preset sets method"),
+    ("quality", {}, r"Expect preset in \['balanced', 'fast'\]"),
+    (["fast"], {}, "Expect preset in"),
+])
+def test_presets_refuse_a_conflict_and_an_unknown_name(name, settings, match):
+    with pytest.raises(ValueError, match=match):
+        SparseVidConfig.named(name, **settings)
 
 
 # ---------------------------------------------------------------------------------------- validate

@@ -34,6 +34,30 @@ def test_dense_layers_and_steps_run_native():
     handle.remove()
 
 
+def test_preset_sets_the_session_config_and_is_checked_before_any_hook():
+    from dataclasses import replace
+
+    from sparsevid.integrations.core import budget
+
+    model, inputs = tiny_wan(num_layers=2), wan_inputs()
+    handle = sv.apply(model, preset="balanced", dense_layers=0, **TILING)
+    assert handle.config.density == 0.25 and handle.sessions[0].config.density == 0.25
+    run(model, inputs)
+    assert handle.stats()["budget"] == "density=0.25"
+    handle.remove()
+    default = sv.apply(model, **TILING).config
+    sv.remove(model)
+    fast = sv.apply(model, preset="fast", **TILING).config
+    sv.remove(model)
+    assert budget(default)[:2] == budget(fast)[:2] == ("density", 0.1)  # no options = "fast" (draft's default)
+    assert replace(default, density=0.1) == fast
+    for kwargs, match in ((dict(preset="balanced", density=0.3), "preset='balanced' or density=0.3"),
+                          (dict(preset="bogus"), r"Expect preset in \['balanced', 'fast'\]")):
+        with pytest.raises(ValueError, match=match):
+            sv.apply(model, **kwargs, **TILING)
+        assert not model._diffusers_hook.hooks
+
+
 def test_replan_every_reuses_plans():
     model, inputs = tiny_wan(num_layers=2), wan_inputs()
     handle = sv.apply(model, method="draft", density=0.2, dense_layers=0, replan_every=2, **TILING)

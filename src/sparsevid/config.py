@@ -13,14 +13,15 @@ commands. Each part of the check belongs to the module that owns the setting:
 - ring attention: what the ring runs (:func:`_check_ring`);
 - the model: ``dense_layers`` must leave a layer sparse.
 
-Named settings (points of the measured quality-vs-speed frontier, chosen by name) enter through
-:data:`NAMED_SETTINGS` and :meth:`SparseVidConfig.named`; none is defined yet.
+Presets (named points of the measured quality-vs-speed frontier) are :data:`NAMED_SETTINGS`, read by
+:meth:`SparseVidConfig.named` (``sparsevid.apply(pipe, preset="balanced")``). A preset is not a field
+of the config: it resolves to the fields it sets, so every check and report sees the values.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -29,8 +30,17 @@ __all__ = ["DEFAULT_DENSE_STEP_FRACTION", "NAMED_SETTINGS", "SparseVidConfig"]
 DEFAULT_DENSE_STEP_FRACTION = 0.2  # dense_steps=None: this fraction of a generation's steps (DraftAttention/SVG)
 _TILING = ("tile", "block_size")  # planner options that shape the VideoLayout, built once per grid
 
-# name -> the fields it sets (e.g. {"method": ..., "density": ..., "tail": ...}); SparseVidConfig.named(name)
-NAMED_SETTINGS: dict[str, dict] = {}
+# preset name -> the SparseVidConfig fields it sets (SparseVidConfig.named). Each is a point of the measured
+# frontier (transformer forward speedup over native at Wan2.1-1.3B 480p, random weights; PSNR vs dense on
+# testbed-l, 8 held-out cases, 20 steps); re-chosen when the frontier moves. No "quality" preset yet: the
+# clustered layout's best quality (29.7 dB at 0.1 with its tail) runs 0.99x native on the H100, off the frontier.
+NAMED_SETTINGS: dict[str, dict] = {
+    # = sparsevid.apply(pipe) with no options (draft's declared default density is 0.1).
+    # 1.92x native (H200, fa4, `bench e2e`, 2026-12-02); 1.73x, 22.62 dB (H100, triton, `bench pareto`, 2026-12-07)
+    "fast": dict(method="draft", density=0.1),
+    # 1.46x native, 28.27 dB (H100, triton, `bench pareto`, 2026-12-07)
+    "balanced": dict(method="draft", density=0.25),
+}
 
 
 @dataclass(frozen=True)
@@ -82,11 +92,24 @@ class SparseVidConfig:
     head_balance: bool = False
 
     @classmethod
-    def named(cls, name: str, **overrides) -> SparseVidConfig:
-        """The settings :data:`NAMED_SETTINGS` holds under ``name``, with ``overrides`` on top."""
-        if name not in NAMED_SETTINGS:
-            raise ValueError(f"Expect a name in {sorted(NAMED_SETTINGS)} but got {name!r}")
-        return replace(cls(**NAMED_SETTINGS[name]), **overrides)
+    def named(cls, name: str | None, **settings) -> SparseVidConfig:
+        """The preset ``name`` (:data:`NAMED_SETTINGS`): the fields it sets, ``settings`` for the others
+        (``name=None``: no preset, ``settings`` alone; what the front ends' ``preset=None`` means).
+
+        A field the preset sets may appear in ``settings`` only at its default (what a front end passes
+        when the user left it alone); any other value is refused rather than silently overridden.
+        """
+        if name is None:
+            return cls(**settings)
+        if not isinstance(name, str) or name not in NAMED_SETTINGS:
+            raise ValueError(f"Expect preset in {sorted(NAMED_SETTINGS)} (or None) but got {name!r}")
+        preset = NAMED_SETTINGS[name]
+        for f in fields(cls):
+            default = f.default if f.default_factory is MISSING else f.default_factory()
+            if f.name in preset and f.name in settings and settings[f.name] != default:
+                raise ValueError(f"Expect either preset={name!r} or {f.name}={settings[f.name]!r}, not both: the "
+                                 f"preset sets {f.name}")
+        return cls(**{**settings, **preset})
 
     def apply_options(self) -> dict:
         """These settings as the keyword arguments of :func:`sparsevid.apply` (planner options among them)."""

@@ -152,13 +152,14 @@ def apply(
     backend: str = "auto",
     quant: str | None = None,
     tail: str | None = "auto",
+    preset: str | None = None,
     **planner_options,
 ):
     """A clone of ComfyUI ``ModelPatcher`` ``model`` whose video self-attention runs sparse.
 
     Args:
         model: ComfyUI's ``MODEL`` (a ``comfy.model_patcher.ModelPatcher``); it is not changed.
-        method, density, mass, dense_layers, replan_every, backend, quant, tail, planner_options: as
+        method, density, mass, dense_layers, replan_every, backend, quant, tail, preset, planner_options: as
             :func:`sparsevid.apply` (:class:`~sparsevid.integrations.core.SparseVidConfig`).
         dense_steps (int | float | None): leading sampling steps run dense: a fraction of the sampler's
             steps, or an int count; ``None``: as :func:`sparsevid.apply` (20% of the sampler's steps).
@@ -177,8 +178,10 @@ def apply(
     if sparse_session(model) is not None:
         raise ValueError("Expect a MODEL no SparseVid Attention node patched yet but got one that is (two SparseVid "
                          "nodes in a row); keep one node and set its options there")
-    config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
-                             dict(planner_options), quant=quant, tail=tail)
+    settings = dict(method=method, density=density, mass=mass, dense_steps=dense_steps, dense_layers=dense_layers,
+                    replan_every=replan_every, backend=backend, planner_options=dict(planner_options), quant=quant,
+                    tail=tail)
+    config = SparseVidConfig.named(preset, **settings)
     config.validate(device=model.load_device, layers=len(spec.self_attention(diffusion_model)),
                     model=type(diffusion_model).__name__)
     clone = model.clone()

@@ -436,6 +436,7 @@ def apply(
     quant: str | None = None,
     tail: str | None = "auto",
     head_balance: bool = False,
+    preset: str | None = None,
     **planner_options,
 ) -> SparseVidHandle:
     """Make ``target``'s video self-attention sparse. See :class:`SparseVidConfig` for the options.
@@ -463,6 +464,10 @@ def apply(
             the ranks by the computed entries of their last plans (:mod:`sparsevid.parallel.head_balance`), so
             that ranks finish together; the output is the same. Refused for planners whose plan of a
             head depends on other heads (``random``, ``budget="layer"``).
+        preset (str | None): a named point of the measured quality-vs-speed frontier
+            (``sparsevid.config.NAMED_SETTINGS``): ``"fast"`` (``draft`` at density 0.1, the same as no
+            options) or ``"balanced"`` (``draft`` at density 0.25). It sets those fields; passing one of
+            them too, at another value than its default, is refused.
 
     Returns:
         SparseVidHandle; ``handle.remove()`` (or :func:`remove`) restores native behaviour exactly.
@@ -479,8 +484,10 @@ def apply(
         if isinstance(compiled, torch.nn.Module):
             raise TypeError(f"Expect the model itself but got torch.compile's wrapper of a {type(compiled).__name__}; "
                             "call sparsevid.apply on the model first, then torch.compile it (its hooks compile too)")
-    config = SparseVidConfig(method, density, mass, dense_steps, dense_layers, replan_every, backend,
-                             dict(planner_options), tile_order, quant, tail, head_balance)
+    settings = dict(method=method, density=density, mass=mass, dense_steps=dense_steps, dense_layers=dense_layers,
+                    replan_every=replan_every, backend=backend, planner_options=dict(planner_options),
+                    tile_order=tile_order, quant=quant, tail=tail, head_balance=head_balance)
+    config = SparseVidConfig.named(preset, **settings)
     device = next((p.device for p in transformers[0].parameters()), None) if transformers else None
     # a bare transformer's steps come from the cache_context diffusers pipelines call it in
     has_schedule = scheduler is not None or all(hasattr(t, "cache_context") for t in transformers)
@@ -505,20 +512,20 @@ def apply(
             raise ValueError(f"Expect tile_order=None or False for {name}: "
                              + ("its registry entry has no tile-order points" if spec.tile_order is None
                                 else "token replay and step caches need one token order across steps"))
-    if method is not None:
+    if config.method is not None:
         _DispatchRoutes.registry()  # an incompatible diffusers is refused before anything is hooked
     owner = next(_OWNERS)
     sessions = []
     for transformer, spec in zip(transformers, specs):
         session = SparseSession(config, spec, scheduler, type(transformer).__name__)
         ordered = None
-        if (method is not None and tile_order is not False and spec.tile_order is not None and token_replay is None
-                and step_cache is None):
+        if (config.method is not None and tile_order is not False and spec.tile_order is not None
+                and token_replay is None and step_cache is None):
             ordered = _TileOrder(session, spec.tile_order(transformer), len(spec.self_attention(transformer)) - 1)
         _hook(transformer, _StateHook(session, owner, ordered), _STATE_HOOK)
-        for layer, module in enumerate(spec.self_attention(transformer) if method is not None else []):
+        for layer, module in enumerate(spec.self_attention(transformer) if config.method is not None else []):
             _hook(module, _AttentionHook(session, layer, owner), _ATTENTION_HOOK)
-        if method is not None:
+        if config.method is not None:
             _DispatchRoutes.acquire(transformer)
         sessions.append(session)
     reuse_handles = []
