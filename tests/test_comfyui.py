@@ -143,6 +143,9 @@ def test_unsupported_models_and_bad_settings_are_clear_errors():
         apply(model, "draft", 0.1, budgt="row")
     with pytest.raises(ValueError, match="backend 'fa4'.*not cpu"):  # named, on a CPU model: refused now
         apply(model, "draft", 0.1, backend="fa4")
+    with pytest.raises(ValueError, match="preset='fast' or density=0.3"):
+        apply(model, "draft", 0.3, preset="fast")
+    assert sparse_session(apply(model, preset="balanced", **TILING)).config.density == 0.25
     other = tiny_wan()
     other.model.diffusion_model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="Linear"):
