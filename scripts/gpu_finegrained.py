@@ -8,7 +8,7 @@ The frames of the clip are read from ``out/fg_clip/bigbuckbunny_21x240x416.pt`` 
 image has no PyAV; make it here with ``torch.save((data.load_clip("bigbuckbunny", 21, (240, 416)) * 255)
 .round().to(torch.uint8), path)`` and pass ``carry=["out/fg_clip"]``). The full frontier on the GPU::
 
-    PYTHONPATH=src python3 -m sparsevid bench frontier --preset wan1.3b-480p \
+    PYTHONPATH=src python3 -m sparsevid bench frontier --shape wan1.3b-480p \
         --frames-file out/fg_clip/bigbuckbunny_21x240x416.pt --out $OUT --record --benchmarks-md $OUT/BENCHMARKS.md
 
 1. Correctness: fp16 / bf16, head dims 64 / 128, transposed (B, L, H, D) inputs, text first/last,

@@ -55,11 +55,11 @@ for s in "$@"; do
             tests/test_diffusers.py tests/test_planners.py
         ;;
     kernel480)
-        stage kernel480 python3 -m sparsevid bench kernel --preset wan1.3b-480p --methods draft \
+        stage kernel480 python3 -m sparsevid bench kernel --shape wan1.3b-480p --methods draft \
             --densities 1.0 0.25 0.1 0.05 --inputs random --reps 20 --out "$RES/kernel480" "${BENCH[@]}"
         ;;
     kernel720)
-        stage kernel720 python3 -m sparsevid bench kernel --preset wan14b-720p --methods draft \
+        stage kernel720 python3 -m sparsevid bench kernel --shape wan14b-720p --methods draft \
             --densities 1.0 0.1 0.05 --inputs random --reps 10 --no-flex --out "$RES/kernel720" "${BENCH[@]}"
         ;;
     e2e13)
@@ -130,12 +130,12 @@ for s in "$@"; do
             --no-noise-floor --out "$RES/tailfrontier"
         ;;
     tailkernel480)
-        stage tailkernel480 python3 -m sparsevid bench kernel --preset wan1.3b-480p --methods draft \
+        stage tailkernel480 python3 -m sparsevid bench kernel --shape wan1.3b-480p --methods draft \
             --densities 0.1 0.05 0.25 --tail none pooled-var pooled-var-32 --inputs random --reps 20 --no-flex \
             --backends triton fa4 --out "$RES/tailkernel480" "${BENCH[@]}"
         ;;
     tailkernel720)
-        stage tailkernel720 python3 -m sparsevid bench kernel --preset wan14b-720p --methods draft --densities 0.1 \
+        stage tailkernel720 python3 -m sparsevid bench kernel --shape wan14b-720p --methods draft --densities 0.1 \
             --tail none pooled-var --inputs random --reps 10 --no-flex --backends fa4 triton --out "$RES/tailkernel720" \
             "${BENCH[@]}"
         ;;
@@ -163,7 +163,7 @@ for s in "$@"; do
         ;;
     quant)  # issue 15: 8-bit kernels vs their reference on the GPU, then kernel rows beside bf16 / FA4 / cuDNN
         stage quant-tests timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_gpu.py -k quant
-        stage quant480 timeout 120 python3 -m sparsevid bench kernel --preset wan1.3b-480p --methods draft \
+        stage quant480 timeout 120 python3 -m sparsevid bench kernel --shape wan1.3b-480p --methods draft \
             --densities 1.0 0.1 --reps 20 --no-flex --backends ${QUANT_BACKENDS:-fa4 triton triton-int8 triton-fp8} \
             --out "$RES/quant480" "${BENCH[@]}"
         ;;

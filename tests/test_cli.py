@@ -30,13 +30,13 @@ BAD = [
     "eval --videos -1 --out out/cli/e",
     "eval --out {file}/out",
     "backends --device bogus",
-    "bench kernel --preset custom --frames 0 --out out/cli/k",
+    "bench kernel --shape custom --frames 0 --out out/cli/k",
     "bench kernel --densities 2 --out out/cli/k",
-    "bench frontier --preset cpu-small --frames 0 --out out/cli/f",
-    "bench frontier --preset cpu-small --heads 0 --out out/cli/f",
-    "bench frontier --preset cpu-small --frames-file /nonexistent.pt --out out/cli/f",
-    "bench frontier --preset cpu-small --device bogus --out out/cli/f",
-    "bench frontier --preset cpu-small --out {file}/out",
+    "bench frontier --shape cpu-small --frames 0 --out out/cli/f",
+    "bench frontier --shape cpu-small --heads 0 --out out/cli/f",
+    "bench frontier --shape cpu-small --frames-file /nonexistent.pt --out out/cli/f",
+    "bench frontier --shape cpu-small --device bogus --out out/cli/f",
+    "bench frontier --shape cpu-small --out {file}/out",
     "bench e2e --model tiny-wan --steps -1 --out out/cli/b",
     "bench e2e --model tiny-wan --reps 0 --out out/cli/b",
     "bench e2e --model tiny-wan --frames 0 --out out/cli/b",
@@ -54,9 +54,18 @@ CPU_ONLY = [  # valid on a CUDA machine (where they would run)
     "demo --no-testbed --device cuda",
     "eval --device cuda --out out/cli/e",
     "bench kernel --out out/cli/k",
-    "bench frontier --preset wan14b-720p --out out/cli/f",
+    "bench frontier --shape wan14b-720p --out out/cli/f",
     "bench e2e --model wan2.1-1.3b --out out/cli/b",
 ]
+
+
+@pytest.mark.parametrize("bench, shape", [("kernel", "wan14b-720p"), ("frontier", "cpu-small")])
+def test_bench_problem_shapes_are_named_by_shape_not_preset(bench, shape, capsys):
+    # `preset` names apply's frontier points; the bench problem sizes are shapes (as bench pareto's --shapes)
+    args = cli.build_parser().parse_args(["bench", bench, "--shape", shape])
+    assert args.shape == shape and not hasattr(args, "preset")
+    code, _, err = run_cli(f"bench {bench} --preset {shape}", capsys)
+    assert code == 2 and "unrecognized arguments: --preset" in err
 
 
 def run_cli(line: str, capsys) -> tuple[int, str, str]:

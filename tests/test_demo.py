@@ -55,9 +55,9 @@ def test_gpu_sections_on_cpu_at_small_size(tmp_path, capsys, monkeypatch):
     assert len(cases) == 2 and all(c.endswith("held-out") for c in cases)
     assert len(list(tmp_path.glob("clip_*held-out.png"))) == 2
     (args,) = calls
-    assert args.preset == "wan1.3b-480p" and args.methods == ["draft"] and args.densities == [1.0, 0.25, 0.1]
+    assert args.shape == "wan1.3b-480p" and args.methods == ["draft"] and args.densities == [1.0, 0.25, 0.1]
     assert not args.record and args.out == str(tmp_path / "kernel")
-    assert "speed: measured on the GPU" not in out and "bench kernel --preset wan1.3b-480p" in out
+    assert "speed: measured on the GPU" not in out and "bench kernel --shape wan1.3b-480p" in out
 
 
 def _row(config, kept, err, achieved=0.1, oracle=0.3):

@@ -16,7 +16,7 @@ trained testbed (:mod:`sparsevid.lab.testbed`), run through the library as a use
    (:func:`sparsevid.lab.eval.evaluate`, same seed): PSNR/SSIM against the dense generation,
    ``clip_<case>.png`` and ``clip_<case>.mp4``.
 3. **Speed** is measured on the GPU. With ``--kernel-bench`` (default with CUDA) the demo runs the kernel
-   rows of ``bench kernel --preset wan1.3b-480p`` (:mod:`sparsevid.lab.bench.kernel`: draft plans at densities
+   rows of ``bench kernel --shape wan1.3b-480p`` (:mod:`sparsevid.lab.bench.kernel`: draft plans at densities
    1, 0.25, 0.1 on the Triton and FlashAttention-4 backends against cuDNN); otherwise it prints one line
    pointing to BENCHMARKS.md, and no time it measured is shown as a speed result (on a CPU the
    ``reference`` backend is slower than dense SDPA).
@@ -66,7 +66,7 @@ TUNED_CLIP = Config("draft", 0.1, options=dict(block_size=32, budget="layer"),
                     label="tuned: draft@0.1, 32-token blocks, layer budget")
 CLIP_CONFIGS = (DEFAULT_CLIP, TAIL_CLIP, TUNED_CLIP)
 
-KERNEL_BENCH = ["--preset", "wan1.3b-480p", "--methods", "draft", "--densities", "1.0", "0.25", "0.1",
+KERNEL_BENCH = ["--shape", "wan1.3b-480p", "--methods", "draft", "--densities", "1.0", "0.25", "0.1",
                 "--backends", "triton", "fa4", "--no-flex"]  # recording is opt-in (--record): none here
 
 
@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--densities", type=fraction, nargs="+", default=[0.1, 0.25],
                         help="densities of the planner table (default: %(default)s)")
     parser.add_argument("--kernel-bench", action=argparse.BooleanOptionalAction, default=None,
-                        help="the kernel rows of `bench kernel --preset wan1.3b-480p` (needs CUDA; default: on with CUDA)")
+                        help="the kernel rows of `bench kernel --shape wan1.3b-480p` (needs CUDA; default: on with CUDA)")
     parser.add_argument("--out", default="out/demo", help="folder for PNGs, mp4s and results.json (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -389,12 +389,12 @@ def format_clip_table(summary: list[dict], configs, cases: list[str], settings) 
 
 # ---------------------------------------------------------------------------------------- 3. speed
 def kernel_rows(out_dir: Path) -> dict:
-    """The kernel rows of ``bench kernel --preset wan1.3b-480p`` (its own code, its table on stdout)."""
+    """The kernel rows of ``bench kernel --shape wan1.3b-480p`` (its own code, its table on stdout)."""
     from .bench import kernel
 
     parser = argparse.ArgumentParser()
     kernel.add_arguments(parser)
     argv = [*KERNEL_BENCH, "--out", str(out_dir)]
     print(f"\n3. speed, the kernel rows of `python -m sparsevid bench kernel {' '.join(argv)}` (the full benchmark: "
-          "`bench kernel --preset wan1.3b-480p`, every contender and density, recorded in BENCHMARKS.md)")
+          "`bench kernel --shape wan1.3b-480p`, every contender and density, recorded in BENCHMARKS.md)")
     return dict(argv=argv, status=kernel.run(parser.parse_args(argv)))

@@ -51,10 +51,10 @@ METHODS = planners_taking("density")  # every planner with a density budget, in 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default=None, choices=list(FRONTIER_PRESETS),
-                        help="problem size (default: wan1.3b-480p on CUDA, cpu-small elsewhere)")
-    parser.add_argument("--heads", type=positive_int, default=None, help="override the preset's heads")
-    parser.add_argument("--frames", type=positive_int, default=None, help="override the preset's latent frames")
+    parser.add_argument("--shape", default=None, choices=list(FRONTIER_PRESETS),
+                        help="problem shape (default: wan1.3b-480p on CUDA, cpu-small elsewhere)")
+    parser.add_argument("--heads", type=positive_int, default=None, help="override the shape's heads")
+    parser.add_argument("--frames", type=positive_int, default=None, help="override the shape's latent frames")
     add_budget_arguments(parser, METHODS, [0.05, 0.1, 0.2, 0.3, 0.5])
     parser.add_argument("--clip", default="bigbuckbunny", help="bundled clip for the inputs (default: %(default)s)")
     parser.add_argument("--frames-file", type=existing_file, default=None,
@@ -90,13 +90,13 @@ def run(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    preset = args.preset or ("wan1.3b-480p" if cuda else "cpu-small")
-    if not cuda and preset != "cpu-small":
-        raise ValueError(f"Expect --preset cpu-small on the CPU (the reference backend takes hours at the GPU "
-                         f"presets' sizes) but got {preset}; run it on a CUDA device")
+    shape = args.shape or ("wan1.3b-480p" if cuda else "cpu-small")
+    if not cuda and shape != "cpu-small":
+        raise ValueError(f"Expect --shape cpu-small on the CPU (the reference backend takes hours at the GPU "
+                         f"shapes' sizes) but got {shape}; run it on a CUDA device")
     check_bench_outputs(args)
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
-    batch, heads, frames, height, width, text, head_dim = FRONTIER_PRESETS[preset]
+    batch, heads, frames, height, width, text, head_dim = FRONTIER_PRESETS[shape]
     heads, frames = args.heads or heads, args.frames or frames
     layout = VideoLayout(frames=frames, height=height, width=width, text_tokens=text)
     q, k, v, source = _inputs(args, layout, batch, heads, head_dim, dtype, device)
@@ -160,10 +160,10 @@ def run(args) -> int:
     print(summary)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(header=header, command=command, rows=rows, summary=summary), f, indent=1)
-    png = _plot(rows, os.path.join(args.out, "frontier.png"), f"{preset} on {device_name}", cuda)
+    png = _plot(rows, os.path.join(args.out, "frontier.png"), f"{shape} on {device_name}", cuda)
     print(f"[frontier] wrote {png}")
     if args.record:
-        append_benchmarks(args.benchmarks_md, f"bench frontier — {preset}", header, table, extra=summary)
+        append_benchmarks(args.benchmarks_md, f"bench frontier — {shape}", header, table, extra=summary)
     return 0
 
 

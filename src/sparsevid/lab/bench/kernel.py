@@ -72,8 +72,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="wan1.3b-480p", choices=[*PRESETS, "custom"],
-                        help="problem size (default wan1.3b-480p); 'custom' uses --frames/--height/...")
+    parser.add_argument("--shape", default="wan1.3b-480p", choices=[*PRESETS, "custom"],
+                        help="problem shape (default wan1.3b-480p); 'custom' uses --frames/--height/...")
     parser.add_argument("--frames", type=positive_int, default=None)
     parser.add_argument("--height", type=positive_int, default=None, help="token rows per frame")
     parser.add_argument("--width", type=positive_int, default=None, help="token columns per frame")
@@ -107,13 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _problem(args):
     from sparsevid.layout import VideoLayout
 
-    if args.preset == "custom":
+    if args.shape == "custom":
         missing = [n for n in ("frames", "height", "width", "heads") if getattr(args, n) is None]
         if missing:
-            raise ValueError(f"Expect {', '.join('--' + m for m in missing)} with --preset custom but got none")
+            raise ValueError(f"Expect {', '.join('--' + m for m in missing)} with --shape custom but got none")
         batch, heads, frames, height, width, text, head_dim = 1, args.heads, args.frames, args.height, args.width, 0, 128
     else:
-        batch, heads, frames, height, width, text, head_dim = PRESETS[args.preset]
+        batch, heads, frames, height, width, text, head_dim = PRESETS[args.shape]
     batch = args.batch or batch
     heads = args.heads or heads
     frames, height, width = args.frames or frames, args.height or height, args.width or width
@@ -376,9 +376,9 @@ def run(args) -> int:
     print(table)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(header=header, command=command, rows=rows, first_call_s=first_call), f, indent=1)
-    _plot(rows, os.path.join(args.out, "speedup.png"), f"{args.preset} on {device_name}")
+    _plot(rows, os.path.join(args.out, "speedup.png"), f"{args.shape} on {device_name}")
     if args.record:
-        append_benchmarks(args.benchmarks_md, f"bench kernel — {args.preset}", header, table)
+        append_benchmarks(args.benchmarks_md, f"bench kernel — {args.shape}", header, table)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
