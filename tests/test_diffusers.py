@@ -133,3 +133,21 @@ def test_bench_e2e_smoke_on_cpu(tmp_path):
     assert main(args) == 0
     text = (tmp_path / "B.md").read_text()
     assert "bench e2e — tiny-wan" in text and "| draft | 0.2 |" in text
+
+
+def test_bench_e2e_replan_every_times_the_planning_and_the_reusing_forward(tmp_path, monkeypatch):
+    """`--replan-every 3`: each timed forward stands a step after the last, so the cached plans are reused (a forward
+    repeated at one step was another call of that step and planned afresh); the row holds the planning and the
+    reusing forwards' times and their mean over 3 steps, and the reusing forwards made no plan (checked in the run)."""
+    import json
+
+    from sparsevid.lab.bench import e2e
+    from sparsevid.lab.cli import main
+
+    times = iter(float(t) for t in range(100, 200))
+    monkeypatch.setattr(e2e, "time_ms", lambda fn, **kwargs: (fn(), next(times))[1])
+    assert main(["bench", "e2e", "--model", "tiny-wan", "--reps", "1", "--densities", "0.2", "--dense-layers", "0",
+                 "--replan-every", "3", "--out", str(tmp_path)]) == 0
+    row = next(r for r in json.loads(next(tmp_path.glob("e2e_*.json")).read_text())["rows"] if r["density"] == 0.2)
+    assert row["replan_every"] == 3
+    assert row["forward_ms"] == pytest.approx((row["plan_forward_ms"] + 2 * row["reuse_forward_ms"]) / 3)

@@ -125,6 +125,7 @@ def _speed_with_recorded_plans(monkeypatch, settings, reps):
     i.e. warm-started) and each timed call's plans counted; a timed call returns 30 ms (+1 per call) where its
     forwards planned, 10 ms (+1 per call) where they did not, so the rows' arithmetic is checked exactly."""
     from sparsevid.integrations import core
+    from sparsevid.lab.bench import e2e
 
     planned, timed = [], []
     make_plan, time_ms = core.make_plan, pareto.time_ms
@@ -141,7 +142,8 @@ def _speed_with_recorded_plans(monkeypatch, settings, reps):
         return (30.0 if made else 10.0) + len(timed)
 
     monkeypatch.setattr(core, "make_plan", recording_plan)
-    monkeypatch.setattr(pareto, "time_ms", recording_time)
+    monkeypatch.setattr(pareto, "time_ms", recording_time)  # the native forwards
+    monkeypatch.setattr(e2e, "time_ms", recording_time)  # the settings' (e2e.time_sparse_forward)
     _, rows = pareto.measure_speed("tiny", settings, reps, "cpu", False)
     return rows, planned, timed
 
@@ -288,7 +290,10 @@ def test_a_run_cut_off_keeps_the_settings_measured(tmp_path, monkeypatch, measur
             raise RuntimeError("cut off")
         return 1.0
 
-    monkeypatch.setattr(pareto, "time_ms", time_ms)
+    from sparsevid.lab.bench import e2e
+
+    monkeypatch.setattr(pareto, "time_ms", time_ms)  # the native forwards
+    monkeypatch.setattr(e2e, "time_ms", time_ms)  # the settings' (e2e.time_sparse_forward)
     with pytest.raises(RuntimeError, match="cut off"):
         cli.main(["bench", "pareto", "--shapes", "tiny", "--testbeds", "--quiet", "--densities", "0.5", "0.25",
                   "--out", str(tmp_path)])

@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
+import statistics
 import types
 
 import torch
@@ -204,6 +206,46 @@ def _inputs(spec, frames: int, height: int, width: int, device: str) -> dict:
 def _forward(model, inputs):
     with torch.no_grad():
         return model(**inputs)[0]
+
+
+def time_sparse_forward(model, inputs, scheduler, handle, every: int, reps: int, device: str, name: str
+                        ) -> tuple[torch.Tensor, dict]:
+    """A sparse setting's forward time mid-generation: ``(output of the warm-up forward, row)``, the row's
+    ``forward_ms`` the median of ``reps``.
+
+    ``scheduler`` is the stand-in whose ``step_index`` sparsevid reads (``handle`` applied on its target). The
+    warm-up forward (compilation, first plans) runs at step 5; each timed forward stands one step after the last:
+    a forward repeated at one step would be another call of that step (a CFG branch), with plans and centroids
+    of its own, so it would neither reuse plans nor warm-start them. With ``every`` (the setting's
+    ``replan_every``) 1 every forward plans, from the last step's centroids where the planner keeps them. With
+    ``every`` > 1 the planning and the reusing forwards are timed apart (``reps`` pairs: a forward ``every`` steps
+    after the last plan, then one a step later) and ``forward_ms`` is their mean over ``every`` steps; the row
+    adds ``replan_every``, ``plan_forward_ms`` and ``reuse_forward_ms``.
+
+    Raises:
+        RuntimeError: a planning forward made no plan, or a reusing forward made one (``handle.stats()``).
+    """
+    def forward_at(step: int):
+        scheduler.step_index = step
+        return _forward(model, inputs)
+
+    out = forward_at(5)
+    if every == 1:
+        return out, dict(forward_ms=time_ms(lambda: forward_at(scheduler.step_index + 1), reps=reps, warmup=0,
+                                            device=device))
+    planned, times = 5, ([], [])
+    for _ in range(reps):
+        for step, kept, plans_expected in ((planned + every, times[0], True), (planned + every + 1, times[1], False)):
+            before = handle.stats()["plans"]
+            kept.append(time_ms(functools.partial(forward_at, step), reps=1, warmup=0, device=device))
+            made = handle.stats()["plans"] - before
+            if (made > 0) != plans_expected:
+                raise RuntimeError(f"Expect the {'planning' if plans_expected else 'reusing'} forward of {name} at step "
+                                   f"{step} to make {'new plans' if plans_expected else 'no plan'} but it made {made}")
+        planned += every
+    plan_ms, reuse_ms = statistics.median(times[0]), statistics.median(times[1])
+    return out, dict(forward_ms=(plan_ms + (every - 1) * reuse_ms) / every, replan_every=every,
+                     plan_forward_ms=plan_ms, reuse_forward_ms=reuse_ms)
 
 
 def _profile(model, inputs, context, name: str, out_dir: str) -> dict:
@@ -390,11 +432,9 @@ def run(args) -> int:
         settings = config.apply_options()
         # forward: every step sparse (dense_steps=0); planning included in the time
         handle = sv.apply(forward_target, reuse=forward_reuse or None, **{**settings, "dense_steps": 0})
-        with best_context():
-            out = _forward(model, inputs)
-            if balance:  # the order the first plans ask for applies where the layers next replan: a later step
-                mid_generation.step_index += args.replan_every
-            ms = timed(lambda: _forward(model, inputs))
+        with best_context():  # (the order head balance asks for applies where a layer next plans: a later forward)
+            out, timing = time_sparse_forward(model, inputs, mid_generation, handle, args.replan_every, args.reps,
+                                              device, f"{method}@{budget}")
         mid_generation.step_index = 5
         stats = handle.stats()
         tiled = bool(handle.sessions[0].tiled)
@@ -405,7 +445,7 @@ def run(args) -> int:
         label = method + (f" [{backend}, tile order {'on' if tiled else 'off'}]" if sparse_method and len(variants) > 1
                           else "") + (f" tail={tail}" if tail else "") + (" head_balance" if balance else "")
         row = dict(method=label + (f" + {reuse_names}" if reuse_names else "") + parallel, density=density,
-                   budget=budget, forward_ms=ms, achieved=stats["mean_density"], finite=bool(torch.isfinite(out).all()),
+                   budget=budget, **timing, achieved=stats["mean_density"], finite=bool(torch.isfinite(out).all()),
                    sparse_calls=stats["sparse_calls"])
         if forward_reuse:
             row["forward_replay_rate"] = stats["reuse"][0]["token_replay"]["replay_rate"]
@@ -427,8 +467,10 @@ def run(args) -> int:
         f"{environment()}; {args.model} {args.resolution} ({height}x{width}, {frames} frames, {tokens} video tokens), "
         f"{'bf16' if device == 'cuda' else 'fp32 (CPU smoke run, not a benchmark)'}, random weights, batch 1; "
         f"forward: median of {args.reps} (after warm-up), "
-        + ("planning included (every forward replans)" if args.replan_every == 1 else
-           f"plans cached (replan_every={args.replan_every}; the loop replans every {args.replan_every} steps)")
+        + ("each forward a step after the last, planning included (every forward plans, warm-started where the "
+           "planner keeps centroids)" if args.replan_every == 1 else
+           f"replanning every {args.replan_every} steps: the planning forward and {args.replan_every - 1} reusing "
+           f"forwards, amortised (plan and reuse times in the JSON); the loop replans every {args.replan_every} steps")
         + f", first {args.dense_layers} block(s) dense"
         + (f", planner options {options}" if options else "")
         + (f"; reuse {reuse_names} (token replay in forward and loop, step caches in the loop only)" if reuse else "")

@@ -59,7 +59,6 @@ import hashlib
 import itertools
 import json
 import math
-import statistics
 import subprocess
 import types
 from dataclasses import replace
@@ -229,16 +228,14 @@ def frontiers(rows: list[dict], shapes, testbeds) -> dict[str, list[str]]:
 def measure_speed(shape: str, settings: list, reps: int, device: str, progress: bool,
                   checkpoint=None) -> tuple[dict, dict]:
     """Forward times at ``shape`` as ``bench e2e`` measures them: ``(native, {setting name: row})``, native
-    default SDPA and cuDNN (the faster is 1x), each setting with every step sparse. Each forward of a setting
-    stands one step of a generation after the last (a step index the model reads from its scheduler): a
-    forward repeated at one step would be another call of that step (a CFG branch), which has plans and
-    centroids of its own and neither reuses nor warm-starts. A setting replanning every N > 1 steps gets the
-    planning and the reusing forward timed (:func:`_plan_and_reuse_ms`), its ``forward_ms`` the mean over N
-    steps. ``checkpoint(native, rows)``: called after the native baselines and after every setting with what
-    is measured so far (a run cut off keeps it)."""
+    default SDPA and cuDNN (the faster is 1x), each setting with every step sparse, timed as
+    :func:`~sparsevid.lab.bench.e2e.time_sparse_forward` times it (each forward a step after the last; a setting
+    replanning every N > 1 steps: its planning and reusing forwards, ``forward_ms`` the mean over N steps).
+    ``checkpoint(native, rows)``: called after the native baselines and after every setting with what is
+    measured so far (a run cut off keeps it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .e2e import MODELS, _build, _forward, _inputs
+    from .e2e import MODELS, _build, _forward, _inputs, time_sparse_forward
 
     model_name, resolution = SHAPES[shape]
     spec = MODELS[model_name]
@@ -248,10 +245,6 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
     # a generation mid-way (from step 5 of 50, every step sparse): sparsevid reads the step as inside a pipeline
     scheduler = types.SimpleNamespace(step_index=5, timesteps=torch.linspace(999, 0, 50))
     target = types.SimpleNamespace(transformer=model, scheduler=scheduler)
-
-    def forward_at(step: int | None = None):  # None: the step after the last forward's
-        scheduler.step_index = scheduler.step_index + 1 if step is None else step
-        return _forward(model, inputs)
 
     def timed(fn, warmup=1):
         return time_ms(fn, reps=reps, warmup=warmup, device=device)
@@ -272,51 +265,21 @@ def measure_speed(shape: str, settings: list, reps: int, device: str, progress: 
         checkpoint(native, result)
     for config in tqdm(settings, desc=f"speed {shape}", unit="setting", disable=not progress):
         handle = replace(config, dense_steps=0).apply(target)
-        every, row = config.replan_every, {}
         try:
             with context():
-                out = forward_at(5)  # the warm-up forward (compilation, first plans, stored state)
-                if every == 1:  # every forward plans, from the last step's centroids where the planner keeps them
-                    ms = timed(forward_at, warmup=0)
-                else:
-                    plan_ms, reuse_ms = _plan_and_reuse_ms(config.name, lambda: handle.stats()["plans"], forward_at,
-                                                           every, reps, device)
-                    ms = (plan_ms + (every - 1) * reuse_ms) / every
-                    row = dict(replan_every=every, plan_forward_ms=plan_ms, reuse_forward_ms=reuse_ms)
+                out, row = time_sparse_forward(model, inputs, scheduler, handle, config.replan_every, reps, device,
+                                               config.name)
             stats = handle.stats()
         finally:
             handle.remove()
         if not stats["sparse_calls"]:  # a forward that ran dense would time native attention as this setting
             raise RuntimeError(f"Expect sparse attention calls in the forward of {config.name} but sparsevid counted "
                                "none; its time would be native attention's")
-        result[config.name] = dict(forward_ms=ms, speedup=best / ms, **row, achieved=stats["mean_density"],
+        result[config.name] = dict(**row, speedup=best / row["forward_ms"], achieved=stats["mean_density"],
                                    sparse_calls=stats["sparse_calls"], finite=bool(torch.isfinite(out).all()))
         if checkpoint is not None:
             checkpoint(native, result)
     return native, result
-
-
-def _plan_and_reuse_ms(name: str, plans, forward_at, every: int, reps: int, device: str) -> tuple[float, float]:
-    """Median milliseconds of the planning and of the reusing forwards of a setting that replans every
-    ``every`` steps, its warm-up forward planned at step 5: ``reps`` pairs, each a forward ``every`` steps
-    after the last plan (the cached plans expired: it plans, from the last plan's centroids where the planner
-    keeps them, as in a generation) and one a step after it (it reuses those plans). ``plans()``: the plans
-    made so far (the handle's count), which checks that each forward did what it is timed as.
-
-    Raises:
-        RuntimeError: a planning forward made no plan, or a reusing forward made one.
-    """
-    planned, times = 5, ([], [])
-    for _ in range(reps):
-        for step, kept, plans_expected in ((planned + every, times[0], True), (planned + every + 1, times[1], False)):
-            before = plans()
-            kept.append(time_ms(functools.partial(forward_at, step), reps=1, warmup=0, device=device))
-            if (plans() > before) != plans_expected:
-                raise RuntimeError(f"Expect the {'planning' if plans_expected else 'reusing'} forward of {name} at step "
-                                   f"{step} to make {'new plans' if plans_expected else 'no plan'} but it made "
-                                   f"{plans() - before}")
-        planned += every
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 # ---------------------------------------------------------------------------------------- quality
