@@ -438,7 +438,7 @@ def run(args) -> int:
         mid_generation.step_index = 5
         stats = handle.stats()
         tiled = bool(handle.sessions[0].tiled)
-        if args.profile and sparse_method:
+        if args.profile and sparse_method and device == "cuda":  # as the native profile: CUDA only
             profiles.append(_profile(model, inputs, best_context, f"{method}@{budget} {backend} "
                                      f"tile order {'on' if tiled else 'off'}", args.out))
         handle.remove()
