@@ -440,7 +440,8 @@ def run(args) -> int:
         tiled = bool(handle.sessions[0].tiled)
         if args.profile and sparse_method and device == "cuda":  # as the native profile: CUDA only
             profiles.append(_profile(model, inputs, best_context, f"{method}@{budget} {backend} "
-                                     f"tile order {'on' if tiled else 'off'}", args.out))
+                                     f"tile order {'on' if tiled else 'off'}" + (f" tail={tail}" if tail else ""),
+                                     args.out))  # the tail in the name: one profile file per setting
         handle.remove()
         label = method + (f" [{backend}, tile order {'on' if tiled else 'off'}]" if sparse_method and len(variants) > 1
                           else "") + (f" tail={tail}" if tail else "") + (" head_balance" if balance else "")
