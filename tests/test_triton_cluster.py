@@ -1,7 +1,7 @@
 """The clustered Triton kernel against oracles built here from per-token cluster labels.
 
 On the CPU the kernel runs under the Triton interpreter (tests/conftest.py). The plan is a stand-in with the
-ClusterPlan fields (docs: /work/wt/CLUSTER_SPEC.md), so the kernel is tested without the planner: ragged
+ClusterPlan fields (sparsevid.cluster_plan.ClusterPlan), so the kernel is tested without the planner: ragged
 clusters (an empty one and a size-1 one on each side), text first and last, batch 2, per-head and broadcast
 plans, transposed (B, L, H, D) inputs. Oracles in float64: dense SDPA with the keep mask built from the
 labels (tail off), and the dense softmax with one extra column per dropped non-empty key cluster (tail on).

@@ -60,7 +60,8 @@ from .layout import VideoLayout
 from .kernels.pooling import group_mean_reference, group_tables
 
 __all__ = ["AUTO", "CLUSTER_TAIL", "PROBES", "TAIL_METHODS", "TAIL_WEIGHTS", "TailMethod", "TailSummaries", "auto_tail",
-           "check_tail", "choose_tail", "decide_cluster_tail", "decide_tail", "fixed_gate", "kept_blocks", "probe_rows",
+           "check_tail", "choose_tail", "decide_cluster_tail", "decide_tail", "fixed_gate", "kept_blocks", "probe_partials",
+           "probe_partials_reference", "probe_rows",
            "summarize_reference", "tail_logits", "tail_operands"]
 
 PROBES = 32  # exact query rows per (batch, head) that measure the tail in each call (tens: their cost is rows x L)
@@ -284,11 +285,25 @@ def _partial(scores: torch.Tensor, values) -> tuple[torch.Tensor, torch.Tensor]:
     return values(probs), lse
 
 
-def _probe_partials(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_keys: torch.Tensor, scale: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def probe_partials(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_keys: torch.Tensor, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(exact, kept_out, kept_lse)`` of probe rows ``qp`` (float32 ``(B, H, P, D)``): their exact attention over
     every key of ``k``, ``v`` ``(B, H, L, D)`` and their partial over the keys ``kept_keys`` (bool, broadcasting to
-    ``(B, H, P, L)``), keys upcast a chunk at a time."""
+    ``(B, H, P, L)``), float32. On CUDA one Triton pass (:mod:`sparsevid.kernels.triton_probe`: the float32 matmuls
+    of the PyTorch twin run on CUDA cores there, 1.3 ms a call at Wan2.1-1.3B 480p); elsewhere, or for a head dim
+    the kernel does not tile, :func:`probe_partials_reference`."""
+    D = qp.shape[-1]
+    if qp.is_cuda and D % 16 == 0 and 16 <= D <= 256 and k.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        from .kernels.triton_probe import probe_partials_triton
+
+        return probe_partials_triton(qp.to(k.dtype), k, v, kept_keys, scale)
+    return probe_partials_reference(qp, k, v, kept_keys, scale)
+
+
+def probe_partials_reference(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_keys: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`probe_partials` in PyTorch (the CPU path and the Triton kernel's twin): keys upcast to float32 a
+    chunk at a time; a row that keeps no key gets a zero output and ``-inf``."""
     chunks = range(0, k.shape[2], _KEY_CHUNK)
     scores = torch.cat([torch.matmul(qp, k[:, :, i:i + _KEY_CHUNK].float().transpose(-1, -2)) for i in chunks], -1)
     scores = torch.stack([scores, scores.masked_fill(~kept_keys, float("-inf"))]) * scale  # (2, B, H, P, L)
@@ -362,7 +377,7 @@ def decide_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Video
     kept_rows = kept[:, :, blocks]  # (B', H', P, NB)
     kept_keys = kept_rows[..., layout.on(q.device).block_of_token]  # (B', H', P, L)
     qp = q[:, :, rows].float()
-    exact, kept_out, kept_lse = _probe_partials(qp, k, v, kept_keys, scale)
+    exact, kept_out, kept_lse = probe_partials(qp, k, v, kept_keys, scale)
     skipped = ~kept_rows.repeat_interleave(summaries.per_block, dim=-1) & (summaries.log_count > float("-inf"))
     mean, correction = _summary_logits(qp, summaries, scale)  # (B, H, P, NS)
     candidates = torch.stack([mean, mean + correction]).masked_fill(~skipped, float("-inf"))
@@ -405,7 +420,7 @@ def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     kept_keys = kept_rows.gather(-1, k_labels.clamp(min=0).unsqueeze(2).expand(-1, -1, rows.numel(), -1))
     kept_keys |= (k_labels < 0).unsqueeze(2)
     qp = q[:, :, rows].float()
-    exact, kept_out, kept_lse = _probe_partials(qp, k, v, kept_keys, scale)
+    exact, kept_out, kept_lse = probe_partials(qp, k, v, kept_keys, scale)
     sizes = plan.k_sizes
     k_means, values = (cluster_means(k, plan), cluster_means(v, plan)) if means is None else means
     logits = torch.matmul(qp, k_means.transpose(-1, -2)) * scale + sizes.float().log().unsqueeze(-2)
