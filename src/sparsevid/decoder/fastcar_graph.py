@@ -17,7 +17,8 @@ module runs the same Llama-family weights through its own decode step, written f
 - **The decision on the device.** Per layer and row at position ``p >= P``:
   ``TAS = mean_h q_h(p) . k_h(p - P) / sqrt(head_dim)`` (``k(p - P)`` read from the KV cache, which
   holds post-RoPE keys), ``replay = TAS >= threshold[l]`` with the thresholds a device tensor
-  (changed without recapture).
+  (changed without recapture). On CUDA one Triton launch a layer (:mod:`sparsevid.decoder.triton_decide`;
+  in PyTorch it is nine small kernels, which cost 15% of a batch-1 decode step on an H100).
 
 MLP modes (``decision``/``mlp``/``capacity``)::
 
@@ -251,6 +252,12 @@ class StaticDecoder:
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # per use_teacher
         self.frame_graph: torch.cuda.CUDAGraph | None = None
         self._fns = {name: globals()[name] for name in _FUSABLE}
+        # on CUDA the decision is one Triton launch a layer (decoder.triton_decide); elsewhere the PyTorch one
+        self._decide_kernel = None
+        if self.device.type == "cuda" and decision != "none" and importlib.util.find_spec("triton") is not None:
+            from .triton_decide import decide_triton
+
+            self._decide_kernel = decide_triton
         self._qkv = self._gate_up = None
         if fuse:
             for name in ("cache_size_limit", "recompile_limit"):  # one compile per shape: B, T, hidden
@@ -456,7 +463,10 @@ class StaticDecoder:
             v = v.view(B, T, self.KVH, self.D).transpose(1, 2)
             kc, vc = self.k_cache[i], self.v_cache[i]
             if fastcar:
-                tas, replay = fns["_decide"](q, kc.index_select(2, k_slots), eligible, self.thr[i], self.D**-0.5)
+                if self._decide_kernel is not None:  # one launch (the PyTorch decision is nine small kernels)
+                    tas, replay = self._decide_kernel(q, kc, positions, P, self.thr[i:i + 1], self.D**-0.5)
+                else:
+                    tas, replay = fns["_decide"](q, kc.index_select(2, k_slots), eligible, self.thr[i], self.D**-0.5)
                 if self.tas_log is not None:
                     self.tas_log[i].append(tas[eligible].float().cpu())
             kc.index_copy_(2, positions, k)
