@@ -96,6 +96,13 @@ def test_execution_equals_masked_sdpa_and_the_centroid_formula(text, budget):
     assert torch.equal(plan.to_mask(), mask)
     assert plan.density == pytest.approx(float(mask.double().mean()), abs=1e-9)
     assert plan.density < 0.95  # something is dropped: the tail below is exercised
+    rows = torch.tensor([plan.video_offset, plan.video_offset + 40, plan.video_offset + 104])
+    clusters, keys = plan.kept_of_rows(rows, name="three rows")  # what the tail decision reads of its probe rows
+    assert torch.equal(keys, mask[:, :, rows]) and plan.kept_of_rows(rows, name="three rows")[1] is keys
+    _, lq, _ = oracle_mask(plan)
+    table = plan.kept_clusters()
+    for b, h, p in ((0, 0, 0), (1, 2, 1), (0, 1, 2)):
+        assert torch.equal(clusters[b, h, p], table[b, h, lq[b, h, rows[p]]])
     scale = 1 / math.sqrt(16)
     plain = sv.sparse_attention(q, k, v, plan, tail=None)
     torch.testing.assert_close(plain, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=2e-6, rtol=1e-5)

@@ -172,6 +172,21 @@ class ClusterPlan(PlanData):
 
         return self._view("kept_clusters", build)
 
+    def kept_of_rows(self, rows: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the query tokens ``rows`` (int64 ``(P,)``, original indices of video tokens) keep: bool ``(B', H', P,
+        Ck)`` the key clusters, and bool ``(B', H', P, L)`` the keys (text keys always). With ``name``, built once
+        per plan and kept under it (a fixed sample read every call, e.g. the tail decision's probe rows)."""
+
+        def build():
+            clusters = self.q_labels()[:, :, rows]  # (B', H', P)
+            table = self.kept_clusters()
+            kept = table.gather(2, clusters.unsqueeze(-1).expand(-1, -1, -1, table.shape[-1]))
+            k_labels = self.k_labels()
+            keys = kept.gather(-1, k_labels.clamp(min=0).unsqueeze(2).expand(-1, -1, rows.numel(), -1))
+            return kept, keys | (k_labels < 0).unsqueeze(2)
+
+        return build() if name is None else self._view(name, build)
+
     def kept_tokens(self) -> torch.Tensor:
         """int64 ``(B', H', Cq)``: video key tokens each query cluster computes exactly (text keys not counted)."""
         return self._view("kept_tokens", lambda: (self.kept_clusters().long() * self.k_sizes.unsqueeze(-2)).sum(-1))

@@ -413,12 +413,8 @@ def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     lo = plan.video_offset
     rows, _ = probe_rows(plan.layout, probes, q.device, lo, lo + plan.layout.video_tokens)
     rows = rows + lo
-    clusters = plan.q_labels()[:, :, rows]  # (B', H', P)
-    table = plan.kept_clusters()  # (B', H', Cq, Ck)
-    kept_rows = table.gather(2, clusters.unsqueeze(-1).expand(-1, -1, -1, table.shape[-1]))  # (B', H', P, Ck)
-    k_labels = plan.k_labels()  # (B', H', L), -1: text keys, always kept
-    kept_keys = kept_rows.gather(-1, k_labels.clamp(min=0).unsqueeze(2).expand(-1, -1, rows.numel(), -1))
-    kept_keys |= (k_labels < 0).unsqueeze(2)
+    # (B', H', P, Ck) and (B', H', P, L): the plan's, built once per plan (a reused plan reads them every call)
+    kept_rows, kept_keys = plan.kept_of_rows(rows, name=f"probes {probes} {rows.device}")
     qp = q[:, :, rows].float()
     exact, kept_out, kept_lse = probe_partials(qp, k, v, kept_keys, scale)
     sizes = plan.k_sizes
