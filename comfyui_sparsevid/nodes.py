@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+AUTO_TAIL = "auto"  # sparsevid.tail.AUTO, spelled here: the module imports sparsevid only when ComfyUI asks
+
 
 class SparseVidAttention:
     """Sparse video self-attention for ComfyUI's Wan 2.1/2.2 (t2v, i2v, VACE, camera) and HunyuanVideo.
@@ -20,7 +22,7 @@ class SparseVidAttention:
         import sparsevid
         from sparsevid.backends import backend_names
         from sparsevid.config import DEFAULT_DENSE_STEP_FRACTION, SparseVidConfig
-        from sparsevid.tail import TAIL_METHODS
+        from sparsevid.tail import AUTO, CLUSTER_TAIL, TAIL_METHODS
 
         defaults = SparseVidConfig()
 
@@ -37,27 +39,30 @@ class SparseVidAttention:
                                                      "sampler's sigmas)"}),
                 "dense_layers": ("INT", {"default": defaults.dense_layers, "min": 0, "max": 200,
                                          "tooltip": "leading video self-attention layers run dense"}),
-                "replan_every": ("INT", {"default": defaults.replan_every, "min": 1, "max": 100,
-                                         "tooltip": "recompute each layer's plan every this many steps"}),
+                "replan_every": ("INT", {"default": 0, "min": 0, "max": 100,
+                                         "tooltip": "recompute each layer's plan every this many steps; 0: the "
+                                                    "method's default (clustered: 4, the others: 1)"}),
                 "backend": (backend_names(), {"default": defaults.backend}),
             },
             "optional": {
-                "tail": (["none", *TAIL_METHODS], {"default": "none",
-                                                   "tooltip": "none: skipped blocks dropped; pooled-var: each kept "
-                                                              "in the softmax as one summary (mean key, log n, "
-                                                              "clipped key variance; mean value); pooled-var-32: "
-                                                              "one summary per 32 keys"}),
+                "tail": ([AUTO, "none", *TAIL_METHODS, CLUSTER_TAIL.name],
+                         {"default": AUTO,
+                          "tooltip": "auto: the method's default (the cluster tail for clustered, none for the "
+                                     "others); none: skipped keys dropped; pooled-var: each skipped block kept in "
+                                     "the softmax as one summary (mean key, log n, clipped key variance; mean "
+                                     "value); pooled-var-32: one summary per 32 keys; centroid: one term per "
+                                     "dropped key cluster (clustered)"}),
             },
         }
 
-    def patch(self, model, method, budget, amount, dense_steps, dense_layers, replan_every, backend, tail="none"):
+    def patch(self, model, method, budget, amount, dense_steps, dense_layers, replan_every, backend, tail=AUTO_TAIL):
         from sparsevid.integrations.comfyui import apply
 
         density, mass = (amount, None) if budget == "density" else (None, amount)
         if method == "dense":
             density = mass = None
         return (apply(model, method, density, mass=mass, dense_steps=dense_steps, dense_layers=dense_layers,
-                      replan_every=replan_every, backend=backend, tail=None if tail == "none" else tail),)
+                      replan_every=replan_every or None, backend=backend, tail=None if tail == "none" else tail),)
 
 
 NODE_CLASS_MAPPINGS = {"SparseVidAttention": SparseVidAttention}

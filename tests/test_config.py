@@ -113,6 +113,18 @@ def test_validate_accepts_the_defaults_and_a_ring():
     SparseVidConfig(method=None).validate(layers=1)  # native attention: no layer need run sparse
 
 
+def test_replanning_defaults_to_the_planners_declaration():
+    """replan_every=None: each planner's declared interval (clustered 4: measured free in quality; the others 1);
+    an explicit value wins; native attention replans nothing."""
+    assert SparseVidConfig(method="clustered").replan_interval == 4
+    assert SparseVidConfig(method="draft").replan_interval == 1
+    assert SparseVidConfig(method="clustered", replan_every=1).replan_interval == 1
+    assert SparseVidConfig(method=None).replan_interval == 1
+    SparseVidConfig(method="clustered").validate(layers=2)
+    with pytest.raises(ValueError, match="replan_every"):
+        SparseVidConfig(replan_every=0).validate(layers=2)
+
+
 def test_comfyui_states_the_defaults_of_the_config():
     """The ComfyUI adapter restated dense_steps with its own default (0.2 instead of None)."""
     from sparsevid.integrations import comfyui

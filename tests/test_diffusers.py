@@ -65,6 +65,11 @@ def test_replan_every_reuses_plans():
         run(model, {**inputs, "timestep": torch.full((2,), t)})
     assert handle.stats()["plans"] == 2 * 2  # planned at steps 0 and 2, reused at 1 and 3
     handle.remove()
+    handle = sv.apply(model, method="clustered", density=0.2, dense_layers=0, q_clusters=4, k_clusters=4, **TILING)
+    for t in (900, 800, 700, 600, 500):
+        run(model, {**inputs, "timestep": torch.full((2,), t)})
+    assert handle.stats()["plans"] == 2 * 2  # the planner's default: planned at steps 0 and 4
+    handle.remove()
 
 
 def test_pipeline_end_to_end_with_default_warmup():

@@ -59,7 +59,8 @@ class SparseVidConfig:
             them, ``None`` means 0 (with a warning) and a fraction raises. A value covering every
             step of a generation warns at its first step.
         dense_layers (int): leading self-attention layers run dense (default 1); must leave one sparse.
-        replan_every (int): recompute each layer's plan every this many steps, reuse in between.
+        replan_every (int | None): recompute each layer's plan every this many steps, reuse in between;
+            ``None``: the planner's default (:attr:`replan_interval`: 1, clustered 4).
         backend (str): ``sparse_attention`` backend (``"auto"``: the fastest that supports the inputs).
         planner_options (dict): extra keyword arguments for the planner (``tile``, ``budget``, ...).
         tile_order (bool | None): keep the video tokens in tile order from the patch embedding to the
@@ -83,7 +84,7 @@ class SparseVidConfig:
     mass: float | None = None
     dense_steps: int | float | None = None
     dense_layers: int = 1
-    replan_every: int = 1
+    replan_every: int | None = None
     backend: str = "auto"
     planner_options: dict = field(default_factory=dict)
     tile_order: bool | None = None
@@ -115,6 +116,17 @@ class SparseVidConfig:
         """These settings as the keyword arguments of :func:`sparsevid.apply` (planner options among them)."""
         options = dict(vars(self))
         return {**options.pop("planner_options"), **options}
+
+    @property
+    def replan_interval(self) -> int:
+        """``replan_every``, or where it is ``None`` the planner's default (1 for native attention)."""
+        if self.replan_every is not None:
+            return self.replan_every
+        if self.method is None:
+            return 1
+        from .planners import planner_spec
+
+        return planner_spec(self.method).replan_every
 
     @property
     def layout_options(self) -> dict:
@@ -158,6 +170,8 @@ class SparseVidConfig:
         """The integration's own settings: warm-up, replanning, token order, head balance."""
         for name, low in (("dense_layers", 0), ("replan_every", 1)):
             value = getattr(self, name)
+            if name == "replan_every" and value is None:  # the planner's default
+                continue
             if not _is_int(value) or value < low:
                 raise ValueError(f"Expect {name} to be an int >= {low} but got {value!r}")
         steps = self.dense_steps

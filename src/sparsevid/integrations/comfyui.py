@@ -148,7 +148,7 @@ def apply(
     mass: float | None = None,
     dense_steps: int | float | None = None,
     dense_layers: int = 1,
-    replan_every: int = 1,
+    replan_every: int | None = None,
     backend: str = "auto",
     quant: str | None = None,
     tail: str | None = "auto",

@@ -301,7 +301,7 @@ class SparseSession:
     def _cached_plan(self, cache_key):
         """The cached plan to reuse for ``cache_key`` now, or ``None`` (replan)."""
         cached = self._plans.get(cache_key)
-        if cached is None or self.step - cached[0] >= self.config.replan_every or cached[0] > self.step:
+        if cached is None or self.step - cached[0] >= self.config.replan_interval or cached[0] > self.step:
             return None
         return cached[1]
 
@@ -313,7 +313,7 @@ class SparseSession:
                          validate=False, **options)
         if getattr(plan, "centroids", None) is not None:  # device tensors, kept as they are: no host read
             self._centroids[cache_key] = plan.centroids
-        if config.replan_every > 1:  # kept only for reuse: every layer's plan held at once costs GBs at 720p
+        if config.replan_interval > 1:  # kept only for reuse: every layer's plan held at once costs GBs at 720p
             self._plans[cache_key] = (self.step, plan)
         self.plans_made += 1
         with torch.no_grad():

@@ -84,7 +84,7 @@ class _SparseForward:
         session, ulysses = self.session, context.ulysses_degree or 1
         # Head balance: permute whole heads before the Ulysses split (every rank alike) and back after it
         slot = (self.layer, self.calls)
-        order = (session.head_balance.order(slot, session.step, session.config.replan_every)
+        order = (session.head_balance.order(slot, session.step, session.config.replan_interval)
                  if session.config.head_balance and ulysses > 1 else None)
         if order is not None:
             query, key, value = (t.index_select(2, order) for t in (query, key, value))
@@ -429,7 +429,7 @@ def apply(
     mass: float | None = None,
     dense_steps: int | float | None = None,
     dense_layers: int = 1,
-    replan_every: int = 1,
+    replan_every: int | None = None,
     backend: str = "auto",
     reuse=None,
     tile_order: bool | None = None,

@@ -48,12 +48,15 @@ class PlannerSpec:
             (``dense``).
         default (tuple[str, float] | None): what the planner spends given neither, e.g. ``("density", 0.1)``;
             ``None``: not declared.
+        replan_every (int): how often an integration replans a layer by default (``sparsevid.apply(...,
+            replan_every=None)``): 1, or more where reusing a plan across steps was measured to cost no quality.
     """
 
     name: str
     fn: Callable[..., BlockPlan | TokenPlan]
     budgets: tuple[str, ...]
     default: tuple[str, float] | None
+    replan_every: int = 1
 
 
 _PLANNERS: dict[str, PlannerSpec] = {}
@@ -62,7 +65,7 @@ _BUILTIN = ("draft", "xattn", "window", "finegrained", "random", "dense", "clust
 
 
 def register_planner(name: str, *, budgets: tuple[str, ...] = ("density",),
-                     default: tuple[str, float] | None = None):
+                     default: tuple[str, float] | None = None, replan_every: int = 1):
     """Decorator registering a planner under ``name`` (rejects duplicates). A planner whose plans are valid by
     construction (tested) builds them with ``trusted=True``, so ``plan(..., validate=False)`` and
     ``sparse_attention`` never read them on the host; any other plan is validated once, before its first launch.
@@ -71,6 +74,7 @@ def register_planner(name: str, *, budgets: tuple[str, ...] = ("density",),
         budgets: which of ``density``/``mass`` the planner takes (``()``: neither, as ``dense``).
         default: what it spends given neither, ``(kind, value)``: stated here once; the planner applies the
             same constant, and integrations report it (``stats()["budget"]``).
+        replan_every: the integrations' default replanning interval for this planner (:class:`PlannerSpec`).
     """
     if not set(budgets) <= set(_BUDGETS):
         raise ValueError(f"Expect budgets from {_BUDGETS} but got {budgets!r}")
@@ -80,7 +84,7 @@ def register_planner(name: str, *, budgets: tuple[str, ...] = ("density",),
     def wrap(fn):
         if name in _PLANNERS:
             raise ValueError(f"Expect a new planner name but {name!r} is already registered")
-        _PLANNERS[name] = PlannerSpec(name, fn, tuple(budgets), default)
+        _PLANNERS[name] = PlannerSpec(name, fn, tuple(budgets), default, replan_every)
         return fn
 
     return wrap
