@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh scale14-1 scale14-2 scale14-4 scale14   # several calls: a stage fits one alone
 #   bash scripts/gpu_session.sh pareto14, then pareto                  # two calls on one warm machine, issue 30
 #   bash scripts/gpu_session.sh cluster fastcar2                        # the clustered path's costs; FastCar (FASTCAR_FUSE=1: --fuse)
+#   bash scripts/gpu_session.sh diffusers tbchunk                       # one testbed-l training chunk (issue 34, docs/testbed.md)
 #
 # Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry (64 MiB with the working
 # tree, 29 MB since the testbed-l weights), so it arrives split (`split -b 31000000 -d`) over three calls,
@@ -217,6 +218,20 @@ for s in "$@"; do
                 --densities ${PARETO_DENSITIES:-0.05 0.1 0.25 0.5} --shapes wan1.3b-480p --reps 3 \
                 --testbeds ${PARETO_TESTBEDS-large small} --cases 8 --steps 20 --quiet "${join[@]}" --out "$RES/pareto" "${BENCH[@]}"
         fi
+        ;;
+    tbchunk)  # issue 34: one chunk of testbed-l training (<= 8 min) resumed from the committed weights (TB_RESUME:
+        # other weights carried in the tree), then the held-out statistics recorded in its JSON (docs/testbed.md)
+        stage tbchunk timeout 560 python3 -m sparsevid.lab.testbed.train --testbed large \
+            --resume "${TB_RESUME:-src/sparsevid/lab/testbed/weights/testbed_large.safetensors}" --minutes "${TB_MINUTES:-7.5}" \
+            --batch 8 --lr "${TB_LR:-3e-4}" --compile --save-every 2 --stats-cases "${TB_CASES:-4}" --out "$RES/tbchunk"
+        tb=$RES/tbchunk
+        if [ -n "${OUT:-}" ] && [ -f "$tb/testbed_large.safetensors" ]; then  # the weights (16 MB) come back on their own,
+            mkdir -p "$OUT/tbchunk" && mv "$tb/testbed_large.safetensors" "$OUT/tbchunk/"  # the tarball stays small
+            cp "$tb/testbed_large.json" "$OUT/tbchunk/" 2>/dev/null
+            tb=$OUT/tbchunk
+        fi
+        echo "tbchunk: weights $tb/testbed_large.safetensors, record $tb/testbed_large.json (held_out: the statistics;" \
+            "loss, plots and the held-out strip in $RES/tbchunk, tarred into \$OUT)"
         ;;
     *)
         echo "unknown stage $s" >&2

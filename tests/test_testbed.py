@@ -201,3 +201,75 @@ def test_render_moves_as_asked():
     assert torch.allclose(low.mean(), high.mean(), atol=0.02)
     with pytest.raises(ValueError, match="start"):
         render(time, Motion(speed=3), frames=8, size=16, native=16, start=0)
+
+
+# ------------------------------------------------------------------ after-chunk statistics (issue 34)
+def _moving_clip(n=24, h=48, w=96):
+    """uint8 ``(n, 3, h, w)``: a diagonal pattern drifting 2 px per frame (real content moves; noise does not)."""
+    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    frames = [((x + y + 2 * t) % 24 < 12).to(torch.uint8) * 200 + 30 for t in range(n)]
+    return torch.stack(frames)[:, None].expand(n, 3, h, w).contiguous()
+
+
+def test_motion_ratio_guards_against_static_video():
+    from sparsevid.lab.testbed import Motion
+    from sparsevid.lab.testbed.heldout import MOTION_TOLERANCE, frame_difference, motion_ratio, reference_clip
+
+    clips = [_moving_clip()] * len(testbed.LABELS)
+    case = dict(label="bikes", seed=0, motion=Motion(speed=2, reverse=True, pan_x=0.2, cx=0.7))
+    reference = reference_clip(clips, case, frames=6, size=16, native=16)
+    assert reference.shape == (6, 3, 16, 16) and 0 <= reference.min() and reference.max() <= 1
+    assert frame_difference(reference) > 0.05
+    assert motion_ratio([reference], [reference]) == pytest.approx(1.0)
+    static = reference[:1].expand_as(reference)  # one frame repeated: what a collapsed testbed generates
+    assert motion_ratio([static, reference], [reference, reference]) == pytest.approx(0.5)
+    assert motion_ratio([static], [reference]) < 1 - 5 * MOTION_TOLERANCE
+    with pytest.raises(ValueError, match="references"):
+        motion_ratio([reference], [])
+    with pytest.raises(ValueError, match=r"references\[0\]"):
+        motion_ratio([reference], [reference[:, :, :8]])
+    with pytest.raises(ValueError, match="still"):
+        motion_ratio([reference], [static])
+    with pytest.raises(ValueError, match="video"):
+        frame_difference(reference[:1])
+
+
+def test_training_records_held_out_stats(tmp_path):
+    """A tiny testbed-l run with --stats-cases: the JSON (and the weights' metadata, which the next chunk's
+    ``chunks`` is built from) holds the held-out statistics, in range, and the sample strip is written."""
+    from sparsevid.lab.testbed import train
+    from sparsevid.lab.testbed.model import load_weights
+
+    code = train.main(["--testbed", "large", "--short-side", "72", "--steps", "1", "--batch", "1", "--frames", "4",
+                       "--size", "32", "--device", "cpu", "--no-samples", "--stats-cases", "1", "--stats-steps", "1",
+                       "--out", str(tmp_path)])
+    assert code == 0
+    info = json.loads((tmp_path / "testbed_large.json").read_text())
+    stats = info["held_out"]
+    cfg = testbed.SPECS["large"].transformer
+    assert stats["heads"] == cfg["num_layers"] * cfg["num_attention_heads"]
+    assert isinstance(stats["uniform_heads"], int) and 0 <= stats["uniform_heads"] <= stats["heads"]
+    for key in ("block_mass", "neighbourhood", "near_frames", "entropy"):
+        assert 0 <= stats[key] <= 1, key
+    assert stats["frame_difference"] > 0 and stats["motion_ratio"] > 0 and stats["cases"] == 1
+    assert (tmp_path / "testbed_large_held_out.png").stat().st_size > 1000
+    _, _, metadata = load_weights(tmp_path / "testbed_large.safetensors", testbed.SPECS["large"])
+    assert train._chunk_record(metadata["info"])["held_out"] == stats  # what a resumed chunk's `chunks` keeps
+    with pytest.raises(ValueError, match="stats-cases"):
+        train.main(["--stats-cases", "2", "--device", "cpu", "--out", str(tmp_path)])  # the small testbed has no motions
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: one testbed-l step at its native 16,384 tokens "
+                    "takes 31-39 s on 2 CPU cores, and at the sizes a CPU affords (32 px, never trained) its frame "
+                    "differences say nothing about the guard (ratio 4.1 there)")
+def test_committed_large_weights_move_like_their_references():
+    """The static-video guard (issue 34) on the committed testbed-l weights: 4 held-out cases at the native size
+    and 20 steps move within 10% as much as their reference clips."""
+    from sparsevid.lab.testbed.heldout import MOTION_TOLERANCE, held_out_stats
+    from sparsevid.lab.testbed.motion import held_out_cases
+    from sparsevid.lab.testbed.train import load_clips
+
+    pipe = testbed.load_pipeline(device="cuda", name="large")
+    clips = load_clips(pipe.spec.short_side, "cuda")
+    stats, _ = held_out_stats(pipe, clips, held_out_cases(4, pipe.labels, len(pipe.labels)), steps=20, progress=False)
+    assert abs(stats["motion_ratio"] - 1) <= MOTION_TOLERANCE, stats

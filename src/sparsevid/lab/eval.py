@@ -70,7 +70,7 @@ from ..integrations.core import SdpaRoute
 from ..planners import planners_taking
 from ..reuse.spec import parse_reuse
 
-__all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "capture_layers", "video_metrics"]
+__all__ = ["EvalTarget", "TARGETS", "Config", "add_arguments", "run", "evaluate", "capture_layers", "default_capture_step", "video_metrics"]
 
 _PSNR_CAP = 100.0
 
@@ -125,17 +125,14 @@ class TestbedTarget(EvalTarget):
         return SPECS[getattr(args, "testbed", "small")].transformer["num_layers"]
 
     def cases(self, pipe, args) -> list[dict]:
-        from .testbed import Motion
+        from .testbed.motion import held_out_cases
 
         labels = args.labels or list(pipe.labels)
         for label in labels:
             if label not in pipe.labels:
                 raise ValueError(f"Expect --labels from {list(pipe.labels)} but got {label!r}")
         if getattr(args, "held_out", 0):  # conditions the training never drew (testbed-l's held-out motions)
-            seeds = args.seeds or range(args.held_out)  # seed i, or --seeds cycled
-            return [dict(label=labels[i % len(labels)], seed=seeds[i % len(seeds)],
-                         motion=Motion.random(torch.Generator().manual_seed(1000 + i), len(pipe.labels), held_out=True))
-                    for i in range(args.held_out)]
+            return held_out_cases(args.held_out, labels, len(pipe.labels), args.seeds)  # seed i, or --seeds cycled
         return [dict(label=label, seed=seed) for seed in (args.seeds or DEFAULT_SEEDS) for label in labels]
 
     def generate(self, pipe, case, args, progress):
@@ -319,6 +316,12 @@ def video_metrics(video: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- capture
+def default_capture_step(steps: int, capture_step: int | None = None) -> int:
+    """The step whose attention is captured: ``capture_step``, by default the first step that runs sparse
+    under the warm-up (``ceil(0.2 * steps)``), at most the last step."""
+    return min(math.ceil(0.2 * steps) if capture_step is None else capture_step, steps - 1)
+
+
 def _capture_sdpa(sink: list):
     """An SDPA route that records q, k, v, scale of self-attention calls (query and key of the same length)
     into ``sink`` and runs them as called."""
@@ -483,8 +486,7 @@ def evaluate(target: EvalTarget, pipe, args, configs: list[Config], keep_videos:
     pipeline for ``args.noise_floor`` (None: ``pipe`` cast to float32 and back). ``checkpoint(result)``:
     called after every configuration's video with the rows so far (so a cut-off run keeps them)."""
     cases = target.cases(pipe, args)
-    capture_step = args.capture_step if args.capture_step is not None else math.ceil(0.2 * args.steps)
-    capture_step = min(capture_step, args.steps - 1)
+    capture_step = default_capture_step(args.steps, args.capture_step)
     video_rows, layer_rows, step_rows, kept = [], [], [], {}
     result = dict(videos=video_rows, layers=layer_rows, steps=step_rows, kept=kept, capture_step=capture_step)
     bar = tqdm(cases, desc="cases", unit="case", disable=not progress)
@@ -889,7 +891,7 @@ def run_stats(target: EvalTarget, args, device) -> int:
 
     pipe = target.load(args, device)
     cases = target.cases(pipe, args)
-    step = min(args.capture_step if args.capture_step is not None else math.ceil(0.2 * args.steps), args.steps - 1)
+    step = default_capture_step(args.steps, args.capture_step)
     tiling = {key: value for key, value in args.option if key in ("tile", "block_size")}
     print(f"[eval --stats] {args.pipeline} on {_environment(device)}: {len(cases)} cases, step {step} of {args.steps}, "
           f"{args.frames}x{args.height}x{args.width}" + (f", {tiling}" if tiling else ""))

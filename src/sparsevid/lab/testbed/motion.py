@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MOTION_DIMS", "Motion", "render"]
+__all__ = ["MOTION_DIMS", "Motion", "held_out_cases", "render"]
 
 MOTION_DIMS = 13
 """Length of :meth:`Motion.vector`."""
@@ -106,6 +106,17 @@ class Motion:
         if held_out:
             return replace(m, reverse=True, speed=2, cx=u(0.62, 1.0))
         return m if not m.held_out else replace(m, cx=u(0.0, 0.6))
+
+
+def held_out_cases(count: int, labels, num_labels: int, seeds=None) -> list[dict]:
+    """The fixed held-out cases that ``eval --held-out`` and the trainer's after-chunk statistics generate:
+    case ``i`` is ``dict(label, seed, motion)`` with label ``labels[i % len(labels)]``, seed ``i`` (or
+    ``seeds`` cycled) and the held-out draw (sprites from ``num_labels`` clips) of a generator seeded
+    ``1000 + i``, so the cases are the same in every run."""
+    labels, seeds = list(labels), list(seeds or range(count))
+    return [dict(label=labels[i % len(labels)], seed=seeds[i % len(seeds)],
+                 motion=Motion.random(torch.Generator().manual_seed(1000 + i), num_labels, held_out=True))
+            for i in range(count)]
 
 
 def _start(fraction: float, extent: float, size: float, travel: float) -> float:

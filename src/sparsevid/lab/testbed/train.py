@@ -29,11 +29,17 @@ clips resized to a short side of 240 px, each sample cut by a random :class:`~.m
 The GPU lends one command of at most 10 minutes, so it trains in chunks: ``--resume`` starts
 from the weights a chunk returned (the optimiser restarts; ``chunks`` in the JSON records them).
 
+After a testbed-l chunk, ``--stats-cases N`` (default 4 on CUDA) generates the first N fixed held-out
+cases with the EMA weights just saved and records the attention statistics and the static-video guard
+of :mod:`~.heldout` as ``held_out`` in the JSON (and in the weights' metadata, so the next chunk's
+``chunks`` keeps it).
+
 Writes to ``--out`` (default: the package's ``weights/`` folder), every name starting with the
 testbed's weight stem (``testbed`` or ``testbed_large``): ``<stem>.safetensors`` (EMA weights;
 float32, testbed-l float16), ``<stem>.json`` (command, date, device, time, final loss, ...),
-``<stem>_loss.json`` (loss per step), ``<stem>_loss.png`` and ``<stem>_samples.png`` (one
-generated clip per label, 20 steps).
+``<stem>_loss.json`` (loss per step), ``<stem>_loss.png``, ``<stem>_samples.png`` (one
+generated clip per label, 20 steps) and, with ``--stats-cases``, ``<stem>_held_out.png`` (each
+held-out sample above its reference clip).
 """
 
 from __future__ import annotations
@@ -77,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer (falls back to eager if compiling fails)")
     parser.add_argument("--save-every", type=float, default=0.0, help="also write the weights every this many minutes (0: only at the end)")
     parser.add_argument("--no-samples", action="store_true", help="skip generating <stem>_samples.png after training")
+    parser.add_argument("--stats-cases", type=int, default=None,
+                        help="testbed-l: held-out cases measured after training (attention statistics, motion guard, "
+                             "<stem>_held_out.png), recorded as 'held_out' in the JSON; 0: skip (default: 4 on CUDA, else 0)")
+    parser.add_argument("--stats-steps", type=int, default=20, help="sampler steps of the held-out cases (default: %(default)s)")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -169,6 +179,12 @@ def run(args) -> int:
     args.size = args.size or spec.sample["height"]
     args.short_side = args.short_side or spec.short_side
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.stats_cases is None:
+        args.stats_cases = 4 if device.type == "cuda" and spec.name != "small" else 0
+    if args.stats_cases < 0 or args.stats_steps < 1:
+        raise ValueError(f"Expect --stats-cases >= 0 and --stats-steps >= 1 but got {args.stats_cases} and {args.stats_steps}")
+    if args.stats_cases and spec.name == "small":
+        raise ValueError("Expect --stats-cases 0 with --testbed small (held-out cases are motions, testbed-l's condition)")
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,21 +322,31 @@ def run(args) -> int:
             p.copy_(e)
     transformer.eval()
     labels.eval()
-    save_weights(out / f"{stem}.safetensors", transformer, labels, info, spec, dtype=save_dtype)
+    weights = save_weights(out / f"{stem}.safetensors", transformer, labels, info, spec, dtype=save_dtype)
+    pipe = None
+    if args.stats_cases or not args.no_samples:  # judged as users load them: the saved file, bf16 on CUDA
+        from .pipeline import load_pipeline
+
+        pipe = load_pipeline(device, weights=weights, name=spec.name)
+    if args.stats_cases:
+        from ..viz import save_video_rows
+        from .heldout import held_out_stats
+        from .motion import held_out_cases
+
+        cases = held_out_cases(args.stats_cases, LABELS, len(LABELS))
+        info["held_out"], videos = held_out_stats(pipe, clips, cases, steps=args.stats_steps, frames=args.frames,
+                                                  size=args.size, native=args.size)
+        save_video_rows(videos, out / f"{stem}_held_out.png", title=f"{spec.name} testbed, held-out cases (sample, "
+                        f"reference), {args.stats_steps} steps, after {info['total_steps']} steps")
+        save_weights(weights, transformer, labels, info, spec, dtype=save_dtype)  # the record travels with the weights
     (out / f"{stem}_loss.json").write_text(json.dumps(dict(info=info, loss=[round(v, 5) for v in losses])))
     (out / f"{stem}.json").write_text(json.dumps(info, indent=2) + "\n")
     save_loss_plot(losses, out / f"{stem}_loss.png", f"{spec.name} testbed training ({step} steps, {info['device']})")
     print(json.dumps({k: v for k, v in info.items() if k != "chunks"}, indent=2), flush=True)
 
     if not args.no_samples:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         from ..viz import save_video_rows
-        from .pipeline import TestbedPipeline, cast_transformer
 
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        cast_transformer(transformer, device, dtype)
-        pipe = TestbedPipeline(transformer, labels, FlowMatchEulerDiscreteScheduler(shift=spec.sample["shift"]), device, dtype, info, spec)
         videos = {name: pipe(label=name, seed=0, steps=20, frames=args.frames, height=args.size, width=args.size) for name in LABELS}
         save_video_rows(videos, out / f"{stem}_samples.png", title=f"{spec.name} testbed samples, seed 0, 20 steps")
     print(f"wrote {out} in {time.time() - t_start:.0f} s", flush=True)
@@ -329,7 +355,7 @@ def run(args) -> int:
 
 def _chunk_record(info: dict) -> dict:
     """What a resumed run keeps of the run it started from."""
-    keys = ("date", "device", "steps", "stages", "batch", "lr", "train_seconds", "final_loss")
+    keys = ("date", "device", "steps", "stages", "batch", "lr", "train_seconds", "final_loss", "held_out")
     return {k: info.get(k) for k in keys}
 
 
