@@ -201,7 +201,8 @@ def test_the_kernel_reads_a_given_gate_as_the_reference_does():
         cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields), gate=gate[:1])
     with pytest.raises(ValueError, match=r"means\[1\]"):
         cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields),
-                                 means=(torch.zeros(2, 3, 6, 32, device=DEVICE), torch.zeros(2, 3, 5, 32, device=DEVICE)))
+                                 means=(torch.zeros(2, 3, 6, 32, device=DEVICE),
+                                        torch.zeros(2, 3, 5, 32, device=DEVICE)))
 
 
 def test_the_decision_through_the_triton_backend():
@@ -352,15 +353,7 @@ def test_cuda(dtype, gather_kv, block_m, packed):
 
 
 _COMPILE = """
-import sys
-from triton import compile
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from sparsevid.kernels import triton_cluster as tc
-
-def build(fn, pointers, constants, **options):
-    signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in fn.arg_names}
-    return compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
 
 half, i32 = "*fp16", "*i32"
 pointers = dict(Q=half, K=half, V=half, Out=half, KG=half, VG=half, QOrder=i32, KOrder=i32, Tiles=i32, Ranges=i32,
@@ -370,8 +363,8 @@ for packed, gathered, tail in ((True, True, True), (False, False, False)):
     constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, TAIL=tail,
                      PRE_GATHERED=gathered, PACKED=packed, LOG_RP=6, NUM_STAGES=3)
     print("shared", build(tc._cluster_attn_fwd.fn, pointers, constants, num_warps=4, num_stages=3).metadata.shared)
-build(tc._cluster_means, dict(V=half, KOrder=i32, KOffsets=i32, Out="*fp32"), dict(HEAD_DIM=128, HEAD_DIM_P=128, ROWS=32),
-      num_warps=4)
+build(tc._cluster_means, dict(V=half, KOrder=i32, KOffsets=i32, Out="*fp32"),
+      dict(HEAD_DIM=128, HEAD_DIM_P=128, ROWS=32), num_warps=4)
 """
 
 
@@ -379,12 +372,8 @@ def test_compiles_for_hopper():
     """The interpreter runs what the compiler may refuse (it refused a constexpr reassigned in a static loop):
     both walks and the mean-values kernel compile for sm_90 with the ptxas Triton ships (no GPU needed; a
     process without the interpreter)."""
-    import os
-    import subprocess
-    import sys
+    from sm90 import compile_sm90
 
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = compile_sm90(_COMPILE)
     shared = [int(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("shared")]
     assert len(shared) == 2 and max(shared) <= 100 * 1024  # several programs per SM (H100: 227 KB)
