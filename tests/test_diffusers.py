@@ -69,6 +69,7 @@ def test_replan_every_reuses_plans():
     for t in (900, 800, 700, 600, 500):
         run(model, {**inputs, "timestep": torch.full((2,), t)})
     assert handle.stats()["plans"] == 2 * 2  # the planner's default: planned at steps 0 and 4
+    assert handle.stats()["replan_every"] == 4
     handle.remove()
 
 

@@ -445,12 +445,13 @@ class SparseSession:
     def stats(self) -> dict:
         """Counts so far: ``sparse_calls`` (one per attention call, whatever its batch), ``dense_calls``,
         ``plans``, ``mean_density`` (one device read), the ``budget`` the planner spends
-        (:func:`describe_budget`), the ``tail`` method, and the ``backends`` that computed the sparse calls
-        (sorted names; ``auto`` resolved)."""
+        (:func:`describe_budget`), the ``tail`` method, ``replan_every`` (resolved: the planner's default where
+        ``None`` was asked), and the ``backends`` that computed the sparse calls (sorted names; ``auto``
+        resolved)."""
         mean = float(self._density_sum) / self.plans_made if self.plans_made else None
         return dict(sparse_calls=self.sparse_calls, dense_calls=self.dense_calls, plans=self.plans_made,
                     mean_density=mean, budget=describe_budget(self.config), tail=self.config.tail,
-                    backends=sorted(self.backends))
+                    replan_every=self.config.replan_interval, backends=sorted(self.backends))
 
 
 def budget(config: SparseVidConfig) -> tuple[str | None, object, bool]:

@@ -368,13 +368,15 @@ class SparseVidHandle(Handle):
         """Counts so far: ``sparse_calls`` (attention calls sparsevid computed, one per call whatever its
         batch), ``dense_calls`` (hooked layers left native: dense layers and steps), ``plans`` made and their
         ``mean_density``, the ``budget`` the planner spends (e.g. ``"mass=0.9 (xattn's default)"``), the
-        ``tail`` method and the ``backends`` that computed the sparse calls (``auto`` resolved); with
+        ``tail`` method, ``replan_every`` (the planner's default where ``None`` was asked) and the
+        ``backends`` that computed the sparse calls (``auto`` resolved); with
         ``reuse=``, ``"reuse"`` holds one ``ReuseHandle.stats()`` per transformer."""
         per = [s.stats() for s in self.sessions]
         plans = sum(p["plans"] for p in per)
         mean = sum(p["mean_density"] * p["plans"] for p in per if p["plans"]) / plans if plans else None
         out = dict(sparse_calls=sum(p["sparse_calls"] for p in per), dense_calls=sum(p["dense_calls"] for p in per),
                    plans=plans, mean_density=mean, budget=describe_budget(self.config), tail=self.config.tail,
+                   replan_every=self.config.replan_interval,
                    backends=sorted({name for p in per for name in p["backends"]}))
         reuse = [h.stats() for h in self.reuse_handles]
         if reuse:
