@@ -396,7 +396,8 @@ def test_the_session_warm_starts_per_layer_and_branch_and_remove_drops_the_centr
 
     monkeypatch.setattr(core, "make_plan", spy)
     pipe = tiny_wan_pipeline()
-    handle = sv.apply(pipe, method="clustered", density=0.3, dense_layers=0, dense_steps=0, tile=(2, 4), block_size=16)
+    handle = sv.apply(pipe, method="clustered", density=0.3, dense_layers=0, dense_steps=0, replan_every=1,
+                      tile=(2, 4), block_size=16)  # every step plans (clustered's default reuses plans for 4 steps)
     made.clear()  # apply's own check on a tiny input
     pipe(prompt="a bunny", negative_prompt="sky", height=48, width=80, num_frames=5, num_inference_steps=3,
          max_sequence_length=16, output_type="latent")
