@@ -161,6 +161,12 @@ def test_the_node():
     assert patched is not model
     sample(patched, steps=1)
     assert sparse_session(patched).stats()["sparse_calls"] == 2  # one forward, two layers
+    # left alone, the tail and the replanning interval are the method's own: clustered keeps its cluster tail
+    # and replans every 4 steps
+    assert node.INPUT_TYPES()["optional"]["tail"][1]["default"] == "auto" and inputs["replan_every"][1]["default"] == 0
+    (patched,) = node().patch(model, "clustered", "density", 0.3, 0.0, 0, 0, "auto")
+    stats = sparse_session(patched).stats()
+    assert stats["replan_every"] == 4 and stats["tail"] == "auto"
 
 
 def test_a_layer_that_bypasses_the_override_is_an_error():
