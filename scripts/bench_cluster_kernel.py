@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--spread", type=float, default=0.8, help="sigma of the log-normal cluster sizes")
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     p.add_argument("--block-m", type=int, nargs="+", default=[64, 128], help="query rows per tile to time")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[128, 64],
+                   help="block sizes of the block-sparse contender (a random plan at the clustered plan's density)")
     p.add_argument("--configs", nargs="+", default=["64:4:3", "64:8:2", "128:8:2"], metavar="BLOCK_N:WARPS:STAGES",
                    help="kernel configs to time each variant with (the autotuner bypassed: its compiles took minutes); "
                         "the fastest is reported")
@@ -130,13 +132,14 @@ def main() -> None:
     results = []
     dense_ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), **timer)
     results.append(["SDPA dense", "-", 1.0, dense_ms, 1.0, "-"])
-    block = sv.plan(q, k, layout, method="random", density=density)
-    num, idx = block.kv_num_blocks.expand(B, H, -1), block.kv_indices.expand(B, H, -1, -1)
-    real, order = launch_tables(block.perm, num, layout.block_size, B, H)
-    bs_ms = time_ms(lambda: block_sparse_attn(q, k, v, block.perm, num, idx, layout.block_size, scale, real, order),
-                    **timer)
-    results.append([f"triton block-sparse (random, {layout.block_size})", "-", block.density, bs_ms,
-                    dense_ms / bs_ms, "-"])
+    for size in args.block_sizes:  # the block-sparse kernel at tile heights the clustered tiles are compared with
+        grid = VideoLayout(frames=args.frames, height=args.height, width=args.width, text_tokens=args.text_tokens,
+                           block_size=size)
+        block = sv.plan(q, k, grid, method="random", density=density)
+        num, idx = block.kv_num_blocks.expand(B, H, -1), block.kv_indices.expand(B, H, -1, -1)
+        real, order = launch_tables(block.perm, num, size, B, H)
+        bs_ms = time_ms(lambda: block_sparse_attn(q, k, v, block.perm, num, idx, size, scale, real, order), **timer)
+        results.append([f"triton block-sparse (random, {size})", "-", block.density, bs_ms, dense_ms / bs_ms, "-"])
     for bm in args.block_m:
         launch_ms = time_ms(lambda: cluster_launch(fields, bm), **timer)
         launch = cluster_launch(fields, bm)
