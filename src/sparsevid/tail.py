@@ -290,13 +290,13 @@ def probe_partials(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_keys
     """``(exact, kept_out, kept_lse)`` of probe rows ``qp`` (float32 ``(B, H, P, D)``): their exact attention over
     every key of ``k``, ``v`` ``(B, H, L, D)`` and their partial over the keys ``kept_keys`` (bool, broadcasting to
     ``(B, H, P, L)``), float32. On CUDA one Triton pass (:mod:`sparsevid.kernels.triton_probe`: the float32 matmuls
-    of the PyTorch twin run on CUDA cores there, 1.3 ms a call at Wan2.1-1.3B 480p); elsewhere, or for a head dim
-    the kernel does not tile, :func:`probe_partials_reference`."""
-    D = qp.shape[-1]
-    if qp.is_cuda and D % 16 == 0 and 16 <= D <= 256 and k.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        from .kernels.triton_probe import probe_partials_triton
+    of the PyTorch twin run on CUDA cores there, 1.5 ms a call at Wan2.1-1.3B 480p); elsewhere, or for a head dim
+    or dtype the kernel does not take, :func:`probe_partials_reference`."""
+    if qp.is_cuda:
+        from .kernels import triton_probe
 
-        return probe_partials_triton(qp.to(k.dtype), k, v, kept_keys, scale)
+        if triton_probe.takes(qp.shape[-1], k.dtype):
+            return triton_probe.probe_partials_triton(qp.to(k.dtype), k, v, kept_keys, scale)
     return probe_partials_reference(qp, k, v, kept_keys, scale)
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .triton_common import INTERPRET, LOG2E, head_dim_padded, init_state, load_keys, softmax_update
 
-__all__ = ["probe_partials_triton"]
+__all__ = ["probe_partials_triton", "takes"]
 
 _BLOCK_N = 16 if INTERPRET else 64  # keys per step
 _PROGRAMS = 512  # programs to aim for (a few per SM): the key ranges per (batch, head)
@@ -88,6 +88,11 @@ def _probe_fwd(
         tl.store(Lse + slot, lse, mask=p_ok)
 
 
+def takes(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel tiles this head dim (a multiple of 16 up to 256) and dtype."""
+    return head_dim % 16 == 0 and 16 <= head_dim <= 256 and dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
 def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_keys: torch.Tensor,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(exact, kept_out, kept_lse)`` of the probe rows ``qp`` ``(B, H, P, D)`` (k's dtype): float32 ``(B, H, P,
@@ -98,8 +103,9 @@ def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     L = k.shape[2]
     if qp.dtype != k.dtype or v.dtype != k.dtype:
         raise ValueError(f"Expect qp, k, v of one dtype but got {qp.dtype}, {k.dtype}, {v.dtype}")
-    if D % 16 or not 16 <= D <= 256:
-        raise ValueError(f"Expect head_dim a multiple of 16 in [16, 256] for the probe kernel but got {D}")
+    if not takes(D, k.dtype):
+        raise ValueError(f"Expect head_dim a multiple of 16 in [16, 256] and a float dtype for the probe kernel but "
+                         f"got {D} and {k.dtype}")
     if kept_keys.dtype != torch.bool or kept_keys.dim() != 4 or kept_keys.shape[2:] != (P, L):
         raise ValueError(f"Expect kept_keys as a bool (B', H', {P}, {L}) tensor but got {kept_keys.dtype} "
                          f"{tuple(kept_keys.shape)}")
