@@ -172,10 +172,10 @@ class ClusterPlan(PlanData):
 
         return self._view("kept_clusters", build)
 
-    def kept_of_rows(self, rows: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def kept_of_rows(self, rows: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """What the query tokens ``rows`` (int64 ``(P,)``, original indices of video tokens) keep: bool ``(B', H', P,
-        Ck)`` the key clusters, and bool ``(B', H', P, L)`` the keys (text keys always). With ``name``, built once
-        per plan and kept under it (a fixed sample read every call, e.g. the tail decision's probe rows)."""
+        Ck)`` the key clusters, and bool ``(B', H', P, L)`` the keys (text keys always); built once per plan and
+        kept under ``name`` (a fixed sample read every call: the tail decision's probe rows)."""
 
         def build():
             clusters = self.q_labels()[:, :, rows]  # (B', H', P)
@@ -185,7 +185,7 @@ class ClusterPlan(PlanData):
             keys = kept.gather(-1, k_labels.clamp(min=0).unsqueeze(2).expand(-1, -1, rows.numel(), -1))
             return kept, keys | (k_labels < 0).unsqueeze(2)
 
-        return build() if name is None else self._view(name, build)
+        return self._view(name, build)
 
     def kept_tokens(self) -> torch.Tensor:
         """int64 ``(B', H', Cq)``: video key tokens each query cluster computes exactly (text keys not counted)."""
