@@ -443,7 +443,8 @@ class StaticDecoder:
         if fastcar:
             P = self.P
             eligible = (positions >= P)[None].expand(B, T)
-            k_slots = (positions - P).clamp(min=0)
+            # the earlier frame's cache slots, for the PyTorch decision (the Triton one reads the cache itself)
+            k_slots = (positions - P).clamp(min=0) if self._decide_kernel is None else None
             slots = positions % P
         h = self.embed(ids)
         rep = self.H // self.KVH
