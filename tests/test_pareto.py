@@ -352,3 +352,20 @@ def test_bad_options_refused_before_any_work(line, tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
     assert len(err.strip().splitlines()[-1]) > 0
+
+
+def test_a_setting_that_makes_no_sparse_call_is_refused():
+    """A planner setting whose forward sparsevid computed nothing of would time native attention as that setting
+    (bench e2e and bench pareto share the timing); native attention (method None) expects no sparse call."""
+    import types
+
+    from sparsevid.lab.bench.e2e import time_sparse_forward
+
+    handle = types.SimpleNamespace(config=types.SimpleNamespace(method="draft"),
+                                   stats=lambda: dict(sparse_calls=0, plans=0))
+    model, scheduler = (lambda **inputs: (torch.zeros(1),)), types.SimpleNamespace(step_index=0)
+    with pytest.raises(RuntimeError, match="counted none"):
+        time_sparse_forward(model, {}, scheduler, handle, 1, 1, "cpu", "draft@0.1")
+    handle.config.method = None
+    _, row = time_sparse_forward(model, {}, scheduler, handle, 1, 1, "cpu", "native")
+    assert row["forward_ms"] >= 0

@@ -223,13 +223,17 @@ def time_sparse_forward(model, inputs, scheduler, handle, every: int, reps: int,
     adds ``replan_every``, ``plan_forward_ms`` and ``reuse_forward_ms``.
 
     Raises:
-        RuntimeError: a planning forward made no plan, or a reusing forward made one (``handle.stats()``).
+        RuntimeError: a planning forward made no plan, or a reusing forward made one, or a setting with a planner
+            made no sparse call (its time would be native attention's) (``handle.stats()``).
     """
     def forward_at(step: int):
         scheduler.step_index = step
         return _forward(model, inputs)
 
     out = forward_at(5)
+    if handle.config.method is not None and not handle.stats()["sparse_calls"]:
+        raise RuntimeError(f"Expect sparse attention calls in the forward of {name} but sparsevid counted none; its "
+                           "time would be native attention's")
     if every == 1:
         return out, dict(forward_ms=time_ms(lambda: forward_at(scheduler.step_index + 1), reps=reps, warmup=0,
                                             device=device))
