@@ -226,7 +226,7 @@ class ClusterPlan(PlanData):
             if not (bool((offsets[..., 0] == 0).all()) and bool((offsets[..., -1] == V).all())
                     and bool((offsets.diff(dim=-1) >= 0).all())):
                 raise ValueError(f"Expect {side}_offsets to run from 0 to V={V} without decreasing")
-        cq, ck = self.num_q_clusters, self.num_k_clusters
+        ck = self.num_k_clusters
         counts = self.kv_num_clusters
         if bool((counts < 1).any()) or bool((counts > min(ck, self.max_kept)).any()):
             raise ValueError(f"Expect 1 <= kv_num_clusters <= min(Ck={ck}, max_kept={self.max_kept}) but got values in "

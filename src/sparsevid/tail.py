@@ -60,9 +60,9 @@ from .layout import VideoLayout
 from .kernels.pooling import group_mean_reference, group_tables
 
 __all__ = ["AUTO", "CLUSTER_TAIL", "PROBES", "TAIL_METHODS", "TAIL_WEIGHTS", "TailMethod", "TailSummaries", "auto_tail",
-           "check_tail", "choose_tail", "decide_cluster_tail", "decide_tail", "fixed_gate", "kept_blocks", "probe_partials",
-           "probe_partials_reference", "probe_rows",
-           "summarize_reference", "tail_logits", "tail_operands"]
+           "check_tail", "choose_tail", "decide_cluster_tail", "decide_tail", "fixed_gate", "kept_blocks",
+           "probe_partials", "probe_partials_reference", "probe_rows", "summarize_reference", "tail_logits",
+           "tail_operands"]
 
 PROBES = 32  # exact query rows per (batch, head) that measure the tail in each call (tens: their cost is rows x L)
 TAIL_WEIGHTS = tuple(2.0 ** (-k / 2) for k in range(9))  # the weights w a summary may take: 1, 1/√2, ..., 1/16
