@@ -218,7 +218,10 @@ def test_triton_kernels_read_the_decision_as_the_reference_does(layout):
             else:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, msg=method)
         dropped = sparse_attention_reference(q, k, v, perm, counts, indices, bs, scale)
-        torch.testing.assert_close(fused[0, 0], dropped[0, 0], rtol=1e-4, atol=2e-5)  # the head that drops
+        if CUDA:  # TF32, as above
+            assert float((fused[0, 0] - dropped[0, 0]).norm() / dropped[0, 0].norm()) < 3e-3, method
+        else:
+            torch.testing.assert_close(fused[0, 0], dropped[0, 0], rtol=1e-4, atol=2e-5)  # the head that drops
 
 
 @needs_triton

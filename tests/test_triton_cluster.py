@@ -186,7 +186,7 @@ def test_the_kernel_reads_a_given_gate_as_the_reference_does():
     g = torch.Generator().manual_seed(11)
     q, k, v = inputs(layout, 2, 3, 32, torch.float32, g, False)
     fields, truth = make_plan(layout, 2, 3, 5, 6, 0.3, k, g)
-    gate = torch.tensor([[0.0, float("-inf"), -1.5], [-0.35, -3.0, 0.0]])
+    gate = torch.tensor([[0.0, float("-inf"), -1.5], [-0.9, -3.0, 0.0]])
     scale = 32 ** -0.5
     out = cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), on_device(fields), scale,
                                    gate=gate.to(DEVICE))

@@ -26,7 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def test_matches_the_pytorch_decision(B, H, KVH, T, D, P, start, dtype):
     g = torch.Generator().manual_seed(B * 100 + T)
     q = torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2)  # (B, H, T, D), strided as after RoPE
-    k_cache = torch.randn(B, KVH, 32, D, generator=g).to(dtype)
+    k_cache = torch.randn(B, KVH, max(32, start + T), D, generator=g).to(dtype)  # a slot for every position
     positions = torch.arange(start, start + T)
     scale = D ** -0.5
     k_prev = k_cache.index_select(2, (positions - P).clamp(min=0))

@@ -109,7 +109,8 @@ def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     if kept_keys.dtype != torch.bool or kept_keys.dim() != 4 or kept_keys.shape[2:] != (P, L):
         raise ValueError(f"Expect kept_keys as a bool (B', H', {P}, {L}) tensor but got {kept_keys.dtype} "
                          f"{tuple(kept_keys.shape)}")
-    mask = kept_keys.view(torch.uint8).expand(B, H, P, L)  # expanded dims have stride 0: read in place
+    # read as bool in place (expanded dims have stride 0); no uint8 view, which torch.compile cannot lower
+    mask = kept_keys.expand(B, H, P, L)
     blocks = triton.cdiv(L, _BLOCK_N)
     splits = max(1, min(blocks, triton.cdiv(_PROGRAMS, B * H)))
     per_split = triton.cdiv(blocks, splits) * _BLOCK_N
