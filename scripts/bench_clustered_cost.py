@@ -76,23 +76,38 @@ def run(shape: str, args) -> list[list]:
                     row(f"clustered plan warm ({eng}, {iters} it) @{density}",
                         time_ms(lambda: sv.plan(q, k, layout, centroids=cold.centroids, iters=iters, **opts),
                                 reps=args.reps), f"{cold.density:.3f}")
+                if "kdtree" in args.q_partitions:
+                    kd_opts = dict(opts, q_partition="kdtree")
+                    kd = sv.plan(q, k, layout, **kd_opts)
+                    for iters in args.warm_iters:
+                        row(f"clustered plan q_partition=kdtree, keys warm ({eng}, {iters} it) @{density}",
+                            time_ms(lambda: sv.plan(q, k, layout, centroids=kd.centroids, iters=iters, **kd_opts),
+                                    reps=args.reps), f"{kd.density:.3f}")
         q_sizes = cold.q_offsets.diff(dim=-1).float()
         fill = {bm: (q_sizes.sum() / ((q_sizes / bm).ceil() * bm).sum()).item() for bm in (32, 64, 128)}
         rows.append([shape, f"clustered plan @{density}: query tiles filled " + ", ".join(
             f"{f:.2f} (block_m {bm})" for bm, f in fill.items()) + f"; largest query / key cluster "
             f"{int(q_sizes.max())} / {int(cold.k_offsets.diff(dim=-1).max())}", f"{cold.density:.3f}", "-", "-"])
-        for tail in (None, "centroid"):
-            row(f"clustered kernel (triton, tail={tail}) @{density}",
-                time_ms(lambda: sv.sparse_attention(q, k, v, cold, backend="triton", tail=tail), reps=args.reps),
-                f"{cold.density:.3f}")
-        if args.profile:  # what a warm plan and a call with the tail spend their GPU time on
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    warm = sv.plan(q, k, layout, centroids=cold.centroids, iters=2, **opts)
-                    sv.sparse_attention(q, k, v, warm, backend="triton", tail="centroid")
+        plans = [("kmeans", cold)] + ([("kdtree", kd)] if "kdtree" in args.q_partitions else [])
+        for name, plan in plans:
+            for tail in (None, "centroid"):
+                row(f"clustered kernel (triton, q_partition={name}, tail={tail}) @{density}",
+                    time_ms(lambda: sv.sparse_attention(q, k, v, plan, backend="triton", tail=tail), reps=args.reps),
+                    f"{plan.density:.3f}")
+        if args.profile:  # GPU and host time of a warm plan, then of calls with the tail on a reused plan
+            for what, step in (("warm plan, 2 it", lambda: sv.plan(q, k, layout, centroids=cold.centroids, iters=2,
+                                                                    **opts)),
+                               ("call with the tail, reused plan", lambda: sv.sparse_attention(
+                                   q, k, v, cold, backend="triton", tail="centroid"))):
+                step()
                 torch.cuda.synchronize()
-            print(f"# {shape} @{density}: 3 x (warm plan, 2 it + clustered call with tail), GPU time by kernel")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        step()
+                    torch.cuda.synchronize()
+                print(f"# {shape} @{density}: 3 x {what}, by GPU time (host time beside it)")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
     del q, k, v
     torch.cuda.empty_cache()
     return rows
@@ -106,6 +121,8 @@ def main(argv=None) -> None:
     p.add_argument("--warm-iters", type=int, nargs="+", default=[1, 2])
     p.add_argument("--engines", nargs="+", default=["flash", "torch"], choices=["flash", "torch"])
     p.add_argument("--inputs", default="random", choices=["random", "clip"])
+    p.add_argument("--q-partitions", nargs="+", default=["kmeans"], choices=["kmeans", "kdtree"],
+                   help="query partitions timed (kmeans always; kdtree adds its plan and kernel rows)")
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--profile", action="store_true", help="print the GPU time by kernel of warm plans and calls")

@@ -87,10 +87,11 @@ def true_mass(q, k, mask, scale):
 # ------------------------------------------------------------------------------ the plan and its execution
 @pytest.mark.parametrize("text", DENSE_TEXT)
 @pytest.mark.parametrize("budget", [dict(density=0.3), dict(mass=0.7)])
-def test_execution_equals_masked_sdpa_and_the_centroid_formula(text, budget):
+@pytest.mark.parametrize("q_partition", ["kmeans", "kdtree"])
+def test_execution_equals_masked_sdpa_and_the_centroid_formula(text, budget, q_partition):
     layout = sv.VideoLayout(3, 5, 7, tile=(2, 4), block_size=16, **text)
     q, k, v = inputs(layout)
-    plan = sv.plan(q, k, layout, "clustered", q_clusters=7, k_clusters=9, **budget)
+    plan = sv.plan(q, k, layout, "clustered", q_clusters=7, k_clusters=9, q_partition=q_partition, **budget)
     assert isinstance(plan, sv.ClusterPlan) and plan.shape == (2, 3)
     mask, _, _ = oracle_mask(plan)
     assert torch.equal(plan.to_mask(), mask)
@@ -338,6 +339,32 @@ def test_warm_start_on_the_next_step_converges_in_two_iterations(testbed_steps):
 
 
 # ------------------------------------------------------------------------------ options
+def test_kdtree_query_clusters_are_equal_and_split_planted_groups():
+    """``q_partition="kdtree"``: every query cluster holds floor or ceil(V / Cq) rows (105 / 8: 13 or 14) and says so
+    (``max_q_size``); four planted groups of queries far apart along different directions come out as four clusters
+    (each cluster one group) however the tokens are ordered; keys stay k-means (variable sizes)."""
+    layout = sv.VideoLayout(3, 5, 7)
+    V = layout.video_tokens
+    q, k, _ = inputs(layout)
+    plan = sv.plan(q, k, layout, "clustered", q_clusters=8, k_clusters=9, q_partition="kdtree").validate()
+    assert set(plan.q_sizes.unique().tolist()) == {13, 14} and plan.max_q_size == 14
+    assert plan.q_labels().shape == (2, 3, V) and plan.centroids[0].shape == (2, 3, 8, 16)
+    g = torch.Generator().manual_seed(5)
+    V = 4 * 28
+    layout = sv.VideoLayout(4, 4, 7)
+    group = torch.randperm(V, generator=g) % 4  # 28 tokens a group, scattered over the video
+    directions = 10 * torch.eye(16)[[0, 3, 7, 12]] - 5 * torch.eye(16)[[5, 5, 1, 1]]
+    q = (directions[group] + 0.3 * torch.randn(V, 16, generator=g)).expand(1, 2, V, 16).contiguous()
+    plan = sv.plan(q, q, layout, "clustered", q_clusters=4, k_clusters=4, q_partition="kdtree")
+    labels = plan.q_labels()
+    for h in range(2):
+        pairs = set(zip(labels[0, h].tolist(), group.tolist()))
+        assert len(pairs) == 4 and len({c for c, _ in pairs}) == 4
+    with pytest.raises(ValueError, match="max_q_size=13"):  # a plan claiming a bound its clusters break
+        sv.ClusterPlan(layout, plan.q_order, plan.q_offsets, plan.k_order, plan.k_offsets, plan.kv_num_clusters,
+                       plan.kv_clusters, plan.k_means, max_q_size=13).validate()
+
+
 def test_bad_options_are_refused_naming_them():
     layout = sv.VideoLayout(2, 4, 4)
     q, k, _ = inputs(layout, batch=1, heads=2, dim=8)
@@ -360,6 +387,11 @@ def test_bad_options_are_refused_naming_them():
         sv.plan(q, k, layout, "clustered", q_clusters=4, k_clusters=6, centroids=qc)
     with pytest.raises(ValueError, match="seed"):
         sv.plan(q, k, layout, "clustered", seed=-1)
+    with pytest.raises(ValueError, match="q_partition"):
+        sv.plan(q, k, layout, "clustered", q_partition="balanced")
+    with pytest.raises(ValueError, match="max_q_size"):
+        sv.ClusterPlan(layout, plan.q_order, plan.q_offsets, plan.k_order, plan.k_offsets, plan.kv_num_clusters,
+                       plan.kv_clusters, plan.k_means, max_q_size=0)
 
 
 def test_tails_and_plan_types():

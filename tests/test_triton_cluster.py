@@ -176,6 +176,31 @@ def test_through_the_backends(tail, backend):
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
+def test_equal_query_clusters_take_tiles_of_their_size():
+    """A ``q_partition="kdtree"`` plan (query clusters of 12 rows, ``max_q_size=12``) runs in tiles of 16 rows, one
+    tile a cluster, and equals the reference twin with and without the cluster tail; a k-means plan keeps the
+    default height."""
+    import sparsevid as sv
+    from sparsevid.kernels.reference_cluster import sparse_attention_reference_clusters
+
+    layout = VideoLayout(frames=2, height=4, width=6, text_tokens=5, text_first=False)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = inputs(layout, 1, 2, 32, torch.float16, g, False)
+    plan = sv.plan(q, k, layout, "clustered", density=0.3, q_clusters=4, k_clusters=6, q_partition="kdtree")
+    assert plan.max_q_size == 12
+    launch = cluster_launch(plan.to(DEVICE))
+    assert launch.block_m == 16 and int((launch.tiles[..., 0] >= 0).sum()) == 2 * 4
+    assert cluster_launch(sv.plan(q, k, layout, "clustered", density=0.3, q_clusters=4).to(DEVICE)).block_m == (
+        16 if not CUDA else 64)
+    for tail in (None, "fixed"):
+        gate = None if tail is None else torch.zeros(1, 2)
+        out = cluster_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), plan.to(DEVICE), 32 ** -0.5,
+                                       tail=None if tail is None else "centroid",
+                                       gate=None if gate is None else gate.to(DEVICE))
+        ref = sparse_attention_reference_clusters(q.float(), k.float(), v.float(), plan, 32 ** -0.5, gate)
+        assert rel_err(out, ref) < TOL[torch.float16]
+
+
 def test_the_kernel_reads_a_given_gate_as_the_reference_does():
     """fp32, the kernel called directly with per-head gates (``log w``: 0, ``-inf`` = the tail skipped, and in
     between) against the reference twin given the same gate; a head at 0 is the formula, at ``-inf`` no tail."""

@@ -39,6 +39,9 @@ class ClusterPlan(PlanData):
     - ``centroids``: ``(q_centroids (B', H', Cq, D), k_centroids (B', H', Ck, D))`` float32 (or ``None``
       for a plan built by hand), what ``sparsevid.plan(..., centroids=plan.centroids)`` takes to warm-start
       the next call of the same layer and CFG branch.
+    - ``max_q_size`` (int or ``None``): a bound on every query cluster's size that the planner knows from shapes
+      alone (equal-size query clusters, ``q_partition="kdtree"``); the ``triton`` backend's query tiles take that
+      height (the smallest of 16, 32, 64, 128 that holds it), so they are full. ``None``: unknown (tiles of 64).
 
     The token mask (original order) is rebuilt by::
 
@@ -70,7 +73,7 @@ class ClusterPlan(PlanData):
     def __init__(self, layout: VideoLayout, q_order: torch.Tensor, q_offsets: torch.Tensor, k_order: torch.Tensor,
                  k_offsets: torch.Tensor, kv_num_clusters: torch.Tensor, kv_clusters: torch.Tensor,
                  k_means: torch.Tensor, centroids: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 method: str = "custom", *, trusted: bool = False):
+                 method: str = "custom", *, trusted: bool = False, max_q_size: int | None = None):
         super().__init__(trusted=trusted)
         if not isinstance(layout, VideoLayout):
             raise TypeError(f"Expect layout to be a VideoLayout but got {type(layout).__name__}")
@@ -99,10 +102,14 @@ class ClusterPlan(PlanData):
         if centroids is not None:
             _check_centroids(centroids, (*bh, cq, k_means.shape[-1]), (*bh, ck, k_means.shape[-1]), q_order.device)
             centroids = tuple(centroids)
+        if max_q_size is not None and (isinstance(max_q_size, bool) or not isinstance(max_q_size, int)
+                                       or not 1 <= max_q_size <= V):
+            raise ValueError(f"Expect max_q_size an int in [1, V={V}] or None but got {max_q_size!r}")
         self.layout = layout
         self.q_order, self.q_offsets, self.k_order, self.k_offsets = q_order, q_offsets, k_order, k_offsets
         self.kv_num_clusters, self.kv_clusters, self.k_means = kv_num_clusters, kv_clusters, k_means
         self.centroids = centroids
+        self.max_q_size = max_q_size
         self.method = method
         self.keeps_everything = False  # backends may test it on any plan (dense shortcut): never for clusters
         self._views: dict[str, object] = {}
@@ -245,6 +252,9 @@ class ClusterPlan(PlanData):
             raise ValueError("Expect every query to keep the key cluster holding its own token but some do not")
         if not bool(torch.isfinite(self.k_means).all()):
             raise ValueError("Expect finite k_means but got NaN/Inf entries")
+        if self.max_q_size is not None and int(self.q_sizes.max()) > self.max_q_size:
+            raise ValueError(f"Expect every query cluster within max_q_size={self.max_q_size} but the largest holds "
+                             f"{int(self.q_sizes.max())}")
         self._trusted = True
         return self
 
@@ -262,7 +272,7 @@ class ClusterPlan(PlanData):
     def _like(self, fn) -> "ClusterPlan":
         centroids = None if self.centroids is None else tuple(fn(c) for c in self.centroids)
         return ClusterPlan(self.layout, *(fn(getattr(self, name)) for name in self._FIELDS), centroids=centroids,
-                           method=self.method, trusted=self._trusted)
+                           method=self.method, trusted=self._trusted, max_q_size=self.max_q_size)
 
     def to_string(self, grid_size: int = 20, limit: int = 4) -> str:
         """Per (batch, head): cluster counts and sizes, kept clusters, density, and an ASCII picture of the kept

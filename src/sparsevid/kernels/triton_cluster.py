@@ -106,7 +106,11 @@ class ClusterLaunch:
 
 def cluster_launch(plan, block_m: int | None = None) -> ClusterLaunch:
     """The :class:`ClusterLaunch` of ``plan`` (a ClusterPlan, or any object with its fields) for tiles of
-    ``block_m`` query rows (default 64; 16 under the interpreter). Device ops only: no host sync."""
+    ``block_m`` query rows (default: the smallest tile that holds ``plan.max_q_size`` where the plan knows it, else
+    64, or 16 under the interpreter). Device ops only: no host sync."""
+    bound = getattr(plan, "max_q_size", None)
+    if block_m is None and bound is not None:
+        block_m = next((b for b in BLOCK_MS if b >= bound), BLOCK_MS[-1])
     block_m = _block_m(block_m)
     layout = plan.layout
     q_offsets, k_offsets = plan.q_offsets.long(), plan.k_offsets.long()
