@@ -145,12 +145,12 @@ class ClusterPlan(PlanData):
     @property
     def q_sizes(self) -> torch.Tensor:
         """int64 ``(B', H', Cq)``: tokens of each query cluster."""
-        return self.q_offsets.long().diff(dim=-1)
+        return self._view("q_sizes", lambda: self.q_offsets.long().diff(dim=-1))
 
     @property
     def k_sizes(self) -> torch.Tensor:
         """int64 ``(B', H', Ck)``: tokens of each key cluster."""
-        return self.k_offsets.long().diff(dim=-1)
+        return self._view("k_sizes", lambda: self.k_offsets.long().diff(dim=-1))  # read by every tail call
 
     @property
     def video_offset(self) -> int:
