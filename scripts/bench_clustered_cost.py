@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsevid as sv
+from sparsevid.kernels.triton_cluster import ClusterLaunch, cluster_attention_triton
 from sparsevid.lab.bench.common import environment, markdown_table, time_ms
 from sparsevid.planners import clustered as clustered_module
 
@@ -93,6 +94,13 @@ def run(shape: str, args) -> list[list]:
             for tail in (None, "centroid"):
                 row(f"clustered kernel (triton, q_partition={name}, tail={tail}) @{density}",
                     time_ms(lambda: sv.sparse_attention(q, k, v, plan, backend="triton", tail=tail), reps=args.reps),
+                    f"{plan.density:.3f}")
+            # the walk: on equal synthetic clusters range by range beat packed (docs/kernel-notes.md)
+            for packed in (True, False):
+                row(f"clustered kernel alone (q_partition={name}, {'packed' if packed else 'range by range'}, "
+                    f"tail=None) @{density}",
+                    time_ms(lambda: cluster_attention_triton(q, k, v, plan, tail=None, packed=packed,
+                                                         launch=plan.launch(ClusterLaunch, None)), reps=args.reps),
                     f"{plan.density:.3f}")
         if args.profile:  # GPU and host time of a warm plan, then of calls with the tail on a reused plan
             for what, step in (("warm plan, 2 it", lambda: sv.plan(q, k, layout, centroids=cold.centroids, iters=2,
