@@ -252,9 +252,9 @@ class ClusterPlan(PlanData):
             raise ValueError("Expect every query to keep the key cluster holding its own token but some do not")
         if not bool(torch.isfinite(self.k_means).all()):
             raise ValueError("Expect finite k_means but got NaN/Inf entries")
-        if self.max_q_size is not None and int(self.q_sizes.max()) > self.max_q_size:
+        if self.max_q_size is not None and (largest := int(self.q_sizes.max())) > self.max_q_size:
             raise ValueError(f"Expect every query cluster within max_q_size={self.max_q_size} but the largest holds "
-                             f"{int(self.q_sizes.max())}")
+                             f"{largest}")
         self._trusted = True
         return self
 

@@ -104,8 +104,7 @@ def clustered(q, k, layout, *, density=None, mass=None, q_clusters: int | None =
     k_lab, k_means, k_cent = kmeans(xk, init_k, iters)
     k_sizes = _sizes(k_lab, ck)
     if q_partition == "kdtree":
-        position, bounds = kd_partition(xq, cq)
-        q_lab = torch.empty_like(position).scatter_(2, position, _leaf_of_position(V, cq, str(q.device)).expand_as(position))
+        q_lab, position, bounds = kd_partition(xq, cq)
         q_means, q_sizes = _segment_means(xq.float(), q_lab, cq)
         q_cent, max_q_size = q_means, -(-V // cq)
         q_order = (position + off).to(torch.int32)
@@ -238,22 +237,24 @@ def _subsample_rows(tokens: int, clusters: int, seed: int, device: str) -> torch
 
 
 # ---------------------------------------------------------------------------------------------- k-d partition
-def kd_partition(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kd_partition(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Equal-size clusters of the rows of ``x`` ``(B, H, N, D)``: a k-d tree over each (batch, head)'s top
     :data:`_KD_COORDS` principal coordinates, ``clusters`` leaves of ``floor`` or ``ceil(N / clusters)`` rows.
 
     Returns:
+        labels: int64 ``(B, H, N)``: the leaf of each row;
         position: int64 ``(B, H, N)``: the rows grouped by leaf (leaf ``c`` is ``position[..., bounds[c]:bounds[c +
             1]]``);
         bounds: int64 ``(clusters + 1,)``: ``c * N // clusters``, the same for every (batch, head).
     """
     B, H, N, D = x.shape
-    xc = x.float() - x.float().mean(2, keepdim=True)
+    xf = x.float()
+    xc = xf - xf.mean(2, keepdim=True)
     basis = torch.linalg.eigh(torch.matmul(xc.transpose(-1, -2), xc)).eigenvectors[..., -min(_KD_COORDS, D):]
     z = torch.matmul(xc, basis)  # (B, H, N, r), ascending variance
     r = z.shape[-1]
     position = torch.arange(N, device=x.device).expand(B, H, N)
-    levels, bounds = _kd_levels(N, clusters, str(x.device))
+    levels, bounds, leaf = _kd_tree(N, clusters, str(x.device))
     for segment, size in levels:  # every node of a level sorted along its widest coordinate, split at its middle
         S = size.shape[0]
         seg = segment.expand(B, H, N)
@@ -267,13 +268,15 @@ def kd_partition(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Te
         step = (segment.double() + torch.sigmoid((centred / spread).double()) * 0.5 + 0.25).argsort(dim=-1)
         z = z.gather(2, step.unsqueeze(-1).expand(B, H, N, r))
         position = position.gather(2, step)
-    return position, bounds
+    labels = torch.empty_like(position).scatter_(2, position, leaf.expand(B, H, N))
+    return labels, position, bounds
 
 
 @lru_cache(maxsize=32)
-def _kd_levels(tokens: int, clusters: int, device: str) -> tuple[list, torch.Tensor]:
+def _kd_tree(tokens: int, clusters: int, device: str) -> tuple[list, torch.Tensor, torch.Tensor]:
     """The k-d tree's shape, from sizes alone (built once, on the host): per level that splits, each position's
-    node (int64 ``(N,)``) and the nodes' sizes (float32), and the leaf bounds ``c * N // clusters``."""
+    node (int64 ``(N,)``) and the nodes' sizes (float32); the leaf bounds ``c * N // clusters``; the leaf of each
+    position (int64 ``(N,)``)."""
     with torch.inference_mode(False):
         bounds = [c * tokens // clusters for c in range(clusters + 1)]
         nodes, levels = [(0, clusters)], []
@@ -281,16 +284,11 @@ def _kd_levels(tokens: int, clusters: int, device: str) -> tuple[list, torch.Ten
             segment = torch.cat([torch.full((bounds[b] - bounds[a],), i) for i, (a, b) in enumerate(nodes)])
             size = torch.tensor([float(max(1, bounds[b] - bounds[a])) for a, b in nodes])
             levels.append((segment.to(device), size.to(device)))
-            nodes = [half for a, b in nodes for half in (((a, (a + b) // 2), ((a + b) // 2, b)) if b - a > 1 else ((a, b),))]
-        return levels, torch.tensor(bounds).to(device)
-
-
-@lru_cache(maxsize=32)
-def _leaf_of_position(tokens: int, clusters: int, device: str) -> torch.Tensor:
-    """int64 ``(N,)``: the leaf of each position of :func:`kd_partition`'s order."""
-    with torch.inference_mode(False):
-        bounds = torch.tensor([c * tokens // clusters for c in range(clusters + 1)])
-        return torch.repeat_interleave(torch.arange(clusters), bounds.diff()).to(device)
+            nodes = [half for a, b in nodes
+                     for half in (((a, (a + b) // 2), ((a + b) // 2, b)) if b - a > 1 else ((a, b),))]
+        bounds = torch.tensor(bounds)
+        leaf = torch.repeat_interleave(torch.arange(clusters), bounds.diff())
+        return levels, bounds.to(device), leaf.to(device)
 
 
 # ---------------------------------------------------------------------------------------------- selection
