@@ -98,8 +98,11 @@ def test_execution_equals_masked_sdpa_and_the_centroid_formula(text, budget, q_p
     assert plan.density == pytest.approx(float(mask.double().mean()), abs=1e-9)
     assert plan.density < 0.95  # something is dropped: the tail below is exercised
     rows = torch.tensor([plan.video_offset, plan.video_offset + 40, plan.video_offset + 104])
-    clusters, keys = plan.kept_of_rows(rows, name="three rows")  # what the tail decision reads of its probe rows
-    assert torch.equal(keys, mask[:, :, rows]) and plan.kept_of_rows(rows, name="three rows")[1] is keys
+    clusters = plan.kept_of_rows(rows, name="three rows")  # what the tail decision reads of its probe rows
+    assert plan.kept_of_rows(rows, name="three rows") is clusters
+    labels = plan.k_labels()  # with the key clusters, the probe rows' keys (text keys: -1, always kept)
+    keys = clusters.gather(-1, labels.clamp(min=0).unsqueeze(2).expand(-1, -1, 3, -1)) | (labels < 0).unsqueeze(2)
+    assert torch.equal(keys, mask[:, :, rows])
     _, lq, _ = oracle_mask(plan)
     table = plan.kept_clusters()
     for b, h, p in ((0, 0, 0), (1, 2, 1), (0, 1, 2)):

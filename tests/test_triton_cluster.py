@@ -321,14 +321,17 @@ def test_launch_tiles_and_merged_ranges():
         assert (covered == 1).all()
         for c in range(9):
             got = torch.zeros(V, dtype=torch.bool)
-            ranges = launch.ranges[0, h, c, : launch.range_num[0, h, c]].tolist()
+            n = int(launch.range_num[0, h, c])
+            cum, shift = launch.range_cum[0, h, c].long(), launch.range_shift[0, h, c].long()
+            assert (cum[n:] == 2**31 - 1).all() and cum.shape[0] == plan.kv_clusters.shape[-1]  # the plan's width
+            ranges = [((cum[r - 1] if r else 0) + shift[r], cum[r] + shift[r]) for r in range(n)]
             for lo, hi in ranges:
                 got[lo:hi] = True
             ids = torch.nonzero(keep[0, h, c]).squeeze(1)
             assert torch.equal(got, keep[0, h, c][lk[0, h].sort(stable=True).values])
             packed = torch.arange(int(launch.kept_num[0, h, c]))  # packed index -> position, by the search's rule
-            r = (launch.range_cum[0, h, c][None, :] <= packed[:, None]).sum(1)
-            assert torch.equal(packed + launch.range_shift[0, h, c][r], torch.nonzero(got).squeeze(1))
+            r = (cum[None, :] <= packed[:, None]).sum(1)
+            assert torch.equal(packed + shift[r], torch.nonzero(got).squeeze(1))
             starts, prev_ends = plan.k_offsets[0, h, ids[1:]], plan.k_offsets[0, h, ids[:-1] + 1]
             runs = int((starts != prev_ends).sum()) + 1 if ids.numel() else 0
             assert len(ranges) == runs
@@ -381,12 +384,12 @@ _COMPILE = """
 from sparsevid.kernels import triton_cluster as tc
 
 half, i32 = "*fp16", "*i32"
-pointers = dict(Q=half, K=half, V=half, Out=half, KG=half, VG=half, QOrder=i32, KOrder=i32, Tiles=i32, Ranges=i32,
+pointers = dict(Q=half, K=half, V=half, Out=half, KG=half, VG=half, QOrder=i32, KOrder=i32, Tiles=i32,
                 RangeNum=i32, RangeCum=i32, RangeShift=i32, KeptNum=i32, Kept="*u8", LogN="*fp32", KMeans=half,
                 VMeans=half, Gate="*fp32", sm_scale="fp32")
 for packed, gathered, tail in ((True, True, True), (False, False, False)):
     constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, TAIL=tail,
-                     PRE_GATHERED=gathered, PACKED=packed, LOG_RP=6, NUM_STAGES=3)
+                     PRE_GATHERED=gathered, PACKED=packed, LOG_R=9, NUM_STAGES=3)
     print("shared", build(tc._cluster_attn_fwd.fn, pointers, constants, num_warps=4, num_stages=3).metadata.shared)
 build(tc._cluster_means, dict(V=half, KOrder=i32, KOffsets=i32, Out="*fp32"),
       dict(HEAD_DIM=128, HEAD_DIM_P=128, ROWS=32), num_warps=4)

@@ -2,8 +2,8 @@
 
 On the CPU the kernel runs under the Triton interpreter (tests/conftest.py): float32 and float16 (the interpreter's
 bfloat16 tl.dot is wrong, so bfloat16 runs on CUDA only). Shapes that do not fill a tile: probe rows not a multiple
-of 16, keys not a multiple of the key step, ranges split over the keys, a row that keeps no key, keep masks that
-broadcast over batch or heads, transposed (B, L, H, D) keys.
+of 16, keys not a multiple of the key step, ranges split over the keys, a row that keeps no key, keys every row keeps
+(group -1), keep tables that broadcast over batch or heads (each on its own), transposed (B, L, H, D) keys.
 """
 
 import pytest
@@ -29,35 +29,50 @@ def oracle(qp, k, v, kept, scale):
     return exact, out, lse
 
 
-def inputs(B, H, P, L, D, dtype, mask_bh, transposed, g):
+def inputs(B, H, P, L, D, dtype, table_bh, groups_bh, transposed, g, groups=7, text=True):
     qp = torch.randn(B, H, P, D, generator=g)
     if transposed:
         k, v = (torch.randn(B, L, H, D, generator=g).transpose(1, 2) for _ in range(2))
     else:
         k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(2))
-    kept = torch.rand(*mask_bh, P, L, generator=g) < 0.3
-    kept[..., 0, :] = False  # a probe row that keeps no key
-    return qp.to(dtype), k.to(dtype), v.to(dtype), kept
+    kept_groups = torch.rand(*table_bh, P, groups, generator=g) < 0.3
+    kept_groups[..., 0, :] = False  # a probe row that keeps no group
+    key_groups = torch.randint(0, groups, (*groups_bh, L), generator=g)
+    if text:
+        key_groups[..., : L // 10] = -1  # keys every row keeps (text keys)
+    return qp.to(dtype), k.to(dtype), v.to(dtype), kept_groups, key_groups
 
 
-CASES = [  # B, H, P, L, D, dtype, keep mask's (B', H'), transposed k/v
-    (2, 2, 5, 100, 32, torch.float32, (2, 2), False),
-    (1, 3, 32, 77, 64, torch.float16, (1, 3), True),
-    (2, 2, 17, 130, 48, torch.float16, (1, 1), False),
-    (2, 1, 8, 16, 16, torch.float32, (1, 1), True),
+def kept_mask(kept_groups, key_groups, B, H):
+    """The (B, H, P, L) mask the tables stand for, built the slow way."""
+    P, L = kept_groups.shape[2], key_groups.shape[2]
+    mask = torch.zeros(B, H, P, L, dtype=torch.bool)
+    table, groups = kept_groups.expand(B, H, P, -1), key_groups.expand(B, H, L)
+    for b in range(B):
+        for h in range(H):
+            for n in range(L):
+                mask[b, h, :, n] = True if groups[b, h, n] < 0 else table[b, h, :, groups[b, h, n]]
+    return mask
+
+
+CASES = [  # B, H, P, L, D, dtype, kept_groups' (B', H'), key_groups' (B', H'), transposed k/v, keys all rows keep
+    (2, 2, 5, 100, 32, torch.float32, (2, 2), (2, 2), False, True),
+    (1, 3, 32, 77, 64, torch.float16, (1, 3), (1, 1), True, False),
+    (2, 2, 17, 130, 48, torch.float16, (1, 1), (2, 1), False, True),
+    (2, 1, 8, 16, 16, torch.float32, (1, 1), (1, 1), True, False),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_kernel_and_twin_match_the_oracle(case):
-    B, H, P, L, D, dtype, mask_bh, transposed = CASES[case]
+    B, H, P, L, D, dtype, table_bh, groups_bh, transposed, text = CASES[case]
     g = torch.Generator().manual_seed(case)
-    qp, k, v, kept = inputs(B, H, P, L, D, dtype, mask_bh, transposed, g)
+    qp, k, v, kept_groups, key_groups = inputs(B, H, P, L, D, dtype, table_bh, groups_bh, transposed, g, text=text)
     scale = 0.8 / D ** 0.5
-    exact, kept_out, kept_lse = oracle(qp, k, v, kept.expand(B, H, P, L), scale)
-    for name, got in (("triton", probe_partials_triton(qp.to(DEVICE), k.to(DEVICE), v.to(DEVICE), kept.to(DEVICE),
-                                                      scale)),
-                      ("reference", probe_partials_reference(qp.float(), k, v, kept, scale))):
+    exact, kept_out, kept_lse = oracle(qp, k, v, kept_mask(kept_groups, key_groups, B, H), scale)
+    on = (t.to(DEVICE) for t in (qp, k, v, kept_groups, key_groups))
+    for name, got in (("triton", probe_partials_triton(*on, scale)),
+                      ("reference", probe_partials_reference(qp.float(), k, v, kept_groups, key_groups, scale))):
         e, o, lse = (t.double().cpu() for t in got)
         tol = TOL[dtype] if name == "triton" else 1e-5
         assert ((e - exact).norm() / exact.norm()).item() < tol, name
@@ -65,28 +80,36 @@ def test_kernel_and_twin_match_the_oracle(case):
         assert torch.equal(torch.isinf(lse), torch.isinf(kept_lse)), name  # -inf exactly where nothing is kept
         finite = torch.isfinite(kept_lse)
         assert torch.allclose(lse[finite], kept_lse[finite], atol=10 * tol), name
-        assert torch.all(o[..., 0, :] == 0), name
-    assert ((kept_out - exact).norm() / exact.norm()).item() > 0.1  # the mask matters: the test can tell
+        if not text:  # the first row keeps no key: zero with -inf
+            assert torch.all(o[..., 0, :] == 0) and torch.all(lse[..., 0] == float("-inf")), name
+    assert ((kept_out - exact).norm() / exact.norm()).item() > 0.1  # the tables matter: the test can tell
 
 
 def test_the_kernel_refuses_what_it_cannot_run():
-    qp, k, v, kept = inputs(1, 1, 4, 32, 32, torch.float32, (1, 1), False, torch.Generator().manual_seed(0))
+    qp, k, v, kept_groups, key_groups = (t.to(DEVICE) for t in inputs(
+        1, 1, 4, 32, 32, torch.float32, (1, 1), (1, 1), False, torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="head_dim"):
-        probe_partials_triton(qp[..., :24].to(DEVICE), k[..., :24].to(DEVICE), v[..., :24].to(DEVICE),
-                              kept.to(DEVICE), 1.0)
-    with pytest.raises(ValueError, match="kept_keys"):
-        probe_partials_triton(qp.to(DEVICE), k.to(DEVICE), v.to(DEVICE), kept[..., :16].to(DEVICE), 1.0)
+        probe_partials_triton(qp[..., :24], k[..., :24], v[..., :24], kept_groups, key_groups, 1.0)
+    with pytest.raises(ValueError, match="kept_groups"):
+        probe_partials_triton(qp, k, v, kept_groups[..., :2, :], key_groups, 1.0)
+    with pytest.raises(ValueError, match="kept_groups"):
+        probe_partials_triton(qp, k, v, kept_groups.int(), key_groups, 1.0)
+    with pytest.raises(ValueError, match="key_groups"):
+        probe_partials_triton(qp, k, v, kept_groups, key_groups[..., :16], 1.0)
+    with pytest.raises(ValueError, match="key_groups"):
+        probe_partials_reference(qp, k, v, kept_groups, key_groups.float(), 1.0)
     with pytest.raises(ValueError, match="one dtype"):
-        probe_partials_triton(qp.half().to(DEVICE), k.to(DEVICE), v.to(DEVICE), kept.to(DEVICE), 1.0)
+        probe_partials_triton(qp.half(), k, v, kept_groups, key_groups, 1.0)
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong under the Triton interpreter; the dispatch needs CUDA")
 def test_cuda_bf16_through_the_dispatch():
     """``probe_partials`` on CUDA takes the kernel (float32 rows given, keys in bf16) and matches the twin."""
-    qp, k, v, kept = inputs(2, 4, 32, 4099, 128, torch.bfloat16, (2, 4), True, torch.Generator().manual_seed(3))
-    qp, k, v, kept = (t.cuda() for t in (qp.float(), k, v, kept))
-    got = probe_partials(qp, k, v, kept, 128 ** -0.5)
-    ref = probe_partials_reference(qp, k, v, kept, 128 ** -0.5)
+    qp, k, v, kept_groups, key_groups = inputs(2, 4, 32, 4099, 128, torch.bfloat16, (2, 4), (2, 1), True,
+                                               torch.Generator().manual_seed(3), groups=300)
+    qp, k, v, kept_groups, key_groups = (t.cuda() for t in (qp.float(), k, v, kept_groups, key_groups))
+    got = probe_partials(qp, k, v, kept_groups, key_groups, 128 ** -0.5)
+    ref = probe_partials_reference(qp, k, v, kept_groups, key_groups, 128 ** -0.5)
     for a, b in zip(got[:2], ref[:2]):
         assert ((a - b).norm() / b.norm()).item() < TOL[torch.bfloat16]
     finite = torch.isfinite(ref[2])
@@ -96,7 +119,7 @@ def test_cuda_bf16_through_the_dispatch():
 _COMPILE = """
 from sparsevid.kernels import triton_probe as tp
 
-pointers = dict(Q="*bf16", K="*bf16", V="*bf16", Kept="*u8", Out="*fp32", Lse="*fp32", sm_scale="fp32")
+pointers = dict(Q="*bf16", K="*bf16", V="*bf16", Kept="*i1", Group="*i64", Out="*fp32", Lse="*fp32", sm_scale="fp32")
 constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_P=32, BLOCK_N=64)
 kernel = build(tp._probe_fwd, pointers, constants, num_warps=4, num_stages=2)
 print("compiled", kernel.metadata.shared)

@@ -179,18 +179,15 @@ class ClusterPlan(PlanData):
 
         return self._view("kept_clusters", build)
 
-    def kept_of_rows(self, rows: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the query tokens ``rows`` (int64 ``(P,)``, original indices of video tokens) keep: bool ``(B', H', P,
-        Ck)`` the key clusters, and bool ``(B', H', P, L)`` the keys (text keys always); built once per plan and
-        kept under ``name`` (a fixed sample read every call: the tail decision's probe rows)."""
+    def kept_of_rows(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        """bool ``(B', H', P, Ck)``: the key clusters the query tokens ``rows`` (int64 ``(P,)``, original indices of
+        video tokens) keep (text keys: always); built once per plan and kept under ``name`` (a fixed sample read
+        every call: the tail decision's probe rows, with :meth:`k_labels` for the keys)."""
 
         def build():
-            clusters = self.q_labels()[:, :, rows]  # (B', H', P)
+            clusters = _labels(self.q_order, self.q_offsets, self.layout.num_tokens)[:, :, rows]  # (B', H', P)
             table = self.kept_clusters()
-            kept = table.gather(2, clusters.unsqueeze(-1).expand(-1, -1, -1, table.shape[-1]))
-            k_labels = self.k_labels()
-            keys = kept.gather(-1, k_labels.clamp(min=0).unsqueeze(2).expand(-1, -1, rows.numel(), -1))
-            return kept, keys | (k_labels < 0).unsqueeze(2)
+            return table.gather(2, clusters.unsqueeze(-1).expand(-1, -1, -1, table.shape[-1]))
 
         return self._view(name, build)
 

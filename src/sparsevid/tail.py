@@ -285,26 +285,38 @@ def _partial(scores: torch.Tensor, values) -> tuple[torch.Tensor, torch.Tensor]:
     return values(probs), lse
 
 
-def probe_partials(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_keys: torch.Tensor, scale: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def probe_partials(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_groups: torch.Tensor,
+                   key_groups: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(exact, kept_out, kept_lse)`` of probe rows ``qp`` (float32 ``(B, H, P, D)``): their exact attention over
-    every key of ``k``, ``v`` ``(B, H, L, D)`` and their partial over the keys ``kept_keys`` (bool, broadcasting to
-    ``(B, H, P, L)``), float32. On CUDA one Triton pass (:mod:`sparsevid.kernels.triton_probe`: the float32 matmuls
-    of the PyTorch twin run on CUDA cores there, 1.5 ms a call at Wan2.1-1.3B 480p); elsewhere, or for a head dim
-    or dtype the kernel does not take, :func:`probe_partials_reference`."""
+    every key of ``k``, ``v`` ``(B, H, L, D)`` and their partial over the keys they keep, float32. What a row keeps
+    is two tables, never a ``(P, L)`` mask: row ``p`` keeps key ``n`` where ``key_groups[n] < 0`` or
+    ``kept_groups[p, key_groups[n]]`` (bool ``(B', H', P, G)``; integer ``(B', H', L)`` in ``[-1, G)``; each
+    broadcasting to q's batch and heads): key blocks of a tile plan, key clusters of a clustered plan. On CUDA
+    one Triton pass (:mod:`sparsevid.kernels.triton_probe`: the float32 matmuls of the PyTorch twin run on CUDA
+    cores there, 1.5 ms a call at Wan2.1-1.3B 480p); elsewhere, or for a head dim or dtype the kernel does not
+    take, :func:`probe_partials_reference`."""
     if qp.is_cuda:
         from .kernels import triton_probe
 
         if triton_probe.takes(qp.shape[-1], k.dtype):
-            return triton_probe.probe_partials_triton(qp.to(k.dtype), k, v, kept_keys, scale)
-    return probe_partials_reference(qp, k, v, kept_keys, scale)
+            return triton_probe.probe_partials_triton(qp.to(k.dtype), k, v, kept_groups, key_groups, scale)
+    return probe_partials_reference(qp, k, v, kept_groups, key_groups, scale)
 
 
-def probe_partials_reference(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_keys: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def probe_partials_reference(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_groups: torch.Tensor,
+                             key_groups: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`probe_partials` in PyTorch (the CPU path and the Triton kernel's twin): keys upcast to float32 a
     chunk at a time; a row that keeps no key gets a zero output and ``-inf``."""
-    chunks = range(0, k.shape[2], _KEY_CHUNK)
+    from .kernels.triton_probe import check_groups
+
+    B, H, P, _ = qp.shape
+    L = k.shape[2]
+    check_groups(kept_groups, key_groups, B, H, P, L)
+    groups = key_groups.long()
+    bh = (max(groups.shape[0], kept_groups.shape[0]), max(groups.shape[1], kept_groups.shape[1]))
+    index = groups.clamp(min=0).unsqueeze(-2).expand(*bh, P, L)
+    kept_keys = kept_groups.expand(*bh, P, -1).gather(-1, index) | (groups < 0).unsqueeze(-2)  # (B', H', P, L)
+    chunks = range(0, L, _KEY_CHUNK)
     scores = torch.cat([torch.matmul(qp, k[:, :, i:i + _KEY_CHUNK].float().transpose(-1, -2)) for i in chunks], -1)
     scores = torch.stack([scores, scores.masked_fill(~kept_keys, float("-inf"))]) * scale  # (2, B, H, P, L)
     (exact, kept_out), (_, kept_lse) = _partial(scores, lambda p: sum(
@@ -375,9 +387,9 @@ def decide_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Video
         return fixed_gate(B, H, q.device)
     rows, blocks = probe_rows(layout, probes, q.device, offset, offset + M)
     kept_rows = kept[:, :, blocks]  # (B', H', P, NB)
-    kept_keys = kept_rows[..., layout.on(q.device).block_of_token]  # (B', H', P, L)
     qp = q[:, :, rows].float()
-    exact, kept_out, kept_lse = probe_partials(qp, k, v, kept_keys, scale)
+    key_blocks = layout.on(q.device).block_of_token.view(1, 1, -1)
+    exact, kept_out, kept_lse = probe_partials(qp, k, v, kept_rows, key_blocks, scale)
     skipped = ~kept_rows.repeat_interleave(summaries.per_block, dim=-1) & (summaries.log_count > float("-inf"))
     mean, correction = _summary_logits(qp, summaries, scale)  # (B, H, P, NS)
     candidates = torch.stack([mean, mean + correction]).masked_fill(~skipped, float("-inf"))
@@ -413,10 +425,10 @@ def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     lo = plan.video_offset
     rows, _ = probe_rows(plan.layout, probes, q.device, lo, lo + plan.layout.video_tokens)
     rows = rows + lo
-    # (B', H', P, Ck) and (B', H', P, L): the plan's, built once per plan (a reused plan reads them every call)
-    kept_rows, kept_keys = plan.kept_of_rows(rows, name=f"probes {probes} {rows.device}")
+    # (B', H', P, Ck): the plan's, built once per plan (a reused plan reads it every call)
+    kept_rows = plan.kept_of_rows(rows, name=f"probes {probes} {rows.device}")
     qp = q[:, :, rows].float()
-    exact, kept_out, kept_lse = probe_partials(qp, k, v, kept_keys, scale)
+    exact, kept_out, kept_lse = probe_partials(qp, k, v, kept_rows, plan.k_labels(), scale)
     sizes = plan.k_sizes
     k_means, values = (cluster_means(k, plan), cluster_means(v, plan)) if means is None else means
     logits = torch.matmul(qp, k_means.transpose(-1, -2)) * scale + sizes.float().log().unsqueeze(-2)

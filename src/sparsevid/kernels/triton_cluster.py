@@ -66,13 +66,14 @@ class ClusterLaunch:
     Attributes:
         tiles (Tensor): int32 ``(B', H', NT, 3)``: per tile its query cluster (``-1``: no tile, the program
             exits), first row and end row as positions in ``q_order``; longest first.
-        ranges (Tensor): int32 ``(B', H', Cq, R, 2)``: each query cluster's kept keys as merged ranges
-            ``[start, end)`` of positions in ``k_order``; entries past ``range_num`` unspecified.
-        range_num (Tensor): int32 ``(B', H', Cq)``: ranges per query cluster.
-        range_cum, range_shift (Tensor): int32 ``(B', H', Cq, RP)``, ``RP`` a power of two > ``R``: the kept
-            keys of a query cluster packed end to end (packed index ``p``): each range's end in packed indices
-            (inclusive prefix sum of the lengths; ``2**31 - 1`` past ``range_num``), and ``start - packed start``,
-            so a packed index ``p`` in range ``r`` is position ``p + range_shift[r]`` of ``k_order``.
+        range_num (Tensor): int32 ``(B', H', Cq)``: each query cluster's kept keys as merged ranges of positions in
+            ``k_order`` (adjacent kept clusters one range), how many.
+        range_cum, range_shift (Tensor): int32 ``(B', H', Cq, R)``, ``R`` the plan's ``max_kept``: the kept keys of a
+            query cluster packed end to end (packed index ``p``): each range's end in packed indices (inclusive
+            prefix sum of the lengths; ``2**31 - 1`` past ``range_num``), and ``start - packed start``, so a packed
+            index ``p`` in range ``r`` is position ``p + range_shift[r]`` of ``k_order``, and range ``r`` is the
+            positions ``[range_cum[r - 1] + range_shift[r], range_cum[r] + range_shift[r])`` (``range_cum[-1]``
+            read as 0). Two tensors of the plan's width, no padding: the launch of a reused plan is held with it.
         kept_num (Tensor): int32 ``(B', H', Cq)``: kept video keys per query cluster.
         kept (Tensor): uint8 ``(B', H', Cq, Ck)``: 1 where the query cluster keeps the key cluster.
         log_n (Tensor): float32 ``(B', H', Ck)``: log of each key cluster's size, ``-inf`` when empty.
@@ -84,7 +85,6 @@ class ClusterLaunch:
 
     plan_type: ClassVar[type] = ClusterPlan
     tiles: torch.Tensor
-    ranges: torch.Tensor
     range_num: torch.Tensor
     range_cum: torch.Tensor
     range_shift: torch.Tensor
@@ -132,15 +132,12 @@ def cluster_launch(plan, block_m: int | None = None) -> ClusterLaunch:
     shape = (pb, ph, cq, mk + 1)
     r_start = torch.zeros(shape, dtype=torch.long, device=dev).scatter_(-1, torch.where(opens, slot, mk), starts)
     r_end = torch.zeros(shape, dtype=torch.long, device=dev).scatter_reduce_(-1, slot, ends, "amax")
-    ranges = torch.stack([r_start[..., :mk], r_end[..., :mk]], -1).int().contiguous()
     range_num = opens.sum(-1)
-    rp = triton.next_power_of_2(mk + 1)  # >= one padding entry: the packed search never reads past the row
     in_use = torch.arange(mk, device=dev) < range_num[..., None]
     length = torch.where(in_use, r_end[..., :mk] - r_start[..., :mk], 0)
     cum = length.cumsum(-1)
-    pad = (0, rp - mk)
-    range_cum = F.pad(torch.where(in_use, cum, 2**31 - 1), pad, value=2**31 - 1).int().contiguous()
-    range_shift = F.pad(torch.where(in_use, r_start[..., :mk] - (cum - length), 0), pad).int().contiguous()
+    range_cum = torch.where(in_use, cum, 2**31 - 1).int().contiguous()
+    range_shift = torch.where(in_use, r_start[..., :mk] - (cum - length), 0).int().contiguous()
     kept = torch.zeros(pb, ph, cq, ck + 1, dtype=torch.uint8, device=dev)
     kept = kept.scatter_(-1, torch.where(live, j, ck), 1)[..., :ck].contiguous()
 
@@ -162,7 +159,7 @@ def cluster_launch(plan, block_m: int | None = None) -> ClusterLaunch:
     log_n = torch.where(sizes > 0, sizes.clamp_min(1).float().log(), float("-inf"))
     text_start = 0 if layout.text_first else layout.video_tokens
     return ClusterLaunch(
-        tiles.int().contiguous(), ranges, range_num.int().contiguous(), range_cum, range_shift,
+        tiles.int().contiguous(), range_num.int().contiguous(), range_cum, range_shift,
         cum[..., -1].int().contiguous() if mk else range_num.int(), kept, log_n.contiguous(),
         plan.q_order.int().contiguous(), plan.k_order.int().contiguous(),
         plan.k_offsets.int().contiguous(), block_m, text_start, layout.text_tokens,
@@ -213,22 +210,24 @@ def _range_inner(
 @triton.jit
 def _packed_inner(
     acc, l_i, m_i, q,  #
-    k_base, v_base, idx_base, cum_base, shift_base, total,  #
+    k_base, v_base, idx_base, cum_base, shift_base, total, R,  #
     stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,  #
     offs_n, offs_d,  #
     GATHER: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
-    LOG_RP: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+    LOG_R: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
     """Online softmax over a query cluster's ``total`` kept keys packed end to end across its ranges, in
     ``BLOCK_N`` chunks (only the last one masked): each lane finds its range by a branch-free binary search
-    over the ranges' packed ends (``cum_base``, ``2**LOG_RP`` entries), then its position in ``k_order``."""
+    over the ranges' packed ends (``cum_base``, ``R <= 2**LOG_R`` entries; past them, read as past every
+    ``p``), then its position in ``k_order``."""
     for start in tl.range(0, total, BLOCK_N, num_stages=NUM_STAGES):
         p = start + offs_n
         ok = p < total
         r = tl.zeros([BLOCK_N], dtype=tl.int32)
-        for s in tl.static_range(LOG_RP):
-            half = 1 << (LOG_RP - 1 - s)
-            r = tl.where(tl.load(cum_base + r + (half - 1)) <= p, r + half, r)  # r = ranges ending at or before p
+        for s in tl.static_range(LOG_R):
+            probe = r + ((1 << (LOG_R - 1 - s)) - 1)
+            end = tl.load(cum_base + probe, mask=probe < R, other=2**31 - 1)
+            r = tl.where(end <= p, probe + 1, r)  # r = ranges ending at or before p
         acc, l_i, m_i = _chunk(acc, l_i, m_i, q, k_base, v_base, idx_base, p + tl.load(shift_base + r), ok, 0,  #
                                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_d,  #
                                GATHER, HEAD_DIM, HEAD_DIM_P)
@@ -316,10 +315,10 @@ def _configs():
 
 
 # --------------------------------------------------------------------------------------- kernel
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "TAIL", "PRE_GATHERED", "PACKED", "LOG_RP"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "TAIL", "PRE_GATHERED", "PACKED", "LOG_R"])
 @triton.jit
 def _cluster_attn_fwd(
-    Q, K, V, Out, KG, VG, QOrder, KOrder, Tiles, Ranges, RangeNum, RangeCum, RangeShift, KeptNum,  #
+    Q, K, V, Out, KG, VG, QOrder, KOrder, Tiles, RangeNum, RangeCum, RangeShift, KeptNum,  #
     Kept, LogN, KMeans, VMeans, Gate, sm_scale,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
@@ -328,7 +327,7 @@ def _cluster_attn_fwd(
     H, PLAN_H, PLAN_Z_STEP, PLAN_H_STEP, NV, NT, CQ, CK, R, TEXT0, NTEXT,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     BLOCK_T: tl.constexpr, TAIL: tl.constexpr, PRE_GATHERED: tl.constexpr, PACKED: tl.constexpr,  #
-    LOG_RP: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+    LOG_R: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
     bh = tl.program_id(1).to(tl.int64)
     off_z = bh // H
@@ -361,26 +360,26 @@ def _cluster_attn_fwd(
     )
     # kept key clusters, as merged ranges of cluster-sorted positions
     crow = pbh * CQ + c
+    cum_base = RangeCum + crow * R
+    shift_base = RangeShift + crow * R
     if PACKED:
-        cum_base = RangeCum + crow * (1 << LOG_RP)
-        shift_base = RangeShift + crow * (1 << LOG_RP)
         if PRE_GATHERED:
             acc, l_i, m_i = _packed_inner(
                 acc, l_i, m_i, q, KG + bh * NV * HEAD_DIM, VG + bh * NV * HEAD_DIM, KOrder, cum_base, shift_base,  #
-                tl.load(KeptNum + crow), HEAD_DIM, 1, HEAD_DIM, 1, qk_scale, offs_n, offs_d,  #
-                False, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_RP, NUM_STAGES,  #
+                tl.load(KeptNum + crow), R, HEAD_DIM, 1, HEAD_DIM, 1, qk_scale, offs_n, offs_d,  #
+                False, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_R, NUM_STAGES,  #
             )
         else:
             acc, l_i, m_i = _packed_inner(
                 acc, l_i, m_i, q, k_base, v_base, KOrder + pbh * NV, cum_base, shift_base,  #
-                tl.load(KeptNum + crow), stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_n, offs_d,  #
-                True, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_RP, NUM_STAGES,  #
+                tl.load(KeptNum + crow), R, stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_n, offs_d,  #
+                True, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_R, NUM_STAGES,  #
             )
     else:  # range by range
         for r in range(0, tl.load(RangeNum + crow)):
-            bounds = Ranges + (crow * R + r) * 2
-            lo = tl.load(bounds)
-            hi = tl.load(bounds + 1)
+            shift = tl.load(shift_base + r)
+            lo = tl.load(cum_base + r - 1, mask=r > 0, other=0) + shift
+            hi = tl.load(cum_base + r) + shift
             if PRE_GATHERED:  # contiguous (B, H, V, D) copies in cluster order
                 acc, l_i, m_i = _range_inner(
                     acc, l_i, m_i, q, KG + bh * NV * HEAD_DIM, VG + bh * NV * HEAD_DIM, KOrder, lo, hi,  #
@@ -525,15 +524,15 @@ def cluster_attention_triton(
         kg, vg = k, v  # never read
     grid = (launch.tiles.shape[2], B * H)
     args = (
-        q, k, v, out, kg, vg, launch.q_order, launch.k_order, launch.tiles, launch.ranges, launch.range_num,  #
+        q, k, v, out, kg, vg, launch.q_order, launch.k_order, launch.tiles, launch.range_num,  #
         launch.range_cum, launch.range_shift, launch.kept_num, launch.kept, launch.log_n, k_means, v_means,  #
         gate, scale,  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
-        H, ph, int(pb > 1), int(ph > 1), nv, launch.tiles.shape[2], cq, ck, launch.ranges.shape[3], t0, nt,  #
+        H, ph, int(pb > 1), int(ph > 1), nv, launch.tiles.shape[2], cq, ck, launch.range_cum.shape[3], t0, nt,  #
     )
     meta = dict(HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), BLOCK_M=launch.block_m, BLOCK_T=BLOCK_T,
                 TAIL=tail is not None, PRE_GATHERED=gather_kv, PACKED=packed,
-                LOG_RP=launch.range_cum.shape[-1].bit_length() - 1)
+                LOG_R=(launch.range_cum.shape[-1] - 1).bit_length())
     if config is None:
         _cluster_attn_fwd[grid](*args, **meta)
     else:

@@ -2,7 +2,10 @@
 in the same pass, over the keys their plan keeps. The twin of :func:`sparsevid.tail.probe_partials_reference`.
 
 :func:`~sparsevid.tail.decide_tail` and :func:`~sparsevid.tail.decide_cluster_tail` judge each call's tail on
-``P`` probe rows (32 a head): the exact output, and the output and log-sum-exp of the kept keys alone. In PyTorch
+``P`` probe rows (32 a head): the exact output, and the output and log-sum-exp of the kept keys alone. What a row
+keeps comes in two small tables, read per key in the kernel: the key groups each row keeps (tile plans: key blocks;
+clustered plans: key clusters) and the group of each key, never a ``(P, L)`` mask (at Wan2.1-14B 720p that mask is
+97 MB a plan). In PyTorch
 that is float32 matmuls of ``P`` rows against chunks of upcast keys, which cuBLAS runs on CUDA cores with small
 tiles (1.3 ms a call at Wan2.1-1.3B 480p on an H100, more than the probe's arithmetic by two orders of magnitude).
 Here one launch streams k and v once, in their own dtype on tensor cores with float32 accumulation, and keeps two
@@ -13,7 +16,7 @@ Parallelism: ``B x H`` programs would leave most of the GPU idle, so the keys ar
 :func:`probe_partials_triton` merges them by their log-sum-exp.
 
 Shape legend: ``B`` batch, ``H`` heads, ``P`` probe rows, ``L`` keys, ``D`` head dim, ``S`` key ranges, ``B'`` /
-``H'`` the keep mask's batch / heads (equal to q's or 1).
+``H'`` the keep tables' batch / heads (equal to q's or 1), ``G`` key groups.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import triton.language as tl
 
 from .triton_common import INTERPRET, LOG2E, head_dim_padded, init_state, load_keys, softmax_update
 
-__all__ = ["probe_partials_triton", "takes"]
+__all__ = ["check_groups", "probe_partials_triton", "takes"]
 
 _BLOCK_N = 16 if INTERPRET else 64  # keys per step
 _PROGRAMS = 512  # programs to aim for (a few per SM): the key ranges per (batch, head)
@@ -32,11 +35,12 @@ _PROGRAMS = 512  # programs to aim for (a few per SM): the key ranges per (batch
 
 @triton.jit
 def _probe_fwd(
-    Q, K, V, Kept, Out, Lse, sm_scale,  #
+    Q, K, V, Kept, Group, Out, Lse, sm_scale,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
     stride_vz, stride_vh, stride_vn, stride_vk,  #
-    stride_mz, stride_mh, stride_mm, stride_mn,  #
+    stride_mz, stride_mh, stride_mm, stride_mg,  #
+    stride_gz, stride_gh, stride_gn,  #
     H, P, L, KEYS_PER_SPLIT,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,  #
 ):
@@ -53,6 +57,7 @@ def _probe_fwd(
     k_base = K + off_z * stride_kz + off_h * stride_kh
     v_base = V + off_z * stride_vz + off_h * stride_vh
     m_base = Kept + off_z * stride_mz + off_h * stride_mh + offs_p[:, None] * stride_mm  # strides 0: broadcast
+    g_base = Group + off_z * stride_gz + off_h * stride_gh
     qk_scale = sm_scale * LOG2E
 
     acc_all, l_all, m_all = init_state(BLOCK_P, HEAD_DIM_P)
@@ -67,7 +72,10 @@ def _probe_fwd(
         v = load_keys(v_base, tok, stride_vn, stride_vk, offs_d, HEAD_DIM, HEAD_DIM_P)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        kept = tl.load(m_base + cols[None, :] * stride_mn, mask=p_ok[:, None] & col_ok[None, :], other=0) != 0
+        group = tl.load(g_base + cols * stride_gn, mask=col_ok, other=-1)
+        every = group < 0  # a key every row keeps (text keys of a clustered plan)
+        kept = tl.load(m_base + group[None, :] * stride_mg, mask=p_ok[:, None] & (col_ok & ~every)[None, :], other=0)
+        kept = (kept != 0) | every[None, :]
         p, acc_all, l_all, m_all = softmax_update(acc_all, l_all, m_all, qk)
         acc_all = tl.dot(p.to(v.dtype), v, acc_all)
         p, acc_kept, l_kept, m_kept = softmax_update(acc_kept, l_kept, m_kept, tl.where(kept, qk, float("-inf")))
@@ -93,12 +101,14 @@ def takes(head_dim: int, dtype: torch.dtype) -> bool:
     return head_dim % 16 == 0 and 16 <= head_dim <= 256 and dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
-def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_keys: torch.Tensor,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_groups: torch.Tensor,
+                          key_groups: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(exact, kept_out, kept_lse)`` of the probe rows ``qp`` ``(B, H, P, D)`` (k's dtype): float32 ``(B, H, P,
     D)`` their attention over every key of ``k``, ``v`` ``(B, H, L, D)`` (any strides), float32 ``(B, H, P, D)``
-    and ``(B, H, P)`` their partial over the keys ``kept_keys`` (bool ``(B', H', P, L)``, broadcasting to q's batch
-    and heads) and its natural-log log-sum-exp (``-inf`` for a row that keeps no key, whose output is zero)."""
+    and ``(B, H, P)`` their partial over the keys they keep and its natural-log log-sum-exp (``-inf`` for a row
+    that keeps no key, whose output is zero). Row ``p`` keeps key ``n`` where ``key_groups[n] < 0`` or
+    ``kept_groups[p, key_groups[n]]`` (bool ``(B', H', P, G)`` and integer ``(B', H', L)``, each broadcasting to
+    q's batch and heads)."""
     B, H, P, D = qp.shape
     L = k.shape[2]
     if qp.dtype != k.dtype or v.dtype != k.dtype:
@@ -106,11 +116,11 @@ def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     if not takes(D, k.dtype):
         raise ValueError(f"Expect head_dim a multiple of 16 in [16, 256] and a float dtype for the probe kernel but "
                          f"got {D} and {k.dtype}")
-    if kept_keys.dtype != torch.bool or kept_keys.dim() != 4 or kept_keys.shape[2:] != (P, L):
-        raise ValueError(f"Expect kept_keys as a bool (B', H', {P}, {L}) tensor but got {kept_keys.dtype} "
-                         f"{tuple(kept_keys.shape)}")
-    # read as bool in place (expanded dims have stride 0); no uint8 view, which torch.compile cannot lower
-    mask = kept_keys.expand(B, H, P, L)
+    check_groups(kept_groups, key_groups, B, H, P, L)
+    # read in place (expanded dims have stride 0); the bool table as bool: no uint8 view, which torch.compile
+    # cannot lower
+    table = kept_groups.expand(B, H, P, kept_groups.shape[-1])
+    groups = key_groups.expand(B, H, L)
     blocks = triton.cdiv(L, _BLOCK_N)
     splits = max(1, min(blocks, triton.cdiv(_PROGRAMS, B * H)))
     per_split = triton.cdiv(blocks, splits) * _BLOCK_N
@@ -118,8 +128,8 @@ def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     out = torch.empty(splits, 2, B * H, P, D, dtype=torch.float32, device=qp.device)
     lse = torch.empty(splits, 2, B * H, P, dtype=torch.float32, device=qp.device)
     _probe_fwd[(splits, B * H)](
-        qp, k, v, mask, out, lse, scale,  #
-        *qp.stride(), *k.stride(), *v.stride(), *mask.stride(),  #
+        qp, k, v, table, groups, out, lse, scale,  #
+        *qp.stride(), *k.stride(), *v.stride(), *table.stride(), *groups.stride(),  #
         H, P, L, per_split,  #
         HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=_BLOCK_N,
         num_warps=4, num_stages=2,
@@ -130,3 +140,14 @@ def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     total = total.view(2, B, H, P)
     return merged[0], merged[1], total[1]
 
+
+def check_groups(kept_groups: torch.Tensor, key_groups: torch.Tensor, B: int, H: int, P: int, L: int) -> None:
+    """The keep tables of ``P`` probe rows over ``L`` keys for ``(B, H)``: ``ValueError`` naming the argument."""
+    if (kept_groups.dtype != torch.bool or kept_groups.dim() != 4 or kept_groups.shape[2] != P
+            or kept_groups.shape[0] not in (1, B) or kept_groups.shape[1] not in (1, H)):
+        raise ValueError(f"Expect kept_groups as a bool (B' in (1, {B}), H' in (1, {H}), {P}, G) tensor but got "
+                         f"{kept_groups.dtype} {tuple(kept_groups.shape)}")
+    if (key_groups.dtype not in (torch.int32, torch.int64) or key_groups.dim() != 3 or key_groups.shape[2] != L
+            or key_groups.shape[0] not in (1, B) or key_groups.shape[1] not in (1, H)):
+        raise ValueError(f"Expect key_groups as an int32 / int64 (B' in (1, {B}), H' in (1, {H}), {L}) tensor but got "
+                         f"{key_groups.dtype} {tuple(key_groups.shape)}")
