@@ -6,6 +6,8 @@ of 16, keys not a multiple of the key step, ranges split over the keys, a row th
 (group -1), keep tables that broadcast over batch or heads (each on its own), transposed (B, L, H, D) keys.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -123,12 +125,80 @@ pointers = dict(Q="*bf16", K="*bf16", V="*bf16", Kept="*i1", Group="*i64", Out="
 constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_P=32, BLOCK_N=64)
 kernel = build(tp._probe_fwd, pointers, constants, num_warps=4, num_stages=2)
 print("compiled", kernel.metadata.shared)
+f32 = "*fp32"
+pointers = dict(Q="*bf16", Out=f32, Lse=f32, KMeans=f32, VMeans=f32, LogN=f32, Kept="*i1", Weight=f32, Errors=f32,
+                sm_scale="fp32", LOG_STEP="fp32")
+constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_P=32, BLOCK_T=64, WEIGHTS=9)
+print("compiled", build(tp._cluster_decide, pointers, constants, num_warps=4).metadata.shared)
 """
 
 
 def test_compiles_for_hopper():
-    """The interpreter runs what the compiler may refuse: the kernel compiles for sm_90 in bfloat16 with the ptxas
-    Triton ships (no GPU needed; a process without the interpreter)."""
+    """The interpreter runs what the compiler may refuse: the probe pass (bfloat16) and the cluster decision
+    (float32 dots in IEEE precision) compile for sm_90 with the ptxas Triton ships (no GPU needed; a process
+    without the interpreter)."""
     from sm90 import compile_sm90
 
-    assert "compiled" in compile_sm90(_COMPILE).stdout
+    assert compile_sm90(_COMPILE).stdout.count("compiled") == 2
+
+
+# ------------------------------------------------------------------------------ the cluster tail's decision
+def _cluster_case(density, dtype, seed):
+    import sparsevid as sv
+
+    layout = sv.VideoLayout(2, 6, 8, text_tokens=7)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 3, layout.num_tokens, 32, generator=g) for _ in range(3))
+    k[:, 1] *= 3.0  # one head with sharper attention: options scored further apart
+    plan = sv.plan(q, k, layout, "clustered", density=density, q_clusters=6, k_clusters=10)
+    return plan, q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not CUDA, reason="bf16 tl.dot is wrong under the Triton interpreter"))])
+def test_cluster_decision_kernel_matches_its_pytorch_twin(dtype):
+    """The decision kernel's option errors against ``option_errors`` on the PyTorch path's partials, and its weight
+    is the first minimum of its own errors (dropping first); on every head here some weight beats dropping."""
+    from sparsevid.cluster_plan import cluster_means
+    from sparsevid.kernels.triton_probe import decide_cluster_triton
+    from sparsevid.tail import TAIL_WEIGHTS, _partial, option_errors, probe_rows
+
+    plan, q, k, v = _cluster_case(0.25, dtype, 0)
+    lo = plan.video_offset
+    rows = probe_rows(plan.layout, 16, "cpu", lo, lo + plan.layout.video_tokens)[0] + lo
+    kept = plan.kept_of_rows(rows, name="test")
+    means = cluster_means(k, plan), cluster_means(v, plan)
+    scale = 32 ** -0.5
+    on = (t.to(DEVICE) for t in (q[:, :, rows], k, v, kept, plan.k_labels(), *means, plan.log_k_sizes))
+    qp, kd, vd, kept_d, labels, km, vm, log_n = on
+    weight, errors = decide_cluster_triton(qp, kd, vd, kept_d, labels, (km, vm), log_n, scale, len(TAIL_WEIGHTS))
+
+    qf = q[:, :, rows].float()
+    exact, kept_out, kept_lse = probe_partials_reference(qf, k, v, kept, plan.k_labels(), scale)
+    logits = (qf @ means[0].transpose(-1, -2) * scale + plan.log_k_sizes.unsqueeze(-2)).masked_fill(kept, -torch.inf)
+    tail_out, tail_lse = _partial(logits, lambda p: p @ means[1])
+    ref = option_errors(exact, kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0))  # (1 + W, B, H)
+    got = errors.cpu().permute(2, 0, 1)
+    assert torch.allclose(got, ref, rtol=TOL[dtype] * 10, atol=1e-6), (got, ref)
+    best = got.argmin(0)
+    expect = torch.where(best == 0, -torch.inf, (best - 1).float() * (-0.5 * math.log(2.0)))
+    assert torch.equal(weight.cpu(), expect)
+    assert (best > 0).all()  # the tail pays on these heads: the test sees a weight, not only dropping
+
+
+def test_cluster_decision_kernel_drops_when_nothing_is_dropped():
+    """Every cluster kept: the tail is empty, every option scores as dropping, and the tie goes to dropping."""
+    from sparsevid.cluster_plan import cluster_means
+    from sparsevid.kernels.triton_probe import decide_cluster_triton
+    from sparsevid.tail import probe_rows
+
+    plan, q, k, v = _cluster_case(1.0, torch.float32, 1)
+    assert bool(plan.kept_clusters().all())
+    lo = plan.video_offset
+    rows = probe_rows(plan.layout, 16, "cpu", lo, lo + plan.layout.video_tokens)[0] + lo
+    args = (q[:, :, rows], k, v, plan.kept_of_rows(rows, name="t"), plan.k_labels(), cluster_means(k, plan),
+            cluster_means(v, plan), plan.log_k_sizes)
+    qp, kd, vd, kept, labels, km, vm, log_n = (t.to(DEVICE) for t in args)
+    weight, errors = decide_cluster_triton(qp, kd, vd, kept, labels, (km, vm), log_n, 32 ** -0.5, 9)
+    assert torch.all(weight == -torch.inf)
+    assert torch.equal(errors, errors[..., :1].expand_as(errors))

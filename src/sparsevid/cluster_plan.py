@@ -153,6 +153,12 @@ class ClusterPlan(PlanData):
         return self._view("k_sizes", lambda: self.k_offsets.long().diff(dim=-1))  # read by every tail call
 
     @property
+    def log_k_sizes(self) -> torch.Tensor:
+        """float32 ``(B', H', Ck)``: log of each key cluster's size, ``-inf`` for an empty one (a centroid term's
+        log-weight; read by every tail call)."""
+        return self._view("log_k_sizes", lambda: self.k_sizes.float().log())
+
+    @property
     def video_offset(self) -> int:
         """Original index of the first video token (the video tokens are one contiguous run)."""
         return self.layout.text_tokens if self.layout.text_first else 0

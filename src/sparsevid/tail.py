@@ -61,8 +61,8 @@ from .kernels.pooling import group_mean_reference, group_tables
 
 __all__ = ["AUTO", "CLUSTER_TAIL", "PROBES", "TAIL_METHODS", "TAIL_WEIGHTS", "TailMethod", "TailSummaries", "auto_tail",
            "check_tail", "choose_tail", "decide_cluster_tail", "decide_tail", "fixed_gate", "kept_blocks",
-           "probe_partials", "probe_partials_reference", "probe_rows", "summarize_reference", "tail_logits",
-           "tail_operands"]
+           "option_errors", "probe_partials", "probe_partials_reference", "probe_rows", "summarize_reference",
+           "tail_logits", "tail_operands"]
 
 PROBES = 32  # exact query rows per (batch, head) that measure the tail in each call (tens: their cost is rows x L)
 TAIL_WEIGHTS = tuple(2.0 ** (-k / 2) for k in range(9))  # the weights w a summary may take: 1, 1/√2, ..., 1/16
@@ -345,19 +345,33 @@ def choose_tail(exact: torch.Tensor, kept_out: torch.Tensor, kept_lse: torch.Ten
         ``(choice, log_weight)``: int64 ``(B, H)``, the chosen candidate (``-1``: drop), and float32 ``(B, H)``,
         ``log w`` (``-inf``: drop).
     """
+    errors = option_errors(exact, kept_out, kept_lse, tail_out, tail_lse)
+    weights = len(TAIL_WEIGHTS)
+    best = errors.argmin(dim=0)  # the first minimum: dropping wins ties
+    option = (best - 1).clamp(min=0)
+    choice = torch.where(best == 0, -1, option // weights)
+    log_weight = torch.where(best == 0, float("-inf"), _log_weights(exact.device)[option % weights])
+    return choice, log_weight
+
+
+def option_errors(exact: torch.Tensor, kept_out: torch.Tensor, kept_lse: torch.Tensor, tail_out: torch.Tensor,
+                  tail_lse: torch.Tensor) -> torch.Tensor:
+    """float32 ``(1 + C * W, B, H)``: the squared error to ``exact`` summed over the probe rows of each option of
+    :func:`choose_tail` (arguments as there): dropping first, then candidate ``c`` with weight ``w`` at ``1 + c * W
+    + w``, ``W = len(TAIL_WEIGHTS)``."""
     from .kernels.reference import merge_partials  # here: kernels.reference imports this module
 
-    weights = len(TAIL_WEIGHTS)  # log w = -k/2 log 2, made on the device (no host copy: CUDA-graph capturable)
-    log_w = torch.arange(weights, dtype=torch.float32, device=exact.device) * (-0.5 * math.log(2.0))
-    shift = log_w[:, None, None, None, None]  # (W, 1, 1, 1, 1) against the candidates' (1, C, B, H, P)
+    shift = _log_weights(exact.device)[:, None, None, None, None]  # (W, 1, 1, 1, 1) against (1, C, B, H, P)
     merged, _ = merge_partials(kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0) + shift)
     errors = (merged - exact).square().sum(dim=(-1, -2)).transpose(0, 1).flatten(0, 1)  # (C * W, B, H)
     drop = (kept_out - exact).square().sum(dim=(-1, -2))
-    best = torch.cat([drop.unsqueeze(0), errors]).argmin(dim=0)  # the first minimum: dropping wins ties
-    option = (best - 1).clamp(min=0)
-    choice = torch.where(best == 0, -1, option // weights)
-    log_weight = torch.where(best == 0, float("-inf"), log_w[option % weights])
-    return choice, log_weight
+    return torch.cat([drop.unsqueeze(0), errors])
+
+
+def _log_weights(device) -> torch.Tensor:
+    """float32 ``(W,)``: ``log w`` of :data:`TAIL_WEIGHTS`, ``-k/2 log 2``, made on the device (no host copy:
+    CUDA-graph capturable)."""
+    return torch.arange(len(TAIL_WEIGHTS), dtype=torch.float32, device=device) * (-0.5 * math.log(2.0))
 
 
 @torch.no_grad()  # a discrete choice: no gradient flows through it
@@ -427,12 +441,18 @@ def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     rows = rows + lo
     # (B', H', P, Ck): the plan's, built once per plan (a reused plan reads it every call)
     kept_rows = plan.kept_of_rows(rows, name=f"probes {probes} {rows.device}")
+    k_means, values = (cluster_means(k, plan), cluster_means(v, plan)) if means is None else means
+    if q.is_cuda:
+        from .kernels import triton_probe
+
+        if triton_probe.takes(q.shape[-1], k.dtype):  # two launches for the ~60 small kernels below
+            return triton_probe.decide_cluster_triton(q[:, :, rows].to(k.dtype), k, v, kept_rows, plan.k_labels(),
+                                                      (k_means, values), plan.log_k_sizes, scale,
+                                                      len(TAIL_WEIGHTS))[0]
     qp = q[:, :, rows].float()
     exact, kept_out, kept_lse = probe_partials(qp, k, v, kept_rows, plan.k_labels(), scale)
-    sizes = plan.k_sizes
-    k_means, values = (cluster_means(k, plan), cluster_means(v, plan)) if means is None else means
-    logits = torch.matmul(qp, k_means.transpose(-1, -2)) * scale + sizes.float().log().unsqueeze(-2)
-    logits = logits.masked_fill(kept_rows | (sizes == 0).unsqueeze(-2), float("-inf"))  # (B, H, P, Ck)
+    logits = torch.matmul(qp, k_means.transpose(-1, -2)) * scale + plan.log_k_sizes.unsqueeze(-2)
+    logits = logits.masked_fill(kept_rows, float("-inf"))  # (B, H, P, Ck); an empty cluster's log n is -inf
     tail_out, tail_lse = _partial(logits, lambda p: torch.matmul(p, values))
     _, log_weight = choose_tail(exact, kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0))
     return log_weight
