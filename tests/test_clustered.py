@@ -462,3 +462,26 @@ def test_apply_refuses_what_no_layout_takes_and_defers_what_tokens_decide():
     with pytest.raises(ValueError, match="centroids"):
         sv.apply(tiny_wan(), method="clustered", centroids=None)
     sv.apply(tiny_wan(), method="clustered", q_clusters=4096, k_clusters=4096).remove()  # more than apply's probe
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-kmeans' assignment kernel runs on CUDA only")
+def test_the_flash_kmeans_engine_agrees_with_the_torch_one():
+    """The two assignment engines of ``kmeans`` (flash-kmeans' Triton kernel where installed, the chunked float32
+    matmul) on bf16 keys from one start: the same clusters up to near ties, the same means."""
+    pytest.importorskip("flash_kmeans")
+    from sparsevid.planners import clustered as module
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, 3, 16, 64, generator=g) * 3
+    x = (centres[:, :, torch.randint(0, 16, (4096,), generator=g)] + torch.randn(2, 3, 4096, 64, generator=g))
+    x, init = x.to("cuda", torch.bfloat16), centres.cuda()
+    assert module._flash_kmeans() is not None
+    flash = module.kmeans(x, init, 3)
+    saved = module._flash_kmeans
+    module._flash_kmeans = lambda: None
+    try:
+        plain = module.kmeans(x, init, 3)
+    finally:
+        module._flash_kmeans = saved
+    assert (flash[0] == plain[0]).float().mean() > 0.99
+    torch.testing.assert_close(flash[2], plain[2], atol=0.05, rtol=0.02)

@@ -148,8 +148,8 @@ def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tenso
             empty);
         centroids: float32 ``(B, H, C, D)``, ``means`` where a cluster has members, else its previous centroid.
     """
-    assign = _assigner(x)
-    xf = x.float()
+    xf = x.float()  # the one float32 copy: the segment means' input, and the torch engine's
+    assign = _assigner(x, xf)
     centroids = init.float()
     for _ in range(iters):
         labels = assign(centroids)
@@ -158,8 +158,9 @@ def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tenso
     return labels, means, centroids
 
 
-def _assigner(x: torch.Tensor):
-    """``assign(centroids) -> int64 (B, H, N)``: the nearest centroid of each row of ``x`` (squared Euclidean).
+def _assigner(x: torch.Tensor, xf: torch.Tensor):
+    """``assign(centroids) -> int64 (B, H, N)``: the nearest centroid of each row of ``x`` (squared Euclidean;
+    ``xf``: ``x`` in float32).
 
     The engine: ``flash-kmeans``' Triton assignment kernel (the SVG2 authors' package) when it is installed and
     ``x`` is on CUDA with a power-of-two head dim (its kernel's tile), else a chunked float32 matmul.
@@ -167,7 +168,7 @@ def _assigner(x: torch.Tensor):
     B, H, N, D = x.shape
     if x.is_cuda and D & (D - 1) == 0 and _flash_kmeans() is not None:
         flat = x.reshape(B * H, N, D)
-        x_sq = flat.float().square().sum(-1)
+        x_sq = torch.linalg.vector_norm(xf, dim=-1).square().reshape(B * H, N)  # one reduction, no squared copy
         assign = _flash_kmeans()
 
         def flash(centroids):
@@ -175,8 +176,6 @@ def _assigner(x: torch.Tensor):
             return assign(flat, c, x_sq).view(B, H, N).long()
 
         return flash
-
-    xf = x.float()
 
     def torch_assign(centroids):
         c_sq = centroids.square().sum(-1).unsqueeze(-2)  # (B, H, 1, C)
