@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh scale14-1 scale14-2 scale14-4 scale14   # several calls: a stage fits one alone
 #   bash scripts/gpu_session.sh pareto14, then pareto                  # two calls on one warm machine, issue 30
 #   bash scripts/gpu_session.sh cluster fastcar2                        # the clustered path's costs; FastCar (FASTCAR_FUSE=1: --fuse)
+#   bash scripts/gpu_session.sh clusterfwd                              # the clustered forward, k-means vs k-d queries
 #   bash scripts/gpu_session.sh diffusers tbchunk                       # one testbed-l training chunk (issue 34, docs/testbed.md)
 #
 # Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry (64 MiB with the working
@@ -203,6 +204,13 @@ for s in "$@"; do
             --check-rows 128
         stage cluster-cost timeout 150 python3 scripts/bench_clustered_cost.py --shapes wan1.3b-480p --inputs clip \
             --densities 0.1 --engines flash --warm-iters 2 --reps 5 --q-partitions kmeans kdtree --profile
+        ;;
+    clusterfwd)  # issue 30: the 1.3B forward (speed only, no testbed) of the clustered tail beside draft, k-means
+        # against k-d query clusters at 0.05 and 0.1, replanning every 4 steps (the default); ~5 min, H100
+        ls .whl/d/flash_kmeans-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps .whl/d/*.whl
+        stage clusterfwd timeout 400 python3 -m sparsevid bench pareto --methods draft clustered --densities 0.05 0.1 \
+            --option draft:tail=none --option clustered:tail=centroid --option clustered:q_partition=kmeans \
+            --option clustered:q_partition=kdtree --shapes wan1.3b-480p --reps 2 --testbeds --quiet --out "$RES/clusterfwd"
         ;;
     pareto14 | pareto)  # issue 30: the quality-vs-speed frontier; pareto14 first (the 14B forwards alone fill
         # most of a call), then pareto on the same warm machine joins its pareto.json (RES left at its default)
