@@ -9,6 +9,11 @@ each clustered variant's time includes its per-call work (the mean keys and valu
 the launch struct, derived once per plan (timed separately). Check: ``--check-rows`` random video rows per head
 against a float32 PyTorch evaluation of the same formula.
 
+``--flashinfer``: FlashInfer's ``VariableBlockSparseAttentionWrapper`` (SVG2's executor: variable-size blocks,
+token-level KV indices) on the same plan beside ours, tail off (it has none: a cluster tail would be a second pass
+merged by LSE), video tokens only: its ``plan`` (host syncs; once per plan), its kernel on q/k/v already in cluster
+order, and a whole call (the gathers into cluster order, the kernel, the scatter back).
+
     PYTHONPATH=src python scripts/bench_cluster_kernel.py                # Wan2.1-1.3B 480p: B=1, 12 heads, L=32760
     TRITON_INTERPRET=1 PYTHONPATH=src python scripts/bench_cluster_kernel.py --device cpu --frames 1 --height 8 \
         --width 8 --heads 2 --q-clusters 6 --k-clusters 6 --dtype float16 --reps 1   # smoke test
@@ -87,6 +92,41 @@ def check_rows(out, q, k, v, fields, truth, scale, tail, rows):
     return ((out[:, :, rows].float() - ref).norm() / ref.norm()).item()
 
 
+def flashinfer_rows(q, k, v, fields, keep, density, scale, timer, dense_ms, check):
+    """Result rows of FlashInfer's variable-block-sparse kernel on the plan ``fields`` (one batch, video only;
+    ``keep``: bool ``(H, Cq, Ck)``; ``check(out)``: the rows' error of a ``(1, H, L, D)`` output)."""
+    try:
+        import flashinfer
+    except ImportError as exc:
+        return [[f"FlashInfer: not importable ({exc})", "-", float("nan"), float("nan"), float("nan"), "-"]]
+    if fields.layout.text_tokens:
+        raise SystemExit("--flashinfer times video tokens only: run it with --text-tokens 0")
+    _, H, L, D = q.shape
+    row_sz, col_sz = (fields.q_offsets[0].diff(dim=-1).int(), fields.k_offsets[0].diff(dim=-1).int())
+    q_order, k_order = fields.q_order[0].long(), fields.k_order[0].long()  # (H, V): video tokens from 0 (no text)
+    wrapper = flashinfer.VariableBlockSparseAttentionWrapper(
+        torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=q.device))
+
+    def plan():
+        wrapper.plan(keep, row_sz, col_sz, H, H, D, sm_scale=scale, q_data_type=q.dtype)
+
+    def sort(x, order):
+        return x[0].gather(1, order[..., None].expand(-1, -1, D))  # (H, V, D) in cluster order
+
+    def call():
+        out = wrapper.run(sort(q, q_order), sort(k, k_order), sort(v, k_order)).reshape(H, -1, D)
+        return torch.empty_like(q[0]).scatter_(1, q_order[..., None].expand(-1, -1, D), out)[None]
+
+    plan_ms = time_ms(plan, **dict(timer, reps=3))
+    qs, ks, vs = sort(q, q_order), sort(k, k_order), sort(v, k_order)
+    kernel_ms = time_ms(lambda: wrapper.run(qs, ks, vs), **timer)
+    call_ms = time_ms(call, **timer)
+    err = f"{check(call()):.2e}"
+    return [[f"FlashInfer {flashinfer.__version__} variable block-sparse, kernel on sorted q/k/v", f"{plan_ms:.3f} (plan)",
+             density, kernel_ms, dense_ms / kernel_ms, err],
+            ["FlashInfer, whole call (sort q/k/v, kernel, scatter back)", "-", density, call_ms, dense_ms / call_ms, err]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=int, default=21)
@@ -110,6 +150,7 @@ def main() -> None:
     p.add_argument("--check-rows", type=int, default=256)
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flashinfer", action="store_true", help="also FlashInfer's variable block-sparse kernel (tail off)")
     args = p.parse_args()
 
     import sparsevid as sv
@@ -140,6 +181,9 @@ def main() -> None:
         real, order = launch_tables(block.perm, num, size, B, H)
         bs_ms = time_ms(lambda: block_sparse_attn(q, k, v, block.perm, num, idx, size, scale, real, order), **timer)
         results.append([f"triton block-sparse (random, {size})", "-", block.density, bs_ms, dense_ms / bs_ms, "-"])
+    if args.flashinfer:
+        results += flashinfer_rows(q, k, v, fields, truth[2][0], density, scale, timer, dense_ms,
+                                   lambda out: check_rows(out, q, k, v, fields, truth, scale, None, rows_idx))
     for bm in args.block_m:
         launch_ms = time_ms(lambda: cluster_launch(fields, bm), **timer)
         launch = cluster_launch(fields, bm)

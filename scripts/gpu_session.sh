@@ -9,6 +9,7 @@
 #   bash scripts/gpu_session.sh pareto14, then pareto                  # two calls on one warm machine, issue 30
 #   bash scripts/gpu_session.sh cluster fastcar2                        # the clustered path's costs; FastCar (FASTCAR_FUSE=1: --fuse)
 #   bash scripts/gpu_session.sh clusterfwd                              # the clustered forward, k-means vs k-d queries
+#   bash scripts/gpu_session.sh flashinfer                              # FlashInfer's variable block-sparse kernel vs ours
 #   bash scripts/gpu_session.sh diffusers tbchunk                       # one testbed-l training chunk (issue 34, docs/testbed.md)
 #
 # Wheels: flash-attn-4's nvidia-cutlass-dsl-libs-cu12 (92 MB) exceeds one carry (64 MiB with the working
@@ -204,6 +205,14 @@ for s in "$@"; do
             --check-rows 128
         stage cluster-cost timeout 150 python3 scripts/bench_clustered_cost.py --shapes wan1.3b-480p --inputs clip \
             --densities 0.1 --engines flash --warm-iters 2 --reps 5 --q-partitions kmeans kdtree --profile
+        ;;
+    flashinfer)  # issue 30: FlashInfer's variable block-sparse kernel (SVG2's executor) beside ours on one plan; its
+        # wheels from .whl/fi (flashinfer-python 0.6.0, apache-tvm-ffi cp312, einops, tabulate, nvidia-ml-py, click);
+        # its first call JIT-compiles the kernel with nvcc (minutes)
+        python3 -m pip install -q --no-index --no-deps .whl/fi/*.whl
+        export FLASHINFER_CUDA_ARCH_LIST=9.0a
+        stage flashinfer timeout 540 python3 scripts/bench_cluster_kernel.py --block-m 64 --block-sizes 128 --reps 10 \
+            --check-rows 128 --configs 64:4:3 --flashinfer
         ;;
     clusterfwd)  # issue 30: the 1.3B forward (speed only, no testbed) of the clustered tail beside draft, k-means
         # against k-d query clusters at 0.05 and 0.1, replanning every 4 steps (the default); ~5 min, H100
