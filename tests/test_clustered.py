@@ -344,8 +344,9 @@ def test_warm_start_on_the_next_step_converges_in_two_iterations(testbed_steps):
 # ------------------------------------------------------------------------------ options
 def test_kdtree_query_clusters_are_equal_and_split_planted_groups():
     """``q_partition="kdtree"``: every query cluster holds floor or ceil(V / Cq) rows (105 / 8: 13 or 14) and says so
-    (``max_q_size``); four planted groups of queries far apart along different directions come out as four clusters
-    (each cluster one group) however the tokens are ordered; keys stay k-means (variable sizes)."""
+    (``max_q_size``); four planted groups of queries far apart (the corners of a square in two channels, among 14
+    channels of noise) come out as four clusters (each cluster one group) however the tokens are ordered; keys stay
+    k-means (variable sizes)."""
     layout = sv.VideoLayout(3, 5, 7)
     V = layout.video_tokens
     q, k, _ = inputs(layout)
@@ -356,7 +357,8 @@ def test_kdtree_query_clusters_are_equal_and_split_planted_groups():
     V = 4 * 28
     layout = sv.VideoLayout(4, 4, 7)
     group = torch.randperm(V, generator=g) % 4  # 28 tokens a group, scattered over the video
-    directions = 10 * torch.eye(16)[[0, 3, 7, 12]] - 5 * torch.eye(16)[[5, 5, 1, 1]]
+    corners = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    directions = 10 * corners @ torch.eye(16)[[3, 12]]  # channels 3 and 12: one split each
     q = (directions[group] + 0.3 * torch.randn(V, 16, generator=g)).expand(1, 2, V, 16).contiguous()
     plan = sv.plan(q, q, layout, "clustered", q_clusters=4, k_clusters=4, q_partition="kdtree")
     labels = plan.q_labels()

@@ -104,7 +104,11 @@ def _syncs(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.key.startswith(names[:2]) or "DtoH" in e.key)
 
 
-def test_a_hooked_forward_adds_no_host_sync():
+@pytest.mark.parametrize("method, options", [
+    ("draft", {}), ("clustered", dict(tail="centroid")), ("clustered", dict(tail="centroid", q_partition="kdtree"))])
+def test_a_hooked_forward_adds_no_host_sync(method, options):
+    """Replanning every step: planning (k-means with its warm start, the k-d partition), the clustered tail's decision
+    and the kernels read nothing back to the host."""
     pytest.importorskip("diffusers")
     model, inputs = _tiny_wan_cuda()
 
@@ -118,7 +122,7 @@ def test_a_hooked_forward_adds_no_host_sync():
     native = _syncs(forward)
     # a pipeline as sparsevid sees it: the scheduler's step index is a host int (no timestep read)
     pipe = SimpleNamespace(transformer=model, scheduler=SimpleNamespace(step_index=5, timesteps=torch.arange(10)))
-    handle = sv.apply(pipe, method="draft", density=0.25, dense_layers=0, replan_every=1)
+    handle = sv.apply(pipe, method=method, density=0.25, dense_layers=0, replan_every=1, **options)
     forward()  # first sparse forward: layouts move to the GPU once, kernels compile
     sparse = _syncs(forward)
     assert handle.stats()["sparse_calls"] >= 3

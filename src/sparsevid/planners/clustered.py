@@ -9,14 +9,14 @@ an empty cluster keeps its previous centroid. Cold start: a seeded subsample of 
 device); warm start: ``centroids=`` of the previous call of the same layer and CFG branch (the integration keeps
 them), which needs fewer iterations.
 
-Equal-size query clusters (``q_partition="kdtree"``): a k-d tree over the queries' top principal coordinates
+Equal-size query clusters (``q_partition="kdtree"``): a k-d tree over the queries' channels of largest variance
 cuts the video queries of each (batch, head) into ``q_clusters`` clusters of ``floor`` or ``ceil(V / q_clusters)``
 rows, so the kernel's query tiles are full (the tile height follows the size: ``ClusterPlan.max_q_size``). Each
 level sorts every node's rows along the coordinate of largest spread inside the node and splits it at its middle
 leaf; no iterations, no warm start. On testbed-l's captured attention (held-out case 0, step 4 of 20, layers 1 and 5,
-CPU, 512 clusters of 32 rows, density 0.1, cluster tail on), the attention error vs dense was 0.100 with k-d query
-clusters against 0.102 with k-means ones (0.106 with 64-row k-d clusters); k-d KEY clusters lost (0.106 alone,
-0.116 on both sides), so keys stay k-means.
+CPU, 512 clusters of 32 rows, density 0.1, cluster tail on), the attention error vs dense was 0.099 with k-d query
+clusters against 0.102 with k-means ones (with the tree over principal coordinates: 0.100, and 0.106 with 64-row
+k-d clusters); k-d KEY clusters lost (0.106 alone, 0.116 on both sides), so keys stay k-means.
 
 Selection, per query cluster ``c`` (mean query ``q̄_c``) over key clusters ``j`` (mean key ``k̄_j``, size
 ``n_j``): the estimated share of the cluster's attention on ``j`` is ``softmax_j(scale q̄_c.k̄_j + log n_j)``.
@@ -53,7 +53,9 @@ _MAX_CLUSTERS = 512
 # within 1% of the cold start (tests/test_clustered.py).
 _COLD_ITERS = 8
 _WARM_ITERS = 2
-# Principal coordinates the k-d query partition splits on: 8 measured 0.110 where 16 measured 0.100 (above).
+# Channels the k-d query partition splits on: each head's _KD_COORDS of largest variance. On testbed-l's captured
+# attention (above) they scored as all 128 channels did (0.0993 / 0.0993) and as the top 16 principal coordinates
+# (0.100; 8 of them: 0.110), without an eigendecomposition (whose CUDA solver reads its status on the host).
 _KD_COORDS = 16
 PARTITIONS = ("kmeans", "kdtree")
 # Score elements (float32) per chunk of the torch assignment: ~64 MiB.
@@ -237,8 +239,8 @@ def _subsample_rows(tokens: int, clusters: int, seed: int, device: str) -> torch
 
 # ---------------------------------------------------------------------------------------------- k-d partition
 def kd_partition(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Equal-size clusters of the rows of ``x`` ``(B, H, N, D)``: a k-d tree over each (batch, head)'s top
-    :data:`_KD_COORDS` principal coordinates, ``clusters`` leaves of ``floor`` or ``ceil(N / clusters)`` rows.
+    """Equal-size clusters of the rows of ``x`` ``(B, H, N, D)``: a k-d tree over each (batch, head)'s
+    :data:`_KD_COORDS` channels of largest variance, ``clusters`` leaves of ``floor`` or ``ceil(N / clusters)`` rows.
 
     Returns:
         labels: int64 ``(B, H, N)``: the leaf of each row;
@@ -249,9 +251,9 @@ def kd_partition(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Te
     B, H, N, D = x.shape
     xf = x.float()
     xc = xf - xf.mean(2, keepdim=True)
-    basis = torch.linalg.eigh(torch.matmul(xc.transpose(-1, -2), xc)).eigenvectors[..., -min(_KD_COORDS, D):]
-    z = torch.matmul(xc, basis)  # (B, H, N, r), ascending variance
-    r = z.shape[-1]
+    r = min(_KD_COORDS, D)
+    channels = xc.square().sum(2).topk(r, dim=-1).indices  # (B, H, r)
+    z = xc.gather(3, channels.unsqueeze(2).expand(B, H, N, r))  # (B, H, N, r)
     position = torch.arange(N, device=x.device).expand(B, H, N)
     levels, bounds, leaf = _kd_tree(N, clusters, str(x.device))
     for segment, size in levels:  # every node of a level sorted along its widest coordinate, split at its middle
