@@ -16,7 +16,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from sparsevid.cluster_plan import cluster_means  # noqa: E402
-from sparsevid.kernels.triton_cluster import (cluster_attention_triton, cluster_launch,  # noqa: E402
+from sparsevid.kernels.triton_cluster import (HEAD_GRAIN, cluster_attention_triton, cluster_launch,  # noqa: E402
                                               cluster_means_triton)
 from sparsevid.layout import VideoLayout  # noqa: E402
 
@@ -332,6 +332,9 @@ def test_launch_tiles_and_merged_ranges():
             packed = torch.arange(int(launch.kept_num[0, h, c]))  # packed index -> position, by the search's rule
             r = (cum[None, :] <= packed[:, None]).sum(1)
             assert torch.equal(packed + shift[r], torch.nonzero(got).squeeze(1))
+            # the packed walk's grain table: the range of every HEAD_GRAIN-th packed index (range_num past the end)
+            grain = torch.arange(launch.range_head.shape[-1]) * HEAD_GRAIN
+            assert torch.equal(launch.range_head[0, h, c].long(), (cum[None, :n] <= grain[:, None]).sum(1))
             starts, prev_ends = plan.k_offsets[0, h, ids[1:]], plan.k_offsets[0, h, ids[:-1] + 1]
             runs = int((starts != prev_ends).sum()) + 1 if ids.numel() else 0
             assert len(ranges) == runs
@@ -385,11 +388,11 @@ from sparsevid.kernels import triton_cluster as tc
 
 half, i32 = "*fp16", "*i32"
 pointers = dict(Q=half, K=half, V=half, Out=half, KG=half, VG=half, QOrder=i32, KOrder=i32, Tiles=i32,
-                RangeNum=i32, RangeCum=i32, RangeShift=i32, KeptNum=i32, Kept="*u8", LogN="*fp32", KMeans=half,
-                VMeans=half, Gate="*fp32", sm_scale="fp32")
+                RangeNum=i32, RangeCum=i32, RangeShift=i32, RangeHead=i32, KeptNum=i32, Kept="*u8", LogN="*fp32",
+                KMeans=half, VMeans=half, Gate="*fp32", sm_scale="fp32")
 for packed, gathered, tail in ((True, True, True), (False, False, False)):
     constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, TAIL=tail,
-                     PRE_GATHERED=gathered, PACKED=packed, LOG_R=9, NUM_STAGES=3)
+                     PRE_GATHERED=gathered, PACKED=packed, LOG_R=9, GRAIN=256, NUM_STAGES=3)
     print("shared", build(tc._cluster_attn_fwd.fn, pointers, constants, num_warps=4, num_stages=3).metadata.shared)
 build(tc._cluster_means, dict(V=half, KOrder=i32, KOffsets=i32, Out="*fp32"),
       dict(HEAD_DIM=128, HEAD_DIM_P=128, ROWS=32), num_warps=4)

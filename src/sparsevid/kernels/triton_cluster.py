@@ -15,8 +15,8 @@ A program's online softmax (FlashAttention-2, fp32 state, base 2, :mod:`triton_c
 1. the text keys, one contiguous range of the original order;
 2. the kept key clusters as token ranges of the cluster-sorted keys (adjacent kept clusters merged into one
    range once per plan), in ``BLOCK_N`` chunks, either *packed* (``packed=True``: the ranges end to end, each
-   lane finding its range by a branch-free binary search over the ranges' packed ends, so only a row's last
-   chunk is partial) or range by range (each range's last chunk masked). The keys are read through
+   lane finding its range by a branch-free binary search over the ranges' packed ends, narrowed per chunk to the
+   ranges it can touch by a coarse table, so only a row's last chunk is partial) or range by range (each range's last chunk masked). The keys are read through
    ``k_order`` (``gather_kv=False``) or from cluster-sorted copies of k and v made once per call
    (``gather_kv=True``: contiguous ranges);
 3. with the cluster tail (``tail="centroid"``): every non-empty key cluster the row's query cluster does not
@@ -55,6 +55,9 @@ __all__ = ["ClusterLaunch", "check_cluster_inputs", "cluster_attention_triton", 
 
 BLOCK_T = 16 if INTERPRET else 64  # key clusters per tile of the tail scan
 BLOCK_MS = (16, 32, 64, 128)  # query rows per tile that the kernel compiles for
+# packed indices per entry of the packed walk's range table (ClusterLaunch.range_head): a chunk's search is narrowed
+# to the ranges between two entries (a few where ranges hold tens of keys), for 4 bytes a query cluster per GRAIN keys
+HEAD_GRAIN = 16 if INTERPRET else 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32: tests (tl.dot in tf32 on a GPU)
 
 
@@ -74,6 +77,9 @@ class ClusterLaunch:
             index ``p`` in range ``r`` is position ``p + range_shift[r]`` of ``k_order``, and range ``r`` is the
             positions ``[range_cum[r - 1] + range_shift[r], range_cum[r] + range_shift[r])`` (``range_cum[-1]``
             read as 0). Two tensors of the plan's width, no padding: the launch of a reused plan is held with it.
+        range_head (Tensor): int32 ``(B', H', Cq, NH)``: the range holding packed index ``g * HEAD_GRAIN`` (``range_num``
+            from the end of the kept keys on), ``NH = (V + 128) // HEAD_GRAIN + 2``: entries ``g`` and ``g'`` bound the
+            ranges of every packed index between ``g * HEAD_GRAIN`` and ``g' * HEAD_GRAIN``.
         kept_num (Tensor): int32 ``(B', H', Cq)``: kept video keys per query cluster.
         kept (Tensor): uint8 ``(B', H', Cq, Ck)``: 1 where the query cluster keeps the key cluster.
         log_n (Tensor): float32 ``(B', H', Ck)``: log of each key cluster's size, ``-inf`` when empty.
@@ -88,6 +94,7 @@ class ClusterLaunch:
     range_num: torch.Tensor
     range_cum: torch.Tensor
     range_shift: torch.Tensor
+    range_head: torch.Tensor
     kept_num: torch.Tensor
     kept: torch.Tensor
     log_n: torch.Tensor
@@ -138,6 +145,8 @@ def cluster_launch(plan, block_m: int | None = None) -> ClusterLaunch:
     cum = length.cumsum(-1)
     range_cum = torch.where(in_use, cum, 2**31 - 1).int().contiguous()
     range_shift = torch.where(in_use, r_start[..., :mk] - (cum - length), 0).int().contiguous()
+    grain = torch.arange((layout.video_tokens + 128) // HEAD_GRAIN + 2, device=dev) * HEAD_GRAIN
+    range_head = torch.searchsorted(range_cum, grain.expand(pb, ph, cq, -1).contiguous(), right=True).int()
     kept = torch.zeros(pb, ph, cq, ck + 1, dtype=torch.uint8, device=dev)
     kept = kept.scatter_(-1, torch.where(live, j, ck), 1)[..., :ck].contiguous()
 
@@ -159,7 +168,7 @@ def cluster_launch(plan, block_m: int | None = None) -> ClusterLaunch:
     log_n = torch.where(sizes > 0, sizes.clamp_min(1).float().log(), float("-inf"))
     text_start = 0 if layout.text_first else layout.video_tokens
     return ClusterLaunch(
-        tiles.int().contiguous(), range_num.int().contiguous(), range_cum, range_shift,
+        tiles.int().contiguous(), range_num.int().contiguous(), range_cum, range_shift, range_head,
         cum[..., -1].int().contiguous() if mk else range_num.int(), kept, log_n.contiguous(),
         plan.q_order.int().contiguous(), plan.k_order.int().contiguous(),
         plan.k_offsets.int().contiguous(), block_m, text_start, layout.text_tokens,
@@ -210,23 +219,28 @@ def _range_inner(
 @triton.jit
 def _packed_inner(
     acc, l_i, m_i, q,  #
-    k_base, v_base, idx_base, cum_base, shift_base, total, R,  #
+    k_base, v_base, idx_base, cum_base, shift_base, head_base, total, R,  #
     stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,  #
     offs_n, offs_d,  #
     GATHER: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,  #
-    LOG_R: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+    LOG_R: tl.constexpr, GRAIN: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
     """Online softmax over a query cluster's ``total`` kept keys packed end to end across its ranges, in
     ``BLOCK_N`` chunks (only the last one masked): each lane finds its range by a branch-free binary search
     over the ranges' packed ends (``cum_base``, ``R <= 2**LOG_R`` entries; past them, read as past every
-    ``p``), then its position in ``k_order``."""
+    ``p``), then its position in ``k_order``. The search starts at the range of the chunk's grain entry
+    (``head_base``) and takes only the steps shorter than the chunk's window of ranges (the next entry past its end
+    bounds it): the longer steps' loads are predicated off."""
     for start in tl.range(0, total, BLOCK_N, num_stages=NUM_STAGES):
         p = start + offs_n
         ok = p < total
-        r = tl.zeros([BLOCK_N], dtype=tl.int32)
+        first = tl.load(head_base + start // GRAIN)
+        window = tl.load(head_base + (start + BLOCK_N - 1) // GRAIN + 1) - first + 1  # ranges the chunk can touch
+        r = tl.zeros([BLOCK_N], dtype=tl.int32) + first
         for s in tl.static_range(LOG_R):
-            probe = r + ((1 << (LOG_R - 1 - s)) - 1)
-            end = tl.load(cum_base + probe, mask=probe < R, other=2**31 - 1)
+            half = 1 << (LOG_R - 1 - s)
+            probe = r + (half - 1)
+            end = tl.load(cum_base + probe, mask=probe < tl.where(window > half, R, 0), other=2**31 - 1)
             r = tl.where(end <= p, probe + 1, r)  # r = ranges ending at or before p
         acc, l_i, m_i = _chunk(acc, l_i, m_i, q, k_base, v_base, idx_base, p + tl.load(shift_base + r), ok, 0,  #
                                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_d,  #
@@ -318,16 +332,16 @@ def _configs():
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "BLOCK_M", "TAIL", "PRE_GATHERED", "PACKED", "LOG_R"])
 @triton.jit
 def _cluster_attn_fwd(
-    Q, K, V, Out, KG, VG, QOrder, KOrder, Tiles, RangeNum, RangeCum, RangeShift, KeptNum,  #
+    Q, K, V, Out, KG, VG, QOrder, KOrder, Tiles, RangeNum, RangeCum, RangeShift, RangeHead, KeptNum,  #
     Kept, LogN, KMeans, VMeans, Gate, sm_scale,  #
     stride_qz, stride_qh, stride_qm, stride_qk,  #
     stride_kz, stride_kh, stride_kn, stride_kk,  #
     stride_vz, stride_vh, stride_vn, stride_vk,  #
     stride_oz, stride_oh, stride_om, stride_ok,  #
-    H, PLAN_H, PLAN_Z_STEP, PLAN_H_STEP, NV, NT, CQ, CK, R, TEXT0, NTEXT,  #
+    H, PLAN_H, PLAN_Z_STEP, PLAN_H_STEP, NV, NT, CQ, CK, R, NH, TEXT0, NTEXT,  #
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
     BLOCK_T: tl.constexpr, TAIL: tl.constexpr, PRE_GATHERED: tl.constexpr, PACKED: tl.constexpr,  #
-    LOG_R: tl.constexpr, NUM_STAGES: tl.constexpr,  #
+    LOG_R: tl.constexpr, GRAIN: tl.constexpr, NUM_STAGES: tl.constexpr,  #
 ):
     bh = tl.program_id(1).to(tl.int64)
     off_z = bh // H
@@ -363,17 +377,18 @@ def _cluster_attn_fwd(
     cum_base = RangeCum + crow * R
     shift_base = RangeShift + crow * R
     if PACKED:
+        head_base = RangeHead + crow * NH
         if PRE_GATHERED:
             acc, l_i, m_i = _packed_inner(
                 acc, l_i, m_i, q, KG + bh * NV * HEAD_DIM, VG + bh * NV * HEAD_DIM, KOrder, cum_base, shift_base,  #
-                tl.load(KeptNum + crow), R, HEAD_DIM, 1, HEAD_DIM, 1, qk_scale, offs_n, offs_d,  #
-                False, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_R, NUM_STAGES,  #
+                head_base, tl.load(KeptNum + crow), R, HEAD_DIM, 1, HEAD_DIM, 1, qk_scale, offs_n, offs_d,  #
+                False, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_R, GRAIN, NUM_STAGES,  #
             )
         else:
             acc, l_i, m_i = _packed_inner(
-                acc, l_i, m_i, q, k_base, v_base, KOrder + pbh * NV, cum_base, shift_base,  #
+                acc, l_i, m_i, q, k_base, v_base, KOrder + pbh * NV, cum_base, shift_base, head_base,  #
                 tl.load(KeptNum + crow), R, stride_kn, stride_kk, stride_vn, stride_vk, qk_scale, offs_n, offs_d,  #
-                True, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_R, NUM_STAGES,  #
+                True, BLOCK_N, HEAD_DIM, HEAD_DIM_P, LOG_R, GRAIN, NUM_STAGES,  #
             )
     else:  # range by range
         for r in range(0, tl.load(RangeNum + crow)):
@@ -525,17 +540,20 @@ def cluster_attention_triton(
     grid = (launch.tiles.shape[2], B * H)
     args = (
         q, k, v, out, kg, vg, launch.q_order, launch.k_order, launch.tiles, launch.range_num,  #
-        launch.range_cum, launch.range_shift, launch.kept_num, launch.kept, launch.log_n, k_means, v_means,  #
-        gate, scale,  #
+        launch.range_cum, launch.range_shift, launch.range_head, launch.kept_num, launch.kept, launch.log_n,  #
+        k_means, v_means, gate, scale,  #
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
-        H, ph, int(pb > 1), int(ph > 1), nv, launch.tiles.shape[2], cq, ck, launch.range_cum.shape[3], t0, nt,  #
+        H, ph, int(pb > 1), int(ph > 1), nv, launch.tiles.shape[2], cq, ck, launch.range_cum.shape[3],  #
+        launch.range_head.shape[3], t0, nt,  #
     )
     meta = dict(HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), BLOCK_M=launch.block_m, BLOCK_T=BLOCK_T,
                 TAIL=tail is not None, PRE_GATHERED=gather_kv, PACKED=packed,
-                LOG_R=(launch.range_cum.shape[-1] - 1).bit_length())
+                LOG_R=(launch.range_cum.shape[-1] - 1).bit_length(), GRAIN=HEAD_GRAIN)
     if config is None:
         _cluster_attn_fwd[grid](*args, **meta)
     else:
+        if config.get("BLOCK_N", 64) not in (16, 32, 64, 128):  # range_head is sized for chunks up to 128 keys
+            raise ValueError(f"Expect config['BLOCK_N'] in (16, 32, 64, 128) but got {config['BLOCK_N']!r}")
         stages = config.get("num_stages", 2)
         _cluster_attn_fwd.fn[grid](*args, **meta, BLOCK_N=config.get("BLOCK_N", 64), NUM_STAGES=stages,
                                    num_warps=config.get("num_warps", 4), num_stages=stages)
