@@ -122,9 +122,9 @@ def flashinfer_rows(q, k, v, fields, keep, density, scale, timer, dense_ms, chec
     kernel_ms = time_ms(lambda: wrapper.run(qs, ks, vs), **timer)
     call_ms = time_ms(call, **timer)
     err = f"{check(call()):.2e}"
-    return [[f"FlashInfer {flashinfer.__version__} variable block-sparse, kernel on sorted q/k/v", f"{plan_ms:.3f} (plan)",
-             density, kernel_ms, dense_ms / kernel_ms, err],
-            ["FlashInfer, whole call (sort q/k/v, kernel, scatter back)", "-", density, call_ms, dense_ms / call_ms, err]]
+    name = f"FlashInfer {flashinfer.__version__} variable block-sparse"
+    return [[f"{name}, kernel on sorted q/k/v", f"{plan_ms:.3f} (plan)", density, kernel_ms, dense_ms / kernel_ms, err],
+            [f"{name}, whole call (sort q/k/v, kernel, scatter back)", "-", density, call_ms, dense_ms / call_ms, err]]
 
 
 def main() -> None:

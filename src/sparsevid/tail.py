@@ -60,9 +60,9 @@ from .layout import VideoLayout
 from .kernels.pooling import group_mean_reference, group_tables
 
 __all__ = ["AUTO", "CLUSTER_TAIL", "PROBES", "TAIL_METHODS", "TAIL_WEIGHTS", "TailMethod", "TailSummaries", "auto_tail",
-           "check_tail", "choose_tail", "decide_cluster_tail", "decide_tail", "fixed_gate", "kept_blocks",
-           "option_errors", "probe_partials", "probe_partials_reference", "probe_rows", "summarize_reference",
-           "tail_logits", "tail_operands"]
+           "check_probe_tables", "check_tail", "choose_tail", "decide_cluster_tail", "decide_tail", "fixed_gate",
+           "kept_blocks", "option_errors", "probe_partials", "probe_partials_reference", "probe_rows",
+           "summarize_reference", "tail_logits", "tail_operands"]
 
 PROBES = 32  # exact query rows per (batch, head) that measure the tail in each call (tens: their cost is rows x L)
 TAIL_WEIGHTS = tuple(2.0 ** (-k / 2) for k in range(9))  # the weights w a summary may take: 1, 1/√2, ..., 1/16
@@ -303,15 +303,26 @@ def probe_partials(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_grou
     return probe_partials_reference(qp, k, v, kept_groups, key_groups, scale)
 
 
+def check_probe_tables(kept_groups: torch.Tensor, key_groups: torch.Tensor, B: int, H: int, P: int,
+                       L: int) -> None:
+    """The keep tables of ``P`` probe rows over ``L`` keys for ``(B, H)``: ``ValueError`` naming the argument."""
+    if (kept_groups.dtype != torch.bool or kept_groups.dim() != 4 or kept_groups.shape[2] != P
+            or kept_groups.shape[0] not in (1, B) or kept_groups.shape[1] not in (1, H)):
+        raise ValueError(f"Expect kept_groups as a bool (B' in (1, {B}), H' in (1, {H}), {P}, G) tensor but got "
+                         f"{kept_groups.dtype} {tuple(kept_groups.shape)}")
+    if (key_groups.dtype not in (torch.int32, torch.int64) or key_groups.dim() != 3 or key_groups.shape[2] != L
+            or key_groups.shape[0] not in (1, B) or key_groups.shape[1] not in (1, H)):
+        raise ValueError(f"Expect key_groups as an int32 / int64 (B' in (1, {B}), H' in (1, {H}), {L}) tensor but got "
+                         f"{key_groups.dtype} {tuple(key_groups.shape)}")
+
+
 def probe_partials_reference(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_groups: torch.Tensor,
                              key_groups: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`probe_partials` in PyTorch (the CPU path and the Triton kernel's twin): keys upcast to float32 a
     chunk at a time; a row that keeps no key gets a zero output and ``-inf``."""
-    from .kernels.triton_probe import check_groups
-
     B, H, P, _ = qp.shape
     L = k.shape[2]
-    check_groups(kept_groups, key_groups, B, H, P, L)
+    check_probe_tables(kept_groups, key_groups, B, H, P, L)
     groups = key_groups.long()
     bh = (max(groups.shape[0], kept_groups.shape[0]), max(groups.shape[1], kept_groups.shape[1]))
     index = groups.clamp(min=0).unsqueeze(-2).expand(*bh, P, L)

@@ -16,9 +16,9 @@ A program's online softmax (FlashAttention-2, fp32 state, base 2, :mod:`triton_c
 2. the kept key clusters as token ranges of the cluster-sorted keys (adjacent kept clusters merged into one
    range once per plan), in ``BLOCK_N`` chunks, either *packed* (``packed=True``: the ranges end to end, each
    lane finding its range by a branch-free binary search over the ranges' packed ends, narrowed per chunk to the
-   ranges it can touch by a coarse table, so only a row's last chunk is partial) or range by range (each range's last chunk masked). The keys are read through
-   ``k_order`` (``gather_kv=False``) or from cluster-sorted copies of k and v made once per call
-   (``gather_kv=True``: contiguous ranges);
+   ranges it can touch by a coarse table, so only a row's last chunk is partial) or range by range (each range's
+   last chunk masked). The keys are read through ``k_order`` (``gather_kv=False``) or from cluster-sorted copies of
+   k and v made once per call (``gather_kv=True``: contiguous ranges);
 3. with the cluster tail (``tail="centroid"``): every non-empty key cluster the row's query cluster does not
    keep, as one term with logit ``scale * q·k̄_j + log n_j + log w`` and value ``v̄_j`` (``log w``: the (batch,
    head)'s gate, one float load, decided before the launch by :func:`~sparsevid.tail.decide_cluster_tail`;
@@ -77,9 +77,9 @@ class ClusterLaunch:
             index ``p`` in range ``r`` is position ``p + range_shift[r]`` of ``k_order``, and range ``r`` is the
             positions ``[range_cum[r - 1] + range_shift[r], range_cum[r] + range_shift[r])`` (``range_cum[-1]``
             read as 0). Two tensors of the plan's width, no padding: the launch of a reused plan is held with it.
-        range_head (Tensor): int32 ``(B', H', Cq, NH)``: the range holding packed index ``g * HEAD_GRAIN`` (``range_num``
-            from the end of the kept keys on), ``NH = (V + 128) // HEAD_GRAIN + 2``: entries ``g`` and ``g'`` bound the
-            ranges of every packed index between ``g * HEAD_GRAIN`` and ``g' * HEAD_GRAIN``.
+        range_head (Tensor): int32 ``(B', H', Cq, NH)``: the range holding packed index ``g * HEAD_GRAIN``
+            (``range_num`` from the end of the kept keys on), ``NH = (V + 128) // HEAD_GRAIN + 2``: entries ``g`` and
+            ``g'`` bound the ranges of every packed index between ``g * HEAD_GRAIN`` and ``g' * HEAD_GRAIN``.
         kept_num (Tensor): int32 ``(B', H', Cq)``: kept video keys per query cluster.
         kept (Tensor): uint8 ``(B', H', Cq, Ck)``: 1 where the query cluster keeps the key cluster.
         log_n (Tensor): float32 ``(B', H', Ck)``: log of each key cluster's size, ``-inf`` when empty.

@@ -30,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..tail import check_probe_tables
 from .triton_common import INTERPRET, LOG2E, head_dim_padded, init_state, load_keys, softmax_update
 
-__all__ = ["check_groups", "decide_cluster_triton", "probe_partials_triton", "takes"]
+__all__ = ["decide_cluster_triton", "probe_partials_triton", "takes"]
 
 _BLOCK_N = 16 if INTERPRET else 64  # keys per step
 _PROGRAMS = 512  # programs to aim for (a few per SM): the key ranges per (batch, head)
@@ -228,7 +229,7 @@ def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     if not takes(D, k.dtype):
         raise ValueError(f"Expect head_dim a multiple of 16 in [16, 256] and a float dtype for the probe kernel but "
                          f"got {D} and {k.dtype}")
-    check_groups(kept_groups, key_groups, B, H, P, L)
+    check_probe_tables(kept_groups, key_groups, B, H, P, L)
     # read in place (expanded dims have stride 0); the bool table as bool: no uint8 view, which torch.compile
     # cannot lower
     out, lse = _probe_splits(qp, k, v, kept_groups, key_groups, scale)
@@ -264,18 +265,6 @@ def _probe_splits(qp, k, v, kept_groups, key_groups, scale) -> tuple[torch.Tenso
     return out, lse
 
 
-def check_groups(kept_groups: torch.Tensor, key_groups: torch.Tensor, B: int, H: int, P: int, L: int) -> None:
-    """The keep tables of ``P`` probe rows over ``L`` keys for ``(B, H)``: ``ValueError`` naming the argument."""
-    if (kept_groups.dtype != torch.bool or kept_groups.dim() != 4 or kept_groups.shape[2] != P
-            or kept_groups.shape[0] not in (1, B) or kept_groups.shape[1] not in (1, H)):
-        raise ValueError(f"Expect kept_groups as a bool (B' in (1, {B}), H' in (1, {H}), {P}, G) tensor but got "
-                         f"{kept_groups.dtype} {tuple(kept_groups.shape)}")
-    if (key_groups.dtype not in (torch.int32, torch.int64) or key_groups.dim() != 3 or key_groups.shape[2] != L
-            or key_groups.shape[0] not in (1, B) or key_groups.shape[1] not in (1, H)):
-        raise ValueError(f"Expect key_groups as an int32 / int64 (B' in (1, {B}), H' in (1, {H}), {L}) tensor but got "
-                         f"{key_groups.dtype} {tuple(key_groups.shape)}")
-
-
 def decide_cluster_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_clusters: torch.Tensor,
                           key_clusters: torch.Tensor, means: tuple[torch.Tensor, torch.Tensor], log_n: torch.Tensor,
                           scale: float, weights: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,7 +286,7 @@ def decide_cluster_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
         scored, :func:`sparsevid.tail.option_errors`' order).
     """
     B, H, P, D = qp.shape
-    check_groups(kept_clusters, key_clusters, B, H, P, k.shape[2])
+    check_probe_tables(kept_clusters, key_clusters, B, H, P, k.shape[2])
     k_means, v_means = means
     ck = kept_clusters.shape[-1]
     for name, m in (("means[0]", k_means), ("means[1]", v_means)):
