@@ -388,7 +388,7 @@ from sparsevid.kernels import triton_cluster as tc
 
 half, i32 = "*fp16", "*i32"
 pointers = dict(Q=half, K=half, V=half, Out=half, KG=half, VG=half, QOrder=i32, KOrder=i32, Tiles=i32,
-                RangeNum=i32, RangeCum=i32, RangeShift=i32, RangeHead=i32, KeptNum=i32, Kept="*u8", LogN="*fp32",
+                RangeNum=i32, RangeCum=i32, RangeShift=i32, RangeHead="*i16", KeptNum=i32, Kept="*u8", LogN="*fp32",
                 KMeans=half, VMeans=half, Gate="*fp32", sm_scale="fp32")
 for packed, gathered, tail in ((True, True, True), (False, False, False)):
     constants = dict(HEAD_DIM=128, HEAD_DIM_P=128, BLOCK_M=64, BLOCK_N=64, BLOCK_T=64, TAIL=tail,
