@@ -161,7 +161,7 @@ def test_cluster_decision_kernel_matches_its_pytorch_twin(dtype):
     is the first minimum of its own errors (dropping first); on every head here some weight beats dropping."""
     from sparsevid.cluster_plan import cluster_means
     from sparsevid.kernels.triton_probe import decide_cluster_triton
-    from sparsevid.tail import TAIL_WEIGHTS, _partial, option_errors, probe_rows
+    from sparsevid.tail import cluster_tail_partials, option_errors, probe_rows
 
     plan, q, k, v = _cluster_case(0.25, dtype, 0)
     lo = plan.video_offset
@@ -171,13 +171,9 @@ def test_cluster_decision_kernel_matches_its_pytorch_twin(dtype):
     scale = 32 ** -0.5
     on = (t.to(DEVICE) for t in (q[:, :, rows], k, v, kept, plan.k_labels(), *means, plan.log_k_sizes))
     qp, kd, vd, kept_d, labels, km, vm, log_n = on
-    weight, errors = decide_cluster_triton(qp, kd, vd, kept_d, labels, (km, vm), log_n, scale, len(TAIL_WEIGHTS))
+    weight, errors = decide_cluster_triton(qp, kd, vd, kept_d, labels, (km, vm), log_n, scale)
 
-    qf = q[:, :, rows].float()
-    exact, kept_out, kept_lse = probe_partials_reference(qf, k, v, kept, plan.k_labels(), scale)
-    logits = (qf @ means[0].transpose(-1, -2) * scale + plan.log_k_sizes.unsqueeze(-2)).masked_fill(kept, -torch.inf)
-    tail_out, tail_lse = _partial(logits, lambda p: p @ means[1])
-    ref = option_errors(exact, kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0))  # (1 + W, B, H)
+    ref = option_errors(*cluster_tail_partials(q[:, :, rows].float(), k, v, kept, plan, means, scale))  # (1 + W, B, H)
     got = errors.cpu().permute(2, 0, 1)
     assert torch.allclose(got, ref, rtol=TOL[dtype] * 10, atol=1e-6), (got, ref)
     best = got.argmin(0)
@@ -199,6 +195,6 @@ def test_cluster_decision_kernel_drops_when_nothing_is_dropped():
     args = (q[:, :, rows], k, v, plan.kept_of_rows(rows, name="t"), plan.k_labels(), cluster_means(k, plan),
             cluster_means(v, plan), plan.log_k_sizes)
     qp, kd, vd, kept, labels, km, vm, log_n = (t.to(DEVICE) for t in args)
-    weight, errors = decide_cluster_triton(qp, kd, vd, kept, labels, (km, vm), log_n, 32 ** -0.5, 9)
+    weight, errors = decide_cluster_triton(qp, kd, vd, kept, labels, (km, vm), log_n, 32 ** -0.5)
     assert torch.all(weight == -torch.inf)
     assert torch.equal(errors, errors[..., :1].expand_as(errors))

@@ -191,7 +191,8 @@ class ClusterPlan(PlanData):
         every call: the tail decision's probe rows, with :meth:`k_labels` for the keys)."""
 
         def build():
-            clusters = _labels(self.q_order, self.q_offsets, self.layout.num_tokens)[:, :, rows]  # (B', H', P)
+            # (B', H', P); not through q_labels(): that view would stay held with the plan for this one gather
+            clusters = _labels(self.q_order, self.q_offsets, self.layout.num_tokens)[:, :, rows]
             table = self.kept_clusters()
             return table.gather(2, clusters.unsqueeze(-1).expand(-1, -1, -1, table.shape[-1]))
 

@@ -59,13 +59,14 @@ from .cluster_plan import ClusterPlan, cluster_means
 from .layout import VideoLayout
 from .kernels.pooling import group_mean_reference, group_tables
 
-__all__ = ["AUTO", "CLUSTER_TAIL", "PROBES", "TAIL_METHODS", "TAIL_WEIGHTS", "TailMethod", "TailSummaries", "auto_tail",
-           "check_probe_tables", "check_tail", "choose_tail", "decide_cluster_tail", "decide_tail", "fixed_gate",
-           "kept_blocks", "option_errors", "probe_partials", "probe_partials_reference", "probe_rows",
-           "summarize_reference", "tail_logits", "tail_operands"]
+__all__ = ["AUTO", "CLUSTER_TAIL", "LOG_WEIGHT_STEP", "PROBES", "TAIL_METHODS", "TAIL_WEIGHTS", "TailMethod",
+           "TailSummaries", "auto_tail", "check_probe_tables", "check_tail", "choose_tail", "cluster_tail_partials",
+           "decide_cluster_tail", "decide_tail", "fixed_gate", "kept_blocks", "option_errors", "probe_partials",
+           "probe_partials_reference", "probe_rows", "summarize_reference", "tail_logits", "tail_operands"]
 
 PROBES = 32  # exact query rows per (batch, head) that measure the tail in each call (tens: their cost is rows x L)
 TAIL_WEIGHTS = tuple(2.0 ** (-k / 2) for k in range(9))  # the weights w a summary may take: 1, 1/√2, ..., 1/16
+LOG_WEIGHT_STEP = -0.5 * math.log(2.0)  # log TAIL_WEIGHTS[k] = k * LOG_WEIGHT_STEP
 _KEY_CHUNK = 4096  # keys upcast to float32 at a time for the probe rows (never a float32 copy of k or v)
 
 
@@ -382,7 +383,7 @@ def option_errors(exact: torch.Tensor, kept_out: torch.Tensor, kept_lse: torch.T
 def _log_weights(device) -> torch.Tensor:
     """float32 ``(W,)``: ``log w`` of :data:`TAIL_WEIGHTS`, ``-k/2 log 2``, made on the device (no host copy:
     CUDA-graph capturable)."""
-    return torch.arange(len(TAIL_WEIGHTS), dtype=torch.float32, device=device) * (-0.5 * math.log(2.0))
+    return torch.arange(len(TAIL_WEIGHTS), dtype=torch.float32, device=device) * LOG_WEIGHT_STEP
 
 
 @torch.no_grad()  # a discrete choice: no gradient flows through it
@@ -458,12 +459,21 @@ def decide_cluster_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
 
         if triton_probe.takes(q.shape[-1], k.dtype):  # two launches for the ~60 small kernels below
             return triton_probe.decide_cluster_triton(q[:, :, rows].to(k.dtype), k, v, kept_rows, plan.k_labels(),
-                                                      (k_means, values), plan.log_k_sizes, scale,
-                                                      len(TAIL_WEIGHTS))[0]
-    qp = q[:, :, rows].float()
+                                                      (k_means, values), plan.log_k_sizes, scale)[0]
+    partials = cluster_tail_partials(q[:, :, rows].float(), k, v, kept_rows, plan, (k_means, values), scale)
+    return choose_tail(*partials)[1]
+
+
+def cluster_tail_partials(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_rows: torch.Tensor,
+                          plan: ClusterPlan, means: tuple[torch.Tensor, torch.Tensor], scale: float
+                          ) -> tuple[torch.Tensor, ...]:
+    """What :func:`choose_tail` scores for the cluster tail, in PyTorch (the twin of the CUDA decision,
+    :func:`sparsevid.kernels.triton_probe.decide_cluster_triton`): ``(exact, kept_out, kept_lse, tail_out, tail_lse)``
+    of the float32 probe rows ``qp`` ``(B, H, P, D)``, whose kept key clusters are ``kept_rows`` ``(B', H', P, Ck)``;
+    the tail is one candidate (leading dim 1): the rows' centroid terms over this call's ``means``."""
+    k_means, values = means
     exact, kept_out, kept_lse = probe_partials(qp, k, v, kept_rows, plan.k_labels(), scale)
     logits = torch.matmul(qp, k_means.transpose(-1, -2)) * scale + plan.log_k_sizes.unsqueeze(-2)
     logits = logits.masked_fill(kept_rows, float("-inf"))  # (B, H, P, Ck); an empty cluster's log n is -inf
     tail_out, tail_lse = _partial(logits, lambda p: torch.matmul(p, values))
-    _, log_weight = choose_tail(exact, kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0))
-    return log_weight
+    return exact, kept_out, kept_lse, tail_out.unsqueeze(0), tail_lse.unsqueeze(0)

@@ -24,13 +24,11 @@ Shape legend: ``B`` batch, ``H`` heads, ``P`` probe rows, ``L`` keys, ``D`` head
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ..tail import check_probe_tables
+from ..tail import LOG_WEIGHT_STEP, TAIL_WEIGHTS, check_probe_tables
 from .triton_common import INTERPRET, LOG2E, head_dim_padded, init_state, load_keys, softmax_update
 
 __all__ = ["decide_cluster_triton", "probe_partials_triton", "takes"]
@@ -165,12 +163,10 @@ def _cluster_decide(
     kept_out, kept_lse = _merge_splits(Out, Lse, 1, bh, BH, P, S, offs_p, p_ok, offs_d, d_ok, HEAD_DIM, BLOCK_P,
                                        HEAD_DIM_P)
 
-    # the centroid terms of the rows' dropped, non-empty key clusters: one online softmax (natural log)
+    # the centroid terms of the rows' dropped, non-empty key clusters: one online softmax (base 2)
     q = tl.load(Q + off_z * stride_qz + off_h * stride_qh + offs_p[:, None] * stride_qm + offs_d[None, :] * stride_qk,
                 mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_P, HEAD_DIM_P], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_P], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_P], dtype=tl.float32) + float("-inf")
+    acc, l_i, m_i = init_state(BLOCK_P, HEAD_DIM_P)
     n_base = LogN + off_z * stride_nz + off_h * stride_nh
     m_base = Kept + off_z * stride_mz + off_h * stride_mh + offs_p[:, None] * stride_mm
     for j0 in range(0, CK, BLOCK_T):
@@ -181,19 +177,14 @@ def _cluster_decide(
         km = tl.load(KMeans + tile, mask=tile_ok, other=0.0)
         log_n = tl.load(n_base + offs_j * stride_nc, mask=j_ok, other=float("-inf"))
         kept = tl.load(m_base + offs_j[None, :] * stride_mc, mask=p_ok[:, None] & j_ok[None, :], other=1) != 0
-        z = tl.dot(q, tl.trans(km), input_precision="ieee") * sm_scale + log_n[None, :]
+        z = (tl.dot(q, tl.trans(km), input_precision="ieee") * sm_scale + log_n[None, :]) * LOG2E
         z = tl.where(kept | (log_n == float("-inf"))[None, :], float("-inf"), z)
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(z - base[:, None])
-        alpha = tl.exp(m_i - base)
+        p, acc, l_i, m_i = softmax_update(acc, l_i, m_i, z)
         vm = tl.load(VMeans + tile, mask=tile_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, vm, input_precision="ieee")
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        acc = tl.dot(p, vm, acc, input_precision="ieee")
     safe = tl.where(l_i > 0, l_i, 1.0)
     tail_out = acc / safe[:, None]
-    tail_lse = tl.where(l_i > 0, m_i + tl.log(safe), float("-inf"))
+    tail_lse = tl.where(l_i > 0, (m_i + tl.math.log2(safe)) / LOG2E, float("-inf"))  # natural log, as the probe's
 
     # the options: drop (the kept partial alone), then the terms with weight w = 2^(-k/2); the first minimum wins
     err = tl.where(p_ok[:, None], kept_out - exact, 0.0)
@@ -230,8 +221,6 @@ def probe_partials_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
         raise ValueError(f"Expect head_dim a multiple of 16 in [16, 256] and a float dtype for the probe kernel but "
                          f"got {D} and {k.dtype}")
     check_probe_tables(kept_groups, key_groups, B, H, P, L)
-    # read in place (expanded dims have stride 0); the bool table as bool: no uint8 view, which torch.compile
-    # cannot lower
     out, lse = _probe_splits(qp, k, v, kept_groups, key_groups, scale)
     total = torch.logsumexp(lse, dim=0)  # (2, B * H, P): the ranges merged by their log-sum-exp
     weight = torch.exp(lse - torch.where(torch.isinf(total), 0.0, total))  # a row with no mass: weights 0
@@ -267,7 +256,7 @@ def _probe_splits(qp, k, v, kept_groups, key_groups, scale) -> tuple[torch.Tenso
 
 def decide_cluster_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept_clusters: torch.Tensor,
                           key_clusters: torch.Tensor, means: tuple[torch.Tensor, torch.Tensor], log_n: torch.Tensor,
-                          scale: float, weights: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The cluster tail's decision in two launches (the twin of :func:`sparsevid.tail.decide_cluster_tail`'s
     PyTorch path): the probe pass, then :func:`_cluster_decide` per (batch, head).
 
@@ -279,11 +268,10 @@ def decide_cluster_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
         means (tuple): float32 contiguous ``(B, H, Ck, D)`` mean keys and mean values of this call.
         log_n (Tensor): float32 ``(B', H', Ck)``: log of each key cluster's size, ``-inf`` when empty.
         scale (float): softmax scale.
-        weights (int): weights tried, ``w = 2^(-i/2)`` for ``i < weights``.
 
     Returns:
-        ``(log_weight, errors)``: float32 ``(B, H)`` (``-inf``: drop) and ``(B, H, 1 + weights)`` (what each option
-        scored, :func:`sparsevid.tail.option_errors`' order).
+        ``(log_weight, errors)``: float32 ``(B, H)`` (``-inf``: drop) and ``(B, H, 1 + W)``, ``W`` the weights of
+        :data:`sparsevid.tail.TAIL_WEIGHTS` (what each option scored, :func:`sparsevid.tail.option_errors`' order).
     """
     B, H, P, D = qp.shape
     check_probe_tables(kept_clusters, key_clusters, B, H, P, k.shape[2])
@@ -299,12 +287,12 @@ def decide_cluster_triton(qp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
     table = kept_clusters.expand(B, H, P, ck)
     log_n = log_n.expand(B, H, ck)
     weight = torch.empty(B, H, dtype=torch.float32, device=qp.device)
-    errors = torch.empty(B, H, 1 + weights, dtype=torch.float32, device=qp.device)
+    errors = torch.empty(B, H, 1 + len(TAIL_WEIGHTS), dtype=torch.float32, device=qp.device)
     _cluster_decide[(B * H,)](
         qp, out, lse, k_means, v_means, log_n, table, weight, errors, scale,  #
         *qp.stride(), *log_n.stride(), *table.stride(),  #
-        H, P, ck, out.shape[0], -0.5 * math.log(2.0),  #
+        H, P, ck, out.shape[0], LOG_WEIGHT_STEP,  #
         HEAD_DIM=D, HEAD_DIM_P=head_dim_padded(D), BLOCK_P=max(16, triton.next_power_of_2(P)),
-        BLOCK_T=16 if INTERPRET else 64, WEIGHTS=weights, num_warps=4,
+        BLOCK_T=16 if INTERPRET else 64, WEIGHTS=len(TAIL_WEIGHTS), num_warps=4,
     )
     return weight, errors

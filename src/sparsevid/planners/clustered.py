@@ -106,8 +106,9 @@ def clustered(q, k, layout, *, density=None, mass=None, q_clusters: int | None =
     k_lab, k_means, k_cent = kmeans(xk, init_k, iters)
     k_sizes = _sizes(k_lab, ck)
     if q_partition == "kdtree":
-        q_lab, position, bounds = kd_partition(xq, cq)
-        q_means, q_sizes = _segment_means(xq.float(), q_lab, cq)
+        xqf = xq.float()  # one copy for the partition and the means
+        q_lab, position, bounds = kd_partition(xqf, cq)
+        q_means, q_sizes = _segment_means(xqf, q_lab, cq)
         q_cent, max_q_size = q_means, -(-V // cq)
         q_order = (position + off).to(torch.int32)
         q_offsets = bounds.to(torch.int32).expand(B, H, cq + 1).contiguous()
